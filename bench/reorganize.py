@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
@@ -28,11 +27,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import webdataset as wds
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -44,8 +44,10 @@ from prep.stages.base import RunOptions  # noqa: E402
 
 
 def make_inputs(folder: Path, size_mb: int, shuffled: bool, jpg_kb: tuple[int, int] = (8, 120),
-                seed: int = 0) -> tuple[list[Path], int]:
-    """Uneven tars totalling ~size_mb MB; returns the tars and their total bytes."""
+                seed: int = 0, stats: bool = True) -> tuple[list[Path], int]:
+    """Uneven tars totalling ~size_mb MB, written as img2dataset writes them (webdataset's TarWriter: a
+    pax header with the float mtime before every member) with its `NNNNN_stats.json` beside each tar
+    unless `stats` is False; returns the tars and their total bytes."""
     rng = random.Random(seed)
     blob = rng.randbytes(jpg_kb[1] * 1000 + 1)  # sliced per sample: generation stays fast, bytes differ
     target, written, t = size_mb * 1_000_000, 0, 0
@@ -57,17 +59,14 @@ def make_inputs(folder: Path, size_mb: int, shuffled: bool, jpg_kb: tuple[int, i
             rng.shuffle(keys)
         path = folder / f"part{t // 50:03d}" / f"{t:05d}.tar"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(path, "w") as tf:
+        with wds.TarWriter(str(path)) as tw:
             for key in keys:
                 size = rng.randint(jpg_kb[0] * 1000, jpg_kb[1] * 1000)
                 start = rng.randint(0, len(blob) - size)
-                members = {"jpg": key.encode() + blob[start:start + size],
-                           "txt": f"a photo number {key}".encode(),
-                           "json": json.dumps({"key": key, "status": "success"}).encode()}
-                for ext, data in sorted(members.items()):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime = len(data), 1_700_000_000
-                    tf.addfile(info, io.BytesIO(data))
+                tw.write({"__key__": key, "jpg": key.encode() + blob[start:start + size],
+                          "txt": f"a photo number {key}", "json": json.dumps({"key": key, "status": "success"})})
+        if stats:
+            path.with_name(f"{t:05d}_stats.json").write_text(json.dumps({"count": n, "successes": n}))
         written += path.stat().st_size
         tars.append(path)
         t += 1
@@ -119,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     ap.add_argument("--shuffled", action="store_true", help="inputs in download order, not key order")
+    ap.add_argument("--no-stats", action="store_true", help="no img2dataset _stats.json beside the tars, so "
+                    "the plan counts samples by scanning every input's headers")
     ap.add_argument("--jpg-kb", default="8-120", help="range of jpg member sizes in KB (default 8-120; "
                     "LAION-style 256 px images are about 10-26)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder, removed)")
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw, out, copy = work / "raw", work / "out", work / "copy.bin"
         lo, _, hi = args.jpg_kb.partition("-")
-        tars, nbytes = make_inputs(raw, args.size, args.shuffled, (int(lo), int(hi or lo)))
+        tars, nbytes = make_inputs(raw, args.size, args.shuffled, (int(lo), int(hi or lo)),
+                                   stats=not args.no_stats)
         mb = nbytes / 1e6
         print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}; filesystem of {work}")

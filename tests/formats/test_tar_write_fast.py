@@ -1,6 +1,7 @@
 """The block writer behind write_shard: runs of back-to-back source members read in one call, headers
 and padding put over what the source held between them, members larger than a block streamed, and
-hashing in a helper thread. Proven against Python's own tarfile on random layouts: byte for byte, with
+hashing in a helper thread; and its bulk path for shards made only of file slices (scattered reads,
+numpy headers). Proven against Python's own tarfile on random layouts: byte for byte, with
 the same sha256 and offsets, at tiny block sizes so every boundary case is reached. Also the scanner's
 C-level header byte sum."""
 
@@ -46,7 +47,8 @@ def lay_out(rng: random.Random, sizes: list[int], garbage: bool) -> tuple[bytes,
     blob = bytearray()
     offsets = []
     for size in sizes:
-        gap = 512 if rng.random() < 0.7 else 512 * rng.randint(2, 4)
+        r = rng.random()  # beyond BULK_GAP (4 KB) the bulk path starts a new read
+        gap = 512 if r < 0.6 else 512 * rng.randint(2, 4) if r < 0.9 else 512 * rng.randint(9, 20)
         blob += (rng.randbytes(gap) if garbage else bytes(gap))
         offsets.append(len(blob))
         blob += rng.randbytes(size)
@@ -64,7 +66,8 @@ def shard_inputs(draw: st.DrawFn) -> tuple[int, list[tuple[str, dict[str, str]]]
     long_key = draw(st.booleans())  # a name over 100 bytes takes a pax header (not 512 bytes long)
     if long_key and keys:
         keys[0] = "d" * 120 + keys[0]
-    samples = [(k, {e: draw(st.sampled_from(["bytes", "view", "slice"]))
+    kinds = ["slice"] if draw(st.booleans()) else ["bytes", "view", "slice"]  # all slices: the bulk path
+    samples = [(k, {e: draw(st.sampled_from(kinds))
                     for e in draw(st.lists(st.sampled_from(EXTS), min_size=1, max_size=3, unique=True))})
                for k in keys]
     sizes = draw(st.lists(st.integers(0, 5000) | st.sampled_from([0, 511, 512, 513, 3000, 9000]),

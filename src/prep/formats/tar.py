@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from prep.errors import PrepError
 from prep.formats.atomic import temp_name
+from prep.formats.tar_bulk import plain_headers, walk_plain
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and Python's tarfile do
@@ -364,8 +367,17 @@ def iter_samples(
 
 def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> TarScan:
     """Scan a shard's samples from its headers. With `tolerate_damage`, a truncated or corrupt tar gives
-    the samples before the damage and the error in `.error` instead of raising."""
+    the samples before the damage and the error in `.error` instead of raising.
+
+    Plain tars (img2dataset's and prep's own) take the bulk path of `tar_bulk`; anything it declines
+    (pax names, links, metadata members, damage, ...) is read here header by header, errors included."""
     p = str(path)
+    try:
+        fast = _plain_scan(p)
+    except OSError:
+        fast = None  # the exact path below reports it
+    if fast is not None:
+        return fast
     skipped: list[tuple[str, str]] = []
     samples: list[Sample] = []
     end: list[int] = []
@@ -388,6 +400,33 @@ def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> 
             samples.pop()
         return TarScan(p, samples, skipped, samples[-1].end if samples else 0, err)
     return TarScan(p, samples, skipped, end[0] if end else 0)
+
+
+def _plain_scan(path: str) -> TarScan | None:
+    """`scan_tar` for a tar `walk_plain` accepts: the same samples, grouped as `iter_samples` groups them
+    (None when a key repeats apart or a sample has an extension twice: the exact path says where)."""
+    walk = walk_plain(path)
+    if walk is None:
+        return None
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    cur: Sample | None = None
+    for start, header, size, name in zip(walk.starts, walk.headers, walk.sizes, walk.names, strict=True):
+        key, ext = name.split(".", 1)
+        end = header + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+        member = Member(name, start, header + BLOCK, size)
+        if cur is not None and cur.key == key:
+            if ext in cur.members:
+                return None
+            cur.members[ext] = member
+            cur.end = end
+        else:
+            if key in seen:
+                return None
+            seen.add(key)
+            cur = Sample(key, {ext: member}, start, end)
+            samples.append(cur)
+    return TarScan(path, samples, [], walk.end)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -460,6 +499,9 @@ _TEMPLATE_SUM = sum(_HEADER_MODE) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_TA
 
 
 WRITE_BLOCK = 1 << 20  # output is assembled, written and hashed in blocks this size (stays in CPU cache)
+BULK_GAP = 1 << 12  # source members closer than this are read in one run (pax headers lie between them)
+_SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (never looked at)
+_IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
 _ZEROS = bytes(1 << 16)
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 # On Linux, POSIX_FADV_DONTNEED on just-written pages starts their writeback without waiting for it (dirty
@@ -617,13 +659,17 @@ class _BlockSink:
         self.patch_at.clear()
         self.patch_data.clear()
 
-    def _read(self, path: str, view: memoryview, offset: int) -> None:
-        """Fill `view` from `offset` of a source, or raise TarFormatError when the source is shorter."""
+    def _fd(self, path: str) -> int:
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
             if _FADVISE:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
+
+    def _read(self, path: str, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset` of a source, or raise TarFormatError when the source is shorter."""
+        fd = self._fd(path)
         got, want = os.preadv(fd, [view], offset), len(view)
         while got < want:
             n = os.preadv(fd, [view[got:]], offset + got)
@@ -631,6 +677,15 @@ class _BlockSink:
                 raise TarFormatError(f"source ended {want - got} bytes early while copying a member",
                                      path, "re-create the source shard", offset + got)
             got += n
+
+    def _readv(self, path: str, views: list[memoryview], offset: int) -> None:
+        """Fill `views` in order from `offset` of a source: one `preadv` unless the read comes up short."""
+        got = os.preadv(self._fd(path), views, offset)
+        for view in views:
+            if got < len(view):  # finish it (or say where the source ended), then read on
+                self._read(path, view[got:], offset + got)
+            got = max(got - len(view), 0)
+            offset += len(view)
 
     def _stream(self, sl: FileSlice) -> None:
         offset, left = sl.offset, sl.size
@@ -642,6 +697,60 @@ class _BlockSink:
             self.fill += n
             offset += n
             left -= n
+
+    def bulk(self, paths: list[str], src: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+             headers: np.ndarray) -> None:
+        """Append many members whose data lie in source files (`paths[src[i]]`, `offsets[i]`), each
+        with a 512-byte header: a block at a time, with the per-member work in numpy.
+
+        Per block: the sources are read in runs (members of one source at most BULK_GAP apart cost one
+        `preadv`, even with pax headers between them), each member's data is copied into place, then
+        headers and zero padding are put in all at once."""
+        self.flush()
+        n = len(sizes)
+        span = BLOCK + (sizes + BLOCK - 1) // BLOCK * BLOCK
+        ends = np.cumsum(span)
+        starts = ends - span
+        data_end = offsets + sizes
+        cols = np.arange(BLOCK)
+        i = 0
+        while i < n:
+            base = int(starts[i])
+            j = int(np.searchsorted(ends, base + self.block, "right"))
+            if j == i:  # one member larger than a block: streamed through the buffers
+                self.put(headers[i].tobytes())
+                self._stream(FileSlice(paths[int(src[i])], int(offsets[i]), int(sizes[i])))
+                self.zeros(int(span[i]) - BLOCK - int(sizes[i]))
+                self.flush()
+                i += 1
+                continue
+            o, e, s = offsets[i:j], data_end[i:j], src[i:j]
+            gap = o[1:] - e[:-1]
+            cuts = np.flatnonzero((s[1:] != s[:-1]) | (gap < 0) | (gap > BULK_GAP)
+                                  | (np.arange(1, j - i) % _IOV_MEMBERS == 0)) + 1
+            dst = (starts[i:j] - base + BLOCK).tolist()
+            size_list = sizes[i:j].tolist()
+            gaps = np.concatenate((gap.clip(0, None), [0])).tolist()
+            mv, skip = self.mv, memoryview(_SKIP)
+            for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), j - i], strict=True):
+                # one read per run, scattered: each member's data lands in place, the bytes between
+                # members (padding, pax and ustar headers) in a scratch block
+                views: list[memoryview] = []
+                for d, size, g in zip(dst[a:b], size_list[a:b], gaps[a:b], strict=True):
+                    views.append(mv[d : d + size])
+                    views.append(skip[:g])
+                views.pop()
+                self._readv(paths[int(s[a])], views, int(o[a]))
+            rows = (starts[i:j] - base) // BLOCK
+            out = np.frombuffer(self.bufs[self.cur], dtype=np.uint8).reshape(-1, BLOCK)
+            rem = sizes[i:j] % BLOCK
+            partial = rem > 0
+            last = rows[partial] + 1 + (sizes[i:j][partial] - 1) // BLOCK
+            out[last] *= cols[None, :] < rem[partial][:, None]  # zero padding after the data
+            out[rows] = headers[i:j]
+            self.fill = int(ends[j - 1]) - base
+            self.flush()
+            i = j
 
     def finish(self) -> str:
         """Write what is left and return the sha256 of every byte written."""
@@ -658,12 +767,6 @@ class _BlockSink:
         for pending in self.hashed:
             if pending is not None:
                 pending.result()
-
-
-def _copy_slice(out: _BlockSink, header: bytes, sl: FileSlice) -> None:
-    """Append one member whose data stays in a source file. One call per member, looked up in the
-    module at each call, so a test can kill the process in the middle of a shard."""
-    out.member(header, sl)
 
 
 SampleItem = tuple[str, Mapping[str, MemberData]]
@@ -717,10 +820,16 @@ def write_shard(
     keys: list[str] = []
     offsets: list[int] = []
     simple_exts: dict[str, tuple[bytes, int]] = {}  # ".ext" as bytes, and its byte sum
+    bulk = _bulk_members(items)
     try:
         with open(tmp, "wb", buffering=0) as raw:
             out = _BlockSink(raw, writeback=fsync)
             try:
+                if bulk is not None:
+                    keys = [k for k, _ in items]
+                    offsets = bulk.offsets[:-1]  # the end is appended below
+                    out.bulk(bulk.paths, bulk.src, bulk.data_offsets, bulk.sizes, bulk.headers)
+                    items = []
                 for key, members in items:
                     keys.append(key)
                     offsets.append(out.pos)
@@ -739,7 +848,7 @@ def write_shard(
                                 simple_exts[ext] = (dot_ext, sum(dot_ext))
                             header = member_header(name, size)
                         if isinstance(data, FileSlice):
-                            _copy_slice(out, header, data)
+                            out.member(header, data)
                         else:
                             out.data_member(header, data)
                 offsets.append(out.pos)
@@ -755,6 +864,55 @@ def write_shard(
         tmp.unlink(missing_ok=True)
         raise
     return ShardInfo(str(final), keys, offsets, out.pos, sha)
+
+
+@dataclass
+class _Bulk:
+    """A shard whose members all come from files, laid out for `_BlockSink.bulk`."""
+
+    paths: list[str]
+    src: np.ndarray
+    data_offsets: np.ndarray
+    sizes: np.ndarray
+    headers: np.ndarray
+    offsets: list[int]  # each sample's first header, then where the last member ends (N+1 values)
+
+
+_BULK_KEYS = re.compile(r"(?:(?!__)[\w-]+(?:/[\w-]+)*\n)*", re.ASCII)  # keys member_name() always accepts
+_BULK_EXTS = re.compile(r"(?:[\w.-]+\n)*", re.ASCII)
+
+
+def _bulk_members(items: list[SampleItem]) -> _Bulk | None:
+    """The bulk layout when every member is a FileSlice with a short plain name (one 512-byte header,
+    the same bytes `member_header` makes), else None. The names are checked once for the whole shard."""
+    names: list[str] = []
+    src: list[int] = []
+    data_offsets: list[int] = []
+    sizes: list[int] = []
+    counts: list[int] = []
+    path_ids: dict[str, int] = {}
+    exts: set[str] = set()
+    for key, members in items:
+        counts.append(len(members))
+        for ext in sorted(members):
+            d = members[ext]
+            if type(d) is not FileSlice:
+                return None
+            names.append(f"{key}.{ext}")
+            src.append(path_ids.setdefault(d.path, len(path_ids)))
+            data_offsets.append(d.offset)
+            sizes.append(d.size)
+            exts.add(ext)
+    if (not names or max(map(len, names)) > 100 or max(sizes) >= 8**11
+            or not _BULK_KEYS.fullmatch("".join(k + "\n" for k, _ in items))
+            or not _BULK_EXTS.fullmatch("".join(e + "\n" for e in exts))):
+        return None
+    size_arr = np.asarray(sizes, dtype=np.int64)
+    ends = np.cumsum(BLOCK + (size_arr + BLOCK - 1) // BLOCK * BLOCK)
+    member_starts = np.concatenate(([0], ends))
+    first = np.concatenate(([0], np.cumsum(counts)))
+    return _Bulk(list(path_ids), np.asarray(src, dtype=np.int64), np.asarray(data_offsets, dtype=np.int64),
+                 size_arr, plain_headers(_HEADER_TEMPLATE, names, size_arr), member_starts[first].tolist())
 
 
 def _padded_record(n: int) -> int:

@@ -1,0 +1,112 @@
+"""The bulk scan path (`tar_bulk.walk_plain`, used by `scan_tar`) must give exactly what the header-by-header
+scanner gives, or decline: checked on random tars as webdataset/img2dataset, tarfile (ustar, GNU, pax) and
+prep write them, then with one byte flipped or the file cut short, where any difference would be a sample
+kept or lost that the exact path treats otherwise."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import prep.formats.tar as tar_mod
+from prep.formats.tar import TarFormatError, scan_tar
+from prep.formats.tar_bulk import octal_columns, plain_headers, walk_plain
+
+KEYS = st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9]{1,6})?", fullmatch=True).filter(lambda k: not k.startswith("__"))
+EXTS = ["jpg", "txt", "json", "seg.png", "npy"]
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, int]]], how: str, rng: random.Random) -> None:
+    if how == "webdataset":  # float mtimes: a pax header before every member, as img2dataset's tars
+        with wds.TarWriter(str(path)) as tw:
+            for key, members in samples:
+                tw.write({"__key__": key, **{e: rng.randbytes(n) for e, n in members.items()}})
+        return
+    fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[how]
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for key, members in samples:
+            for ext, n in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.uname = n, 1_700_000_000, "someone"
+                tf.addfile(info, io.BytesIO(rng.randbytes(n)))
+
+
+def exact_scan(path: Path) -> object:
+    real = tar_mod._plain_scan
+    tar_mod._plain_scan = lambda p: None
+    try:
+        return outcome(path)
+    finally:
+        tar_mod._plain_scan = real
+
+
+def outcome(path: Path) -> object:
+    try:
+        s = scan_tar(path, tolerate_damage=True)
+    except Exception as err:  # unsafe names and the like: compare the error itself
+        return (type(err).__name__, str(err))
+    err = None if s.error is None else (s.error.offset, str(s.error))
+    return s.samples, s.skipped, s.end, err
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[int, list[tuple[str, dict[str, int]]], str, str]:
+    keys = draw(st.lists(KEYS, min_size=0, max_size=8, unique=True))
+    samples = [(k, {e: draw(st.integers(0, 3000) | st.sampled_from([0, 511, 512, 513]))
+                    for e in draw(st.lists(st.sampled_from(EXTS), min_size=1, max_size=3, unique=True))})
+               for k in keys]
+    return (draw(st.integers(0, 2**32)), samples, draw(st.sampled_from(["webdataset", "ustar", "gnu", "pax"])),
+            draw(st.sampled_from(["whole", "flip", "cut"])))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_bulk_scan_equals_exact_scan(tmp_path: Path, case) -> None:
+    seed, samples, how, damage = case
+    rng = random.Random(seed)
+    path = tmp_path / f"{seed}-{how}.tar"
+    write_tar(path, samples, how, rng)
+    blob = bytearray(path.read_bytes())
+    if damage == "flip" and blob:
+        blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+    elif damage == "cut" and blob:
+        del blob[rng.randrange(len(blob)):]
+    path.write_bytes(bytes(blob))
+    assert outcome(path) == exact_scan(path)
+
+
+def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    plain = tmp_path / "wds.tar"
+    write_tar(plain, [("000001", {"jpg": 900, "txt": 5}), ("000002", {"jpg": 10, "json": 2})], "webdataset", rng)
+    walk = walk_plain(str(plain))
+    assert walk is not None and walk.names == ["000001.jpg", "000001.txt", "000002.jpg", "000002.json"]
+    assert walk.sizes == [900, 5, 10, 2] and walk.starts[0] == 0 and walk.headers[0] == 1024  # after its pax
+    long = tmp_path / "long.tar"
+    write_tar(long, [("k" * 120, {"jpg": 3})], "pax", rng)  # the name is in a pax record
+    meta = tmp_path / "meta.tar"
+    write_tar(meta, [("__info__", {"json": 3}), ("a", {"jpg": 1})], "ustar", rng)
+    for declined in (long, meta):
+        assert walk_plain(str(declined)) is None
+        assert scan_tar(declined).samples  # the exact path reads it
+    with pytest.raises(TarFormatError, match="truncated"):
+        cut = tmp_path / "cut.tar"
+        cut.write_bytes(plain.read_bytes()[:1700])
+        scan_tar(cut)
+
+
+def test_numpy_headers_are_tarfiles_bytes() -> None:
+    names = [b"a.jpg", b"x" * 96 + b".txt", b"dir/sub/0001.seg.png"]
+    sizes = np.array([0, 8**11 - 1, 123456], dtype=np.int64)
+    got = plain_headers(tar_mod._HEADER_TEMPLATE, names, sizes)
+    for row, name, size in zip(got, names, sizes.tolist(), strict=True):
+        assert row.tobytes() == tar_mod.member_header(name.decode(), size)
+    assert octal_columns(np.array([8, 0o777]), 4).tobytes() == b"00100777"
