@@ -14,6 +14,7 @@ from rich.console import Console
 
 from prep.config import load_config
 from prep.errors import PrepError
+from prep.formats.checksum import file_checksum
 from prep.formats.tar import write_shard
 from prep.runtime.runner import run_stage
 from prep.runtime.summary import print_summary
@@ -52,7 +53,7 @@ def test_markers_skip_finished_tasks(tmp_path: Path) -> None:
     assert len(markers) == 4
     doc = json.loads(markers[0].read_text())
     out = doc["outputs"][str((tmp_path / "shard-000.tar.idx").resolve())]
-    assert out["bytes"] == 32 and len(out["sha256"]) == 64
+    assert out["bytes"] == 32 and out["checksum"] == file_checksum(tmp_path / "shard-000.tar.idx")
     second = run(tmp_path)
     assert [r.status for r in second.results] == ["skipped"] * 4
     assert second.counts()["samples"] == 12, "skipped tasks still report their counts"

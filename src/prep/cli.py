@@ -140,7 +140,7 @@ def verify_cmd(
     folder: Path = typer.Argument(..., help="a shard folder (with manifest.json from generate_wdinfo)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Check every shard against its .idx and manifest.json (samples, bytes, sha256); exit 1 naming bad
+    """Check every shard against its .idx and manifest.json (samples, bytes, checksum); exit 1 naming bad
     shards."""
     from prep.runtime.progress import task_progress
     from prep.stages.generate_wdinfo import find_shards

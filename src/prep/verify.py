@@ -1,4 +1,4 @@
-"""`prep verify DIR`: check every shard against its `.idx` and the manifest (count, size, sha256), and
+"""`prep verify DIR`: check every shard against its `.idx` and the manifest (count, size, checksum), and
 the loaders' metadata (`.nv-meta/.info.json`, `wdinfo.pkl`) against the shards as they are."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from prep.errors import PrepError
+from prep.formats.checksum import file_matches
 from prep.formats.index import index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, read_manifest
-from prep.formats.tar import file_sha256, scan_tar
+from prep.formats.tar import scan_tar
 from prep.stages.generate_wdinfo import find_shards
 
 
@@ -25,7 +26,7 @@ class ShardCheck:
 
 
 def check_shard(tar: Path, expected: tuple[int, int, str] | None) -> ShardCheck:
-    """Scan the shard, compare with its .idx and, where given, the manifest's (samples, bytes, sha256)."""
+    """Scan the shard, compare with its .idx and, where given, the manifest's (samples, bytes, checksum)."""
     problems: list[str] = []
     if not tar.exists():
         return ShardCheck(str(tar), ["listed in the manifest but missing"])
@@ -49,14 +50,15 @@ def check_shard(tar: Path, expected: tuple[int, int, str] | None) -> ShardCheck:
     else:
         problems.append(".idx is missing")
     if expected is not None:
-        samples, size, sha = expected
+        samples, size, checksum = expected
         if len(scan.samples) != samples:
             problems.append(f"manifest says {samples} samples, the tar has {len(scan.samples)}")
         actual = tar.stat().st_size
         if actual != size:
             problems.append(f"manifest says {size} bytes, the file has {actual}")
-        elif file_sha256(tar) != sha:
-            problems.append("sha256 differs from the manifest (the shard's bytes changed)")
+        elif not file_matches(tar, checksum):
+            problems.append(f"{checksum.partition(':')[0]} checksum differs from the manifest (the shard's "
+                            "bytes changed)")
     return ShardCheck(str(tar), problems, samples)
 
 
@@ -106,7 +108,7 @@ def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) ->
     has_manifest = (folder / MANIFEST_NAME).exists()
     if has_manifest:
         for s in read_manifest(folder).shards:
-            expected[s.path] = (s.samples, s.bytes, s.sha256)
+            expected[s.path] = (s.samples, s.bytes, s.checksum)
     on_disk = {p.relative_to(folder).as_posix(): p for p in find_shards(folder, recursive=True)}
     if not on_disk and not expected:
         raise PrepError("no .tar shards found", str(folder), "point prep verify at a shard folder")

@@ -14,8 +14,8 @@ from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_man
 def sample_manifest() -> Manifest:
     return Manifest(
         shards=[
-            ShardEntry("a/shard-000.tar", 1000, 123456, "ab" * 32),
-            ShardEntry("shard-001.tar", 17, 9999, "cd" * 32),
+            ShardEntry("a/shard-000.tar", 1000, 123456, "xxh3_128:" + "ab" * 16),
+            ShardEntry("shard-001.tar", 17, 9999, "xxh3_128:" + "cd" * 16),
         ],
         fields={"jpg": {"samples": 1017}, "vae.npy": {"dtype": "float16", "shape": [4, 32, 32]}},
         encoders={"vae": {"class": "AutoencoderKL", "scaling_factor": 0.18215}},
@@ -33,13 +33,23 @@ def test_round_trip_and_deterministic_bytes(tmp_path: Path) -> None:
     write_manifest(tmp_path, read_manifest(tmp_path))
     assert path.read_bytes() == first
     doc = json.loads(first)
-    assert doc["format"] == "prep-manifest" and doc["version"] == 1 and doc["total_samples"] == 1017
+    assert doc["format"] == "prep-manifest" and doc["version"] == 2 and doc["total_samples"] == 1017
     assert doc["shards"][0] == {
         "path": "a/shard-000.tar",
         "samples": 1000,
         "bytes": 123456,
-        "sha256": "ab" * 32,
+        "checksum": "xxh3_128:" + "ab" * 16,
     }
+
+
+def test_version_1_manifests_are_read_with_sha256_checksums(tmp_path: Path) -> None:
+    doc = json.loads(sample_manifest().to_json())
+    doc["version"] = 1
+    for s in doc["shards"]:
+        s["sha256"] = "ef" * 32
+        del s["checksum"]
+    _write(tmp_path, doc)
+    assert [s.checksum for s in read_manifest(tmp_path).shards] == ["sha256:" + "ef" * 32] * 2
 
 
 def _write(tmp_path: Path, doc: object) -> None:
@@ -52,7 +62,7 @@ def _write(tmp_path: Path, doc: object) -> None:
         (lambda d: d.update(version=99), "version 99 is not supported"),
         (lambda d: d.update(format="other"), "not a prep manifest"),
         (lambda d: d.update(total_samples=5), "total_samples 5"),
-        (lambda d: d["shards"][0].pop("sha256"), "malformed"),
+        (lambda d: d["shards"][0].pop("checksum"), "malformed"),
         (lambda d: d["shards"][0].update(path="../escape.tar"), "leaves the dataset folder"),
         (lambda d: d["shards"][0].update(path="/abs.tar"), "leaves the dataset folder"),
     ],

@@ -20,7 +20,8 @@ import prep.formats.tar as tar_mod
 from prep.formats.tar import TarFormatError, scan_tar
 from prep.formats.tar_bulk import octal_columns, plain_headers, walk_plain
 
-KEYS = st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9]{1,6})?", fullmatch=True).filter(lambda k: not k.startswith("__"))
+KEYS = st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9]{1,6})?", fullmatch=True).filter(
+    lambda k: not k.startswith("__"))
 EXTS = ["jpg", "txt", "json", "seg.png", "npy"]
 
 
@@ -63,8 +64,8 @@ def cases(draw: st.DrawFn) -> tuple[int, list[tuple[str, dict[str, int]]], str, 
     samples = [(k, {e: draw(st.integers(0, 3000) | st.sampled_from([0, 511, 512, 513]))
                     for e in draw(st.lists(st.sampled_from(EXTS), min_size=1, max_size=3, unique=True))})
                for k in keys]
-    return (draw(st.integers(0, 2**32)), samples, draw(st.sampled_from(["webdataset", "ustar", "gnu", "pax"])),
-            draw(st.sampled_from(["whole", "flip", "cut"])))
+    how = draw(st.sampled_from(["webdataset", "ustar", "gnu", "pax"]))
+    return draw(st.integers(0, 2**32)), samples, how, draw(st.sampled_from(["whole", "flip", "cut"]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -86,7 +87,8 @@ def test_bulk_scan_equals_exact_scan(tmp_path: Path, case) -> None:
 def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Path) -> None:
     rng = random.Random(0)
     plain = tmp_path / "wds.tar"
-    write_tar(plain, [("000001", {"jpg": 900, "txt": 5}), ("000002", {"jpg": 10, "json": 2})], "webdataset", rng)
+    samples = [("000001", {"jpg": 900, "txt": 5}), ("000002", {"jpg": 10, "json": 2})]
+    write_tar(plain, samples, "webdataset", rng)
     walk = walk_plain(str(plain))
     assert walk is not None and walk.names == ["000001.jpg", "000001.txt", "000002.jpg", "000002.json"]
     assert walk.sizes == [900, 5, 10, 2] and walk.starts[0] == 0 and walk.headers[0] == 1024  # after its pax

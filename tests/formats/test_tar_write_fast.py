@@ -1,19 +1,19 @@
 """The block writer behind write_shard: runs of back-to-back source members read in one call, headers
-and padding put over what the source held between them, members larger than a block streamed, and
-hashing in a helper thread; and its bulk path for shards made only of file slices (scattered reads,
+and padding put over what the source held between them, members larger than a block streamed;
+and its bulk path for shards made only of file slices (scattered reads,
 numpy headers). Proven against Python's own tarfile on random layouts: byte for byte, with
-the same sha256 and offsets, at tiny block sizes so every boundary case is reached. Also the scanner's
+the same checksum and offsets, at tiny block sizes so every boundary case is reached. Also the scanner's
 C-level header byte sum."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import tarfile
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -104,7 +104,7 @@ def test_block_writer_matches_tarfile_byte_for_byte(tmp_path: Path, monkeypatch:
     want, want_offsets = tarfile_bytes([(k, {e: data[k, e] for e in m}) for k, m in samples])
     got = (tmp_path / f"out-{seed}.tar").read_bytes()
     assert got == want
-    assert info.sha256 == hashlib.sha256(want).hexdigest() and info.bytes == len(want)
+    assert info.checksum == "xxh3_128:" + xxhash.xxh3_128(want).hexdigest() and info.bytes == len(want)
     assert info.offsets == want_offsets and info.keys == sorted(k for k, _ in samples)
 
 
@@ -142,8 +142,8 @@ def test_short_source_fails_and_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [src]
 
 
-def test_hashing_thread_failure_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failure in the helper thread is raised in the caller, and the temp file is removed."""
+def test_hashing_failure_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while hashing is raised in the caller, and the temp file is removed."""
     class Broken:
         def update(self, data: object) -> None:
             raise MemoryError("hash failed")
@@ -151,7 +151,7 @@ def test_hashing_thread_failure_surfaces(tmp_path: Path, monkeypatch: pytest.Mon
         def hexdigest(self) -> str:
             return ""
 
-    monkeypatch.setattr(tar_mod.hashlib, "sha256", Broken)
+    monkeypatch.setattr(tar_mod, "new_hasher", Broken)
     with pytest.raises(MemoryError, match="hash failed"):
         write_shard(tmp_path / "out.tar", [("a", {"jpg": b"x" * 10})])
     assert list(tmp_path.iterdir()) == []

@@ -85,7 +85,7 @@ def test_publish_prefixes_keys_everywhere_and_is_byte_stable(tmp_path):
     # publishing the same img2dataset output again gives the same bytes
     _fake_i2d_shard(tmp_path / "again", "00000", keys, [f"a.part0 {k}" for k in keys])
     again = di.publish_shard(tmp_path / "again", tmp_path / "out2", "00000", "a_part0")
-    assert again["sha256"] == facts["a.part0"]["sha256"]
+    assert again["checksum"] == facts["a.part0"]["checksum"]
 
 
 def _cfg(root: Path, inp: Path, *extra: str):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from prep.config import load_config
+from prep.formats.checksum import file_checksum
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import file_sha256, write_shard
+from prep.formats.tar import write_shard
 from prep.runtime.runner import run_stage
 from prep.stages import merge_source_tar as ms
 from prep.stages.base import RunOptions
@@ -120,10 +121,10 @@ def test_in_place_merge_joins_sorts_reports_and_is_idempotent(tmp_path):
 
 def test_output_dir_leaves_inputs_untouched_and_matches_in_place(tmp_path):
     pre, src, expected = make_dataset(tmp_path / "a")
-    before = {p: file_sha256(p) for p in sorted(pre.rglob("*.tar")) + sorted(src.rglob("*.tar"))}
+    before = {p: file_checksum(p) for p in sorted(pre.rglob("*.tar")) + sorted(src.rglob("*.tar"))}
     out = tmp_path / "merged"
     assert run(pre, src, out).ok
-    assert {p: file_sha256(p) for p in before} == before
+    assert {p: file_checksum(p) for p in before} == before
     assert read_all(out) == expected
     pre_b, src_b, _ = make_dataset(tmp_path / "b")
     assert run(pre_b, src_b).ok
@@ -151,15 +152,17 @@ from prep.stages.base import RunOptions
 
 n, pre, src = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 calls = [0]
-real = tar_mod._copy_slice
+real = tar_mod._BlockSink.flush
 
-def copy(*a, **k):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*a, **k)
+def flush(sink, *a, **k):  # killed at the n-th block write of shard 000001's rewrite
+    if ".000001.tar.tmp" in str(sink.f.name):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(sink, *a, **k)
 
-tar_mod._copy_slice = copy
+tar_mod.WRITE_BLOCK = 1024  # many block writes per shard, so a kill can land inside one
+tar_mod._BlockSink.flush = flush
 cfg = load_config(None, [f"merge_source_tar.input_dir={pre}", f"merge_source_tar.source_dir={src}"])
 sys.exit(0 if run_stage("merge_source_tar", cfg, RunOptions(quiet=True)).ok else 1)
 """
@@ -172,7 +175,7 @@ def test_kill_9_during_in_place_rewrite_keeps_input_and_rerun_matches(tmp_path):
     assert run(ref_pre, ref_src).ok
     original = (pre / "000001.tar").read_bytes()
     killer = [sys.executable, "-c", _KILLER]
-    proc = subprocess.run([*killer, "30", str(pre), str(src)], capture_output=True, text=True)
+    proc = subprocess.run([*killer, "3", str(pre), str(src)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (pre / "000001.tar").read_bytes() == original  # killed mid-rewrite: input intact
     assert any(pre.glob(".000001.tar.tmp-*"))

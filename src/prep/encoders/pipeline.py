@@ -50,7 +50,7 @@ class ShardOutcome:
     samples_in: int
     samples_out: int = 0
     bytes: int = 0
-    sha256: str = ""
+    checksum: str = ""
     dropped: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -323,7 +323,7 @@ class Writer:
         finally:
             self._drop_spool(shard)
         write_index(job.dst, info.offsets)
-        outcome.samples_out, outcome.bytes, outcome.sha256 = len(samples), info.bytes, info.sha256
+        outcome.samples_out, outcome.bytes, outcome.checksum = len(samples), info.bytes, info.checksum
         for ext, shapes in self.shapes.pop(shard, {}).items():
             outcome.fields[ext].update(shape_summary(shapes), samples=sum(shapes.values()))
         if self.on_done is not None:

@@ -3,6 +3,7 @@
 No torch here: everything that reads or writes these formats goes through this package.
 """
 
+from prep.formats.checksum import file_checksum
 from prep.formats.index import index_path, read_index, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from prep.formats.nvmeta import write_nv_meta
@@ -13,7 +14,6 @@ from prep.formats.tar import (
     ShardInfo,
     TarFormatError,
     UnsafeMemberError,
-    file_sha256,
     iter_samples,
     scan_tar,
     split_key,
@@ -23,7 +23,7 @@ from prep.formats.wdinfo import read_wdinfo, write_wdinfo
 
 __all__ = [
     "FileSlice", "Manifest", "Member", "Sample", "ShardEntry", "ShardInfo", "TarFormatError",
-    "UnsafeMemberError", "file_sha256", "index_path", "iter_samples", "read_index", "read_manifest",
+    "UnsafeMemberError", "file_checksum", "index_path", "iter_samples", "read_index", "read_manifest",
     "read_wdinfo", "scan_tar", "split_key", "write_index", "write_manifest", "write_nv_meta",
     "write_shard", "write_wdinfo",
 ]

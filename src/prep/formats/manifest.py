@@ -1,6 +1,6 @@
 """`manifest.json`: prep's own versioned index of a shard folder. JSON, never pickle.
 
-It lists every shard (relative path, samples, bytes, sha256), the total, the fields (member
+It lists every shard (relative path, samples, bytes, checksum), the total, the fields (member
 extensions, with dtype and shape for encodings), the encoders that made them, and the stage
 history. It holds no timestamps, so re-running a stage gives the same bytes.
 """
@@ -18,7 +18,8 @@ from prep.formats.atomic import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "prep-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: `checksum` (ALGORITHM:hex) replaced version 1's `sha256` (hex)
+READABLE_VERSIONS = (1, 2)
 
 
 def _canonical(value: Any) -> Any:
@@ -32,7 +33,7 @@ class ShardEntry:
     path: str  # relative to the manifest's folder, POSIX separators
     samples: int
     bytes: int
-    sha256: str
+    checksum: str  # ALGORITHM:hex, see prep.formats.checksum
 
 
 @dataclass(slots=True)
@@ -70,11 +71,14 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise PrepError("not a prep manifest (missing format: prep-manifest)", where,
                             "regenerate it with `prep run generate_wdinfo`")
-        if doc.get("version") != MANIFEST_VERSION:
-            raise PrepError(f"manifest version {doc.get('version')} is not supported (this prep reads "
-                            f"version {MANIFEST_VERSION})", where, "upgrade prep or regenerate the manifest")
+        version = doc.get("version")
+        if version not in READABLE_VERSIONS:
+            raise PrepError(f"manifest version {version} is not supported (this prep reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})", where,
+                            "upgrade prep or regenerate the manifest")
         try:
-            shards = [ShardEntry(str(s["path"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
+            shards = [ShardEntry(str(s["path"]), int(s["samples"]), int(s["bytes"]),
+                                 str(s["checksum"]) if version == 2 else f"sha256:{s['sha256']}")
                       for s in doc["shards"]]
         except (KeyError, TypeError, ValueError) as err:
             raise PrepError(f"manifest shard entry is malformed ({err})", where,

@@ -7,7 +7,6 @@ paths: absolute names, `..` components and links are refused.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import os
@@ -15,15 +14,15 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
 from prep.errors import PrepError
 from prep.formats.atomic import temp_name
+from prep.formats.checksum import checksum_of, new_hasher
 from prep.formats.tar_bulk import plain_headers, walk_plain
 
 BLOCK = 512
@@ -53,9 +52,9 @@ class UnsafeMemberError(PrepError):
     """A member whose name or type could escape the output folder if extracted."""
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One regular-file member: where its first header starts, where its data is, how long it is."""
+class Member(NamedTuple):
+    """One regular-file member: where its first header starts, where its data is, how long it is.
+    (A tuple: a shard holds tens of thousands, and a tuple is the cheapest immutable record to make.)"""
 
     name: str
     header_offset: int
@@ -446,13 +445,13 @@ MemberData = bytes | memoryview | FileSlice
 
 @dataclass(slots=True)
 class ShardInfo:
-    """What was written: per-sample offsets (the `.idx`, N+1 values), total bytes and sha256."""
+    """What was written: per-sample offsets (the `.idx`, N+1 values), total bytes and checksum."""
 
     path: str
     keys: list[str]
     offsets: list[int]
     bytes: int
-    sha256: str
+    checksum: str  # ALGORITHM:hex (prep.formats.checksum)
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -512,32 +511,26 @@ _SIMPLE_EXT = re.compile(r"[\w.-]+", re.ASCII)  # ...with any such extension: no
 
 
 class _BlockSink:
-    """The output file, written in large blocks from a few reusable buffers.
+    """The output file, written in large blocks from one reusable buffer.
 
-    Copying is cheap only in bulk: member data is read from its source straight into a buffer (one
+    Copying is cheap only in bulk: member data is read from its source straight into the buffer (one
     `preadv` for a run of members that lie back to back in one source, as consecutive samples of a tar
     do), then headers and zero padding are put over whatever the source held between them, and a full
-    buffer costs one `write`. Its sha256 runs in a helper thread while this thread writes it and fills
-    the next buffer (hashlib releases the GIL for large inputs), so hashing, which costs about as much
-    CPU as the copy, overlaps it instead of adding to it.
+    buffer costs one `write` and one checksum update (XXH3: a tenth of the copy's cost, so inline).
     """
 
-    __slots__ = ("block", "bufs", "cur", "f", "fds", "fill", "flushed", "hashed", "mv", "patch_at",
-                 "patch_data", "pool", "run_dst", "run_end", "run_next", "run_path", "run_src", "sha",
-                 "writeback")
+    __slots__ = ("block", "buf", "f", "fds", "fill", "flushed", "hasher", "mv", "patch_at", "patch_data",
+                 "run_dst", "run_end", "run_next", "run_path", "run_src", "writeback")
 
-    def __init__(self, f: BinaryIO, *, writeback: bool, buffers: int = 3) -> None:
+    def __init__(self, f: BinaryIO, *, writeback: bool) -> None:
         self.f = f
         self.writeback = writeback and _FADVISE
         self.block = WRITE_BLOCK
-        self.bufs: list[bytearray | None] = [None] * buffers
-        self.hashed: list[Future[None] | None] = [None] * buffers
-        self.cur = 0
-        self.mv = self._buffer(0)
-        self.fill = 0  # bytes of the current buffer in use (a pending run's bytes included)
-        self.flushed = 0  # bytes handed to the file before the current buffer
-        self.sha = hashlib.sha256()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prep-sha256")
+        self.buf = bytearray(self.block)
+        self.mv = memoryview(self.buf)
+        self.fill = 0  # bytes of the buffer in use (a pending run's bytes included)
+        self.flushed = 0  # bytes handed to the file before the buffer
+        self.hasher = new_hasher()
         self.fds: dict[str, int] = {}
         # the pending run: its source, first data byte there and here, the source offset the next member's
         # data must start at to join it, where its data ends, and what to put over the bytes read
@@ -550,28 +543,18 @@ class _BlockSink:
     def pos(self) -> int:
         return self.flushed + self.fill
 
-    def _buffer(self, i: int) -> memoryview:
-        buf = self.bufs[i]
-        if buf is None:  # allocated on first use: a small shard touches one buffer
-            buf = self.bufs[i] = bytearray(self.block)
-        return memoryview(buf)
-
     def flush(self) -> None:
         self.close_run()
         if not self.fill:
             return
         view = self.mv[: self.fill]
-        self.hashed[self.cur] = self.pool.submit(self.sha.update, view)
+        self.hasher.update(view)
         while view:
             view = view[self.f.write(view):]
         if self.writeback:  # start writing this block to disk now, so the final fsync has little left
             os.posix_fadvise(self.f.fileno(), self.flushed, self.fill, os.POSIX_FADV_DONTNEED)
         self.flushed += self.fill
-        self.cur = (self.cur + 1) % len(self.bufs)
-        pending = self.hashed[self.cur]
-        if pending is not None:  # the buffer about to be refilled must be hashed first
-            pending.result()
-        self.mv, self.fill = self._buffer(self.cur), 0
+        self.fill = 0
 
     def put(self, data: bytes | memoryview) -> None:
         """Append bytes, across as many blocks as they need."""
@@ -742,7 +725,7 @@ class _BlockSink:
                 views.pop()
                 self._readv(paths[int(s[a])], views, int(o[a]))
             rows = (starts[i:j] - base) // BLOCK
-            out = np.frombuffer(self.bufs[self.cur], dtype=np.uint8).reshape(-1, BLOCK)
+            out = np.frombuffer(self.buf, dtype=np.uint8).reshape(-1, BLOCK)
             rem = sizes[i:j] % BLOCK
             partial = rem > 0
             last = rows[partial] + 1 + (sizes[i:j][partial] - 1) // BLOCK
@@ -753,20 +736,15 @@ class _BlockSink:
             i = j
 
     def finish(self) -> str:
-        """Write what is left and return the sha256 of every byte written."""
+        """Write what is left and return the checksum of every byte written."""
         self.flush()
-        self.shutdown()
-        return self.sha.hexdigest()
+        return checksum_of(self.hasher)
 
-    def shutdown(self) -> None:
-        """Wait for the hashing thread and close the sources (also after an error)."""
-        self.pool.shutdown(wait=True)
+    def close(self) -> None:
+        """Close the sources (also after an error)."""
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-        for pending in self.hashed:
-            if pending is not None:
-                pending.result()
 
 
 SampleItem = tuple[str, Mapping[str, MemberData]]
@@ -808,7 +786,7 @@ def write_shard(
 
     Member data may be bytes (or a memoryview) or a `FileSlice` copied straight from another tar; the
     output is assembled, written and hashed in large blocks (see `_BlockSink`). Returns the `.idx` offsets and
-    the sha256 of exactly the bytes written. `fsync` makes the shard durable before the rename.
+    the checksum of exactly the bytes written. `fsync` makes the shard durable before the rename.
     """
     final = Path(path)
     items = sorted_samples(samples) if sort else list(samples)
@@ -854,16 +832,16 @@ def write_shard(
                 offsets.append(out.pos)
                 out.zeros(_padded_record(out.pos + 2 * BLOCK) - out.pos)
                 out.flush()
+                checksum = out.finish()
                 if fsync:
-                    os.fsync(raw.fileno())  # while the helper thread hashes the last block
-                sha = out.finish()
+                    os.fsync(raw.fileno())
             finally:
-                out.shutdown()
+                out.close()
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ShardInfo(str(final), keys, offsets, out.pos, sha)
+    return ShardInfo(str(final), keys, offsets, out.pos, checksum)
 
 
 @dataclass
@@ -922,11 +900,3 @@ def _padded_record(n: int) -> int:
 def read_member(f: BinaryIO, member: Member) -> bytes:
     f.seek(member.data_offset)
     return _read_exact(f, member.size)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

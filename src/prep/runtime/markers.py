@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.formats.atomic import write_text_atomic
-from prep.formats.tar import file_sha256
+from prep.formats.checksum import file_checksum, file_matches
 from prep.stages.base import Task, TaskResult
 
 MARKER_DIR = ".prep/done"
@@ -29,13 +29,13 @@ def marker_path(marker_dir: Path, task: Task) -> Path:
 
 
 def describe_outputs(paths: tuple[str, ...], known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{path: {bytes, sha256}} for every output, hashing only those the task did not already hash."""
+    """{path: {bytes, checksum}} for every output, hashing only those the task did not already hash."""
     out: dict[str, dict[str, Any]] = {}
     for p in paths:
-        if p in known and "sha256" in known[p]:
-            out[p] = {"bytes": int(known[p]["bytes"]), "sha256": known[p]["sha256"]}
+        if p in known and "checksum" in known[p]:
+            out[p] = {"bytes": int(known[p]["bytes"]), "checksum": known[p]["checksum"]}
         else:
-            out[p] = {"bytes": os.path.getsize(p), "sha256": file_sha256(p)}
+            out[p] = {"bytes": os.path.getsize(p), "checksum": file_checksum(p)}
     return out
 
 
@@ -60,7 +60,7 @@ def read_valid_marker(marker_dir: Path, task: Task, fingerprint: str, *,
         return None
     try:
         for p, meta in outputs.items():
-            if os.path.getsize(p) != meta["bytes"] or (verify and file_sha256(p) != meta["sha256"]):
+            if os.path.getsize(p) != meta["bytes"] or (verify and not file_matches(p, meta["checksum"])):
                 return None
         result = TaskResult.from_json(doc["result"])
     except (OSError, KeyError, TypeError, AttributeError):  # output gone, or a marker from elsewhere

@@ -45,7 +45,7 @@ class Task:
 class TaskResult:
     """What a task did. `counts` adds up across tasks (samples_in, samples_out, ...); `dropped` maps a
     reason to a count; `notes` are human lines (dropped keys, warnings); `data` is JSON for finalize;
-    `outputs` maps output path to {bytes, sha256} where the task already knows them."""
+    `outputs` maps output path to {bytes, checksum} where the task already knows them."""
 
     task_id: str
     status: str = "done"  # done | skipped | failed

@@ -32,7 +32,8 @@ from pydantic import Field, field_validator
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
-from prep.formats.tar import FileSlice, file_sha256, iter_members, scan_tar, split_key, write_shard
+from prep.formats.checksum import file_checksum
+from prep.formats.tar import FileSlice, iter_members, scan_tar, split_key, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 NAME = "download_images"
@@ -457,7 +458,7 @@ def publish_shard(staging: Path, final: Path, name: str, prefix: str) -> dict[st
     write_text_atomic(final / f"{name}_stats.json", json.dumps(stats, indent=4))
     tar.unlink()
     table_path.unlink()
-    return {"bytes": info.bytes, "sha256": info.sha256}
+    return {"bytes": info.bytes, "checksum": info.checksum}
 
 
 def _published(final: Path, name: str) -> bool:
@@ -474,10 +475,10 @@ _SHAPING = ("image_size", "resize_mode", "resize_only_if_bigger", "upscale_inter
 IDENTITY = ".prep-part.json"
 
 
-def part_identity(p: dict[str, Any], part_sha256: str) -> dict[str, Any]:
+def part_identity(p: dict[str, Any], part_checksum: str) -> dict[str, Any]:
     """What published shards were made from: the part's bytes, its layout and the shaping arguments
     (content, not mtime, so re-writing identical parts costs no re-download)."""
-    return {"sha256": part_sha256, "rows": p["rows"], "shards": p["shards"], "per_shard": p["per_shard"],
+    return {"checksum": part_checksum, "rows": p["rows"], "shards": p["shards"], "per_shard": p["per_shard"],
             "prefix": p["prefix"], "args": {k: p["args"].get(k) for k in _SHAPING}}
 
 
@@ -485,7 +486,7 @@ def _start_fresh_if_stale(p: dict[str, Any]) -> bool:
     """Remove a part's shards (published and staged) when they were made from another input or with
     other shaping arguments, or when `incremental_mode: overwrite`; returns whether it did."""
     final, staging = Path(p["final"]), Path(p["staging"])
-    ident = json.dumps(part_identity(p, file_sha256(p["path"])), sort_keys=True)
+    ident = json.dumps(part_identity(p, file_checksum(p["path"])), sort_keys=True)
     stored = final / IDENTITY
     old = stored.read_text("utf-8") if stored.exists() else None
     stale = p["args"]["incremental_mode"] == "overwrite" or (old != ident and (old is not None or (
@@ -628,7 +629,7 @@ def _retry_failed(p: dict[str, Any], where: str) -> tuple[int, int, dict[str, di
                    for s in scan.samples]
         samples += [(k, got_samples[k]) for k in sorted(keys) if k in got_samples and k not in have]
         info = write_shard(tar, samples)
-        facts[str(tar)] = {"bytes": info.bytes, "sha256": info.sha256}
+        facts[str(tar)] = {"bytes": info.bytes, "checksum": info.checksum}
         table = pq.read_table(final / f"{n}.parquet")
         kept = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(keys), pa.string()))))
         new = [{**{c: got_rows[k].get(c) for c in table.column_names}, "key": k} for k in sorted(keys)]

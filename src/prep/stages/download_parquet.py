@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, SecretStr
 
 from prep.errors import PrepError
-from prep.formats.tar import file_sha256
+from prep.formats.checksum import file_checksum
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 NAME = "download_parquet"
@@ -285,12 +285,12 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
         got = pq.ParquetFile(path).metadata.num_rows
         if got != rows:
             raise PrepError(f"part holds {got} rows, expected {rows}", str(path), "re-run the task (--force)")
-        outputs[str(path)] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        outputs[str(path)] = {"bytes": path.stat().st_size, "checksum": file_checksum(path)}
     if p["delete_source"]:
         _delete_source(task, src)
     elif p["kind"] == "hub":
         outputs[str(src)] = {"bytes": src.stat().st_size,
-                             "sha256": p["sha256"] or file_sha256(src)}
+                             "checksum": f"sha256:{p['sha256']}" if p["sha256"] else file_checksum(src)}
     return TaskResult(
         task.id,
         counts={"files": 1, "rows": total, "parts": len(parts), "files_downloaded": int(downloaded),

@@ -15,10 +15,11 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from prep.errors import PrepError
+from prep.formats.checksum import file_checksum
 from prep.formats.index import encode_index, index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from prep.formats.nvmeta import user_dataset_yaml, write_nv_meta
-from prep.formats.tar import file_sha256, scan_tar
+from prep.formats.tar import scan_tar
 from prep.formats.wdinfo import write_wdinfo
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
@@ -121,7 +122,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
                 if len(notes) < 5:
                     notes.append(f"{tar.name}: sample {s.key!r} has no .{ext}")
     notes += [f"{tar.name}: skipped member {n!r} ({why})" for n, why in scan.skipped[:5]]
-    sha = file_sha256(tar)
+    checksum = file_checksum(tar)
     return TaskResult(
         task.id,
         counts={"shards": 1, "samples": len(scan.samples), "indexes_written": int(rebuilt),
@@ -129,7 +130,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
         dropped={},
         notes=notes,
         data={"rel": task.payload["rel"], "folder": task.payload["folder"], "samples": len(scan.samples),
-              "bytes": tar.stat().st_size, "sha256": sha, "fields": dict(fields),
+              "bytes": tar.stat().st_size, "checksum": checksum, "fields": dict(fields),
               "missing": dict(missing)},
     )
 
@@ -191,7 +192,7 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
         if not history or history[-1].get("stage") != NAME:
             history.append({"stage": NAME, "tar_chunk_size": chunk})
         manifest = Manifest(
-            shards=[ShardEntry(d["rel"], d["samples"], d["bytes"], d["sha256"]) for d in entries],
+            shards=[ShardEntry(d["rel"], d["samples"], d["bytes"], d["checksum"]) for d in entries],
             fields=_merge_fields(old.fields if old else {}, fields),
             encoders=old.encoders if old else {},
             history=history,

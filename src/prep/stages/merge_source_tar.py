@@ -165,9 +165,9 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
               "bytes_out": info.bytes}
     return TaskResult(
         task.id, counts=counts, notes=notes,
-        data={"rel": p["rel"], "samples": len(samples), "bytes": info.bytes, "sha256": info.sha256,
+        data={"rel": p["rel"], "samples": len(samples), "bytes": info.bytes, "checksum": info.checksum,
               "fields": dict(fields), "no_source": no_source, "missing": dict(missing)},
-        outputs={str(dest): {"bytes": info.bytes, "sha256": info.sha256}},
+        outputs={str(dest): {"bytes": info.bytes, "checksum": info.checksum}},
     )
 
 
@@ -201,7 +201,7 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
     if not history or history[-1] != step:
         history.append(step)
     manifest = Manifest(
-        [ShardEntry(r.data["rel"], r.data["samples"], r.data["bytes"], r.data["sha256"]) for r in results],
+        [ShardEntry(r.data["rel"], r.data["samples"], r.data["bytes"], r.data["checksum"]) for r in results],
         merged_fields, old.encoders if old else {}, history, old.chunk_size if old else None)
     write_manifest(out, manifest)
     notes = [f"merged {len(results)} shards, {manifest.total_samples} samples into {out}"]

@@ -234,7 +234,7 @@ def _outcome_json(o: Any) -> dict[str, Any]:
         "samples_in": o.samples_in,
         "samples": o.samples_out,
         "bytes": o.bytes,
-        "sha256": o.sha256,
+        "checksum": o.checksum,
         "dropped": dict(o.dropped),
         "notes": o.notes,
         "fields": o.fields,
@@ -303,7 +303,8 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
             "rank": rank_slice()[0] or 0,
         },
         outputs={
-            str(out_dir.resolve() / s["rel"]): {"bytes": s["bytes"], "sha256": s["sha256"]} for s in shards
+            str(out_dir.resolve() / s["rel"]): {"bytes": s["bytes"], "checksum": s["checksum"]}
+            for s in shards
         },
     )
 
@@ -344,7 +345,7 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
     history = list(source.history) if source else []
     history.append({"stage": NAME, "keep_source": cfg.keep_source, "encoders": sorted(encoders)})
     manifest = Manifest(
-        shards=[ShardEntry(s["rel"], s["samples"], s["bytes"], s["sha256"]) for s in shards],
+        shards=[ShardEntry(s["rel"], s["samples"], s["bytes"], s["checksum"]) for s in shards],
         fields=merge_fields(shards),
         encoders=dict(sorted(encoders.items())),
         history=history,

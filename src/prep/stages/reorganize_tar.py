@@ -530,9 +530,9 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
                      f"{dropped_keys[-dropped['tail: drop']][1]} … {dropped_keys[-1][1]})")
     return TaskResult(
         task.id, counts=counts, dropped=dict(dropped), notes=notes,
-        data={"shard": p["shard"], "samples": len(samples), "bytes": info.bytes, "sha256": info.sha256,
+        data={"shard": p["shard"], "samples": len(samples), "bytes": info.bytes, "checksum": info.checksum,
               "fields": dict(fields), "key_ranges": key_ranges, "dropped_keys": dropped_keys},
-        outputs={str(dest): {"bytes": info.bytes, "sha256": info.sha256}},
+        outputs={str(dest): {"bytes": info.bytes, "checksum": info.checksum}},
     )
 
 
@@ -558,7 +558,7 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
     fields: Counter[str] = Counter()
     for r in results:
         fields.update(r.data["fields"])
-    entries = [ShardEntry(r.data["shard"], r.data["samples"], r.data["bytes"], r.data["sha256"])
+    entries = [ShardEntry(r.data["shard"], r.data["samples"], r.data["bytes"], r.data["checksum"])
                for r in results]
     history = [{"stage": NAME, "tar_chunk_size": cfg.tar_chunk_size, "tail": cfg.tail,
                 "file_ext_in_tar": list(sel.required), "keep_other_members": cfg.keep_other_members}]

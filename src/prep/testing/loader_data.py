@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.formats.checksum import file_checksum
 from prep.formats.index import write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
-from prep.formats.tar import file_sha256, write_shard
+from prep.formats.tar import write_shard
 from prep.formats.wdinfo import write_wdinfo
 
 
@@ -71,7 +72,7 @@ def make_shards(
         info = write_shard(out / name, samples, fsync=False)
         if index:
             write_index(out / name, info.offsets)
-        entries.append(ShardEntry(name, n, info.bytes, file_sha256(out / name)))
+        entries.append(ShardEntry(name, n, info.bytes, file_checksum(out / name)))
         names.append(name)
     if manifest:
         write_manifest(out, Manifest(entries, chunk_size=max(sizes) if sizes else None))
