@@ -501,6 +501,15 @@ WRITE_BLOCK = 1 << 20  # output is assembled, written and hashed in blocks this 
 BULK_GAP = 1 << 12  # source members closer than this are read in one run (pax headers lie between them)
 _SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (never looked at)
 _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
+_SKIP_VIEWS: dict[int, memoryview] = {}
+
+
+def _skip_view(n: int) -> memoryview:
+    """The first `n` bytes of the scratch block (a run's gaps repeat a few lengths: made once each)."""
+    view = _SKIP_VIEWS.get(n)
+    if view is None:
+        view = _SKIP_VIEWS[n] = memoryview(_SKIP)[:n]
+    return view
 _ZEROS = bytes(1 << 16)
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 # On Linux, POSIX_FADV_DONTNEED on just-written pages starts their writeback without waiting for it (dirty
@@ -661,11 +670,14 @@ class _BlockSink:
                                      path, "re-create the source shard", offset + got)
             got += n
 
-    def _readv(self, path: str, views: list[memoryview], offset: int) -> None:
-        """Fill `views` in order from `offset` of a source: one `preadv` unless the read comes up short."""
+    def _readv(self, path: str, views: list[memoryview], offset: int, want: int) -> None:
+        """Fill `views` (`want` bytes in all) in order from `offset` of a source: one `preadv` unless the
+        read comes up short."""
         got = os.preadv(self._fd(path), views, offset)
-        for view in views:
-            if got < len(view):  # finish it (or say where the source ended), then read on
+        if got == want:
+            return
+        for view in views:  # short: finish each view (or say where the source ended)
+            if got < len(view):
                 self._read(path, view[got:], offset + got)
             got = max(got - len(view), 0)
             offset += len(view)
@@ -712,18 +724,19 @@ class _BlockSink:
             cuts = np.flatnonzero((s[1:] != s[:-1]) | (gap < 0) | (gap > BULK_GAP)
                                   | (np.arange(1, j - i) % _IOV_MEMBERS == 0)) + 1
             dst = (starts[i:j] - base + BLOCK).tolist()
-            size_list = sizes[i:j].tolist()
+            ends_here = (starts[i:j] - base + BLOCK + sizes[i:j]).tolist()
             gaps = np.concatenate((gap.clip(0, None), [0])).tolist()
-            mv, skip = self.mv, memoryview(_SKIP)
+            mv = self.mv
             for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), j - i], strict=True):
                 # one read per run, scattered: each member's data lands in place, the bytes between
                 # members (padding, pax and ustar headers) in a scratch block
                 views: list[memoryview] = []
-                for d, size, g in zip(dst[a:b], size_list[a:b], gaps[a:b], strict=True):
-                    views.append(mv[d : d + size])
-                    views.append(skip[:g])
+                add = views.extend
+                for d, end, g in zip(dst[a:b], ends_here[a:b], gaps[a:b], strict=True):
+                    add((mv[d:end], _skip_view(g)))
                 views.pop()
-                self._readv(paths[int(s[a])], views, int(o[a]))
+                lo = int(o[a])
+                self._readv(paths[int(s[a])], views, lo, int(e[b - 1]) - lo)
             rows = (starts[i:j] - base) // BLOCK
             out = np.frombuffer(self.buf, dtype=np.uint8).reshape(-1, BLOCK)
             rem = sizes[i:j] % BLOCK
