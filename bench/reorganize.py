@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
         load = os.getloadavg()
 
-        def rm_out() -> None:
+        def rm_out() -> None:  # and no dirty pages left from the last run to slow this one's writes
             shutil.rmtree(out, ignore_errors=True)
             copy.unlink(missing_ok=True)
+            os.sync()
 
         def fresh() -> None:  # as a new `prep run` process: no input scans cached from the last run
             rm_out()

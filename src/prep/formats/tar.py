@@ -431,9 +431,9 @@ def _plain_scan(path: str) -> TarScan | None:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-@dataclass(frozen=True, slots=True)
-class FileSlice:
-    """Member data that stays in another file until it is written: streamed, never held in memory."""
+class FileSlice(NamedTuple):
+    """Member data that stays in another file until it is written: streamed, never held in memory.
+    (A tuple, cheap to make per member; never `len()` it as data: use `.size`.)"""
 
     path: str
     offset: int
@@ -501,15 +501,6 @@ WRITE_BLOCK = 1 << 20  # output is assembled, written and hashed in blocks this 
 BULK_GAP = 1 << 12  # source members closer than this are read in one run (pax headers lie between them)
 _SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (never looked at)
 _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
-_SKIP_VIEWS: dict[int, memoryview] = {}
-
-
-def _skip_view(n: int) -> memoryview:
-    """The first `n` bytes of the scratch block (a run's gaps repeat a few lengths: made once each)."""
-    view = _SKIP_VIEWS.get(n)
-    if view is None:
-        view = _SKIP_VIEWS[n] = memoryview(_SKIP)[:n]
-    return view
 _ZEROS = bytes(1 << 16)
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 # On Linux, POSIX_FADV_DONTNEED on just-written pages starts their writeback without waiting for it (dirty
@@ -726,6 +717,8 @@ class _BlockSink:
             dst = (starts[i:j] - base + BLOCK).tolist()
             ends_here = (starts[i:j] - base + BLOCK + sizes[i:j]).tolist()
             gaps = np.concatenate((gap.clip(0, None), [0])).tolist()
+            # a few gap lengths repeat; a longer one only ends a run (its view is dropped below)
+            skips = {g: memoryview(_SKIP)[: min(g, BULK_GAP)] for g in set(gaps)}
             mv = self.mv
             for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), j - i], strict=True):
                 # one read per run, scattered: each member's data lands in place, the bytes between
@@ -733,7 +726,7 @@ class _BlockSink:
                 views: list[memoryview] = []
                 add = views.extend
                 for d, end, g in zip(dst[a:b], ends_here[a:b], gaps[a:b], strict=True):
-                    add((mv[d:end], _skip_view(g)))
+                    add((mv[d:end], skips[g]))
                 views.pop()
                 lo = int(o[a])
                 self._readv(paths[int(s[a])], views, lo, int(e[b - 1]) - lo)

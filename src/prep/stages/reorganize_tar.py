@@ -438,6 +438,8 @@ def _member_data(path: str, samples: list[Sample], sel: Selection) -> list[dict[
     order, so the input is still read sequentially and the writer's reads in key order hit the cache."""
     if not all(a.offset < b.offset for a, b in itertools.pairwise(samples)):
         _prefetch(path, samples)
+    if sel.keep is None:  # every member (the writer sorts them)
+        return [{e: FileSlice(path, m.data_offset, m.size) for e, m in s.members.items()} for s in samples]
     return [{e: FileSlice(path, s.members[e].data_offset, s.members[e].size) for e in sel.members(s)}
             for s in samples]
 
