@@ -21,7 +21,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from prep.errors import PrepError
-from prep.formats.atomic import temp_name
+from prep.formats.atomic import start_writeback, temp_name
 from prep.formats.checksum import checksum_of, new_hasher
 from prep.formats.tar_bulk import plain_headers, walk_plain
 
@@ -503,8 +503,6 @@ _SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (
 _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
 _ZEROS = bytes(1 << 16)
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
-# On Linux, POSIX_FADV_DONTNEED on just-written pages starts their writeback without waiting for it (dirty
-# pages are not dropped), so the final fsync waits for the last blocks, not the whole shard
 _FADVISE = hasattr(os, "posix_fadvise")
 _SIMPLE_KEY = re.compile(r"(?!__)[\w-]+(?:/[\w-]+)*", re.ASCII)  # a key member_name() always accepts...
 _SIMPLE_EXT = re.compile(r"[\w.-]+", re.ASCII)  # ...with any such extension: no need to check each name
@@ -524,7 +522,7 @@ class _BlockSink:
 
     def __init__(self, f: BinaryIO, *, writeback: bool) -> None:
         self.f = f
-        self.writeback = writeback and _FADVISE
+        self.writeback = writeback
         self.block = WRITE_BLOCK
         self.buf = bytearray(self.block)
         self.mv = memoryview(self.buf)
@@ -552,7 +550,7 @@ class _BlockSink:
         while view:
             view = view[self.f.write(view):]
         if self.writeback:  # start writing this block to disk now, so the final fsync has little left
-            os.posix_fadvise(self.f.fileno(), self.flushed, self.fill, os.POSIX_FADV_DONTNEED)
+            start_writeback(self.f.fileno(), self.flushed, self.fill)
         self.flushed += self.fill
         self.fill = 0
 
