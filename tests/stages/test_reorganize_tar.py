@@ -384,3 +384,11 @@ def test_scan_cache_keeps_the_plans_first_tars_and_tasks_evict_finished_ones():
     cache.get(("a",), scan("a", 4), evict=True)  # first task: hit
     cache.get(("c",), scan("c", 4), evict=True)  # later task: miss, evicts b (least recently used)
     assert made == ["a", "b", "c", "c"] and list(cache.items) == [("a",), ("c",)] and cache.samples == 8
+
+
+def test_header_scan_threads_follow_the_filesystem() -> None:
+    from prep.stages.reorganize_tar import filesystem_type, scan_threads_for
+
+    assert filesystem_type(Path("/proc/self")) == "proc"  # the longest mount point above the path wins
+    kinds = ("nfs4", "lustre", "fuse.sshfs", "ext4", "xfs", "")
+    assert [scan_threads_for(t) for t in kinds] == [8, 8, 8, 1, 1, 1]

@@ -498,6 +498,7 @@ _TEMPLATE_SUM = sum(_HEADER_MODE) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_TA
 
 
 WRITE_BLOCK = 1 << 20  # output is assembled, written and hashed in blocks this size (stays in CPU cache)
+WRITEBACK_BLOCK = 8 << 20  # writeback is started for this much at a time (fewer, larger disk requests)
 BULK_GAP = 1 << 12  # source members closer than this are read in one run (pax headers lie between them)
 _SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (never looked at)
 _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
@@ -522,7 +523,7 @@ class _BlockSink:
 
     def __init__(self, f: BinaryIO, *, writeback: bool) -> None:
         self.f = f
-        self.writeback = writeback
+        self.writeback: int | None = 0 if writeback else None  # where writeback has not started yet
         self.block = WRITE_BLOCK
         self.buf = bytearray(self.block)
         self.mv = memoryview(self.buf)
@@ -549,10 +550,12 @@ class _BlockSink:
         self.hasher.update(view)
         while view:
             view = view[self.f.write(view):]
-        if self.writeback:  # start writing this block to disk now, so the final fsync has little left
-            start_writeback(self.f.fileno(), self.flushed, self.fill)
         self.flushed += self.fill
         self.fill = 0
+        if self.writeback is not None and self.flushed - self.writeback >= WRITEBACK_BLOCK:
+            # start writing what is written to disk now, so the final fsync has little left to wait for
+            start_writeback(self.f.fileno(), self.writeback, self.flushed - self.writeback)
+            self.writeback = self.flushed
 
     def put(self, data: bytes | memoryview) -> None:
         """Append bytes, across as many blocks as they need."""

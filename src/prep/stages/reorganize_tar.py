@@ -59,8 +59,10 @@ class Config(StageConfig):
     count_from: Literal["auto", "scan", "stats"] = Field(
         "auto", description="how the plan counts samples per input tar: scan = read tar headers; stats = "
         "img2dataset's NNNNN_stats.json (must exist for every tar); auto = stats when trustworthy, else scan")
-    scan_threads: int = Field(8, ge=1, description="threads that scan input headers while planning "
-                              "(helps on network filesystems)")
+    scan_threads: int | None = Field(
+        None, ge=1, description="threads that scan input headers while planning; unset: 8 on a network "
+        "filesystem (nfs, lustre, gpfs, beegfs, ceph, cifs, fuse), where each read waits on the network, "
+        "else 1 (on local disks threads only contend for the GIL)")
     strict: bool = Field(False, description="fail the stage when an input tar is truncated or corrupt "
                          "(its samples before the damage are still repacked)")
     fsync: bool = Field(True, description="fsync each shard before renaming it into place, so a power "
@@ -274,6 +276,36 @@ def _scan_count(path: str, sel: Selection) -> Counted:
     return Counted(len(s.usable), "scan", rng)
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "cifs", "smb3", "9p", "panfs",
+                       "wekafs", "glusterfs")
+
+
+def scan_threads_for(fstype: str) -> int:
+    """Header-scan threads for a filesystem type: many where a read waits on the network, one where it
+    is served from local disk or the page cache (there, threads only contend for the GIL)."""
+    return 8 if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse") else 1
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it in /proc/mounts), or
+    "" where that cannot be read."""
+    target = str(path.resolve())
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, fstype = mount, parts[2]
+    except OSError:
+        return ""
+    return fstype
+
+
 def count_inputs(tars: list[Path], cfg: Config, sel: Selection, cache_path: Path) -> list[Counted]:
     """Usable samples per input tar. Scan results are cached by (path, size, mtime) so Slurm array
     tasks and re-runs do not re-read every header (`prep run reorganize_tar --dry-run` warms it)."""
@@ -304,7 +336,8 @@ def count_inputs(tars: list[Path], cfg: Config, sel: Selection, cache_path: Path
         else:
             to_scan.append(i)
     if to_scan:
-        with ThreadPoolExecutor(max_workers=cfg.scan_threads) as pool:
+        threads = cfg.scan_threads or scan_threads_for(filesystem_type(tars[0]))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             found = pool.map(lambda i: _scan_count(str(tars[i]), sel), to_scan)
             for i, c in zip(to_scan, found, strict=True):
                 out[i] = c
