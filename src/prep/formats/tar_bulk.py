@@ -3,8 +3,9 @@
 Repacking is bound by per-member Python work, not by bytes: at ~20-70 KB a sample a gigabyte holds
 45,000-150,000 members, so a few microseconds each cost more than copying the bytes. These paths keep
 the Python work per member to a few list operations and do the rest with numpy over all members at
-once. Both say "not for me" (None / False) for anything unusual, and the exact paths in `tar.py` take
-over, so errors are still reported there, in one place, with their offsets.
+once. The scan declines (None) anything unusual, and the exact scanner in `tar.py` takes over, so errors
+are still reported there, in one place, with their offsets; `tar.py` uses the header builder only for
+shards whose names it has checked for the whole shard at once.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def octal_columns(values: np.ndarray, width: int) -> np.ndarray:
     return ((values[:, None] >> shifts[None, :]) & 7).astype(np.uint8) + 48
 
 
-def plain_headers(template: bytes, names: list[bytes], sizes: np.ndarray) -> np.ndarray:
+def plain_headers(template: bytes, names: list[str] | list[bytes], sizes: np.ndarray) -> np.ndarray:
     """Headers for members with short ASCII names, from a template header (mode, owner, mtime, magic):
     name, `%011o\\0` size and `%06o\\0 ` checksum filled in, as tarfile writes them, for all at once."""
     n = len(names)
@@ -173,7 +174,6 @@ def plain_headers(template: bytes, names: list[bytes], sizes: np.ndarray) -> np.
     hdr[:, 124:135] = octal_columns(sizes, 11)
     hdr[:, 135] = 0
     hdr[:, _CHECKSUM_FIELD] = 32
-    total = hdr.sum(axis=1, dtype=np.int64)
-    hdr[:, 148:154] = octal_columns(total, 6)
+    hdr[:, 148:154] = octal_columns(_byte_sums(hdr), 6)
     hdr[:, 154] = 0
     return hdr
