@@ -2,8 +2,9 @@
 
 Two comparisons on the same generated shards (medians of 3):
 - header scan of every shard: `prep.formats.tar.scan_tar` vs a `tarfile` walk (what energon's indexer does);
-- the whole job: `prep run generate_wdinfo` (CLI start-up, `.idx`, sha256 of every byte, manifest, wdinfo,
-  .nv-meta) vs energon's `WebdatasetPreparator.prepare_dataset(workers=1)` (`.idx`, sqlite index, info).
+- the whole job: `prep run generate_wdinfo` (CLI start-up, `.idx`, XXH3 checksum of every byte, manifest,
+  wdinfo, .nv-meta) vs energon's `WebdatasetPreparator.prepare_dataset(workers=1)` (`.idx`, sqlite index,
+  info).
 
     python bench/generate_wdinfo.py [--shards 20] [--samples 1000]
 """
