@@ -112,3 +112,20 @@ def test_numpy_headers_are_tarfiles_bytes() -> None:
     for row, name, size in zip(got, names, sizes.tolist(), strict=True):
         assert row.tobytes() == tar_mod.member_header(name.decode(), size)
     assert octal_columns(np.array([8, 0o777]), 4).tobytes() == b"00100777"
+
+
+def test_gc_is_paused_only_while_grouping_and_never_left_off() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), tar_mod._gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("a scan failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with tar_mod._gc_paused():
+            pass
+        assert not gc.isenabled()  # the caller's choice stands
+    finally:
+        gc.enable()
