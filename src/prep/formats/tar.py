@@ -404,6 +404,14 @@ def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> 
     return TarScan(p, samples, skipped, end[0] if end else 0)
 
 
+def shard_files(folder: Path, *, recursive: bool = True) -> list[Path]:
+    """Every `*.tar` file under `folder` (or directly in it), none inside a hidden folder such as
+    .prep/ or .nv-meta/ and none hidden itself, sorted by relative POSIX path."""
+    found = [p for p in folder.glob("**/*.tar" if recursive else "*.tar")
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
 def _plain_scan(path: str) -> TarScan | None:
     """`scan_tar` for a tar `walk_plain` accepts: the same samples, grouped as `iter_samples` groups them
     (None when a key repeats apart or a sample has an extension twice: the exact path says where)."""

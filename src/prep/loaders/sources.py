@@ -28,7 +28,7 @@ import numpy as np
 from prep.errors import PrepError
 from prep.formats.index import IDX_SUFFIX, index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
-from prep.formats.tar import iter_samples, scan_tar
+from prep.formats.tar import iter_samples, scan_tar, shard_files
 from prep.formats.wdinfo import read_wdinfo
 
 _OPEN_FILES = 64  # open shard files kept per worker
@@ -170,11 +170,7 @@ def _folder_shards(folder: Path) -> list[ShardSpec]:
     if (folder / MANIFEST_NAME).exists():
         m = read_manifest(folder)
         return [ShardSpec(str(folder / s.path), s.path, s.samples) for s in m.shards]
-    tars = sorted(
-        p
-        for p in folder.rglob("*.tar")
-        if p.is_file() and not any(q.startswith(".") for q in p.relative_to(folder).parts)
-    )
+    tars = sorted(shard_files(folder))  # by path parts, the order this loader has always used
     if not tars:
         raise PrepError(
             "no manifest.json and no .tar files in this folder",

@@ -19,7 +19,7 @@ from prep.formats.checksum import file_checksum
 from prep.formats.index import encode_index, index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from prep.formats.nvmeta import user_dataset_yaml, write_nv_meta
-from prep.formats.tar import scan_tar
+from prep.formats.tar import scan_tar, shard_files
 from prep.formats.wdinfo import write_wdinfo
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
@@ -55,10 +55,6 @@ class Config(StageConfig):
         return [e.lstrip(".") for e in v]
 
 
-def _hidden(rel_parts: tuple[str, ...]) -> bool:
-    return any(p.startswith(".") for p in rel_parts)
-
-
 def find_shards(folder: Path, recursive: bool) -> list[Path]:
     """Every `*.tar` under `folder` (not in hidden folders such as .prep/ or .nv-meta/), sorted."""
     if not folder.exists():
@@ -66,9 +62,7 @@ def find_shards(folder: Path, recursive: bool) -> list[Path]:
     if folder.is_file():
         raise PrepError("input_dir is a file, not a folder of shards", str(folder),
                         "point generate_wdinfo.input_dir at the folder that holds the .tar files")
-    pattern = "**/*.tar" if recursive else "*.tar"
-    found = [p for p in folder.glob(pattern) if p.is_file() and not _hidden(p.relative_to(folder).parts)]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    return shard_files(folder, recursive=recursive)
 
 
 def marker_dir(root: Any) -> Path:

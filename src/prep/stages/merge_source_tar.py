@@ -20,7 +20,7 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import FileSlice, MemberData, Sample, scan_tar, write_shard
+from prep.formats.tar import FileSlice, MemberData, Sample, scan_tar, shard_files, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 NAME = "merge_source_tar"
@@ -68,9 +68,7 @@ def find_shards(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise PrepError("folder of precached shards does not exist", str(folder),
                         "run precache_encodings first or set merge_source_tar.input_dir")
-    found = [p for p in folder.rglob("*.tar")
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    return shard_files(folder)
 
 
 def marker_dir(root: Any) -> Path:

@@ -29,7 +29,7 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
-from prep.formats.tar import FileSlice, MemberData, Sample, TarScan, scan_tar, write_shard
+from prep.formats.tar import FileSlice, MemberData, Sample, TarScan, scan_tar, shard_files, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 NAME = "reorganize_tar"
@@ -236,9 +236,7 @@ def find_input_tars(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise PrepError("input folder does not exist or is not a folder", str(folder),
                         "set reorganize_tar.input_dir to the folder of raw tars (download_images.output_dir)")
-    found = [p for p in folder.rglob("*.tar")
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    return shard_files(folder)
 
 
 def stats_count(tar: Path, size: int, mtime_ns: int) -> int | None:
