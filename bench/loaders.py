@@ -50,7 +50,6 @@ def make_data(root: Path, samples: int, shards: int) -> Path:
         return root
     shutil.rmtree(root, ignore_errors=True)
     sys.path.insert(0, str(ROOT / "src"))
-    from prep.formats.checksum import file_checksum
     from prep.formats.index import write_index
     from prep.formats.manifest import Manifest, ShardEntry, write_manifest
     from prep.formats.nvmeta import write_nv_meta
@@ -77,9 +76,7 @@ def make_data(root: Path, samples: int, shards: int) -> Path:
             )
         info = write_shard(tars / f"data-{s:04d}.tar", rows, fsync=False)
         write_index(tars / f"data-{s:04d}.tar", info.offsets)
-        entries.append(
-            ShardEntry(f"data-{s:04d}.tar", per, info.bytes, file_checksum(tars / f"data-{s:04d}.tar"))
-        )
+        entries.append(ShardEntry(f"data-{s:04d}.tar", per, info.bytes, info.checksum))
     write_manifest(tars, Manifest(entries, chunk_size=per))
     write_nv_meta(tars, {e.path: e.samples for e in entries}, ["jpg", "json", "txt"])
     crude = root / "energon"  # the same tars, described as crude samples (members stay bytes)

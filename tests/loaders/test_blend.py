@@ -10,23 +10,13 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
 
 from prep.errors import PrepError
 from prep.loaders import BlendDataset, DataLoader, SequenceDataset, Source
 from prep.loaders.blend import exact_weights, smooth_pick
+from prep.testing.loader_data import keyed_sequence as seq
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def seq(name: str, n: int, batch_size: int, seed: int = 0) -> SequenceDataset:
-    return SequenceDataset(
-        [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)],
-        batch_size,
-        shuffle=True,
-        seed=seed,
-        world_size=1,
-    )
 
 
 def plan(blend: BlendDataset, n: int) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 
 from prep.errors import PrepError
 from prep.loaders import BlendDataset, ChunkedDataLoader, ChunkedSampler, SequenceDataset
+from prep.testing.loader_data import freed_without_gc, keyed_sequence
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -185,8 +186,7 @@ def test_drop_last_drops_the_short_batch_of_each_chunk() -> None:
 
 # ------------------------------------------------------------------------------------ node trees
 def seq(name: str, n: int, batch_size: int) -> SequenceDataset:
-    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)]
-    return SequenceDataset(rows, batch_size, shuffle=True, seed=2, world_size=1)
+    return keyed_sequence(name, n, batch_size, seed=2)
 
 
 def keys(loader: ChunkedDataLoader) -> list[list[str]]:
@@ -291,15 +291,4 @@ def test_chunks_over_real_shards(tmp_path: Path) -> None:
 
 
 def test_chunked_loader_is_freed_without_the_cyclic_gc() -> None:
-    import gc
-    import weakref
-
-    gc.disable()
-    try:
-        loader = ChunkedDataLoader(Counting(8), 2, 2, rank=0, world_size=1)
-        list(loader)
-        ref = weakref.ref(loader)
-        del loader
-        assert ref() is None
-    finally:
-        gc.enable()
+    assert freed_without_gc(lambda: ChunkedDataLoader(Counting(8), 2, 2, rank=0, world_size=1))

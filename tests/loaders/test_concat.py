@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from prep.loaders import ConcatDataset, DataLoader, MixBatchDataset, SequenceDataset
+from prep.testing.loader_data import keyed_sequence
 
 
 def seq(name: str, n: int, batch_size: int, shuffle: bool = False) -> SequenceDataset:
-    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)]
-    return SequenceDataset(rows, batch_size, shuffle=shuffle, seed=1, world_size=1)
+    return keyed_sequence(name, n, batch_size, seed=1, shuffle=shuffle)
 
 
 def build() -> ConcatDataset:

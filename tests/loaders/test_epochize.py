@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from prep.errors import PrepError
 from prep.loaders import BlendDataset, DataLoader, EpochizeDataset, SequenceDataset
+from prep.testing.loader_data import keyed_sequence
 
 
 def seq(name: str, n: int, batch_size: int) -> SequenceDataset:
-    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)]
-    return SequenceDataset(rows, batch_size, shuffle=True, seed=3, world_size=1)
+    return keyed_sequence(name, n, batch_size, seed=3)
 
 
 def test_virtual_epochs_have_length_batches_and_continue_the_stream() -> None:

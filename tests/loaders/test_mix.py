@@ -24,13 +24,13 @@ from prep.loaders import (
 )
 from prep.loaders.blend import exact_weights
 from prep.loaders.mix import spread, stratified_counts
+from prep.testing.loader_data import keyed_sequence
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def seq(name: str, n: int, seed: int = 0, **extra: object) -> SequenceDataset:
-    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i]), **extra} for i in range(n)]
-    return SequenceDataset(rows, 1, shuffle=True, seed=seed, world_size=1)
+    return keyed_sequence(name, n, 1, seed, **extra)
 
 
 def planned_counts(mix: MixBatchDataset, batches: int) -> list[list[int]]:

@@ -27,16 +27,8 @@ from prep.loaders import (
     ShardDataset,
     Source,
 )
-
-
-def seq(name: str, n: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> SequenceDataset:
-    return SequenceDataset(
-        [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)],
-        batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        world_size=1,
-    )
+from prep.testing.loader_data import freed_without_gc
+from prep.testing.loader_data import keyed_sequence as seq
 
 
 def signature(batch: Any) -> tuple[Any, ...]:
@@ -314,15 +306,4 @@ def test_set_epoch_after_a_break_keeps_the_consumed_position_with_workers() -> N
 
 def test_loader_is_freed_without_the_cyclic_gc() -> None:
     """No loader <-> sampler cycle: persistent workers are shut down by refcounting, not a late GC pass."""
-    import gc
-    import weakref
-
-    gc.disable()
-    try:
-        loader = DataLoader(seq("a", 8, 2), rank=0, world_size=1)
-        list(loader)
-        ref = weakref.ref(loader)
-        del loader
-        assert ref() is None
-    finally:
-        gc.enable()
+    assert freed_without_gc(lambda: DataLoader(seq("a", 8, 2), rank=0, world_size=1))

@@ -10,7 +10,7 @@ import pytest
 
 from prep.errors import PrepError
 from prep.loaders import DataLoader, ShardDataset
-from prep.testing.loader_data import make_shards
+from prep.testing.loader_data import make_shards, planned_keys
 
 TOKEN = "s3cr3t-token-for-tests"
 SIZES = [6, 4, 5]
@@ -88,16 +88,6 @@ def served(tmp_path_factory):  # a server per test: no keep-alive connection out
         yield url, seen, keys
 
 
-def _epoch(ds):
-    out = []
-    while True:
-        try:
-            desc = ds.next_batch()
-        except StopIteration:
-            return out
-        out += ds.fetch(desc, 0, 1)["__key__"]
-
-
 def test_brace_pattern_of_urls_reads_like_local(served):
     url, seen, keys = served
     src = f"{url}/ds/shard-{{00000..00002}}.tar"
@@ -105,7 +95,7 @@ def test_brace_pattern_of_urls_reads_like_local(served):
         src, batch_size=4, decode="uint8", image_size=8, shuffle=False, token=TOKEN, rank=0, world_size=1
     )
     assert ds.total == sum(SIZES)
-    assert _epoch(ds) == keys
+    assert planned_keys(ds) == keys
     assert seen and all(r["auth"] == f"Bearer {TOKEN}" for r in seen)
 
 
@@ -127,7 +117,7 @@ def test_remote_tar_without_index_is_scanned(served):
         rank=0,
         world_size=1,
     )
-    assert _epoch(ds) == keys[:6]
+    assert planned_keys(ds) == keys[:6]
 
 
 def test_bad_token_fails_clearly_without_showing_it(served):

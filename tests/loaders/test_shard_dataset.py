@@ -11,7 +11,7 @@ import torch
 from prep.errors import PrepError
 from prep.formats.index import index_path
 from prep.loaders import DataLoader, ShardDataset, rank_slice
-from prep.testing.loader_data import jpeg_bytes, make_shards
+from prep.testing.loader_data import jpeg_bytes, make_shards, planned_keys
 
 SIZES = [7, 5, 9, 4]
 
@@ -25,17 +25,6 @@ def shards(tmp_path_factory):
 
 def _keys(loader) -> list[str]:
     return [k for b in loader for k in b["__key__"]]
-
-
-def _plan_keys(ds: ShardDataset) -> list[str]:
-    """Keys of one epoch, planned and fetched without workers."""
-    out = []
-    while True:
-        try:
-            desc = ds.next_batch()
-        except StopIteration:
-            return out
-        out += ds.fetch(desc, 0, 1)["__key__"]
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -61,7 +50,7 @@ def test_sources_agree_on_the_samples(shards, tmp_path):
     for src in sources:
         ds = ShardDataset(src, batch_size=4, decode="raw", shuffle=False, rank=0, world_size=1)
         assert ds.total == sum(SIZES)
-        assert _plan_keys(ds) == keys, src
+        assert planned_keys(ds) == keys, src
 
 
 def test_folder_without_wdinfo_permission_never_unpickles(shards, tmp_path):
@@ -82,7 +71,7 @@ def test_pipe_needs_opt_in(shards):
     with pytest.raises(PrepError, match="allow_pipe=True"):
         ShardDataset(url, batch_size=2, rank=0, world_size=1)
     ds = ShardDataset(url, batch_size=2, decode="raw", shuffle=False, allow_pipe=True, rank=0, world_size=1)
-    assert _plan_keys(ds) == keys[7:12]
+    assert planned_keys(ds) == keys[7:12]
 
 
 def test_missing_and_duplicate_shards_are_named(shards, tmp_path):
@@ -199,7 +188,7 @@ def test_drop_last_false_covers_everything_with_a_short_last_batch(shards):
     root, keys = shards
     ds = ShardDataset(root, batch_size=5, decode="raw", seed=3, window_shards=2, rank=0, world_size=1)
     assert ds.batches_per_epoch() == 5 and ds.dropped_per_epoch == 0
-    got = _plan_keys(ds)
+    got = planned_keys(ds)
     assert sorted(got) == sorted(keys) and len(got) == 25
     assert ds.state_dict() == {"epoch": 1, "position": 0}  # the epoch end advanced the cursor
 
@@ -208,8 +197,8 @@ def test_drop_last_true_drops_and_reports_the_tail(shards):
     root, _ = shards
     ds = ShardDataset(root, batch_size=4, decode="raw", drop_last=True, rank=0, world_size=1)
     assert ds.batches_per_epoch() == 6 and ds.dropped_per_epoch == 1
-    e0 = _plan_keys(ds)
-    e1 = _plan_keys(ds)
+    e0 = planned_keys(ds)
+    e1 = planned_keys(ds)
     assert len(e0) == len(set(e0)) == 24 and len(e1) == 24
     assert e0 != e1  # a new epoch, a new order
 
@@ -219,21 +208,11 @@ def test_ranks_split_each_global_batch_disjointly(shards):
     per_rank = []
     for r in range(3):
         ds = ShardDataset(root, batch_size=2, decode="raw", seed=5, rank=r, world_size=3)
-        per_rank.append(_keys_for_rank(ds, r))
+        per_rank.append(planned_keys(ds, r, 3))
     flat = [k for ks in per_rank for k in ks]
     assert sorted(flat) == sorted(keys) and len(flat) == len(set(flat))
     # the tail (25 % 6 = 1 sample) goes to rank 0; the other ranks get an empty slice, not padding
     assert [len(k) for k in per_rank] == [9, 8, 8]
-
-
-def _keys_for_rank(ds, r):
-    out = []
-    while True:
-        try:
-            desc = ds.next_batch()
-        except StopIteration:
-            return out
-        out += ds.fetch(desc, r, 3)["__key__"]
 
 
 def test_rank_slice_is_even():

@@ -1,19 +1,25 @@
-"""Generated shard folders for loader tests and benchmarks: real tars, `.idx`, manifest.json, wdinfo.pkl."""
+"""Generated shard folders for loader tests and benchmarks (real tars, `.idx`, manifest.json,
+wdinfo.pkl), and the small pieces loader tests share: keyed in-memory leaves, an epoch's planned keys,
+a check that a loader is freed without the cyclic GC."""
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from prep.formats.checksum import file_checksum
 from prep.formats.index import write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
 from prep.formats.tar import write_shard
 from prep.formats.wdinfo import write_wdinfo
+
+if TYPE_CHECKING:
+    from prep.loaders import SequenceDataset
+    from prep.loaders.base import Node
 
 
 def jpeg_bytes(seed: int, size: int = 16, quality: int = 90, noise: float = 12.0) -> bytes:
@@ -72,10 +78,53 @@ def make_shards(
         info = write_shard(out / name, samples, fsync=False)
         if index:
             write_index(out / name, info.offsets)
-        entries.append(ShardEntry(name, n, info.bytes, file_checksum(out / name)))
+        entries.append(ShardEntry(name, n, info.bytes, info.checksum))
         names.append(name)
     if manifest:
         write_manifest(out, Manifest(entries, chunk_size=max(sizes) if sizes else None))
     if wdinfo:
         write_wdinfo(out / "wdinfo.pkl", names, max(sizes), sum(sizes))
     return keys
+
+
+def keyed_sequence(name: str, n: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                   **extra: object) -> SequenceDataset:
+    """An in-memory leaf for loader-tree tests: rows `{"__key__": f"{name}{i}", "x": tensor([i]), **extra}`
+    on one rank, so a test can tell every sample and its source apart."""
+    import torch
+
+    from prep.loaders import SequenceDataset
+
+    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i]), **extra} for i in range(n)]
+    return SequenceDataset(rows, batch_size, shuffle=shuffle, seed=seed, world_size=1)
+
+
+def planned_keys(ds: Node, rank: int = 0, world_size: int = 1) -> list[str]:
+    """The keys `rank` gets in one epoch of `ds`, planned and fetched in this process (no DataLoader,
+    no workers): the plain order a loader test compares the real loader against."""
+    out: list[str] = []
+    while True:
+        try:
+            desc = ds.next_batch()
+        except StopIteration:
+            return out
+        out += ds.fetch(desc, rank, world_size)["__key__"]
+
+
+def freed_without_gc(make: Callable[[], Iterable[object]]) -> bool:
+    """Whether a loader made by `make`, once iterated, is freed by reference counting alone (with the
+    cyclic GC off), so its worker processes shut down at once rather than at some later GC pass."""
+    import gc
+    import weakref
+
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        loader = make()
+        list(loader)
+        ref = weakref.ref(loader)
+        del loader
+        return ref() is None
+    finally:
+        if was_on:
+            gc.enable()
