@@ -26,7 +26,7 @@ import numpy as np
 from prep.errors import PrepError
 from prep.formats.atomic import start_writeback, temp_name
 from prep.formats.checksum import checksum_of, new_hasher
-from prep.formats.tar_bulk import PlainWalk, plain_headers, walk_plain
+from prep.formats.tar_bulk import PLAIN_EXT, PLAIN_KEY, PlainWalk, plain_headers, walk_plain
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and Python's tarfile do
@@ -536,8 +536,10 @@ _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MA
 _ZEROS = bytes(1 << 16)
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 _FADVISE = hasattr(os, "posix_fadvise")
-_SIMPLE_KEY = re.compile(r"(?!__)[\w-]+(?:/[\w-]+)*", re.ASCII)  # a key member_name() always accepts...
-_SIMPLE_EXT = re.compile(r"[\w.-]+", re.ASCII)  # ...with any such extension: no need to check each name
+_SIMPLE_KEY = re.compile(PLAIN_KEY, re.ASCII)  # a key member_name() always accepts...
+_SIMPLE_EXT = re.compile(PLAIN_EXT, re.ASCII)  # ...with any such extension: no need to check each name
+_SIMPLE_KEYS = re.compile(rf"(?:{PLAIN_KEY}\n)*", re.ASCII)  # the same, for a whole shard's lines at once
+_SIMPLE_EXTS = re.compile(rf"(?:{PLAIN_EXT}\n)*", re.ASCII)
 
 
 class _BlockSink:
@@ -720,19 +722,18 @@ class _BlockSink:
             offset += n
             left -= n
 
-    def bulk(self, paths: list[str], src: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-             headers: np.ndarray) -> None:
-        """Append many members whose data lie in source files (`paths[src[i]]`, `offsets[i]`), each
-        with a 512-byte header: a block at a time, with the per-member work in numpy.
+    def bulk(self, layout: _Bulk) -> None:
+        """Append many members whose data lie in source files (`paths[src[i]]`, `data_offsets[i]`), each
+        with a 512-byte header, as `layout` places them: a block at a time, the per-member work in numpy.
 
         Per block: the sources are read in runs (members of one source at most BULK_GAP apart cost one
         `preadv`, even with pax headers between them), each member's data is copied into place, then
         headers and zero padding are put in all at once."""
         self.flush()
+        paths, src, offsets, sizes, headers = (layout.paths, layout.src, layout.data_offsets, layout.sizes,
+                                               layout.headers)
         n = len(sizes)
-        span = BLOCK + (sizes + BLOCK - 1) // BLOCK * BLOCK
-        ends = np.cumsum(span)
-        starts = ends - span
+        starts, ends = layout.member_starts[:-1], layout.member_starts[1:]
         data_end = offsets + sizes
         cols = np.arange(BLOCK)
         i = 0
@@ -742,7 +743,7 @@ class _BlockSink:
             if j == i:  # one member larger than a block: streamed through the buffers
                 self.put(headers[i].tobytes())
                 self._stream(FileSlice(paths[int(src[i])], int(offsets[i]), int(sizes[i])))
-                self.zeros(int(span[i]) - BLOCK - int(sizes[i]))
+                self.zeros(-int(sizes[i]) % BLOCK)
                 self.flush()
                 i += 1
                 continue
@@ -840,43 +841,18 @@ def write_shard(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     where = str(final)
-    keys: list[str] = []
-    offsets: list[int] = []
-    simple_exts: dict[str, tuple[bytes, int]] = {}  # ".ext" as bytes, and its byte sum
+    keys = [k for k, _ in items]
     bulk = _bulk_members(items)
     try:
         with open(tmp, "wb", buffering=0) as raw:
             out = _BlockSink(raw, writeback=fsync)
             try:
                 if bulk is not None:
-                    keys = [k for k, _ in items]
-                    offsets = bulk.offsets[:-1]  # the end is appended below
-                    out.bulk(bulk.paths, bulk.src, bulk.data_offsets, bulk.sizes, bulk.headers)
-                    items = []
-                for key, members in items:
-                    keys.append(key)
-                    offsets.append(out.pos)
-                    raw_key = key.encode() if _SIMPLE_KEY.fullmatch(key) else None
-                    key_sum = sum(raw_key) if raw_key is not None else 0
-                    for ext in sorted(members):
-                        data = members[ext]
-                        size = data.size if isinstance(data, FileSlice) else len(data)
-                        raw_ext = simple_exts.get(ext) if raw_key is not None else None
-                        if raw_ext is not None and len(raw_key) + len(raw_ext[0]) <= 100 and size < 8**11:
-                            header = _short_header(raw_key, key_sum, raw_ext, size)
-                        else:
-                            name = member_name(key, ext, where)
-                            if raw_key is not None and _SIMPLE_EXT.fullmatch(ext):
-                                dot_ext = b"." + ext.encode()
-                                simple_exts[ext] = (dot_ext, sum(dot_ext))
-                            header = member_header(name, size)
-                        if isinstance(data, FileSlice):
-                            out.member(header, data)
-                        else:
-                            out.data_member(header, data)
-                offsets.append(out.pos)
+                    out.bulk(bulk)
+                    offsets = bulk.offsets
+                else:
+                    offsets = _write_members(out, items, where)
                 out.zeros(_padded_record(out.pos + 2 * BLOCK) - out.pos)
-                out.flush()
                 checksum = out.finish()
                 if fsync:
                     os.fsync(raw.fileno())
@@ -898,11 +874,8 @@ class _Bulk:
     data_offsets: np.ndarray
     sizes: np.ndarray
     headers: np.ndarray
+    member_starts: np.ndarray  # where each member's header goes in the shard, then where the last ends
     offsets: list[int]  # each sample's first header, then where the last member ends (N+1 values)
-
-
-_BULK_KEYS = re.compile(r"(?:(?!__)[\w-]+(?:/[\w-]+)*\n)*", re.ASCII)  # keys member_name() always accepts
-_BULK_EXTS = re.compile(r"(?:[\w.-]+\n)*", re.ASCII)
 
 
 def _bulk_members(items: list[SampleItem]) -> _Bulk | None:
@@ -927,15 +900,44 @@ def _bulk_members(items: list[SampleItem]) -> _Bulk | None:
             sizes.append(d.size)
             exts.add(ext)
     if (not names or max(map(len, names)) > 100 or max(sizes) >= 8**11
-            or not _BULK_KEYS.fullmatch("".join(k + "\n" for k, _ in items))
-            or not _BULK_EXTS.fullmatch("".join(e + "\n" for e in exts))):
+            or not _SIMPLE_KEYS.fullmatch("".join(k + "\n" for k, _ in items))
+            or not _SIMPLE_EXTS.fullmatch("".join(e + "\n" for e in exts))):
         return None
     size_arr = np.asarray(sizes, dtype=np.int64)
-    ends = np.cumsum(BLOCK + (size_arr + BLOCK - 1) // BLOCK * BLOCK)
-    member_starts = np.concatenate(([0], ends))
+    member_starts = np.concatenate(([0], np.cumsum(BLOCK + (size_arr + BLOCK - 1) // BLOCK * BLOCK)))
     first = np.concatenate(([0], np.cumsum(counts)))
     return _Bulk(list(path_ids), np.asarray(src, dtype=np.int64), np.asarray(data_offsets, dtype=np.int64),
-                 size_arr, plain_headers(_HEADER_TEMPLATE, names, size_arr), member_starts[first].tolist())
+                 size_arr, plain_headers(_HEADER_TEMPLATE, names, size_arr), member_starts,
+                 member_starts[first].tolist())
+
+
+def _write_members(out: _BlockSink, items: list[SampleItem], where: str) -> list[int]:
+    """Append every sample's members (sorted by extension) one by one, checking names that are not
+    plainly safe; returns the `.idx` offsets (each sample's first header, then the end)."""
+    offsets: list[int] = []
+    simple_exts: dict[str, tuple[bytes, int]] = {}  # ".ext" as bytes, and its byte sum
+    for key, members in items:
+        offsets.append(out.pos)
+        raw_key = key.encode() if _SIMPLE_KEY.fullmatch(key) else None
+        key_sum = sum(raw_key) if raw_key is not None else 0
+        for ext in sorted(members):
+            data = members[ext]
+            size = data.size if isinstance(data, FileSlice) else len(data)
+            raw_ext = simple_exts.get(ext) if raw_key is not None else None
+            if raw_ext is not None and len(raw_key) + len(raw_ext[0]) <= 100 and size < 8**11:
+                header = _short_header(raw_key, key_sum, raw_ext, size)
+            else:
+                name = member_name(key, ext, where)
+                if raw_key is not None and _SIMPLE_EXT.fullmatch(ext):
+                    dot_ext = b"." + ext.encode()
+                    simple_exts[ext] = (dot_ext, sum(dot_ext))
+                header = member_header(name, size)
+            if isinstance(data, FileSlice):
+                out.member(header, data)
+            else:
+                out.data_member(header, data)
+    offsets.append(out.pos)
+    return offsets
 
 
 def _padded_record(n: int) -> int:
