@@ -181,3 +181,23 @@ def test_header_byte_sum_in_c_is_the_byte_sum(block: bytes) -> None:
     """The scanner's checksum sum (two Adler-32 halves) equals Python's sum, at the extremes too."""
     assert tar_mod._byte_sum(block) == sum(block)
     assert tar_mod._byte_sum(b"\xff" * 512) == 255 * 512 and tar_mod._byte_sum(bytes(512)) == 0
+
+
+def test_blocks_reach_the_file_in_writes_of_at_most_write_piece(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB block goes out as several `write`s no larger than WRITE_PIECE (large writes make the kernel
+    fill large page cache folios, which cost several times the copy on VMs with free page reporting)."""
+    sizes: list[int] = []
+
+    class Recording(io.FileIO):
+        def write(self, b):  # type: ignore[override]
+            sizes.append(len(memoryview(b)))
+            return super().write(b)
+
+    monkeypatch.setattr(tar_mod, "open", lambda p, mode, buffering: Recording(p, mode), raising=False)
+    data = random.Random(0).randbytes(3 << 20)
+    info = write_shard(tmp_path / "out.tar", [(f"{i:03d}", {"bin": data[i << 16: (i + 1) << 16]})
+                                              for i in range(48)])
+    assert max(sizes) <= tar_mod.WRITE_PIECE < tar_mod.WRITE_BLOCK
+    assert sum(sizes) == info.bytes == (tmp_path / "out.tar").stat().st_size
+    assert len(sizes) >= info.bytes // tar_mod.WRITE_PIECE
