@@ -1,12 +1,16 @@
 """The bulk scan path (`tar_bulk.walk_plain`, used by `scan_tar`) must give exactly what the header-by-header
 scanner gives, or decline: checked on random tars as webdataset/img2dataset, tarfile (ustar, GNU, pax) and
-prep write them, then with one byte flipped or the file cut short, where any difference would be a sample
-kept or lost that the exact path treats otherwise."""
+prep write them, then with one byte flipped, a header field byte set to an edge value, or the file cut
+short, where any difference would be a sample kept or lost that the exact path treats otherwise. The
+header chain is walked in C where it was built and in Python otherwise: both walks run on every case
+and must agree, member for member and decline for decline."""
 
 from __future__ import annotations
 
 import io
+import os
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prep.formats.tar as tar_mod
+import prep.formats.tar_bulk as bulk_mod
 from prep.formats.tar import TarFormatError, scan_tar
-from prep.formats.tar_bulk import octal_columns, plain_headers, walk_plain
+from prep.formats.tar_bulk import Chain, octal_columns, plain_headers, walk_plain
 
 KEYS = st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9]{1,6})?", fullmatch=True).filter(
     lambda k: not k.startswith("__"))
@@ -49,6 +54,26 @@ def exact_scan(path: Path) -> object:
         tar_mod._plain_scan = real
 
 
+def python_walk_scan(path: Path) -> object:
+    real = bulk_mod._NATIVE_CHAIN
+    bulk_mod._NATIVE_CHAIN = None
+    try:
+        return outcome(path)
+    finally:
+        bulk_mod._NATIVE_CHAIN = real
+
+
+def chains(path: Path) -> tuple[object, object]:
+    """The header chain as the Python walk and as the C walk give it (None where either declines)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        native = bulk_mod._NATIVE_CHAIN(fd, size) if bulk_mod._NATIVE_CHAIN else None
+        return bulk_mod._chain_python(fd, size), None if native is None else Chain(*native)
+    finally:
+        os.close(fd)
+
+
 def outcome(path: Path) -> object:
     try:
         s = scan_tar(path, tolerate_damage=True)
@@ -65,7 +90,24 @@ def cases(draw: st.DrawFn) -> tuple[int, list[tuple[str, dict[str, int]]], str, 
                     for e in draw(st.lists(st.sampled_from(EXTS), min_size=1, max_size=3, unique=True))})
                for k in keys]
     how = draw(st.sampled_from(["webdataset", "ustar", "gnu", "pax"]))
-    return draw(st.integers(0, 2**32)), samples, how, draw(st.sampled_from(["whole", "flip", "cut"]))
+    damage = draw(st.sampled_from(["whole", "flip", "poke", "cut"]))
+    return draw(st.integers(0, 2**32)), samples, how, damage
+
+
+EDGE_BYTES = b"0178 \0\n_x=9"  # digits at and past octal's end, padding, separators, junk
+
+
+def poke_header_field(blob: bytearray, rng: random.Random) -> None:
+    """Set one byte of a header's size field, or of the pax record after a pax header, to an edge value:
+    where the two walks parse by hand, and must decline or accept alike."""
+    headers = [o for o in range(0, len(blob) - 511, 512) if blob[o + 257 : o + 262] == b"ustar"]
+    if not headers:
+        return
+    at = rng.choice(headers)
+    field = rng.randrange(124, 136) if blob[at + 156] != ord("x") or rng.random() < 0.5 else \
+        512 + rng.randrange(0, 40)
+    if at + field < len(blob):
+        blob[at + field] = rng.choice(EDGE_BYTES)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -78,10 +120,49 @@ def test_bulk_scan_equals_exact_scan(tmp_path: Path, case) -> None:
     blob = bytearray(path.read_bytes())
     if damage == "flip" and blob:
         blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+    elif damage == "poke":
+        poke_header_field(blob, rng)
     elif damage == "cut" and blob:
         del blob[rng.randrange(len(blob)):]
     path.write_bytes(bytes(blob))
-    assert outcome(path) == exact_scan(path)
+    want = exact_scan(path)
+    assert outcome(path) == want
+    assert python_walk_scan(path) == want
+    in_python, in_c = chains(path)
+    if bulk_mod._NATIVE_CHAIN is not None:
+        assert in_c == in_python
+
+
+@pytest.mark.parametrize(("records", "passes"), [
+    ({"mtime": "1700000000.5"}, True), ({"uname": "someone"}, True), ({"gid": "7"}, True),
+    ({"path": "other.jpg"}, False), ({"size": "3"}, False), ({"comment": "hi"}, False),
+    ({"mtime": "1", "uid": "2"}, False),  # two records: the exact path reads them
+    ({"uname": "x" * 400}, True), ({"uname": "x" * 600}, False),  # a record past one block
+])
+def test_both_walks_pass_over_only_one_harmless_pax_record(tmp_path: Path, records: dict[str, str],
+                                                           passes: bool) -> None:
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("a.jpg", "a.txt"):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = 3, records
+            tf.addfile(info, io.BytesIO(b"abc"))
+    in_python, in_c = chains(path)
+    assert (in_python is not None) == passes
+    if bulk_mod._NATIVE_CHAIN is not None:
+        assert in_c == in_python
+    if passes:
+        assert in_python.sizes == [3, 3] and len(in_python.pax_sizes) == 2
+        assert len(in_python.pax_blocks) == 2 * 512 and in_python.headers == [1024, 3072]
+    assert python_walk_scan(path) == exact_scan(path) == outcome(path)
+
+
+def test_native_walk_is_built_where_a_compiler_is() -> None:
+    """`make install` compiles the C walk (optional, so installs without a compiler still work); with a
+    compiler on the machine, a missing module means the build failed and every scan runs ~4x slower."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here: the Python walk serves")
+    assert bulk_mod._NATIVE_CHAIN is not None, "prep.formats._tarwalk was not built: re-run make install"
 
 
 def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,6 +29,7 @@ PLAIN_KEY = r"(?!__)[\w-]+(?:/[\w-]+)*"
 PLAIN_EXT = r"[\w.-]+"
 _PLAIN_NAMES = re.compile(rf"(?:{PLAIN_KEY}\.{PLAIN_EXT}\n)*", re.ASCII)  # every name a bulk scan accepts
 _CHECKSUM_FIELD = slice(148, 156)
+_OCTAL11 = re.compile(rb"([0-7]+)[\0 ]*")  # a size field's first 11 bytes as the walk accepts them
 
 
 @dataclass
@@ -91,10 +94,10 @@ def walk_plain(path: str) -> PlainWalk | None:
     times and owners, GNU long names, links, directories, unusual names, checksum or field oddities,
     damage).
 
-    The header chain is followed in Python with one `pread` per member (its pax header, pax record and
-    ustar header lie in the same 1.5 KB, as img2dataset writes them); checksums, name rules and field
-    formats are then checked for all headers at once. A `pread` costs less than the page fault of a
-    memory map here, and releases the GIL (threads scanning several tars overlap their waits).
+    The header chain is followed with one `pread` per member (`chain`: in C where it was built);
+    checksums, name rules and field formats are then checked for all headers at once. A `pread` costs
+    less than the page fault of a memory map here, and releases the GIL (threads scanning several tars
+    overlap their waits).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -103,49 +106,96 @@ def walk_plain(path: str) -> PlainWalk | None:
         os.close(fd)
 
 
-def _walk(fd: int, size: int) -> PlainWalk | None:
+class Chain(NamedTuple):
+    """The header chain as walked, before the checks over all headers: each regular member's first
+    header (its pax header, if any), ustar header and size; the member headers and the pax headers
+    passed over (512 bytes each, in order), the pax records' lengths, and where the archive ends."""
+
+    starts: list[int]
+    headers: list[int]
+    sizes: list[int]
+    member_blocks: bytes
+    pax_blocks: bytes
+    pax_sizes: list[int]
+    end: int
+
+
+def _chain_python(fd: int, size: int) -> Chain | None:
+    """Follow the header chain with one `pread` per member (its pax header, pax record and ustar header
+    lie in the same 1.5 KB, as img2dataset writes them). The native `_tarwalk.chain` is this loop in C,
+    decline for decline; this one runs where it could not be built."""
     starts: list[int] = []
     headers: list[int] = []
     sizes: list[int] = []
     member_blocks: list[bytes] = []
     pax_blocks: list[bytes] = []
     pax_sizes: list[int] = []
-    pax_ok, pread = _PAX_RECORD.fullmatch, os.pread
+    pax_ok, octal, pread = _PAX_RECORD.fullmatch, _OCTAL11.fullmatch, os.pread
     p, limit = 0, size - BLOCK
-    try:
-        while p <= limit:
-            buf = pread(fd, 3 * BLOCK, p)
-            q, t = 0, buf[156]
-            if t == 120:  # 'x': a pax header; only one harmless record (a time, an owner) passes here
-                n = int(buf[124:135], 8)
-                m = pax_ok(buf[BLOCK : BLOCK + n]) if n <= BLOCK and len(buf) == 3 * BLOCK else None
-                if m is None or int(m[1]) != n:
-                    return None
-                pax_blocks.append(buf[:BLOCK])
-                pax_sizes.append(n)
-                q, t = 2 * BLOCK, buf[2 * BLOCK + 156]
-            if t == 48 or (t == 0 and buf[q] != 0):  # a regular file ('0', or NUL in old tars)
-                # 11 digits and a terminator, as every common writer puts them; any other shape is
-                # caught below, where each whole size field is compared with what was read here
-                n = int(buf[q + 124 : q + 135], 8)
-                starts.append(p)
-                headers.append(p + q)
-                sizes.append(n)
-                member_blocks.append(buf[q : q + BLOCK])
-                p += q + BLOCK + (n + 511) // BLOCK * BLOCK
-            elif q == 0 and buf[:BLOCK] == bytes(BLOCK):
-                break  # the end-of-archive block
-            else:
-                return None  # a link, a directory, a GNU long name, ...: the exact scanner decides
-    except ValueError:  # a size field that is not plain octal
-        return None
+    while p <= limit:
+        buf = pread(fd, 3 * BLOCK, p)
+        if len(buf) < BLOCK:
+            return None  # the file shrank under us
+        q, t = 0, buf[156]
+        if t == 120:  # 'x': a pax header; only one harmless record (a time, an owner) passes here
+            m = octal(buf, 124, 135)
+            n = int(m[1], 8) if m else BLOCK + 1
+            m = pax_ok(buf, BLOCK, BLOCK + n) if n <= BLOCK and len(buf) == 3 * BLOCK else None
+            if m is None or int(m[1]) != n:
+                return None
+            pax_blocks.append(buf[:BLOCK])
+            pax_sizes.append(n)
+            q, t = 2 * BLOCK, buf[2 * BLOCK + 156]
+        if t == 48 or (t == 0 and buf[q] != 0):  # a regular file ('0', or NUL in old tars)
+            # digits and padding in the first 11 bytes, as every common writer puts them; other shapes
+            # go the exact way, and the checks in `_walk` compare each whole size field with this
+            m = octal(buf, q + 124, q + 135)
+            if m is None:
+                return None
+            n = int(m[1], 8)
+            starts.append(p)
+            headers.append(p + q)
+            sizes.append(n)
+            member_blocks.append(buf[q : q + BLOCK])
+            p += q + BLOCK + (n + 511) // BLOCK * BLOCK
+        elif q == 0 and buf[:BLOCK] == bytes(BLOCK):
+            break  # the end-of-archive block
+        else:
+            return None  # a link, a directory, a GNU long name, ...: the exact scanner decides
     if p > size or (limit < p < size):
         return None  # the last member runs past the end of the file, or a partial block follows it
-    end = p  # where the end blocks start (or the file ends: tolerated, as by the exact scanner)
+    return Chain(starts, headers, sizes, b"".join(member_blocks), b"".join(pax_blocks), pax_sizes, p)
+
+
+def _native_chain() -> Callable[[int, int], tuple[Any, ...] | None] | None:
+    """The C walk, where it was built at install (a C compiler present); else None."""
+    try:
+        from prep.formats._tarwalk import chain
+    except ImportError:
+        return None
+    return chain
+
+
+_NATIVE_CHAIN = _native_chain()
+
+
+def chain(fd: int, size: int) -> Chain | None:
+    """The header chain of a plain tar: natively where possible, else in Python (the same result)."""
+    if _NATIVE_CHAIN is None:
+        return _chain_python(fd, size)
+    walked = _NATIVE_CHAIN(fd, size)
+    return None if walked is None else Chain(*walked)
+
+
+def _walk(fd: int, size: int) -> PlainWalk | None:
+    ch = chain(fd, size)
+    if ch is None:
+        return None
+    headers, sizes = ch.headers, ch.sizes
     if not headers:
-        return PlainWalk([], [], [], [], end)
-    hdr = np.frombuffer(b"".join(member_blocks + pax_blocks), dtype=np.uint8).reshape(-1, BLOCK)
-    if not _fields_hold(hdr, np.asarray(sizes + pax_sizes, dtype=np.int64)):
+        return PlainWalk([], [], [], [], ch.end)
+    hdr = np.frombuffer(ch.member_blocks + ch.pax_blocks, dtype=np.uint8).reshape(-1, BLOCK)
+    if not _fields_hold(hdr, np.asarray(sizes + ch.pax_sizes, dtype=np.int64)):
         return None
     real = hdr[: len(headers)]
     ustar = (real[:, 257:263] == np.frombuffer(b"ustar\0", dtype=np.uint8)).all(axis=1)
@@ -155,7 +205,7 @@ def _walk(fd: int, size: int) -> PlainWalk | None:
     joined = b"\n".join(real[:, :100].copy().view("S100").ravel().tolist()).decode("latin-1") + "\n"
     if not _PLAIN_NAMES.fullmatch(joined):
         return None
-    return PlainWalk(starts, headers, sizes, joined.split("\n")[:-1], end)
+    return PlainWalk(ch.starts, headers, sizes, joined.split("\n")[:-1], ch.end)
 
 
 # ------------------------------------------------------------------------------------------------ writing
