@@ -2,8 +2,8 @@
 scanner gives, or decline: checked on random tars as webdataset/img2dataset, tarfile (ustar, GNU, pax) and
 prep write them, then with one byte flipped, a header field byte set to an edge value, or the file cut
 short, where any difference would be a sample kept or lost that the exact path treats otherwise. The
-header chain is walked in C where it was built and in Python otherwise: both walks run on every case
-and must agree, member for member and decline for decline."""
+walk runs in C where it was built and in Python (numpy checks) otherwise: both run on every case and
+must agree, member for member and decline for decline."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import prep.formats.tar as tar_mod
 import prep.formats.tar_bulk as bulk_mod
 from prep.formats.tar import TarFormatError, scan_tar
-from prep.formats.tar_bulk import Chain, octal_columns, plain_headers, walk_plain
+from prep.formats.tar_bulk import PlainWalk, octal_columns, plain_headers, walk_plain
 
 KEYS = st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9]{1,6})?", fullmatch=True).filter(
     lambda k: not k.startswith("__"))
@@ -55,21 +55,21 @@ def exact_scan(path: Path) -> object:
 
 
 def python_walk_scan(path: Path) -> object:
-    real = bulk_mod._NATIVE_CHAIN
-    bulk_mod._NATIVE_CHAIN = None
+    real = bulk_mod._NATIVE_WALK
+    bulk_mod._NATIVE_WALK = None
     try:
         return outcome(path)
     finally:
-        bulk_mod._NATIVE_CHAIN = real
+        bulk_mod._NATIVE_WALK = real
 
 
-def chains(path: Path) -> tuple[object, object]:
-    """The header chain as the Python walk and as the C walk give it (None where either declines)."""
+def walks(path: Path) -> tuple[PlainWalk | None, PlainWalk | None]:
+    """The walk in Python and in C (None where either declines, or C was not built)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        native = bulk_mod._NATIVE_CHAIN(fd, size) if bulk_mod._NATIVE_CHAIN else None
-        return bulk_mod._chain_python(fd, size), None if native is None else Chain(*native)
+        native = bulk_mod._NATIVE_WALK(fd, size) if bulk_mod._NATIVE_WALK else None
+        return bulk_mod._walk_python(fd, size), None if native is None else PlainWalk(*native)
     finally:
         os.close(fd)
 
@@ -128,8 +128,8 @@ def test_bulk_scan_equals_exact_scan(tmp_path: Path, case) -> None:
     want = exact_scan(path)
     assert outcome(path) == want
     assert python_walk_scan(path) == want
-    in_python, in_c = chains(path)
-    if bulk_mod._NATIVE_CHAIN is not None:
+    in_python, in_c = walks(path)
+    if bulk_mod._NATIVE_WALK is not None:
         assert in_c == in_python
 
 
@@ -147,14 +147,35 @@ def test_both_walks_pass_over_only_one_harmless_pax_record(tmp_path: Path, recor
             info = tarfile.TarInfo(name)
             info.size, info.pax_headers = 3, records
             tf.addfile(info, io.BytesIO(b"abc"))
-    in_python, in_c = chains(path)
+    in_python, in_c = walks(path)
     assert (in_python is not None) == passes
-    if bulk_mod._NATIVE_CHAIN is not None:
+    if bulk_mod._NATIVE_WALK is not None:
         assert in_c == in_python
     if passes:
-        assert in_python.sizes == [3, 3] and len(in_python.pax_sizes) == 2
-        assert len(in_python.pax_blocks) == 2 * 512 and in_python.headers == [1024, 3072]
+        assert in_python.sizes == [3, 3] and in_python.names == ["a.jpg", "a.txt"]
+        assert in_python.starts == [0, 2048] and in_python.headers == [1024, 3072]
     assert python_walk_scan(path) == exact_scan(path) == outcome(path)
+
+
+@pytest.mark.parametrize("name", ["a.jpg\nb.jpg", "a/.jpg", "/a.jpg", "a//b.jpg", "a.", ".jpg", "__a.jpg",
+                                  "a.j/pg", "a\u00e9.jpg", "a b.jpg", "a.jpg\0x"])
+def test_both_walks_decline_names_outside_the_plain_rule(tmp_path: Path, name: str) -> None:
+    """Each such name goes the exact way, which reports it or reads it as it is (a newline inside a
+    name once split it into two for the bulk scan, which then failed on the member count)."""
+    path = tmp_path / "odd.tar"
+    blob = bytearray()
+    for n in (name, "b.txt"):
+        info = tarfile.TarInfo("x")
+        info.size = 3
+        header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+        raw = n.encode("utf-8")
+        header[:100] = raw + bytes(100 - len(raw))
+        header[148:156] = b"        "
+        header[148:155] = b"%06o\0" % sum(header)
+        blob += header + b"abc".ljust(512, b"\0")
+    path.write_bytes(bytes(blob + bytes(1024)))
+    assert walks(path) == (None, None)
+    assert outcome(path) == exact_scan(path) == python_walk_scan(path)
 
 
 def test_native_walk_is_built_where_a_compiler_is() -> None:
@@ -162,7 +183,7 @@ def test_native_walk_is_built_where_a_compiler_is() -> None:
     compiler on the machine, a missing module means the build failed and every scan runs ~4x slower."""
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler here: the Python walk serves")
-    assert bulk_mod._NATIVE_CHAIN is not None, "prep.formats._tarwalk was not built: re-run make install"
+    assert bulk_mod._NATIVE_WALK is not None, "prep.formats._tarwalk was not built: re-run make install"
 
 
 def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Path) -> None:

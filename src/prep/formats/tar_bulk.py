@@ -94,10 +94,10 @@ def walk_plain(path: str) -> PlainWalk | None:
     times and owners, GNU long names, links, directories, unusual names, checksum or field oddities,
     damage).
 
-    The header chain is followed with one `pread` per member (`chain`: in C where it was built);
-    checksums, name rules and field formats are then checked for all headers at once. A `pread` costs
-    less than the page fault of a memory map here, and releases the GIL (threads scanning several tars
-    overlap their waits).
+    The header chain is followed with one `pread` per member; checksums, name rules and field formats
+    are then checked for all headers at once (both in C where `_tarwalk` was built: `_walk_python` is
+    the same walk, decline for decline). A `pread` costs less than the page fault of a memory map here,
+    and releases the GIL (threads scanning several tars overlap their waits).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -122,8 +122,7 @@ class Chain(NamedTuple):
 
 def _chain_python(fd: int, size: int) -> Chain | None:
     """Follow the header chain with one `pread` per member (its pax header, pax record and ustar header
-    lie in the same 1.5 KB, as img2dataset writes them). The native `_tarwalk.chain` is this loop in C,
-    decline for decline; this one runs where it could not be built."""
+    lie in the same 1.5 KB, as img2dataset writes them)."""
     starts: list[int] = []
     headers: list[int] = []
     sizes: list[int] = []
@@ -167,28 +166,28 @@ def _chain_python(fd: int, size: int) -> Chain | None:
     return Chain(starts, headers, sizes, b"".join(member_blocks), b"".join(pax_blocks), pax_sizes, p)
 
 
-def _native_chain() -> Callable[[int, int], tuple[Any, ...] | None] | None:
+def _native_walk() -> Callable[[int, int], tuple[Any, ...] | None] | None:
     """The C walk, where it was built at install (a C compiler present); else None."""
     try:
-        from prep.formats._tarwalk import chain
+        from prep.formats._tarwalk import walk
     except ImportError:
         return None
-    return chain
+    return walk
 
 
-_NATIVE_CHAIN = _native_chain()
-
-
-def chain(fd: int, size: int) -> Chain | None:
-    """The header chain of a plain tar: natively where possible, else in Python (the same result)."""
-    if _NATIVE_CHAIN is None:
-        return _chain_python(fd, size)
-    walked = _NATIVE_CHAIN(fd, size)
-    return None if walked is None else Chain(*walked)
+_NATIVE_WALK = _native_walk()
 
 
 def _walk(fd: int, size: int) -> PlainWalk | None:
-    ch = chain(fd, size)
+    if _NATIVE_WALK is None:
+        return _walk_python(fd, size)
+    walked = _NATIVE_WALK(fd, size)
+    return None if walked is None else PlainWalk(*walked)
+
+
+def _walk_python(fd: int, size: int) -> PlainWalk | None:
+    """The walk where the C one was not built: the chain, then every check over all headers in numpy."""
+    ch = _chain_python(fd, size)
     if ch is None:
         return None
     headers, sizes = ch.headers, ch.sizes
@@ -203,9 +202,10 @@ def _walk(fd: int, size: int) -> PlainWalk | None:
         return None
     # names end at their first NUL; bytes after it, or non-ASCII ones, fail the name rule below
     joined = b"\n".join(real[:, :100].copy().view("S100").ravel().tolist()).decode("latin-1") + "\n"
-    if not _PLAIN_NAMES.fullmatch(joined):
-        return None
-    return PlainWalk(ch.starts, headers, sizes, joined.split("\n")[:-1], ch.end)
+    names = joined.split("\n")[:-1]
+    if len(names) != len(headers) or not _PLAIN_NAMES.fullmatch(joined):
+        return None  # (a newline inside a name would have made two lines of it)
+    return PlainWalk(ch.starts, headers, sizes, names, ch.end)
 
 
 # ------------------------------------------------------------------------------------------------ writing
