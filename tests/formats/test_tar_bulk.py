@@ -220,13 +220,13 @@ def test_gc_is_paused_only_while_grouping_and_never_left_off() -> None:
     import gc
 
     assert gc.isenabled()
-    with pytest.raises(RuntimeError), tar_mod._gc_paused():
+    with pytest.raises(RuntimeError), tar_mod.gc_paused():
         assert not gc.isenabled()
         raise RuntimeError("a scan failed")
     assert gc.isenabled()
     gc.disable()
     try:
-        with tar_mod._gc_paused():
+        with tar_mod.gc_paused():
             pass
         assert not gc.isenabled()  # the caller's choice stands
     finally:

@@ -29,7 +29,16 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
-from prep.formats.tar import FileSlice, MemberData, Sample, TarScan, scan_tar, shard_files, write_shard
+from prep.formats.tar import (
+    FileSlice,
+    MemberData,
+    Sample,
+    TarScan,
+    gc_paused,
+    scan_tar,
+    shard_files,
+    write_shard,
+)
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 NAME = "reorganize_tar"
@@ -495,6 +504,11 @@ def _prefetch(path: str, samples: list[Sample]) -> None:
 
 
 def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+    with gc_paused():  # a task makes a few records per member, none cyclic
+        return _run_task(task, root)
+
+
+def _run_task(task: Task, root: Any) -> TaskResult:
     p = task.payload
     dest = Path(p["out"])
     dest.parent.mkdir(parents=True, exist_ok=True)
