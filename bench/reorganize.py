@@ -13,7 +13,8 @@ reorganize_tar runs in-process (plan + tasks + manifest) as `prep run` does in a
 input header scans are not cached between runs (the `scans cached` rows show the repack alone).
 Shards are fsynced (the default) except in the `fsync: false` row. Every figure is the median of
 `--repeats` rounds (each runs every configuration once, in a shuffled order); all reads come from the
-page cache (the inputs were just written, and every run reads them), for the peers as for prep. CPU s/GB counts every thread and child process.
+page cache (the inputs were just written, and every run reads them), for the peers as for prep.
+CPU s/GB counts every thread and child process.
 Target: >= 0.7 of cat-to-disk at 1 worker, and near-linear scaling to 2 workers (on a machine with 2
 free cores).
 """
