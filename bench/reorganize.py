@@ -14,7 +14,8 @@ input header scans are not cached between runs (the `scans cached` rows show the
 Shards are fsynced (the default) except in the `fsync: false` row. Every figure is the median of
 `--repeats` rounds (each runs every configuration once, in a shuffled order); all reads come from the
 page cache (the inputs were just written, and every run reads them), for the peers as for prep.
-CPU s/GB counts every thread and child process.
+CPU s/GB counts every thread and child process; "machine busy" is the share of all CPUs busy during
+the run, kernel writeback threads included (100% = every core saturated).
 Target: >= 0.7 of cat-to-disk at 1 worker, and near-linear scaling to 2 workers (on a machine with 2
 free cores).
 """
@@ -85,9 +86,22 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat: kernel threads (writeback) included, which no
+    process's own CPU time shows."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
 def timed_rounds(configs: list[tuple[str, Callable[[], None], Callable[[], None]]],
-                 repeats: int) -> dict[str, tuple[float, float]]:
-    """Median wall and CPU seconds of each (name, run, prepare), the untimed `prepare` before each run.
+                 repeats: int) -> dict[str, tuple[float, float, float]]:
+    """Median wall and CPU seconds of each (name, run, prepare), the untimed `prepare` before each run,
+    and the median share of the whole machine's CPUs busy during it.
     Runs go in rounds (every config once per round), so a slow spell of this shared VM, or memory it
     has to fault in again, falls on all of them, not on whichever config happened to run then. Each
     round runs them in another order (shuffled, seeded by the round): on a VM that hands freed memory
@@ -96,16 +110,20 @@ def timed_rounds(configs: list[tuple[str, Callable[[], None], Callable[[], None]
     CPU time is the steadier figure: it does not grow with others' load."""
     walls: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     cpus: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    busy: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     for r in range(repeats):
         order = list(configs)
         random.Random(r).shuffle(order)
         for name, run, prepare in order:
             prepare()
-            start, cpu = time.perf_counter(), _cpu()
+            start, cpu, (b0, t0) = time.perf_counter(), _cpu(), _machine_busy()
             run()
             walls[name].append(time.perf_counter() - start)
             cpus[name].append(_cpu() - cpu)
-    return {name: (statistics.median(walls[name]), statistics.median(cpus[name])) for name in walls}
+            b1, t1 = _machine_busy()
+            busy[name].append((b1 - b0) / max(t1 - t0, 1))
+    return {name: (statistics.median(walls[name]), statistics.median(cpus[name]),
+                   statistics.median(busy[name])) for name in walls}
 
 
 def cat_to(tars: list[Path], dest: str, fsync: bool) -> Callable[[], None]:
@@ -210,16 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(("prep, 1 worker, fsync: false", repack(1, "reorganize_tar.fsync=false"), fresh))
         configs += [(f"prep, {plural[w]}, scans cached", repack(w), cached) for w in args.workers]
         runs = timed_rounds(configs, args.repeats)
-        rates = {name: mb / wall for name, (wall, _) in runs.items()}
+        rates = {name: mb / wall for name, (wall, _, _) in runs.items()}
         shards = len(written)
 
         peer, disk = rates["cat > disk + fsync"], rates["cat > disk"]
         one = rates.get("prep reorganize_tar, 1 worker")
         print(f"load average before the timings: {load[0]:.1f} (this machine has {os.cpu_count()} CPUs)")
-        print(f"{'what':<34}{'MB/s':>8}{'vs cat>disk+fsync':>19}{'vs cat>disk':>13}{'CPU s/GB':>10}")
+        print(f"{'what':<34}{'MB/s':>8}{'vs cat>disk+fsync':>19}{'vs cat>disk':>13}{'CPU s/GB':>10}"
+              f"{'machine busy':>14}")
         for name, rate in rates.items():
             print(f"{name:<34}{rate:>8,.0f}{rate / peer:>19.2f}{rate / disk:>13.2f}"
-                  f"{runs[name][1] / mb * 1000:>10.2f}")
+                  f"{runs[name][1] / mb * 1000:>10.2f}{runs[name][2]:>14.0%}")
         if one:
             lazy = rates["prep, 1 worker, fsync: false"]
             user_copy = rates["read+write copy > disk"]
