@@ -183,7 +183,7 @@ def test_native_walk_is_built_where_a_compiler_is() -> None:
     compiler on the machine, a missing module means the build failed and every scan runs ~4x slower."""
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler here: the Python walk serves")
-    assert bulk_mod._NATIVE_WALK is not None, "prep.formats._tarwalk was not built: re-run make install"
+    assert bulk_mod._NATIVE_WALK is not None, "prep.formats._tarnative was not built: re-run make install"
 
 
 def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Path) -> None:

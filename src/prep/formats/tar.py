@@ -26,7 +26,7 @@ import numpy as np
 from prep.errors import PrepError
 from prep.formats.atomic import start_writeback, temp_name
 from prep.formats.checksum import checksum_of, new_hasher
-from prep.formats.tar_bulk import PLAIN_EXT, PLAIN_KEY, PlainWalk, plain_headers, walk_plain
+from prep.formats.tar_bulk import NATIVE, PLAIN_EXT, PLAIN_KEY, PlainWalk, plain_headers, walk_plain
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and Python's tarfile do
@@ -540,6 +540,7 @@ BULK_GAP = 1 << 12  # source members closer than this are read in one run (pax h
 _SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (never looked at)
 _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
 _ZEROS = bytes(1 << 16)
+_NATIVE_FILL = getattr(NATIVE, "fill_members", None)  # C block layout where `_tarnative` was built
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 _FADVISE = hasattr(os, "posix_fadvise")
 _SIMPLE_KEY = re.compile(PLAIN_KEY, re.ASCII)  # a key member_name() always accepts...
@@ -733,15 +734,14 @@ class _BlockSink:
         with a 512-byte header, as `layout` places them: a block at a time, the per-member work in numpy.
 
         Per block: the sources are read in runs (members of one source at most BULK_GAP apart cost one
-        `preadv`, even with pax headers between them), each member's data is copied into place, then
-        headers and zero padding are put in all at once."""
+        `preadv`, even with pax headers between them), each member's data is read into place, then
+        headers and zero padding are put in (in C where `_tarnative` was built, else `_fill_block`)."""
         self.flush()
         paths, src, offsets, sizes, headers = (layout.paths, layout.src, layout.data_offsets, layout.sizes,
                                                layout.headers)
         n = len(sizes)
         starts, ends = layout.member_starts[:-1], layout.member_starts[1:]
-        data_end = offsets + sizes
-        cols = np.arange(BLOCK)
+        fds = np.array([self._fd(p) for p in paths], dtype=np.int64)[src]
         i = 0
         while i < n:
             base = int(starts[i])
@@ -753,36 +753,48 @@ class _BlockSink:
                 self.flush()
                 i += 1
                 continue
-            o, e, s = offsets[i:j], data_end[i:j], src[i:j]
-            gap = o[1:] - e[:-1]
-            cuts = np.flatnonzero((s[1:] != s[:-1]) | (gap < 0) | (gap > BULK_GAP)
-                                  | (np.arange(1, j - i) % _IOV_MEMBERS == 0)) + 1
-            dst = (starts[i:j] - base + BLOCK).tolist()
-            ends_here = (starts[i:j] - base + BLOCK + sizes[i:j]).tolist()
-            gaps = np.concatenate((gap.clip(0, None), [0])).tolist()
-            # a few gap lengths repeat; a longer one only ends a run (its view is dropped below)
-            skips = {g: memoryview(_SKIP)[: min(g, BULK_GAP)] for g in set(gaps)}
-            mv = self.mv
-            for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), j - i], strict=True):
-                # one read per run, scattered: each member's data lands in place, the bytes between
-                # members (padding, pax and ustar headers) in a scratch block
-                views: list[memoryview] = []
-                add = views.extend
-                for d, end, g in zip(dst[a:b], ends_here[a:b], gaps[a:b], strict=True):
-                    add((mv[d:end], skips[g]))
-                views.pop()
-                lo = int(o[a])
-                self._readv(paths[int(s[a])], views, lo, int(e[b - 1]) - lo)
-            rows = (starts[i:j] - base) // BLOCK
-            out = np.frombuffer(self.buf, dtype=np.uint8).reshape(-1, BLOCK)
-            rem = sizes[i:j] % BLOCK
-            partial = rem > 0
-            last = rows[partial] + 1 + (sizes[i:j][partial] - 1) // BLOCK
-            out[last] *= cols[None, :] < rem[partial][:, None]  # zero padding after the data
-            out[rows] = headers[i:j]
+            dst = starts[i:j] - base + BLOCK
+            if _NATIVE_FILL is None:
+                self._fill_block(dst, fds[i:j], offsets[i:j], sizes[i:j], headers[i:j])
+            else:
+                short = _NATIVE_FILL(self.buf, dst, fds[i:j], offsets[i:j], sizes[i:j], headers[i:j])
+                if short is not None:
+                    k, missing, at = short
+                    raise TarFormatError(f"source ended {missing} bytes early while copying a member",
+                                         paths[int(src[i + k])], "re-create the source shard", at)
             self.fill = int(ends[j - 1]) - base
             self.flush()
             i = j
+
+    def _fill_block(self, dst: np.ndarray, fds: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+                    headers: np.ndarray) -> None:
+        """Lay members out in the buffer as `_tarnative.fill_members` does: one scattered `preadv` per
+        run, each member's data landing at `dst`, the bytes between members (padding, pax and ustar
+        headers) in a scratch block; then every header before its data and zeros after it, in numpy."""
+        data_end = offsets + sizes
+        gap = offsets[1:] - data_end[:-1]
+        cuts = np.flatnonzero((fds[1:] != fds[:-1]) | (gap < 0) | (gap > BULK_GAP)
+                              | (np.arange(1, len(sizes)) % _IOV_MEMBERS == 0)) + 1
+        gaps = np.concatenate((gap.clip(0, None), [0])).tolist()
+        # a few gap lengths repeat; a longer one only ends a run (its view is dropped below)
+        skips = {g: memoryview(_SKIP)[: min(g, BULK_GAP)] for g in set(gaps)}
+        mv, path_of = self.mv, {fd: path for path, fd in self.fds.items()}
+        dst_list, end_list = dst.tolist(), (dst + sizes).tolist()
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(sizes)], strict=True):
+            views: list[memoryview] = []
+            add = views.extend
+            for d, end, g in zip(dst_list[a:b], end_list[a:b], gaps[a:b], strict=True):
+                add((mv[d:end], skips[g]))
+            views.pop()
+            lo = int(offsets[a])
+            self._readv(path_of[int(fds[a])], views, lo, int(data_end[b - 1]) - lo)
+        rows = dst // BLOCK - 1
+        out = np.frombuffer(self.buf, dtype=np.uint8).reshape(-1, BLOCK)
+        rem = sizes % BLOCK
+        partial = rem > 0
+        last = rows[partial] + 1 + (sizes[partial] - 1) // BLOCK
+        out[last] *= np.arange(BLOCK)[None, :] < rem[partial][:, None]  # zero padding after the data
+        out[rows] = headers
 
     def finish(self) -> str:
         """Write what is left and return the checksum of every byte written."""

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -95,7 +96,7 @@ def walk_plain(path: str) -> PlainWalk | None:
     damage).
 
     The header chain is followed with one `pread` per member; checksums, name rules and field formats
-    are then checked for all headers at once (both in C where `_tarwalk` was built: `_walk_python` is
+    are then checked for all headers at once (both in C where `_tarnative` was built: `_walk_python` is
     the same walk, decline for decline). A `pread` costs less than the page fault of a memory map here,
     and releases the GIL (threads scanning several tars overlap their waits).
     """
@@ -166,16 +167,18 @@ def _chain_python(fd: int, size: int) -> Chain | None:
     return Chain(starts, headers, sizes, b"".join(member_blocks), b"".join(pax_blocks), pax_sizes, p)
 
 
-def _native_walk() -> Callable[[int, int], tuple[Any, ...] | None] | None:
-    """The C walk, where it was built at install (a C compiler present); else None."""
+def _native() -> ModuleType | None:
+    """The C helpers (`_tarnative.c`: the walk here, member reads in `tar.py`), where they were built at
+    install (a C compiler present); else None, and the Python versions serve."""
     try:
-        from prep.formats._tarwalk import walk
+        from prep.formats import _tarnative
     except ImportError:
         return None
-    return walk
+    return _tarnative
 
 
-_NATIVE_WALK = _native_walk()
+NATIVE = _native()
+_NATIVE_WALK: Callable[[int, int], tuple[Any, ...] | None] | None = getattr(NATIVE, "walk", None)
 
 
 def _walk(fd: int, size: int) -> PlainWalk | None:

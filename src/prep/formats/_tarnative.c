@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <sys/uio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,8 @@
 
 #define BLOCK 512
 #define WINDOW (16 * BLOCK)
+#define RUN_GAP 4096     /* tar.BULK_GAP: members at most this far apart in a source share one read */
+#define RUN_MEMBERS 500  /* members per preadv: two buffers each, under IOV_MAX (1024) */
 
 typedef struct {
     char *data;
@@ -250,14 +253,160 @@ static PyObject *walk_tar(PyObject *Py_UNUSED(self), PyObject *args) {
     return out;
 }
 
-static PyMethodDef methods[] = {{"walk", walk_tar, METH_VARARGS, walk_doc}, {NULL, NULL, 0, NULL}};
+/* ------------------------------------------------------------------------------------------ reading */
+
+/* Read one member's data with pread until done; the bytes still missing at the source's end, or -1
+ * with errno set. */
+static int64_t read_all(int fd, char *to, int64_t n, int64_t offset) {
+    while (n > 0) {
+        ssize_t got = pread(fd, to, (size_t)n, offset);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (got == 0) return n;
+        to += got;
+        n -= got;
+        offset += got;
+    }
+    return 0;
+}
+
+typedef struct {
+    Py_buffer out, dst, fds, src, sizes, headers;
+} ReadArgs;
+
+/* 0 when every member was read; 1 with (*bad, *missing, *at) when a source ended early; -1 on an
+ * I/O error (errno set). */
+static int read_runs(char *out, const int64_t *dst, const int64_t *fds, const int64_t *src, const int64_t *sizes,
+                     Py_ssize_t n, Py_ssize_t *bad, int64_t *missing, int64_t *at) {
+    struct iovec iov[2 * RUN_MEMBERS];
+    char skip[RUN_GAP];
+    Py_ssize_t k = 0;
+    while (k < n) {
+        /* a run: members of one source, each starting at most RUN_GAP after the last one's data */
+        Py_ssize_t end = k + 1;
+        int cnt = 0;
+        int64_t want = sizes[k];
+        iov[cnt].iov_base = out + dst[k];
+        iov[cnt++].iov_len = (size_t)sizes[k];
+        while (end < n && end - k < RUN_MEMBERS && fds[end] == fds[k]) {
+            int64_t gap = src[end] - (src[end - 1] + sizes[end - 1]);
+            if (gap < 0 || gap > RUN_GAP) break;
+            iov[cnt].iov_base = skip;
+            iov[cnt++].iov_len = (size_t)gap;
+            iov[cnt].iov_base = out + dst[end];
+            iov[cnt++].iov_len = (size_t)sizes[end];
+            want += gap + sizes[end];
+            end++;
+        }
+        ssize_t got = preadv((int)fds[k], iov, cnt, src[k]);
+        if (got < 0 && errno != EINTR) return -1;
+        if (got != want) { /* short or interrupted: each member of the run on its own */
+            for (Py_ssize_t m = k; m < end; m++) {
+                int64_t left = read_all((int)fds[m], out + dst[m], sizes[m], src[m]);
+                if (left < 0) return -1;
+                if (left > 0) {
+                    *bad = m;
+                    *missing = left;
+                    *at = src[m] + sizes[m] - left;
+                    return 1;
+                }
+            }
+        }
+        k = end;
+    }
+    return 0;
+}
+
+static int int64_buffer(PyObject *obj, Py_buffer *view, const char *what, Py_ssize_t n) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    if (view->itemsize != 8 || (view->format && strcmp(view->format, "q") && strcmp(view->format, "l"))
+        || (n >= 0 && view->len / 8 != n)) {
+        PyErr_Format(PyExc_ValueError, "%s: an int64 array of the members' length is needed", what);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(fill_doc,
+             "fill_members(out, dst, fds, src, sizes, headers) -> None or (k, missing, offset)\n\n"
+             "Lay members out in `out`: member k's `sizes[k]` bytes read from descriptor `fds[k]` at `src[k]`\n"
+             "to `dst[k]`, its 512-byte header (row k of `headers`) just before, zeros after to the next\n"
+             "512-byte boundary. One preadv per run of close members of one source (tar.BULK_GAP: the pax\n"
+             "and ustar headers between them go to a scratch block). None when all were read; (k, bytes\n"
+             "missing, source offset) when member k's source ended early.");
+
+static PyObject *fill_members(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *o_out, *o_dst, *o_fds, *o_src, *o_sizes, *o_headers;
+    if (!PyArg_ParseTuple(args, "OOOOOO:fill_members", &o_out, &o_dst, &o_fds, &o_src, &o_sizes, &o_headers))
+        return NULL;
+    ReadArgs a;
+    memset(&a, 0, sizeof a);
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(o_out, &a.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (int64_buffer(o_dst, &a.dst, "dst", -1) < 0) goto done;
+    Py_ssize_t n = a.dst.len / 8;
+    if (int64_buffer(o_fds, &a.fds, "fds", n) < 0 || int64_buffer(o_src, &a.src, "src", n) < 0
+        || int64_buffer(o_sizes, &a.sizes, "sizes", n) < 0)
+        goto done;
+    if (PyObject_GetBuffer(o_headers, &a.headers, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (a.headers.len != n * BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "headers: one 512-byte row per member is needed");
+        goto done;
+    }
+    const int64_t *dst = a.dst.buf, *sizes = a.sizes.buf, *src = a.src.buf;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (dst[k] < BLOCK || sizes[k] < 0 || src[k] < 0
+            || dst[k] + (sizes[k] + BLOCK - 1) / BLOCK * BLOCK > a.out.len) {
+            PyErr_SetString(PyExc_ValueError, "a member does not fit in the output buffer");
+            goto done;
+        }
+    Py_ssize_t bad = 0;
+    int64_t missing = 0, at = 0;
+    int rc, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = read_runs(a.out.buf, dst, a.fds.buf, src, sizes, n, &bad, &missing, &at);
+    err = errno;
+    if (rc == 0) {
+        char *out = a.out.buf;
+        const char *headers = a.headers.buf;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            memcpy(out + dst[k] - BLOCK, headers + BLOCK * k, BLOCK);
+            int64_t pad = -sizes[k] & (BLOCK - 1);
+            memset(out + dst[k] + sizes[k], 0, (size_t)pad);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else if (rc > 0) {
+        result = Py_BuildValue("(nLL)", bad, (long long)missing, (long long)at);
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&a.out);
+    if (a.dst.obj) PyBuffer_Release(&a.dst);
+    if (a.fds.obj) PyBuffer_Release(&a.fds);
+    if (a.src.obj) PyBuffer_Release(&a.src);
+    if (a.sizes.obj) PyBuffer_Release(&a.sizes);
+    if (a.headers.obj) PyBuffer_Release(&a.headers);
+    return result;
+}
+
+static PyMethodDef methods[] = {{"walk", walk_tar, METH_VARARGS, walk_doc},
+                                {"fill_members", fill_members, METH_VARARGS, fill_doc},
+                                {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "_tarwalk",
-    .m_doc = "Native plain-tar walk for prep.formats.tar_bulk.",
+    .m_name = "_tarnative",
+    .m_doc = "Native plain-tar walk (tar_bulk) and member reads (tar._BlockSink.bulk) for prep.formats.",
     .m_size = -1,
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__tarwalk(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__tarnative(void) { return PyModule_Create(&module); }
