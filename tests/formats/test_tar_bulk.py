@@ -55,12 +55,12 @@ def exact_scan(path: Path) -> object:
 
 
 def python_walk_scan(path: Path) -> object:
-    real = bulk_mod._NATIVE_WALK
-    bulk_mod._NATIVE_WALK = None
+    real = bulk_mod._NATIVE_WALK, tar_mod._NATIVE_SCAN
+    bulk_mod._NATIVE_WALK = tar_mod._NATIVE_SCAN = None
     try:
         return outcome(path)
     finally:
-        bulk_mod._NATIVE_WALK = real
+        bulk_mod._NATIVE_WALK, tar_mod._NATIVE_SCAN = real
 
 
 def walks(path: Path) -> tuple[PlainWalk | None, PlainWalk | None]:
@@ -231,3 +231,22 @@ def test_gc_is_paused_only_while_grouping_and_never_left_off() -> None:
         assert not gc.isenabled()  # the caller's choice stands
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("names", [["a.jpg", "b.jpg", "a.txt"], ["a.jpg", "a.jpg"],
+                                   ["a.jpg", "a.txt", "b.jpg"]])
+def test_grouping_declines_keys_apart_and_extensions_twice(tmp_path: Path, names: list[str]) -> None:
+    """A key that comes back after another, or one extension twice in a sample, is left to the exact
+    scanner (which says where); otherwise the C grouping gives the same Samples and Members."""
+    path = tmp_path / "g.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for n in names:
+            info = tarfile.TarInfo(n)
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"data"))
+    assert outcome(path) == exact_scan(path) == python_walk_scan(path)
+    if names[-1] == "b.jpg":
+        scan = scan_tar(path)
+        member = scan.samples[0].members["txt"]
+        assert type(member) is tar_mod.Member and member.end == member.data_offset + 512
+        assert [s.key for s in scan.samples] == ["a", "b"] and scan.samples[0].end == scan.samples[1].offset

@@ -222,24 +222,34 @@ static void walk_free(Walk *w) {
 PyDoc_STRVAR(walk_doc, "walk(fd, size) -> (starts, headers, sizes, names, end) or None\n\n"
                        "A plain tar's members (see tar_bulk._walk_python), or None where it declines.");
 
+/* Walk with the GIL released: 1 walked, 0 declined, -1 with a Python error set. */
+static int walk_released(int fd, int64_t size, Walk *w) {
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = walk(fd, size, w);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        if (w->err) {
+            errno = w->err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        } else {
+            PyErr_NoMemory();
+        }
+    }
+    return rc;
+}
+
 static PyObject *walk_tar(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd;
     long long size;
     if (!PyArg_ParseTuple(args, "iL:walk", &fd, &size)) return NULL;
     Walk w;
     memset(&w, 0, sizeof w);
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = walk(fd, (int64_t)size, &w);
-    Py_END_ALLOW_THREADS
+    int rc = walk_released(fd, (int64_t)size, &w);
     if (rc <= 0) {
         walk_free(&w);
         if (rc == 0) Py_RETURN_NONE;
-        if (w.err) {
-            errno = w.err;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        return PyErr_NoMemory();
+        return NULL;
     }
     PyObject *out = NULL, *starts = int_list(&w.starts), *headers = int_list(&w.headers),
              *sizes = int_list(&w.sizes), *names = name_list(&w);
@@ -249,6 +259,129 @@ static PyObject *walk_tar(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_XDECREF(headers);
     Py_XDECREF(sizes);
     Py_XDECREF(names);
+    walk_free(&w);
+    return out;
+}
+
+/* A Member (a 4-field tuple subclass) made as tuple.__new__ makes one: allocated, then filled. */
+static PyObject *new_member(PyTypeObject *member_t, PyObject *name, int64_t header_offset, int64_t data_offset,
+                            int64_t size) {
+    PyObject *m = member_t->tp_alloc(member_t, 4);
+    if (!m) return NULL;
+    PyObject *a = PyLong_FromLongLong(header_offset), *b = PyLong_FromLongLong(data_offset),
+             *c = PyLong_FromLongLong(size);
+    if (!a || !b || !c) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(c);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(name);
+    PyTuple_SET_ITEM(m, 0, name);
+    PyTuple_SET_ITEM(m, 1, a);
+    PyTuple_SET_ITEM(m, 2, b);
+    PyTuple_SET_ITEM(m, 3, c);
+    return m;
+}
+
+/* The walked members grouped as tar._group_plain groups them: consecutive members with one key make a
+ * Sample (key, {ext: Member}, offset, end). A list, Py_None when a key repeats apart or a sample has
+ * an extension twice (the exact scanner says where), or NULL on error. */
+static PyObject *group(const Walk *w, PyTypeObject *member_t, PyObject *sample_t) {
+    Py_ssize_t n = (Py_ssize_t)(w->sizes.len / sizeof(int64_t));
+    const int64_t *starts = (const int64_t *)w->starts.data, *headers = (const int64_t *)w->headers.data,
+                  *sizes = (const int64_t *)w->sizes.data, *lens = (const int64_t *)w->name_lens.data;
+    PyObject *samples = PyList_New(0), *seen = PySet_New(NULL), *key = NULL, *members = NULL;
+    PyObject *result = NULL;
+    const char *cur = NULL;
+    Py_ssize_t cur_len = 0;
+    int64_t offset = 0, end = 0;
+    if (!samples || !seen) goto fail;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        const char *name = i < n ? w->names.data + 100 * i : NULL;
+        Py_ssize_t len = i < n ? (Py_ssize_t)lens[i] : 0;
+        Py_ssize_t klen = i < n ? (Py_ssize_t)((const char *)memchr(name, '.', (size_t)len) - name) : 0;
+        if (cur && (i == n || klen != cur_len || memcmp(name, cur, (size_t)klen) != 0)) {
+            PyObject *sample = PyObject_CallFunction(sample_t, "OOLL", key, members, (long long)offset,
+                                                     (long long)end);
+            if (!sample || PyList_Append(samples, sample) < 0) {
+                Py_XDECREF(sample);
+                goto fail;
+            }
+            Py_DECREF(sample);
+            Py_CLEAR(key);
+            Py_CLEAR(members);
+            cur = NULL;
+        }
+        if (i == n) break;
+        if (!cur) {
+            key = PyUnicode_DecodeASCII(name, klen, NULL);
+            if (!key) goto fail;
+            int dup = PySet_Contains(seen, key);
+            if (dup < 0 || (!dup && PySet_Add(seen, key) < 0)) goto fail;
+            if (dup) goto declined;
+            members = PyDict_New();
+            if (!members) goto fail;
+            cur = name;
+            cur_len = klen;
+            offset = starts[i];
+        }
+        PyObject *full = PyUnicode_DecodeASCII(name, len, NULL);
+        PyObject *ext = PyUnicode_DecodeASCII(name + klen + 1, len - klen - 1, NULL);
+        PyObject *member = full ? new_member(member_t, full, starts[i], headers[i] + BLOCK, sizes[i]) : NULL;
+        Py_XDECREF(full);
+        int twice = ext && member ? PyDict_Contains(members, ext) : -1;
+        if (twice == 0) twice = PyDict_SetItem(members, ext, member) < 0 ? -1 : 0;
+        Py_XDECREF(ext);
+        Py_XDECREF(member);
+        if (twice < 0) goto fail;
+        if (twice) goto declined;
+        end = headers[i] + BLOCK + (sizes[i] + BLOCK - 1) / BLOCK * BLOCK;
+    }
+    result = samples;
+    samples = NULL;
+    goto done;
+declined:
+    result = Py_NewRef(Py_None);
+    goto done;
+fail:
+    result = NULL;
+done:
+    Py_XDECREF(samples);
+    Py_XDECREF(seen);
+    Py_XDECREF(key);
+    Py_XDECREF(members);
+    return result;
+}
+
+PyDoc_STRVAR(scan_doc, "scan(fd, size, Member, Sample) -> (samples, end) or None\n\n"
+                       "A plain tar's samples, as tar._plain_scan makes them from the walk, or None where the\n"
+                       "walk or the grouping declines.");
+
+static PyObject *scan_tar(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd;
+    long long size;
+    PyObject *member_t, *sample_t;
+    if (!PyArg_ParseTuple(args, "iLO!O:scan", &fd, &size, &PyType_Type, &member_t, &sample_t)) return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)member_t, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "Member must be a tuple type");
+        return NULL;
+    }
+    Walk w;
+    memset(&w, 0, sizeof w);
+    int rc = walk_released(fd, (int64_t)size, &w);
+    PyObject *out = NULL;
+    if (rc == 0) {
+        out = Py_NewRef(Py_None);
+    } else if (rc > 0) {
+        PyObject *samples = group(&w, (PyTypeObject *)member_t, sample_t);
+        if (samples == Py_None) {
+            out = samples;
+        } else if (samples) {
+            out = Py_BuildValue("(NL)", samples, (long long)w.end);
+        }
+    }
     walk_free(&w);
     return out;
 }
@@ -398,6 +531,7 @@ done:
 }
 
 static PyMethodDef methods[] = {{"walk", walk_tar, METH_VARARGS, walk_doc},
+                                {"scan", scan_tar, METH_VARARGS, scan_doc},
                                 {"fill_members", fill_members, METH_VARARGS, fill_doc},
                                 {NULL, NULL, 0, NULL}};
 

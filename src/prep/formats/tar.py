@@ -414,12 +414,21 @@ def shard_files(folder: Path, *, recursive: bool = True) -> list[Path]:
 
 def _plain_scan(path: str) -> TarScan | None:
     """`scan_tar` for a tar `walk_plain` accepts: the same samples, grouped as `iter_samples` groups them
-    (None when a key repeats apart or a sample has an extension twice: the exact path says where)."""
-    walk = walk_plain(path)
-    if walk is None:
-        return None
-    with gc_paused():
-        return _group_plain(path, walk)
+    (None when a key repeats apart or a sample has an extension twice: the exact path says where).
+    Walked and grouped in C where `_tarnative` was built, else `walk_plain` and `_group_plain`."""
+    if _NATIVE_SCAN is None:
+        walk = walk_plain(path)
+        if walk is None:
+            return None
+        with gc_paused():
+            return _group_plain(path, walk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with gc_paused():
+            got = _NATIVE_SCAN(fd, os.fstat(fd).st_size, Member, Sample)
+    finally:
+        os.close(fd)
+    return None if got is None else TarScan(path, got[0], [], got[1])
 
 
 @contextmanager
@@ -541,6 +550,7 @@ _SKIP = bytearray(BULK_GAP)  # where a run's bytes between members are read to (
 _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MAX of 1024
 _ZEROS = bytes(1 << 16)
 _NATIVE_FILL = getattr(NATIVE, "fill_members", None)  # C block layout where `_tarnative` was built
+_NATIVE_SCAN = getattr(NATIVE, "scan", None)  # C walk + grouping, likewise
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 _FADVISE = hasattr(os, "posix_fadvise")
 _SIMPLE_KEY = re.compile(PLAIN_KEY, re.ASCII)  # a key member_name() always accepts...
