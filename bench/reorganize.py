@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                    ("read + sha256 (hashlib)", hash_of(tars, "sha256"), rm_out)]
         plural = {w: f"{w} worker{'s' if w > 1 else ''}" for w in args.workers}
         configs += [(f"prep reorganize_tar, {plural[w]}", repack(w), fresh) for w in args.workers]
-        configs.append(("prep, 1 worker, fsync: false", repack(1, "reorganize_tar.fsync=false"), fresh))
+        configs += [(f"prep, {plural[w]}, fsync: false", repack(w, "reorganize_tar.fsync=false"), fresh)
+                    for w in args.workers]
         configs += [(f"prep, {plural[w]}, scans cached", repack(w), cached) for w in args.workers]
         runs = timed_rounds(configs, args.repeats)
         rates = {name: mb / wall for name, (wall, _, _) in runs.items()}
@@ -249,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 if w > 1:
                     rate = rates[f"prep reorganize_tar, {w} workers"]
                     warm = rates[f"prep, {w} workers, scans cached"] / rates["prep, 1 worker, scans cached"]
-                    print(f"{w} workers / 1 worker: {rate / one:.2f}, scans cached: {warm:.2f} "
-                          f"(linear = {w}; a task is a whole shard, {shards} here: few shards balance "
-                          "unevenly)")
+                    cpu_bound = rates[f"prep, {w} workers, fsync: false"] / lazy
+                    print(f"{w} workers / 1 worker: {rate / one:.2f} durable (the disk takes "
+                          f"{peer:,.0f} MB/s: cat>disk+fsync), {cpu_bound:.2f} with fsync: false, {warm:.2f} "
+                          f"with scans cached (linear = {w}; a task is a whole shard, {shards} here)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
