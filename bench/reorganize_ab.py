@@ -2,8 +2,9 @@
 
 Each run is a fresh process (as `prep run` is) that imports prep from one tree; the two trees alternate
 run by run, so the machine's slow spells fall on both. The other revision is checked out with
-`git worktree` into a temp folder and removed afterwards. Reports medians of wall MB/s and CPU s/GB
-(the process and its pool workers) per configuration, and the ratio now/before.
+`git worktree` into a temp folder (its C helpers built in place) and removed afterwards. Reports
+medians of wall MB/s and CPU s/GB (the process and its pool workers) per configuration, and the ratio
+now/before.
 
     python bench/reorganize_ab.py [--before ce4dbc7] [--size 300] [--rounds 5] [--shuffled]
 """
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before],
                        check=True, capture_output=True)
+        if (old / "src/prep/formats/_tarnative.c").exists():  # its C helpers, built as `make install` does
+            subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "build_ext",
+                            "--inplace"], cwd=old, check=True, capture_output=True)
         _, nbytes = make_inputs(work / "raw", args.size, args.shuffled)
         print(f"data: {nbytes / 1e6:,.0f} MB of img2dataset-like tars; before = {args.before}, now = this "
               f"tree; medians of {args.rounds} alternating runs\n")
