@@ -12,6 +12,7 @@ import random
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 import xxhash
@@ -85,8 +86,9 @@ def test_block_writer_matches_tarfile_byte_for_byte(tmp_path: Path, monkeypatch:
     seed, samples, sizes, block, garbage = case
     monkeypatch.setattr(tar_mod, "WRITE_BLOCK", block)
     rng = random.Random(seed)
-    if rng.random() < 0.5:  # the Python reads, as where the C helpers were not built
+    if rng.random() < 0.5:  # the Python layout and reads, as where the C helpers were not built
         monkeypatch.setattr(tar_mod, "_NATIVE_FILL", None)
+        monkeypatch.setattr(tar_mod, "_NATIVE_LAYOUT", None)
     # members in write order (sorted), so source layout and output order agree and runs form
     order = [(k, e) for k, m in sorted(samples) for e in sorted(m)]
     blob, offsets = lay_out(rng, sizes, garbage)
@@ -234,3 +236,31 @@ def test_reused_blocks_hold_nothing_of_earlier_members(tmp_path: Path, monkeypat
     info = write_shard(tmp_path / "out.tar", slices)
     want, want_offsets = tarfile_bytes(list(members.items()))
     assert (tmp_path / "out.tar").read_bytes() == want and info.offsets == want_offsets
+
+
+ODD_NAMES = ["__m", "f.g", "h\nk", "é", "", "/", "q" * 99, "r\0s", "t//v", "w/", "/z"]
+KEYS = st.from_regex(r"[a-z0-9_-]{1,8}(/[a-z0-9]{1,4})?", fullmatch=True) | st.sampled_from(ODD_NAMES)
+MEMBER_EXTS = st.sampled_from(["jpg", "txt", "json", "seg.png"]) | st.sampled_from(ODD_NAMES)
+SLICES = st.tuples(st.sampled_from(["/src/a.tar", "/src/b.tar"]), st.integers(0, 2**40),
+                   st.integers(0, 9000) | st.integers(8**11 - 2, 8**11 + 1),
+                   st.booleans() | st.just(True) | st.just(True))  # mostly file slices
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(KEYS, st.dictionaries(MEMBER_EXTS, SLICES, min_size=1, max_size=3)),
+                max_size=6, unique_by=lambda kv: kv[0]))
+def test_native_layout_equals_python_layout(raw: list) -> None:
+    """The C layout gives the Python one's headers and columns, or declines where it declines: keys
+    with dots, newlines, NULs, non-ASCII, `__` or empty parts, long names, sizes past 11 octal digits,
+    members held in memory."""
+    if tar_mod._NATIVE_LAYOUT is None:
+        pytest.skip("the C helpers were not built")
+    items = [(key, {ext: FileSlice(path, off, size) if as_slice else b"in memory"
+                    for ext, (path, off, size, as_slice) in members.items()}) for key, members in raw]
+    want = tar_mod._bulk_columns(items)
+    got = tar_mod._NATIVE_LAYOUT(items, FileSlice, tar_mod._HEADER_TEMPLATE)
+    assert (got is None) == (want is None)
+    if want is not None:
+        headers, paths, *columns = want
+        assert got[0] == headers.tobytes() and got[1] == paths
+        assert [bytes(c) for c in got[2:]] == [c.astype(np.int64).tobytes() for c in columns]

@@ -386,6 +386,122 @@ static PyObject *scan_tar(PyObject *Py_UNUSED(self), PyObject *args) {
     return out;
 }
 
+/* ------------------------------------------------------------------------------------------ layout */
+
+static void put_octal(unsigned char *to, int digits, int64_t v) {
+    for (int i = digits - 1; i >= 0; i--, v >>= 3) to[i] = (unsigned char)('0' + (v & 7));
+}
+
+PyDoc_STRVAR(layout_doc,
+             "layout(items, FileSlice, template) -> (headers, paths, src, offsets, sizes, counts) or None\n\n"
+             "tar._bulk_members for items [(key, {ext: FileSlice})]: every member's 512-byte header (from the\n"
+             "template: name, %011o size, checksum, as tarfile writes them) in key-then-extension order, the\n"
+             "source paths, and int64 arrays (as bytes) of source index, data offset and size per member\n"
+             "and member count per sample. None when a member is not a FileSlice, or a name is not plain.");
+
+static PyObject *layout(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *items, *slice_t, *o_template;
+    if (!PyArg_ParseTuple(args, "O!OO:layout", &PyList_Type, &items, &slice_t, &o_template)) return NULL;
+    Py_buffer template;
+    if (PyObject_GetBuffer(o_template, &template, PyBUF_SIMPLE) < 0) return NULL;
+    if (template.len != BLOCK) {
+        PyBuffer_Release(&template);
+        PyErr_SetString(PyExc_ValueError, "template: one 512-byte header is needed");
+        return NULL;
+    }
+    Buf headers = {0}, src = {0}, offsets = {0}, sizes = {0}, counts = {0};
+    PyObject *path_ids = PyDict_New(), *paths = PyList_New(0), *exts = NULL, *result = NULL;
+    int declined = 0;
+    unsigned char name[101], h[BLOCK];
+    if (!path_ids || !paths) goto done;
+    Py_ssize_t n_items = PyList_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n_items && !declined; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i), *key, *members;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            declined = 1;
+            break;
+        }
+        key = PyTuple_GET_ITEM(item, 0);
+        members = PyTuple_GET_ITEM(item, 1);
+        Py_ssize_t klen;
+        const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8AndSize(key, &klen) : NULL;
+        if (!k || !PyDict_CheckExact(members) || klen >= 100 || memchr(k, '.', (size_t)klen)) {
+            PyErr_Clear();
+            declined = 1;
+            break;
+        }
+        exts = PyDict_Keys(members);
+        if (!exts || PyList_Sort(exts) < 0) goto done;
+        Py_ssize_t n_ext = PyList_GET_SIZE(exts);
+        if (add_i64(&counts, n_ext) < 0) goto nomem;
+        for (Py_ssize_t e = 0; e < n_ext; e++) {
+            PyObject *ext = PyList_GET_ITEM(exts, e), *sl = PyDict_GetItem(members, ext);
+            Py_ssize_t elen;
+            const char *x = PyUnicode_Check(ext) ? PyUnicode_AsUTF8AndSize(ext, &elen) : NULL;
+            if (!x) PyErr_Clear();
+            if (!x || !sl || (PyObject *)Py_TYPE(sl) != slice_t || klen + 1 + elen > 100) {
+                declined = 1;
+                break;
+            }
+            memset(name, 0, sizeof name);
+            memcpy(name, k, (size_t)klen);
+            name[klen] = '.';
+            memcpy(name + klen + 1, x, (size_t)elen);
+            long long off = PyLong_AsLongLong(PyTuple_GET_ITEM(sl, 1)),
+                      size = PyLong_AsLongLong(PyTuple_GET_ITEM(sl, 2));
+            if ((off == -1 || size == -1) && PyErr_Occurred()) goto done;
+            if (plain_name(name) != klen + 1 + elen || size < 0 || size >= (1LL << 33) || off < 0) {
+                declined = 1; /* not a plain name (plain_name also refuses a NUL inside), or a size
+                                 the 11 octal digits cannot hold */
+                break;
+            }
+            PyObject *path = PyTuple_GET_ITEM(sl, 0), *id = PyDict_GetItemWithError(path_ids, path);
+            if (!id) {
+                if (PyErr_Occurred()) goto done;
+                id = PyLong_FromSsize_t(PyList_GET_SIZE(paths));
+                int bad = !id || PyDict_SetItem(path_ids, path, id) < 0 || PyList_Append(paths, path) < 0;
+                Py_XDECREF(id);
+                if (bad) goto done;
+                id = PyDict_GetItem(path_ids, path);
+            }
+            memcpy(h, template.buf, BLOCK);
+            memcpy(h, name, 100);
+            put_octal(h + 124, 11, size);
+            h[135] = 0;
+            memset(h + 148, ' ', 8);
+            uint32_t sum = 0;
+            for (int b = 0; b < BLOCK; b++) sum += h[b];
+            put_octal(h + 148, 6, sum);
+            h[154] = 0;
+            if (buf_add(&headers, h, BLOCK) || add_i64(&src, PyLong_AsLongLong(id)) || add_i64(&offsets, off)
+                || add_i64(&sizes, size))
+                goto nomem;
+        }
+        Py_CLEAR(exts);
+    }
+    if (declined || !sizes.len) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    result = Py_BuildValue("(y#Oy#y#y#y#)", headers.data, (Py_ssize_t)headers.len, paths, src.data,
+                           (Py_ssize_t)src.len, offsets.data, (Py_ssize_t)offsets.len, sizes.data,
+                           (Py_ssize_t)sizes.len, counts.data, (Py_ssize_t)counts.len);
+    goto done;
+nomem:
+    PyErr_NoMemory();
+done:
+    Py_XDECREF(exts);
+    Py_XDECREF(path_ids);
+    Py_XDECREF(paths);
+    free(headers.data);
+    free(src.data);
+    free(offsets.data);
+    free(sizes.data);
+    free(counts.data);
+    PyBuffer_Release(&template);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------ reading */
 
 /* Read one member's data with pread until done; the bytes still missing at the source's end, or -1
@@ -532,6 +648,7 @@ done:
 
 static PyMethodDef methods[] = {{"walk", walk_tar, METH_VARARGS, walk_doc},
                                 {"scan", scan_tar, METH_VARARGS, scan_doc},
+                                {"layout", layout, METH_VARARGS, layout_doc},
                                 {"fill_members", fill_members, METH_VARARGS, fill_doc},
                                 {NULL, NULL, 0, NULL}};
 

@@ -551,6 +551,7 @@ _IOV_MEMBERS = 500  # members per preadv: two buffers each, under Linux's IOV_MA
 _ZEROS = bytes(1 << 16)
 _NATIVE_FILL = getattr(NATIVE, "fill_members", None)  # C block layout where `_tarnative` was built
 _NATIVE_SCAN = getattr(NATIVE, "scan", None)  # C walk + grouping, likewise
+_NATIVE_LAYOUT = getattr(NATIVE, "layout", None)  # C headers + columns of a bulk shard, likewise
 _PADS = [bytes(n) for n in range(BLOCK)]  # zero padding by length, made once
 _FADVISE = hasattr(os, "posix_fadvise")
 _SIMPLE_KEY = re.compile(PLAIN_KEY, re.ASCII)  # a key member_name() always accepts...
@@ -908,7 +909,30 @@ class _Bulk:
 
 def _bulk_members(items: list[SampleItem]) -> _Bulk | None:
     """The bulk layout when every member is a FileSlice with a short plain name (one 512-byte header,
-    the same bytes `member_header` makes), else None. The names are checked once for the whole shard."""
+    the same bytes `member_header` makes), else None. In C where `_tarnative` was built, else
+    `_bulk_columns` (the same headers and columns, or the same None)."""
+    if _NATIVE_LAYOUT is None:
+        columns = _bulk_columns(items)
+    else:
+        got = _NATIVE_LAYOUT(items, FileSlice, _HEADER_TEMPLATE)
+        columns = None if got is None else (
+            np.frombuffer(got[0], dtype=np.uint8).reshape(-1, BLOCK), got[1],
+            *(np.frombuffer(col, dtype=np.int64) for col in got[2:]))
+    if columns is None:
+        return None
+    headers, paths, src, data_offsets, size_arr, counts = columns
+    member_starts = np.concatenate(([0], np.cumsum(BLOCK + (size_arr + BLOCK - 1) // BLOCK * BLOCK)))
+    first = np.concatenate(([0], np.cumsum(counts)))
+    return _Bulk(paths, src, data_offsets, size_arr, headers, member_starts, member_starts[first].tolist())
+
+
+_Columns = tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _bulk_columns(items: list[SampleItem]) -> _Columns | None:
+    """Headers, source paths, and per member its source's index, data offset and size, then members per
+    sample; None unless every member is a FileSlice with a short plain name. The names are checked once
+    for the whole shard."""
     names: list[str] = []
     src: list[int] = []
     data_offsets: list[int] = []
@@ -927,16 +951,14 @@ def _bulk_members(items: list[SampleItem]) -> _Bulk | None:
             data_offsets.append(d.offset)
             sizes.append(d.size)
             exts.add(ext)
+    keys, ext_lines = "".join(k + "\n" for k, _ in items), "".join(e + "\n" for e in exts)
     if (not names or max(map(len, names)) > 100 or max(sizes) >= 8**11
-            or not _SIMPLE_KEYS.fullmatch("".join(k + "\n" for k, _ in items))
-            or not _SIMPLE_EXTS.fullmatch("".join(e + "\n" for e in exts))):
+            or keys.count("\n") != len(items) or ext_lines.count("\n") != len(exts)  # no newline inside
+            or not _SIMPLE_KEYS.fullmatch(keys) or not _SIMPLE_EXTS.fullmatch(ext_lines)):
         return None
     size_arr = np.asarray(sizes, dtype=np.int64)
-    member_starts = np.concatenate(([0], np.cumsum(BLOCK + (size_arr + BLOCK - 1) // BLOCK * BLOCK)))
-    first = np.concatenate(([0], np.cumsum(counts)))
-    return _Bulk(list(path_ids), np.asarray(src, dtype=np.int64), np.asarray(data_offsets, dtype=np.int64),
-                 size_arr, plain_headers(_HEADER_TEMPLATE, names, size_arr), member_starts,
-                 member_starts[first].tolist())
+    return (plain_headers(_HEADER_TEMPLATE, names, size_arr), list(path_ids), np.asarray(src, dtype=np.int64),
+            np.asarray(data_offsets, dtype=np.int64), size_arr, np.asarray(counts, dtype=np.int64))
 
 
 def _write_members(out: _BlockSink, items: list[SampleItem], where: str) -> list[int]:
