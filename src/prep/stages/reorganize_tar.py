@@ -19,6 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,6 +168,8 @@ def scan_input(path: str | os.PathLike[str], sel: Selection, *, evict: bool = Tr
 
 def _scan_input(path: str, sel: Selection) -> InputScan:
     scan = scan_tar(path, tolerate_damage=True)
+    if not sel.required:  # nothing required: every sample is usable
+        return InputScan(scan, sorted(scan.samples, key=attrgetter("key")), [])
     usable: list[Sample] = []
     dropped: list[tuple[str, str]] = []
     for s in scan.samples:
@@ -175,7 +178,7 @@ def _scan_input(path: str, sel: Selection) -> InputScan:
             dropped.append((s.key, "missing " + ", ".join(f".{e}" for e in miss)))
         else:
             usable.append(s)
-    usable.sort(key=lambda s: s.key)
+    usable.sort(key=attrgetter("key"))
     return InputScan(scan, usable, dropped)
 
 
@@ -530,7 +533,6 @@ def _run_task(task: Task, root: Any) -> TaskResult:
 
     samples: list[tuple[str, dict[str, MemberData]]] = []
     owner: dict[str, str] = {}
-    fields: Counter[str] = Counter()
     key_ranges: dict[str, list[str]] = {}
     filled = 0
     for i, a, b, suffix in p["segments"]:
@@ -541,12 +543,12 @@ def _run_task(task: Task, root: Any) -> TaskResult:
                 raise _duplicate_error((key, owner[key], meta["tar"]))
             owner[key] = meta["tar"]
             samples.append((key, members))
-            fields.update(members.keys())
         if suffix:
             filled += len(chosen)
         elif chosen:
             lo, hi = key_ranges.setdefault(meta["tar"], [chosen[0].key, chosen[-1].key])
             key_ranges[meta["tar"]] = [min(lo, chosen[0].key), max(hi, chosen[-1].key)]
+    fields = Counter(itertools.chain.from_iterable(members for _, members in samples))  # one pass, in C
     info = write_shard(dest, samples, fsync=root.reorganize_tar.fsync)
     write_index(dest, info.offsets)
 
