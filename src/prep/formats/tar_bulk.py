@@ -148,7 +148,7 @@ def _chain_python(fd: int, size: int) -> Chain | None:
             q, t = 2 * BLOCK, buf[2 * BLOCK + 156]
         if t == 48 or (t == 0 and buf[q] != 0):  # a regular file ('0', or NUL in old tars)
             # digits and padding in the first 11 bytes, as every common writer puts them; other shapes
-            # go the exact way, and the checks in `_walk` compare each whole size field with this
+            # go the exact way, and `_walk_python`'s checks compare each whole size field with this
             m = octal(buf, q + 124, q + 135)
             if m is None:
                 return None
@@ -168,8 +168,8 @@ def _chain_python(fd: int, size: int) -> Chain | None:
 
 
 def _native() -> ModuleType | None:
-    """The C helpers (`_tarnative.c`: the walk here, member reads in `tar.py`), where they were built at
-    install (a C compiler present); else None, and the Python versions serve."""
+    """The C helpers (`_tarnative.c`: `walk` here; `scan`, `layout` and `fill_members` in `tar.py`), where
+    they were built at install (a C compiler present); else None, and the Python versions serve."""
     try:
         from prep.formats import _tarnative
     except ImportError:
