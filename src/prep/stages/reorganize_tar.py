@@ -537,12 +537,13 @@ def _run_task(task: Task, root: Any) -> TaskResult:
     filled = 0
     for i, a, b, suffix in p["segments"]:
         meta, chosen = inputs[str(i)], scans[str(i)].usable[a:b]
-        for s, members in zip(chosen, _member_data(meta["tar"], chosen, sel), strict=True):
-            key = s.key + suffix
-            if key in owner:
-                raise _duplicate_error((key, owner[key], meta["tar"]))
-            owner[key] = meta["tar"]
-            samples.append((key, members))
+        tar = meta["tar"]
+        keys = [s.key + suffix for s in chosen]  # unique within one input (its scan made sure)
+        if not owner.keys().isdisjoint(keys):
+            key = next(k for k in keys if k in owner)
+            raise _duplicate_error((key, owner[key], tar))
+        owner.update(dict.fromkeys(keys, tar))
+        samples.extend(zip(keys, _member_data(tar, chosen, sel), strict=True))
         if suffix:
             filled += len(chosen)
         elif chosen:
