@@ -2,13 +2,12 @@
 scanner gives, or decline: checked on random tars as webdataset/img2dataset, tarfile (ustar, GNU, pax) and
 prep write them, then with one byte flipped, a header field byte set to an edge value, or the file cut
 short, where any difference would be a sample kept or lost that the exact path treats otherwise. The
-walk runs in C where it was built and in Python (numpy checks) otherwise: both run on every case and
-must agree, member for member and decline for decline."""
+bulk scan runs in C where it was built and in Python (numpy checks) otherwise: both run on every case
+and must agree, member for member and decline for decline."""
 
 from __future__ import annotations
 
 import io
-import os
 import random
 import shutil
 import tarfile
@@ -21,9 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prep.formats.tar as tar_mod
-import prep.formats.tar_bulk as bulk_mod
-from prep.formats.tar import TarFormatError, scan_tar
-from prep.formats.tar_bulk import PlainWalk, octal_columns, plain_headers, walk_plain
+from prep.formats.tar import TarFormatError, TarScan, scan_tar
+from prep.formats.tar_bulk import octal_columns, plain_headers, walk_plain
 
 KEYS = st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9]{1,6})?", fullmatch=True).filter(
     lambda k: not k.startswith("__"))
@@ -55,23 +53,23 @@ def exact_scan(path: Path) -> object:
 
 
 def python_walk_scan(path: Path) -> object:
-    real = bulk_mod._NATIVE_WALK, tar_mod._NATIVE_SCAN
-    bulk_mod._NATIVE_WALK = tar_mod._NATIVE_SCAN = None
+    real = tar_mod._NATIVE_SCAN
+    tar_mod._NATIVE_SCAN = None
     try:
         return outcome(path)
     finally:
-        bulk_mod._NATIVE_WALK, tar_mod._NATIVE_SCAN = real
+        tar_mod._NATIVE_SCAN = real
 
 
-def walks(path: Path) -> tuple[PlainWalk | None, PlainWalk | None]:
-    """The walk in Python and in C (None where either declines, or C was not built)."""
-    fd = os.open(path, os.O_RDONLY)
+def bulk_scans(path: Path) -> tuple[TarScan | None, TarScan | None]:
+    """The bulk scan in Python and in C (None where either declines, or C was not built)."""
+    native = tar_mod._plain_scan(str(path)) if tar_mod._NATIVE_SCAN else None
+    real = tar_mod._NATIVE_SCAN
+    tar_mod._NATIVE_SCAN = None
     try:
-        size = os.fstat(fd).st_size
-        native = bulk_mod._NATIVE_WALK(fd, size) if bulk_mod._NATIVE_WALK else None
-        return bulk_mod._walk_python(fd, size), None if native is None else PlainWalk(*native)
+        return tar_mod._plain_scan(str(path)), native
     finally:
-        os.close(fd)
+        tar_mod._NATIVE_SCAN = real
 
 
 def outcome(path: Path) -> object:
@@ -128,8 +126,8 @@ def test_bulk_scan_equals_exact_scan(tmp_path: Path, case) -> None:
     want = exact_scan(path)
     assert outcome(path) == want
     assert python_walk_scan(path) == want
-    in_python, in_c = walks(path)
-    if bulk_mod._NATIVE_WALK is not None:
+    in_python, in_c = bulk_scans(path)
+    if tar_mod._NATIVE_SCAN is not None:
         assert in_c == in_python
 
 
@@ -147,13 +145,15 @@ def test_both_walks_pass_over_only_one_harmless_pax_record(tmp_path: Path, recor
             info = tarfile.TarInfo(name)
             info.size, info.pax_headers = 3, records
             tf.addfile(info, io.BytesIO(b"abc"))
-    in_python, in_c = walks(path)
+    walk = walk_plain(str(path))
+    assert (walk is not None) == passes
+    in_python, in_c = bulk_scans(path)
     assert (in_python is not None) == passes
-    if bulk_mod._NATIVE_WALK is not None:
+    if tar_mod._NATIVE_SCAN is not None:
         assert in_c == in_python
     if passes:
-        assert in_python.sizes == [3, 3] and in_python.names == ["a.jpg", "a.txt"]
-        assert in_python.starts == [0, 2048] and in_python.headers == [1024, 3072]
+        assert walk.sizes == [3, 3] and walk.names == ["a.jpg", "a.txt"]
+        assert walk.starts == [0, 2048] and walk.headers == [1024, 3072]
     assert python_walk_scan(path) == exact_scan(path) == outcome(path)
 
 
@@ -174,16 +174,16 @@ def test_both_walks_decline_names_outside_the_plain_rule(tmp_path: Path, name: s
         header[148:155] = b"%06o\0" % sum(header)
         blob += header + b"abc".ljust(512, b"\0")
     path.write_bytes(bytes(blob + bytes(1024)))
-    assert walks(path) == (None, None)
+    assert walk_plain(str(path)) is None and bulk_scans(path) == (None, None)
     assert outcome(path) == exact_scan(path) == python_walk_scan(path)
 
 
-def test_native_walk_is_built_where_a_compiler_is() -> None:
-    """`make install` compiles the C walk (optional, so installs without a compiler still work); with a
-    compiler on the machine, a missing module means the build failed and every scan runs ~4x slower."""
+def test_native_helpers_are_built_where_a_compiler_is() -> None:
+    """`make install` compiles the C helpers (optional, so installs without a compiler still work); with
+    a compiler on the machine, a missing module means the build failed and every scan runs ~3x slower."""
     if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler here: the Python walk serves")
-    assert bulk_mod._NATIVE_WALK is not None, "prep.formats._tarnative was not built: re-run make install"
+        pytest.skip("no C compiler here: the Python versions serve")
+    assert tar_mod.NATIVE is not None, "prep.formats._tarnative was not built: re-run make install"
 
 
 def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
-/* The members of a plain tar, read natively: `tar_bulk._walk_python` (the header chain followed with one
- * pread a member, then checksums, field shapes and names checked with numpy) as one C loop, giving the
- * same PlainWalk or the same decline, at ~2 us a member instead of ~6 (the interpreter's share was most
- * of a repack's CPU). The GIL is released while reading, so threads walking several tars overlap. */
+/* prep's per-member tar work in C, each a twin of a Python version that runs where this was not built:
+ * - scan: a plain tar's Samples, as tar._plain_scan makes them from tar_bulk.walk_plain (the header chain
+ *   followed with one pread a window, then checksums, field shapes and names checked) and
+ *   tar._group_plain, decline for decline, at ~2 us a member instead of ~6;
+ * - layout: a bulk shard's headers and columns (tar._bulk_columns);
+ * - fill_members: one block of the bulk writer (tar._BlockSink._fill_block).
+ * The GIL is released while reading, so threads walking or filling from several tars overlap. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -179,38 +182,6 @@ static int walk(int fd, int64_t size, Walk *w) {
     return 1;
 }
 
-static PyObject *int_list(const Buf *b) {
-    Py_ssize_t n = (Py_ssize_t)(b->len / sizeof(int64_t));
-    const int64_t *v = (const int64_t *)b->data;
-    PyObject *list = PyList_New(n);
-    if (!list) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *x = PyLong_FromLongLong(v[i]);
-        if (!x) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, x);
-    }
-    return list;
-}
-
-static PyObject *name_list(const Walk *w) {
-    Py_ssize_t n = (Py_ssize_t)(w->name_lens.len / sizeof(int64_t));
-    const int64_t *lens = (const int64_t *)w->name_lens.data;
-    PyObject *list = PyList_New(n);
-    if (!list) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *x = PyUnicode_DecodeASCII(w->names.data + 100 * i, (Py_ssize_t)lens[i], NULL);
-        if (!x) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, x);
-    }
-    return list;
-}
-
 static void walk_free(Walk *w) {
     free(w->starts.data);
     free(w->headers.data);
@@ -218,9 +189,6 @@ static void walk_free(Walk *w) {
     free(w->names.data);
     free(w->name_lens.data);
 }
-
-PyDoc_STRVAR(walk_doc, "walk(fd, size) -> (starts, headers, sizes, names, end) or None\n\n"
-                       "A plain tar's members (see tar_bulk._walk_python), or None where it declines.");
 
 /* Walk with the GIL released: 1 walked, 0 declined, -1 with a Python error set. */
 static int walk_released(int fd, int64_t size, Walk *w) {
@@ -237,30 +205,6 @@ static int walk_released(int fd, int64_t size, Walk *w) {
         }
     }
     return rc;
-}
-
-static PyObject *walk_tar(PyObject *Py_UNUSED(self), PyObject *args) {
-    int fd;
-    long long size;
-    if (!PyArg_ParseTuple(args, "iL:walk", &fd, &size)) return NULL;
-    Walk w;
-    memset(&w, 0, sizeof w);
-    int rc = walk_released(fd, (int64_t)size, &w);
-    if (rc <= 0) {
-        walk_free(&w);
-        if (rc == 0) Py_RETURN_NONE;
-        return NULL;
-    }
-    PyObject *out = NULL, *starts = int_list(&w.starts), *headers = int_list(&w.headers),
-             *sizes = int_list(&w.sizes), *names = name_list(&w);
-    if (starts && headers && sizes && names)
-        out = Py_BuildValue("(OOOOL)", starts, headers, sizes, names, (long long)w.end);
-    Py_XDECREF(starts);
-    Py_XDECREF(headers);
-    Py_XDECREF(sizes);
-    Py_XDECREF(names);
-    walk_free(&w);
-    return out;
 }
 
 /* A Member (a 4-field tuple subclass) made as tuple.__new__ makes one: allocated, then filled. */
@@ -646,8 +590,7 @@ done:
     return result;
 }
 
-static PyMethodDef methods[] = {{"walk", walk_tar, METH_VARARGS, walk_doc},
-                                {"scan", scan_tar, METH_VARARGS, scan_doc},
+static PyMethodDef methods[] = {{"scan", scan_tar, METH_VARARGS, scan_doc},
                                 {"layout", layout, METH_VARARGS, layout_doc},
                                 {"fill_members", fill_members, METH_VARARGS, fill_doc},
                                 {NULL, NULL, 0, NULL}};
@@ -655,7 +598,7 @@ static PyMethodDef methods[] = {{"walk", walk_tar, METH_VARARGS, walk_doc},
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_tarnative",
-    .m_doc = "Native plain-tar walk (tar_bulk) and member reads (tar._BlockSink.bulk) for prep.formats.",
+    .m_doc = "Native plain-tar scan, bulk layout and member reads for prep.formats.tar.",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from prep.errors import PrepError
 from prep.formats.atomic import start_writeback, temp_name
 from prep.formats.checksum import checksum_of, new_hasher
-from prep.formats.tar_bulk import NATIVE, PLAIN_EXT, PLAIN_KEY, PlainWalk, plain_headers, walk_plain
+from prep.formats.tar_bulk import PLAIN_EXT, PLAIN_KEY, PlainWalk, plain_headers, walk_plain
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and Python's tarfile do
@@ -538,11 +539,24 @@ _HEADER_MODE, _HEADER_MTIME, _HEADER_TAIL = (
 _TEMPLATE_SUM = sum(_HEADER_MODE) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_TAIL)
 
 
+def _native() -> ModuleType | None:
+    """The C helpers (`_tarnative.c`: `scan`, `layout`, `fill_members`), where they were built at install
+    (a C compiler present); else None, and the Python versions serve."""
+    try:
+        from prep.formats import _tarnative
+    except ImportError:
+        return None
+    return _tarnative
+
+
+NATIVE = _native()
+
 WRITE_BLOCK = 1 << 20  # output is assembled, written and hashed in blocks this size (stays in CPU cache)
 # each block reaches the file in writes no larger than this: a 1 MiB or larger `write` makes Linux (6.x,
 # ext4 with large folios) fill page cache folios of that order, carved from free memory a VM's free page
 # reporting gave back to the host; their first touch cost 4-5x the copy itself there (1.2 vs 0.26 sys-s
-# per GB, see docs/design-notes.md), while smaller writes reuse recently freed pages. `cat` writes 128 KiB.
+# per GB, see docs/design-notes.md), while smaller writes reuse recently freed pages. (`cat` copies inside
+# the kernel with copy_file_range and never meets this.)
 WRITE_PIECE = 256 << 10
 WRITEBACK_BLOCK = 8 << 20  # writeback is started for this much at a time (fewer, larger disk requests)
 BULK_GAP = 1 << 12  # source members closer than this are read in one run (pax headers lie between them)
@@ -566,7 +580,8 @@ class _BlockSink:
     Copying is cheap only in bulk: member data is read from its source straight into the buffer (one
     `preadv` for a run of members that lie back to back in one source, as consecutive samples of a tar
     do), then headers and zero padding are put over whatever the source held between them, and a full
-    buffer costs one `write` and one checksum update (XXH3: a tenth of the copy's cost, so inline).
+    buffer costs one checksum update (XXH3: a tenth of the copy's cost, so inline) and a few `write`s
+    of WRITE_PIECE.
     With `writeback`, a helper thread starts writing each few MiB to disk as soon as they are written
     (the call may block while the disk's queue is full: there, not here), so disk and copy overlap and
     the fsync that ends the shard waits only for its tail (which alone makes the shard durable: a failed

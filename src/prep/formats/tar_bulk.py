@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -96,9 +94,9 @@ def walk_plain(path: str) -> PlainWalk | None:
     damage).
 
     The header chain is followed with one `pread` per member; checksums, name rules and field formats
-    are then checked for all headers at once (both in C where `_tarnative` was built: `_walk_python` is
-    the same walk, decline for decline). A `pread` costs less than the page fault of a memory map here,
-    and releases the GIL (threads scanning several tars overlap their waits).
+    are then checked for all headers at once (`_tarnative.scan` does the same in C, decline for
+    decline, where it was built). A `pread` costs less than the page fault of a memory map here, and
+    releases the GIL (threads scanning several tars overlap their waits).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -148,7 +146,7 @@ def _chain_python(fd: int, size: int) -> Chain | None:
             q, t = 2 * BLOCK, buf[2 * BLOCK + 156]
         if t == 48 or (t == 0 and buf[q] != 0):  # a regular file ('0', or NUL in old tars)
             # digits and padding in the first 11 bytes, as every common writer puts them; other shapes
-            # go the exact way, and `_walk_python`'s checks compare each whole size field with this
+            # go the exact way, and `_walk`'s checks compare each whole size field with this
             m = octal(buf, q + 124, q + 135)
             if m is None:
                 return None
@@ -167,29 +165,8 @@ def _chain_python(fd: int, size: int) -> Chain | None:
     return Chain(starts, headers, sizes, b"".join(member_blocks), b"".join(pax_blocks), pax_sizes, p)
 
 
-def _native() -> ModuleType | None:
-    """The C helpers (`_tarnative.c`: `walk` here; `scan`, `layout` and `fill_members` in `tar.py`), where
-    they were built at install (a C compiler present); else None, and the Python versions serve."""
-    try:
-        from prep.formats import _tarnative
-    except ImportError:
-        return None
-    return _tarnative
-
-
-NATIVE = _native()
-_NATIVE_WALK: Callable[[int, int], tuple[Any, ...] | None] | None = getattr(NATIVE, "walk", None)
-
-
 def _walk(fd: int, size: int) -> PlainWalk | None:
-    if _NATIVE_WALK is None:
-        return _walk_python(fd, size)
-    walked = _NATIVE_WALK(fd, size)
-    return None if walked is None else PlainWalk(*walked)
-
-
-def _walk_python(fd: int, size: int) -> PlainWalk | None:
-    """The walk where the C one was not built: the chain, then every check over all headers in numpy."""
+    """The chain, then every check over all headers in numpy."""
     ch = _chain_python(fd, size)
     if ch is None:
         return None

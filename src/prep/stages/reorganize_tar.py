@@ -547,8 +547,8 @@ def _run_task(task: Task, root: Any) -> TaskResult:
         if suffix:
             filled += len(chosen)
         elif chosen:
-            lo, hi = key_ranges.setdefault(meta["tar"], [chosen[0].key, chosen[-1].key])
-            key_ranges[meta["tar"]] = [min(lo, chosen[0].key), max(hi, chosen[-1].key)]
+            lo, hi = key_ranges.setdefault(tar, [chosen[0].key, chosen[-1].key])
+            key_ranges[tar] = [min(lo, chosen[0].key), max(hi, chosen[-1].key)]
     fields = Counter(itertools.chain.from_iterable(members for _, members in samples))  # one pass, in C
     info = write_shard(dest, samples, fsync=root.reorganize_tar.fsync)
     write_index(dest, info.offsets)
