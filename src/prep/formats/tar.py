@@ -42,14 +42,17 @@ _DRIVE_RE = re.compile(r"[A-Za-z]:[\\/]")  # a Windows drive: an absolute path t
 
 
 class TarFormatError(PrepError):
-    """A truncated or corrupt tar. `offset` is the byte where reading failed; members before it are sound."""
+    """A truncated or corrupt tar. `offset` is the byte where reading failed; members before it are sound.
+    `member` names the member whose header was read but whose data is cut, when that is the damage."""
 
-    def __init__(self, what: str, where: str | None = None, fix: str | None = None, offset: int = 0):
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None, offset: int = 0,
+                 member: str | None = None):
         self.offset = offset
+        self.member = member
         super().__init__(what, where, fix)
 
     def __reduce__(self):
-        return (type(self), (self.what, self.where, self.fix, self.offset))
+        return (type(self), (self.what, self.where, self.fix, self.offset, self.member))
 
 
 class UnsafeMemberError(PrepError):
@@ -307,13 +310,13 @@ def iter_members(
             if len(chunk) < size:
                 raise TarFormatError(f"tar is truncated: member {name!r} needs {size} bytes at byte "
                                      f"{data_offset}, file ends at byte {data_offset + len(chunk)}",
-                                     path, "re-create or re-download this shard", start)
+                                     path, "re-create or re-download this shard", start, name)
             data = chunk[:size]
         elif seekable:
             f.seek(pos)
         elif _skip(f, _padded(size)) < size:
             raise TarFormatError(f"tar is truncated inside member {name!r}", path,
-                                 "re-create or re-download this shard", start)
+                                 "re-create or re-download this shard", start, name)
         yield member, data
 
 
@@ -326,12 +329,22 @@ def iter_samples(
     reappears later in the tar is an error.
 
     With `file_size`, a member whose data would run past the end of the file raises `TarFormatError`
-    before its sample is yielded, so every yielded sample is whole. `archive_end` is as in `iter_members`.
+    before its sample is yielded, so every yielded sample is whole. When reading fails at a header (a
+    corrupt or cut one), the sample before it is whole up to there and is yielded before the error: every
+    sample whose members all end at or before the damage comes out. `archive_end` is as in `iter_members`.
     """
     current: Sample | None = None
     seen: set[str] = set()
     members = iter_members(f, path, read_data=read_data, seekable=seekable, archive_end=archive_end)
-    for member, data in members:
+    while True:
+        try:
+            member, data = next(members)
+        except StopIteration:
+            break
+        except TarFormatError as err:
+            if current is not None and _ends_before(current, err):
+                yield current
+            raise
         parts = None if is_meta_name(member.name) else split_key(member.name)
         if current is not None and parts is not None and parts[0] != current.key:
             yield current  # whole: the next sample's first member follows it
@@ -368,9 +381,19 @@ def iter_samples(
         yield current
 
 
+def _ends_before(sample: Sample, err: TarFormatError) -> bool:
+    """Whether damage reported by `iter_members` leaves `sample` whole: all of it lies before the damage,
+    and the damage is not a cut member of its own (whose header was read: `err.member`)."""
+    if sample.end > err.offset:
+        return False
+    parts = None if err.member is None or is_meta_name(err.member) else split_key(err.member)
+    return parts is None or parts[0] != sample.key
+
+
 def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> TarScan:
-    """Scan a shard's samples from its headers. With `tolerate_damage`, a truncated or corrupt tar gives
-    the samples before the damage and the error in `.error` instead of raising.
+    """Scan a shard's samples from its headers. With `tolerate_damage`, a truncated or corrupt tar (or an
+    empty file) gives every sample whose members all end at or before the damage, and the error in
+    `.error`, instead of raising.
 
     Plain tars (img2dataset's and prep's own) take the bulk path of `tar_bulk`; anything it declines
     (pax names, links, metadata members, damage, ...) is read here header by header, errors included."""
@@ -379,13 +402,16 @@ def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> 
         fast = _plain_scan(p)
     except OSError:
         fast = None  # the exact path below reports it
-    if fast is not None:
+    if fast is not None and (fast.samples or os.path.getsize(p)):
         return fast
     skipped: list[tuple[str, str]] = []
     samples: list[Sample] = []
     end: list[int] = []
     try:
         size = os.path.getsize(p)
+        if size == 0:  # even a tar of no members holds its end blocks: this one was never written
+            raise TarFormatError("the file is empty (0 bytes), so it is no tar", p,
+                                 "re-download or re-create it, or delete it")
         with open(p, "rb", buffering=0) as raw:
             f = io.BufferedReader(raw, buffer_size=BLOCK)
             for s in iter_samples(f, p, skipped=skipped, file_size=size, archive_end=end):
@@ -398,9 +424,6 @@ def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> 
     except TarFormatError as err:
         if not tolerate_damage:
             raise
-        # the last sample may be incomplete if damage hit it: drop every sample that reaches the damage
-        while samples and samples[-1].end > err.offset:
-            samples.pop()
         return TarScan(p, samples, skipped, samples[-1].end if samples else 0, err)
     return TarScan(p, samples, skipped, end[0] if end else 0)
 

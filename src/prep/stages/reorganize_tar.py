@@ -570,7 +570,10 @@ def _run_task(task: Task, root: Any) -> TaskResult:
             err = s.scan.error
             notes.append(f"{meta['rel']}: damaged at byte {err.offset} ({err.what}); kept the "
                          f"{len(s.scan.samples)} whole samples before it, the rest of the tar is unreadable")
-        counts["inputs_empty"] += int(not s.scan.samples)
+        if not s.scan.samples:
+            counts["inputs_empty"] += 1
+            if s.scan.error is None:  # a damaged one is named above
+                notes.append(f"{meta['rel']}: holds no samples (a tar of end blocks only)")
     for i, a, b in p["tail_dropped"]:
         meta, chosen = inputs[str(i)], scans[str(i)].usable[a:b]
         dropped["tail: drop"] += len(chosen)
