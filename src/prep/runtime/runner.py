@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from prep.errors import PrepError
-from prep.formats.atomic import remove_stale_temps
+from prep.formats.atomic import remove_dead_temps, remove_stale_temps
 from prep.runtime.markers import describe_outputs, read_valid_marker, write_marker
 from prep.runtime.progress import task_progress
 from prep.stages import get_stage
@@ -200,5 +200,8 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                 run.errors.append(err.line())
         else:
             run.waiting_for_other_slices = True
+    outputs = stage.output_dirs(cfg) if hasattr(stage, "output_dirs") else [marker_dir.parents[2]]
+    for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
+        remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start
     return run

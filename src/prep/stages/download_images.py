@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from prep.errors import PrepError
-from prep.formats.atomic import write_text_atomic
+from prep.formats.atomic import temp_name, write_text_atomic
 from prep.formats.checksum import file_checksum
 from prep.formats.tar import FileSlice, iter_members, scan_tar, split_key, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
@@ -386,7 +386,7 @@ def _read_stats(path: Path) -> dict[str, Any]:
 def _write_parquet(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)

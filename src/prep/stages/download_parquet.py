@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import Field, SecretStr
 
 from prep.errors import PrepError
+from prep.formats.atomic import temp_name
 from prep.formats.checksum import file_checksum
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
@@ -198,7 +199,7 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
     if target.is_file() and target.stat().st_size == p["size"]:
         return target, False
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temp_name(target)
     try:
         fs.get_file(path, str(tmp))
         if tmp.stat().st_size != p["size"]:
@@ -219,8 +220,7 @@ def split_parquet(src: Path, out_dir: Path, stem: str, k: int, *, link_ok: bool)
     out_dir.mkdir(parents=True, exist_ok=True)
     finals = [out_dir / part_name(stem, i) for i in range(k)]
     if k == 1:
-        tmp = finals[0].with_name(f".{finals[0].name}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
+        tmp = temp_name(finals[0])
         try:
             if link_ok:
                 try:
@@ -236,7 +236,7 @@ def split_parquet(src: Path, out_dir: Path, stem: str, k: int, *, link_ok: bool)
     batches = pf.iter_batches(batch_size=65536)
     pending = None  # the rest of a batch that crossed a part boundary
     for final, want in zip(finals, sizes, strict=True):
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = temp_name(final)
         try:
             with pq.ParquetWriter(tmp, pf.schema_arrow) as w:
                 left = want

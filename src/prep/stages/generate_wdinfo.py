@@ -73,6 +73,19 @@ def marker_dir(root: Any) -> Path:
     return Path(dirs[0]) / ".prep" / "done" / NAME
 
 
+def output_dirs(root: Any) -> list[Path]:
+    """Where the stage writes: each shard folder (.idx, manifest.json, .nv-meta/) and wdinfo.pkl."""
+    cfg: Config = root.generate_wdinfo
+    folders = [Path(f) for f in cfg.input_dir]
+    return [*folders, Path(cfg.output_wdinfo_path) if cfg.output_wdinfo_path else _wdinfo_path(folders)]
+
+
+def _wdinfo_path(folders: list[Path]) -> Path:
+    """wdinfo.pkl's default place: the shard folder, or the folder above all of them."""
+    base = Path(os.path.commonpath([str(f.resolve()) for f in folders])) if len(folders) > 1 else folders[0]
+    return base / "wdinfo.pkl"
+
+
 def plan(root: Any, opts: RunOptions) -> list[Task]:
     cfg: Config = root.generate_wdinfo
     if not cfg.input_dir:
@@ -197,7 +210,7 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
             if user_dataset_yaml(folder):
                 notes.append(f"kept {folder / '.nv-meta' / 'dataset.yaml'} (not written by prep)")
             write_nv_meta(folder, {d["rel"]: d["samples"] for d in entries}, sorted(fields))
-    base = Path(os.path.commonpath([str(f.resolve()) for f in folders])) if len(folders) > 1 else folders[0]
+    base = _wdinfo_path(folders).parent
     tar_files = [(folders[r.data["folder"]].resolve() / r.data["rel"]).relative_to(base.resolve()).as_posix()
                  for r in results]
     total = sum(all_counts)
