@@ -115,12 +115,27 @@ class Config(StageConfig):
 # --------------------------------------------------------------------------------------------- decisions
 
 
-def read_columns(path: str | os.PathLike[str]) -> list[str]:
+@contextmanager
+def reading_parquet(path: str | os.PathLike[str], fix: str) -> Iterator[None]:
+    """pyarrow's error for a file that is no parquet (or a cut one), as one line naming the file."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise PrepError(f"not a readable parquet file ({str(err).splitlines()[0]})", str(path), fix) from None
+
+
+NOT_A_PART = ("replace it with a real parquet file (re-run download_parquet with --force), or move it out of "
+              "download_images.input_dir")
+
+
+def read_columns(path: str | os.PathLike[str], fix: str = NOT_A_PART) -> list[str]:
     """Column names of a parquet file (reads the footer only)."""
     import fsspec
     import pyarrow.parquet as pq
 
-    with fsspec.open(str(path), "rb") as f:
+    with fsspec.open(str(path), "rb") as f, reading_parquet(path, fix):
         return pq.read_schema(f).names
 
 
@@ -172,6 +187,9 @@ _REASONS: list[tuple[str, str]] = [
     ("connection reset", "connection_reset"), ("name or service not known", "dns_error"),
     ("nodename nor servname", "dns_error"), ("remote end closed", "connection_closed"),
     ("redirect", "too_many_redirects"),
+    # img2dataset's message for a null URL (it shows as 'None') and an empty one
+    ("unknown url type: 'none'", "url_missing"), ("unknown url type: ''", "url_missing"),
+    ("unknown url type", "bad_url"),
 ]
 
 
@@ -308,8 +326,10 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
     args = img2dataset_args(cfg)
     prefixes: dict[str, str] = {}
     tasks = []
-    for path in find_parts(inp, cfg.parquet_pattern):
-        meta = pq.read_metadata(path)
+    parts = find_parts(inp, cfg.parquet_pattern)
+    for path in parts:
+        with reading_parquet(path, NOT_A_PART):
+            meta = pq.read_metadata(path)
         check_columns(meta.schema.to_arrow_schema().names, cfg, str(path))
         part = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.stem
         prefix = key_prefix(part)
@@ -318,7 +338,8 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
                             str(inp), "rename one of the parts")
         prefixes[prefix] = part
         shards, per = shard_layout(meta.num_rows, cfg.number_sample_per_shard, cfg.balance_shards)
-        if shards == 0:
+        if shards == 0:  # kept as a task, so the summary names it
+            tasks.append(Task(part, {"part": part, "path": str(path.resolve()), "shards": 0}))
             continue
         final = (out / part).resolve()
         digits = args["oom_shard_count"]
@@ -331,6 +352,10 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
         if opts.retry_failed:
             payload["retry_failed"] = {"failed": _failed_now(final)}
         tasks.append(Task(part, payload, outputs, weight=meta.num_rows))
+    if all(t.payload["shards"] == 0 for t in tasks):
+        raise PrepError(f"every parquet part is empty (0 rows), e.g. {parts[0].name}", str(inp),
+                        "check the parquet source (download_parquet splits each file into "
+                        "parquet_subpartitions parts: fewer parts than rows leaves none empty)")
     return tasks
 
 
@@ -656,6 +681,9 @@ def _restat(table: Any, old: dict[str, Any]) -> dict[str, Any]:
 
 def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
     p = task.payload
+    if p["shards"] == 0:
+        return TaskResult(task.id, counts={"parts_empty": 1},
+                          notes=[f"{p['path']}: the part is empty (0 rows); nothing to download from it"])
     where = f"download_images part {p['part']} ({p['path']})"
     restarted = _start_fresh_if_stale(p)
     published, facts = _download_part(p, where)

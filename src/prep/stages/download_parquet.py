@@ -25,6 +25,8 @@ NAME = "download_parquet"
 TITLE = "fetch caption+URL parquet files from a HuggingFace dataset repo or a path, split into parts"
 VERSION = 1
 SOURCE_DIR = "source"
+NOT_PARQUET = ("replace it with a real parquet file, or narrow download_parquet.source_path / "
+               "parquet_pattern so it is not taken")
 _MASK = "**********"  # what a SecretStr becomes when the config travels to a worker as JSON
 
 
@@ -151,7 +153,7 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
         from prep.stages.download_images import check_columns, read_columns
 
         for s in sources:  # a local schema costs a footer read: check before any task runs
-            check_columns(read_columns(s["url"]), root.download_images, s["url"])
+            check_columns(read_columns(s["url"], NOT_PARQUET), root.download_images, s["url"])
     stems: dict[str, str] = {}
     tasks = []
     for s in sources:
@@ -267,13 +269,14 @@ def _delete_source(task: Task, src: Path) -> None:
 def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
     import pyarrow.parquet as pq
 
-    from prep.stages.download_images import check_columns
+    from prep.stages.download_images import check_columns, reading_parquet
 
     cfg: Config = root.download_parquet
     p = task.payload
     src, downloaded = _fetch(task, cfg, opts)
     where = p.get("url") or f"{p.get('repo')}: {p['rel']}"
-    names = pq.read_schema(src).names
+    with reading_parquet(where, NOT_PARQUET):
+        names = pq.read_schema(src).names
     if p["check"]:
         check_columns(names, root.download_images, where)
     out = Path(p["output_dir"])
