@@ -158,12 +158,14 @@ def test_set_overrides_file_and_errors_point_at_set(tmp_path: Path) -> None:
     path = write(tmp_path, "generate_wdinfo:\n  tar_chunk_size: 7\n")
     assert load_config(path, ["generate_wdinfo.tar_chunk_size=9"]).generate_wdinfo.tar_chunk_size == 9
     (err,) = errors_of(path, ["generate_wdinfo.tar_chunk_size=zero"])
-    assert err.where == "--set" and "generate_wdinfo.tar_chunk_size" in err.what
+    assert err.where == "--set generate_wdinfo.tar_chunk_size"
+    assert "generate_wdinfo.tar_chunk_size" in err.what
     (err,) = errors_of(path, ["generate_wdinfo.nope=1"])
     assert "unknown key generate_wdinfo.nope" in err.what
-    for bad in ["novalue", "=3", "generate_wdinfo.tar_chunk_size.deeper=1"]:
+    deeper = "generate_wdinfo.tar_chunk_size.deeper"
+    for bad, where in [("novalue", "--set"), ("=3", "--set"), (f"{deeper}=1", f"--set {deeper}")]:
         (err,) = errors_of(path, [bad])
-        assert err.where == "command line"
+        assert err.where == where
 
 
 def test_interpolation_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,23 +98,39 @@ def parse_scalar(text: str) -> Any:
 def apply_override(data: dict[str, Any], assignment: str) -> tuple[str, ...]:
     """Set `a.b=c` in `data` (the value typed as YAML); returns the key path it set."""
     if "=" not in assignment:
-        raise PrepError(f"--set {assignment!r} has no '='", "command line", "write --set key.path=value")
+        raise PrepError(f"{assignment!r} has no '='", "--set", "write --set key.path=value")
     key, _, value = assignment.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
+    key = key.strip()
+    parts = [p for p in key.split(".") if p]
     if not parts:
-        raise PrepError(f"--set {assignment!r} has an empty key", "command line",
-                        "write --set key.path=value")
+        raise PrepError(f"{assignment!r} has an empty key", "--set", "write --set key.path=value")
     node = data
     for p in parts[:-1]:
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
-            raise PrepError(f"--set {key}: {p!r} is a value, not a section", "command line",
+            raise PrepError(f"{p!r} is a value, not a section", f"--set {key}",
                             "set the value itself, not a key below it")
         node = nxt
     node[parts[-1]] = parse_scalar(value)
     return tuple(parts)
+
+
+Overrides = dict[tuple[str, ...], str]  # key path set by --set -> the key as typed
+
+
+def origin(loc: tuple[str, ...], where: str, lines: dict[tuple[str, ...], int], overrides: Overrides) -> str:
+    """Where the value at key path `loc` came from, for an error about it: `--set KEY` when an override
+    set it or a section above it (overrides replace what the file says), or shares more of its path than
+    anything the file sets (a section given only by --set); else `file:line` of the deepest key on the
+    path that the file sets."""
+    file_depth = next((n for n in range(len(loc), 0, -1) if loc[:n] in lines), 0)
+    for parts, typed in overrides.items():
+        shared = next((n for n in range(min(len(parts), len(loc)), 0, -1) if parts[:n] == loc[:n]), 0)
+        if shared == len(parts) or shared > file_depth:
+            return f"--set {typed}"
+    return f"{where}:{lines[loc[:file_depth]]}" if file_depth else where
 
 
 # ----------------------------------------------------------------------------------------- interpolation
@@ -148,15 +164,15 @@ def _target(ref: str, path: str) -> list[str] | None:
     return base[: len(base) - up] + rest
 
 
-def interpolate(data: dict[str, Any], where: str,
-                lines: dict[tuple[str, ...], int] | None = None) -> dict[str, Any]:
+def interpolate(data: dict[str, Any], where: str, lines: dict[tuple[str, ...], int] | None = None,
+                overrides: Overrides | None = None) -> dict[str, Any]:
     """Resolve `${key.path}`, relative `${.key}`/`${..section.key}` (NeMo's form), `${env:VAR}`,
     `${oc.env:VAR,default}` and `${VAR}` (a config key first, else an environment variable).
-    Errors name the file, the line (from `lines`) and the key that holds the reference."""
+    Errors name the key that holds the reference and where it was set (file and line from `lines`, or
+    the `--set` of `overrides`)."""
 
     def place(path: str) -> str:
-        line = (lines or {}).get(tuple(path.split(".")))
-        return f"{where}:{line}" if line else where
+        return origin(tuple(path.split(".")), where, lines or {}, overrides or {})
 
     def resolve_ref(ref: str, path: str, stack: tuple[str, ...]) -> Any:
         ref = ref.strip()
@@ -269,20 +285,13 @@ _SECRET_KEY = re.compile(r"token|secret|password|credential", re.IGNORECASE)
 
 
 def _validation_errors(err: ValidationError, where: str, lines: dict[tuple[str, ...], int],
-                       overridden: frozenset[tuple[str, ...]] = frozenset()) -> PrepErrorGroup:
+                       overrides: Overrides | None = None) -> PrepErrorGroup:
     """One PrepError per problem, placed at `file:line`, or at `--set KEY` when the value came from there."""
     out: list[PrepError] = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(loc) or "(top level)"
-        place = where
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in overridden:
-                place = "--set"
-                break
-            if loc[:n] in lines:
-                place = f"{where}:{lines[loc[:n]]}"
-                break
+        place = origin(loc, where, lines, overrides or {})
         if e["type"] == "extra_forbidden":
             what = f"unknown key {key}"
             fix = "remove it or check its spelling (`prep keys STAGE` lists every key)"
@@ -316,9 +325,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         if not isinstance(data, dict):
             raise PrepError("config must be a mapping of keys to values", where,
                             "start from configs/download_multimodal.yaml")
-    overridden = frozenset(apply_override(data, assignment) for assignment in overrides or [])
-    data = interpolate(data, where, lines)
+    typed = {apply_override(data, a): a.partition("=")[0].strip() for a in overrides or []}
+    data = interpolate(data, where, lines, typed)
     try:
         return root_model().model_validate(data)
     except ValidationError as err:
-        raise _validation_errors(err, where, lines, overridden) from None
+        raise _validation_errors(err, where, lines, typed) from None
