@@ -50,3 +50,30 @@ def test_file_errors_stay_with_the_file_beside_a_set(tmp_path: Path) -> None:
     assert got.exit_code == 1
     assert error_lines(got.output) == [f"error: {config}:3: reorganize_tar.tar_chunk_size: Input should be "
                                        "greater than or equal to 1 (got 0) — fix: correct the value"]
+
+
+@pytest.mark.parametrize("bad", ["../A/000000.tar", "/abs/000000.tar", "x/../../A/000000.tar", "..\\A\\0.tar",
+                                 "C:/A/000000.tar", "", "x/.."])
+def test_shard_paths_leaving_the_dataset_are_refused_alike_by_wdinfo_and_manifest(tmp_path: Path,
+                                                                                   bad: str) -> None:
+    from prep.errors import PrepError
+    from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
+    from prep.formats.tar import write_shard
+    from prep.formats.wdinfo import write_wdinfo
+    from prep.loaders import ShardDataset
+
+    outside, dataset = tmp_path / "A", tmp_path / "B"
+    write_shard(outside / "000000.tar", [(f"k{i}", {"txt": b"x"}) for i in range(3)], fsync=False)
+    write_shard(dataset / "000000.tar", [(f"k{i}", {"txt": b"x"}) for i in range(3)], fsync=False)
+    write_wdinfo(dataset / "wdinfo.pkl", ["000000.tar"], 3, 3)
+    assert ShardDataset(dataset / "wdinfo.pkl", batch_size=1, rank=0, world_size=1).total == 3
+    write_wdinfo(dataset / "wdinfo.pkl", ["000000.tar", bad], 3, 6)
+    with pytest.raises(PrepError) as refused:
+        ShardDataset(dataset / "wdinfo.pkl", batch_size=1, rank=0, world_size=1)
+    assert refused.value.what == f"tar_files path {bad!r} leaves the dataset folder"
+    assert refused.value.where == str(dataset / "wdinfo.pkl") and "\n" not in refused.value.line()
+    write_manifest(dataset, Manifest([ShardEntry(bad, 3, 10240, "xxh3_128:0")]))
+    with pytest.raises(PrepError, match=r"manifest shard path .* leaves the dataset folder"):
+        read_manifest(dataset)
+    got = runner.invoke(app, ["verify", str(dataset)], terminal_width=400)
+    assert got.exit_code == 1 and "leaves the dataset folder" in got.output

@@ -15,6 +15,7 @@ from typing import Any
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
+from prep.formats.dataset_path import check_dataset_path
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "prep-manifest"
@@ -84,9 +85,8 @@ class Manifest:
             raise PrepError(f"manifest shard entry is malformed ({err})", where,
                             "regenerate it with `prep run generate_wdinfo`") from None
         for s in shards:
-            if s.path.startswith("/") or ".." in s.path.split("/"):
-                raise PrepError(f"manifest shard path {s.path!r} leaves the dataset folder", where,
-                                "use paths relative to the manifest's folder")
+            check_dataset_path(s.path, "manifest shard path", where,
+                               "use paths relative to the manifest's folder")
         m = cls(shards, doc.get("fields") or {}, doc.get("encoders") or {}, doc.get("history") or [],
                 doc.get("chunk_size"))
         if doc.get("total_samples") != m.total_samples:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_bytes_atomic
+from prep.formats.dataset_path import check_dataset_path
 
 
 def wdinfo_dict(tar_files: Sequence[str], chunk_size: int, total_key_count: int) -> dict:
@@ -37,7 +38,8 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_wdinfo(path: str | os.PathLike[str]) -> dict:
-    """Load a wdinfo.pkl safely (no class may be loaded) and check NeMo's keys and types."""
+    """Load a wdinfo.pkl safely (no class may be loaded) and check NeMo's keys and types, and that every
+    shard it lists stays inside its folder (the rule manifest.json follows)."""
     p = Path(path)
     try:
         info = _PlainUnpickler(io.BytesIO(p.read_bytes())).load()
@@ -54,4 +56,7 @@ def read_wdinfo(path: str | os.PathLike[str]) -> dict:
     if not ok:
         raise PrepError("wdinfo.pkl lacks NeMo's keys tar_files (list of str), chunk_size and "
                         "total_key_count (int)", str(p), "regenerate it with generate_wdinfo")
+    for t in info["tar_files"]:
+        check_dataset_path(t, "tar_files path", str(p),
+                           "list shards relative to wdinfo.pkl's folder (regenerate it with generate_wdinfo)")
     return info
