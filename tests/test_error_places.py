@@ -3,6 +3,7 @@ a non-zero exit, blamed on what caused them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,57 @@ def test_shard_paths_leaving_the_dataset_are_refused_alike_by_wdinfo_and_manifes
         read_manifest(dataset)
     got = runner.invoke(app, ["verify", str(dataset)], terminal_width=400)
     assert got.exit_code == 1 and "leaves the dataset folder" in got.output
+
+
+def reorganize_args(inp: Path, out: Path) -> list[str]:
+    return ["run", "reorganize_tar", "--set", f"reorganize_tar.input_dir={inp}", "--set",
+            f"reorganize_tar.output_dir={out}", "--set", "reorganize_tar.tar_chunk_size=1", "--quiet"]
+
+
+CANNOT_WRITE = {
+    "file": ("the output folder is a file", "or move the file away"),
+    "under_a_file": ("cannot write the output folder (Not a directory)", "or fix its permissions"),
+    "read_only": ("cannot write the output folder (Permission denied)", "or fix its permissions"),
+}
+
+
+@pytest.mark.parametrize("make", list(CANNOT_WRITE))
+def test_an_output_folder_that_cannot_be_written_is_one_error_up_front(tmp_path: Path, make: str) -> None:
+    from prep.formats.tar import write_shard
+
+    if make == "read_only" and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    inp = tmp_path / "raw"
+    write_shard(inp / "a.tar", [(f"k{i}", {"txt": b"x"}) for i in range(20)], fsync=False)
+    (tmp_path / "taken").write_text("a file")
+    out = {"file": tmp_path / "taken", "under_a_file": tmp_path / "taken" / "out",
+           "read_only": tmp_path / "ro"}[make]
+    if make == "read_only":
+        out.mkdir(mode=0o500)
+    got = runner.invoke(app, reorganize_args(inp, out), terminal_width=400)
+    assert got.exit_code == 1
+    (line,) = [ln for ln in got.output.splitlines() if ln.strip()]  # one line, not one per task (20)
+    what, fix = CANNOT_WRITE[make]
+    assert line == (f"error: {out}: {what} — fix: set reorganize_tar.output_dir (or dataset_output_root) "
+                    f"to a folder you can write, {fix}")
+
+
+def test_the_summary_prints_each_repeated_error_once_with_its_count() -> None:
+    from rich.console import Console
+
+    from prep.runtime.runner import StageRun
+    from prep.runtime.summary import print_summary
+    from prep.stages.base import TaskResult
+
+    run = StageRun("reorganize_tar", 1003)
+    run.results = [TaskResult(f"{j:06d}.tar", "failed", error="OSError: [Errno 28] No space left on device")
+                   for j in range(1000)]
+    run.results += [TaskResult("a.tar", "failed", error="a.tar: shard not found"), TaskResult("b.tar")]
+    run.errors = ["reorganize_tar: finalize failed"]
+    console = Console(record=True, width=400)
+    print_summary(run, console)
+    errors = [ln for ln in console.export_text().splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: 000000.tar: OSError: [Errno 28] No space left on device (× 1,000 tasks, "
+                      "000000.tar … 000999.tar)", "error: a.tar: a.tar: shard not found",
+                      "error: reorganize_tar: finalize failed"]
+    assert len(run.to_json()["errors"]) == 1002  # the JSON keeps every task's error for machines

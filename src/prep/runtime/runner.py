@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from prep.errors import PrepError
-from prep.formats.atomic import remove_dead_temps, remove_stale_temps
+from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name
 from prep.runtime.markers import describe_outputs, read_valid_marker, write_marker
 from prep.runtime.progress import task_progress
 from prep.stages import get_stage
@@ -58,6 +58,15 @@ class StageRun:
         for r in self.results:
             total.update(r.dropped)
         return dict(total)
+
+    def grouped_errors(self) -> list[str]:
+        """The errors, each distinct task error once with how many tasks failed with it (a full disk or a
+        bad output folder fails every task alike), then the stage's own."""
+        by_error: dict[str, list[str]] = {}
+        for r in self.failed:
+            by_error.setdefault(str(r.error), []).append(r.task_id)
+        return [f"{ids[0]}: {err}" + (f" (× {len(ids):,} tasks, {ids[0]} … {ids[-1]})" if ids[1:] else "")
+                for err, ids in by_error.items()] + self.errors
 
     def to_json(self) -> dict[str, Any]:
         by_status = Counter(r.status for r in self.results)
@@ -125,6 +134,23 @@ def _completed(executor: Any, todo: list[Task], name: str, cfg_json: dict[str, A
 RUNNERS = ("local", "ray")
 
 
+def check_output_folder(folder: Path, stage: str) -> None:
+    """Fail once, before any task, when the stage cannot write its output folder (a file is there, a
+    parent is a file, no permission, a read-only disk) instead of once per task. Creates the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(folder / ".prep-write-check")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        is_file = folder.exists() and not folder.is_dir()
+        what = "the output folder is a file" if is_file else \
+            f"cannot write the output folder ({err.strerror or type(err).__name__})"
+        raise PrepError(what, str(folder),
+                        f"set {stage}.output_dir (or dataset_output_root) to a folder you can write"
+                        + (", or move the file away" if is_file else ", or fix its permissions")) from None
+
+
 def make_executor(opts: RunOptions, n_tasks: int):
     if opts.runner == "ray":
         from prep.runtime.ray_runner import RayExecutor
@@ -156,6 +182,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         run.results = [TaskResult(t.id, "planned", data={"payload": t.payload}) for t in mine]
         return run
     marker_dir: Path = stage.marker_dir(cfg)
+    check_output_folder(marker_dir.parents[2], name)
     version = getattr(stage, "VERSION", 1)
     results: dict[str, TaskResult] = {}
     todo: list[Task] = []

@@ -36,5 +36,5 @@ def print_summary(run: StageRun, console: Console) -> None:
         console.print(f"• {line}", highlight=False, markup=False)
     if len(notes) > MAX_NOTES:
         console.print(f"… and {len(notes) - MAX_NOTES} more notes (use --json for all)")
-    for err in doc["errors"]:
+    for err in run.grouped_errors():
         console.print(Text("error: ", style="red") + Text(err), highlight=False, soft_wrap=True)
