@@ -227,8 +227,9 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                 run.errors.append(err.line())
         else:
             run.waiting_for_other_slices = True
-    outputs = stage.output_dirs(cfg) if hasattr(stage, "output_dirs") else [marker_dir.parents[2]]
-    for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
-        remove_dead_temps(folder)
+    if run.ok and not run.waiting_for_other_slices:  # the stage is complete: once, not in every slice
+        outputs = stage.output_dirs(cfg) if hasattr(stage, "output_dirs") else [marker_dir.parents[2]]
+        for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
+            remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start
     return run
