@@ -3,7 +3,11 @@
 A stage module defines `NAME`, `TITLE` (one line for `prep stages`), `Config` (a `StageConfig`),
 `plan(root, opts) -> list[Task]`, `run_task(task, root, opts) -> TaskResult`, `marker_dir(root)`,
 and optionally `finalize(root, results, opts) -> list[str]` which runs once every task of the whole
-plan is done (it returns lines for the summary). Stage modules import no torch at import time.
+plan is done (it returns lines for the summary). `marker_dir` is `<output folder>/.prep/done/<stage>`:
+the runner checks that the output folder can be written before any task, and sweeps dead writers' temp
+files from it when the stage completes; a stage that writes elsewhere too lists every place in
+`output_dirs(root) -> list[Path]` (folders, or files whose siblings are swept). Stage modules import no
+torch at import time.
 """
 
 from __future__ import annotations
