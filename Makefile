@@ -6,26 +6,28 @@ DEMO_OUT ?= demo_out
 
 .PHONY: install install-bench test test-fast lint shards bench clean
 
-install:  ## torch first (pinned: a looser spec would pull a CUDA build), then prep with its dev extra
+install:  ## torch first (pinned: a looser spec would pull a CUDA build), then prep with every extra + dev tools
 	$(PIP) install "torch==$(TORCH_VERSION)"
 	printf 'torch==%s\n' "$(TORCH_VERSION)" > .torch-constraint.txt
-	$(PIP) install -c .torch-constraint.txt -e ".[dev]"
+	$(PIP) install -c .torch-constraint.txt -e ".[all,dev]"
 
 BENCH_VENV ?= .bench-venv
 
 install-bench:  ## the benchmarks' peers in their own venv (they pin older numpy/transformers), torch kept pinned
 	$(PYTHON) -m venv --system-site-packages $(BENCH_VENV)
 	printf 'torch==%s\n' "$(TORCH_VERSION)" > .torch-constraint.txt
-	$(BENCH_VENV)/bin/python -m pip install -c .torch-constraint.txt -e ".[bench]"
+	$(BENCH_VENV)/bin/python -m pip install -c .torch-constraint.txt -e ".[all,bench]"
 
-test:  ## every test, slow ones included (CI runs exactly this)
+test: lint  ## the lint checks, then every test, slow ones included (CI runs exactly this)
 	$(PYTHON) -m pytest -q
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
-lint:
+lint:  ## ruff, the layer contract (import-linter, see [tool.importlinter]) and the type checker
 	$(PYTHON) -m ruff check src tests bench
+	lint-imports
+	$(PYTHON) -m mypy
 
 shards:  ## the main job: all stages on the embedded offline demo (local HTTP images, tiny encoders)
 	$(PYTHON) -m prep.demo --out $(DEMO_OUT)

@@ -7,6 +7,7 @@ shows the traceback. torch is imported only by the stages that need it, so start
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,8 +37,20 @@ def _fail(err: PrepError) -> None:
     raise typer.Exit(1)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from prep import __version__
+
+        out_console.print(f"prep {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks for errors")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="show Python tracebacks for errors"),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="print prep's version and exit"),
+) -> None:
     _state["debug"] = debug
 
 
@@ -267,6 +280,26 @@ def _print_error(line: str) -> None:
     err_console.print(Text("error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
 
 
+_EXTRA_REQ = re.compile(r"""([A-Za-z0-9_.-]+)[^;]*;\s*extra\s*==\s*['"]([^'"]+)['"]""")
+
+
+def missing_extra(err: ModuleNotFoundError) -> PrepError:
+    """Name the extra that provides a missing module, read from prep's own metadata (pyproject's
+    optional-dependencies are the one home of that mapping)."""
+    from importlib import metadata
+
+    module = (err.name or "").split(".")[0]
+    wanted = module.lower().replace("_", "-")
+    try:
+        requires = metadata.requires("prep") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    extras = [m[2] for m in map(_EXTRA_REQ.match, requires)
+              if m and m[1].lower().replace("_", "-") == wanted and m[2] not in ("all", "dev", "bench")]
+    fix = f"pip install 'prep[{extras[0]}]' (or 'prep[all]')" if extras else f"pip install {module}"
+    return PrepError(f"this command needs {module}, which is not installed", "prep", fix)
+
+
 def main() -> None:
     """The console script: every error is one line and exit 1; `--debug` re-raises with the traceback."""
     try:
@@ -276,6 +309,11 @@ def main() -> None:
             raise
         for e in getattr(err, "errors", [err]):
             _print_error(e.line())
+        sys.exit(1)
+    except ModuleNotFoundError as err:  # a command whose extra is not installed
+        if _state["debug"]:
+            raise
+        _print_error(missing_extra(err).line())
         sys.exit(1)
     except Exception as err:  # an OS error or a bug: still one line, the traceback only with --debug
         if _state["debug"]:

@@ -48,9 +48,15 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"),
                               list("-+0123456789"))
-_Loader.add_constructor(  # YAML 1.2: `010` is ten, not octal eight
-    "tag:yaml.org,2002:int",
-    lambda loader, node: int(v, 16) if (v := loader.construct_scalar(node)).startswith("0x") else int(v, 10))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.2 integers: `010` is ten, not octal eight."""
+    text = str(loader.construct_scalar(node))
+    return int(text, 16) if text.startswith("0x") else int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
@@ -268,7 +274,7 @@ def _make_root_model() -> type[BaseModel]:
     from pydantic import create_model
 
     fields = {name: _stage_field(name) for name in STAGE_ORDER}
-    return create_model("PrepConfig", __base__=_RootBase, **fields)  # type: ignore[call-overload]
+    return create_model("PrepConfig", __base__=_RootBase, **fields)
 
 
 _ROOT_MODEL: type[BaseModel] | None = None

@@ -73,6 +73,7 @@ def _hub_error(err: Exception, what: str, where: str, token: str | None) -> Prep
 def list_parquet(repo_id: str, revision: str, pattern: str, token: str | None) -> list[RemoteFile]:
     """Files of the dataset repo at `revision` whose path (or base name) matches `pattern`, sorted."""
     from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(endpoint=endpoint(), token=token)
     where = f"hub dataset {repo_id}@{revision}"
@@ -82,10 +83,9 @@ def list_parquet(repo_id: str, revision: str, pattern: str, token: str | None) -
         raise _hub_error(err, "cannot list the repository", where, token) from None
     out = []
     for e in entries:
-        if not hasattr(e, "size") or not matches(e.path, pattern):
-            continue
-        lfs = getattr(e, "lfs", None)
-        out.append(RemoteFile(e.path, int(e.size), lfs.sha256 if lfs else None, e.blob_id))
+        if not isinstance(e, RepoFile) or not matches(e.path, pattern):
+            continue  # folders
+        out.append(RemoteFile(e.path, int(e.size), e.lfs.sha256 if e.lfs else None, e.blob_id))
     return sorted(out, key=lambda f: f.path)
 
 

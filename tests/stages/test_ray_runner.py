@@ -1,6 +1,6 @@
 """`--runner ray` on real local Ray (2 CPUs): reorganize_tar then merge_source_tar give the same bytes
 as the process-pool runner, a task that fails in a Ray worker is reported, not fatal, and the Ray job
-entry point (stages/ray/ray_job.py) runs stages on it."""
+entry point (recipes/ray/ray_job.py) runs stages on it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from prep.stages.base import RunOptions
 
 
 def load_ray_job():
-    path = Path(__file__).resolve().parents[2] / "stages" / "ray" / "ray_job.py"
+    path = Path(__file__).resolve().parents[2] / "recipes" / "ray" / "ray_job.py"
     spec = importlib.util.spec_from_file_location("prep_ray_job", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

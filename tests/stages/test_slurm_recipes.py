@@ -1,4 +1,4 @@
-"""The Slurm recipes in stages/slurm: the array scripts' command lines run with the array variables set
+"""The Slurm recipes in recipes/slurm: the array scripts' command lines run with the array variables set
 (concurrent slices give the bytes of one plain run), and submit.sh chains arrays with afterok."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prep.stages import STAGE_ORDER
 from prep.stages.base import RunOptions
 
 ROOT = Path(__file__).resolve().parents[2]
-SLURM = ROOT / "stages" / "slurm"
+SLURM = ROOT / "recipes" / "slurm"
 
 
 def make_raw(root: Path) -> None:

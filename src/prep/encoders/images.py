@@ -72,7 +72,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def prepare_image(data: bytes, cfg: EncoderConfig) -> np.ndarray:
     """Encoded image bytes -> uint8 array [H, W, 3] at the encoder's size (EXIF rotation applied)."""
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     w, h = img.size
     orientation = img.getexif().get(0x0112, 1)
     if orientation in (5, 6, 7, 8):

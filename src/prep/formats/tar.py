@@ -8,6 +8,7 @@ paths: absolute names, `..` components and links are refused.
 from __future__ import annotations
 
 import gc
+import importlib
 import io
 import itertools
 import os
@@ -566,10 +567,9 @@ def _native() -> ModuleType | None:
     """The C helpers (`_tarnative.c`: `scan`, `layout`, `fill_members`), where they were built at install
     (a C compiler present); else None, and the Python versions serve."""
     try:
-        from prep.formats import _tarnative
+        return importlib.import_module("prep.formats._tarnative")
     except ImportError:
         return None
-    return _tarnative
 
 
 NATIVE = _native()
@@ -1012,7 +1012,8 @@ def _write_members(out: _BlockSink, items: list[SampleItem], where: str) -> list
             data = members[ext]
             size = data.size if isinstance(data, FileSlice) else len(data)
             raw_ext = simple_exts.get(ext) if raw_key is not None else None
-            if raw_ext is not None and len(raw_key) + len(raw_ext[0]) <= 100 and size < 8**11:
+            if raw_key is not None and raw_ext is not None and len(raw_key) + len(raw_ext[0]) <= 100 \
+                    and size < 8**11:
                 header = _short_header(raw_key, key_sum, raw_ext, size)
             else:
                 name = member_name(key, ext, where)

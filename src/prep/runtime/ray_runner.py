@@ -41,10 +41,10 @@ class RayExecutor:
         self._owned = False
         if not ray.is_initialized():
             address = opts.ray_address or os.environ.get("RAY_ADDRESS")
-            local = {"num_cpus": opts.workers} if address is None and opts.workers > 1 else {}
+            num_cpus = opts.workers if address is None and opts.workers > 1 else None
             try:
                 ray.init(address=opts.ray_address, include_dashboard=False, logging_level=logging.WARNING,
-                         **local)
+                         num_cpus=num_cpus)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise PrepError(f"cannot start or reach Ray ({err})", f"--ray-address {address or '(local)'}",
                                 "start the cluster (`ray start --head`) and pass its address, e.g. "

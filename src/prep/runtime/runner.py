@@ -215,10 +215,10 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
     if finalize is not None and run.ok:
         everything: list[TaskResult] = []
         for t in tasks:
-            r = results.get(t.id) or read_valid_marker(marker_dir, t, t.fingerprint(name, version))
-            if r is None:
+            found = results.get(t.id) or read_valid_marker(marker_dir, t, t.fingerprint(name, version))
+            if found is None:
                 break
-            everything.append(r)
+            everything.append(found)
         if len(everything) == len(tasks):
             try:
                 run.finalize_notes = finalize(cfg, everything, opts) or []

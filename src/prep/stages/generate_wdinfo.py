@@ -164,7 +164,7 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
     notes: list[str] = []
     off = [(folders[r.data["folder"]] / r.data["rel"], r.data["samples"]) for r in results
            if r.data["samples"] != chunk]
-    missing = Counter()
+    missing: Counter[str] = Counter()
     for r in results:
         missing.update(r.data["missing"])
     if missing:

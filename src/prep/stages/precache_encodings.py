@@ -156,7 +156,8 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
             dst = out_dir.resolve() / rel
             outputs += [str(dst), str(index_path(dst))]
         tasks.append(
-            Task(items[0]["rel"], {"shards": items, "settings": settings}, tuple(outputs), weight=len(items))
+            Task(str(items[0]["rel"]), {"shards": items, "settings": settings}, tuple(outputs),
+                 weight=len(items))
         )
     return tasks
 

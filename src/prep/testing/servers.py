@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import BaseServer
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 # ------------------------------------------------------------------------------------------------ shared
@@ -51,7 +53,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that gave up (its timeout fired) is expected here, not an error worth a traceback."""
         import sys
 
@@ -76,6 +78,12 @@ class _Handler(BaseHTTPRequestHandler):
         if body and not head:
             self.wfile.write(body)
 
+
+
+def base_url(server: BaseServer) -> str:
+    """http://HOST:PORT of a listening loopback server."""
+    host, port = cast(tuple[str, int], server.server_address)[:2]
+    return f"http://{host}:{port}"
 
 @contextmanager
 def _serving(handler_cls: type[_Handler], port: int = 0) -> Iterator[_Server]:
@@ -211,9 +219,8 @@ def serve_images(slow_seconds: float = 3.0, port: int = 0) -> Iterator[ImageServ
                 self._send(404, b"unknown path", {"Content-Type": "text/plain"})
 
     with _serving(Handler, port) as server:
-        host, port = server.server_address[:2]
         try:
-            yield ImageServer(f"http://{host}:{port}", slow_seconds, log, healed, stopping)
+            yield ImageServer(base_url(server), slow_seconds, log, healed, stopping)
         finally:
             stopping.set()
 
@@ -403,8 +410,7 @@ def serve_hub(repo_id: str, revisions: dict[str, dict[str, bytes]], *, token: st
 
         @property
         def server_url(self) -> str:
-            host, port = self.server.server_address[:2]
-            return f"http://{host}:{port}"
+            return base_url(self.server)
 
         def do_GET(self) -> None:
             self._route(head=False)
@@ -413,5 +419,4 @@ def serve_hub(repo_id: str, revisions: dict[str, dict[str, bytes]], *, token: st
             self._route(head=True)
 
     with _serving(Handler) as server:
-        host, port = server.server_address[:2]
-        yield HubServer(f"http://{host}:{port}", repo_id, commits, log)
+        yield HubServer(base_url(server), repo_id, commits, log)

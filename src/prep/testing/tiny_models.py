@@ -115,7 +115,7 @@ def write_tiny_vae(folder: Path, *, latent_channels: int = 4, scaling_factor: fl
         sample_size=32,
         scaling_factor=scaling_factor,
     )
-    vae.eval().save_pretrained(str(folder))
+    vae.save_pretrained(str(folder))
     return folder
 
 
@@ -158,8 +158,8 @@ def write_tiny_t5(folder: Path, tokenizer_folder: Path) -> Path:
         num_heads=4,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=0,
     )
+    cfg.decoder_start_token_id = 0
     T5EncoderModel(cfg).eval().save_pretrained(str(folder))
     return folder
 

@@ -3,9 +3,9 @@
 # previous stage's array succeeded (--dependency=afterok:<array job id>), because a stage reads the
 # whole output of the one before it.
 #
-#   PREP_CONFIG=my.yaml stages/slurm/submit.sh                    # every stage with enable: true, in order
-#   PREP_CONFIG=my.yaml stages/slurm/submit.sh reorganize_tar generate_wdinfo
-#   ARRAY_REORGANIZE_TAR=64 PREP_CONFIG=my.yaml stages/slurm/submit.sh   # array size per stage
+#   PREP_CONFIG=my.yaml recipes/slurm/submit.sh                    # every stage with enable: true, in order
+#   PREP_CONFIG=my.yaml recipes/slurm/submit.sh reorganize_tar generate_wdinfo
+#   ARRAY_REORGANIZE_TAR=64 PREP_CONFIG=my.yaml recipes/slurm/submit.sh   # array size per stage
 #   AFTER=123456 ...                                              # first stage waits for job 123456 too
 #
 # Environment passes through to the jobs (PREP, PREP_ARGS, PREP_WORKERS, PREP_CONFIG). Extra sbatch options

@@ -1,7 +1,7 @@
 """Ray job entry point: run prep stages, in order, as Ray tasks on a Ray cluster.
 
     ray job submit --address http://HEAD:8265 -- \
-        python stages/ray/ray_job.py --config /shared/my.yaml [STAGE ...] [--set key=value ...]
+        python recipes/ray/ray_job.py --config /shared/my.yaml [STAGE ...] [--set key=value ...]
 
 Inside `ray job submit` RAY_ADDRESS points at the cluster, so the driver joins it; run by hand
 without it (and without --ray-address) it starts Ray on this machine. prep must be installed on
