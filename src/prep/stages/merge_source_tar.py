@@ -31,6 +31,8 @@ NO_SOURCE_REPORT = "merge_source_tar.no_source.jsonl"
 
 
 class Config(StageConfig):
+    enable: bool | None = Field(None, description="run this stage in `prep run all`; unset: exactly when "  # type: ignore[assignment]
+                                "precache_encodings runs and writes its encodings apart (keep_source: false)")
     input_dir: Path | None = Field(None, description="precached shards "
                                    "(default: precache_encodings.output_dir)")
     source_dir: Path | None = Field(None, description="source shards with the same relative names "
