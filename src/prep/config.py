@@ -271,8 +271,10 @@ class _RootBase(BaseModel):
         ms.input_dir = ms.input_dir or pc.output_dir
         ms.source_dir = ms.source_dir or last_enabled(pc, rt.output_dir)
         if not gw.input_dir:
-            last = next((out for s, out in reversed(writers) if s.enable), rt.output_dir)
+            writer, last = next(((s, out) for s, out in reversed(writers) if s.enable), (rt, rt.output_dir))
             gw.input_dir = [last] if last is not None else []
+            if gw.tar_chunk_size is None and writer in (rt, pc, ms):  # shards reorganize_tar cut
+                gw.tar_chunk_size = rt.tar_chunk_size
         return self
 
 

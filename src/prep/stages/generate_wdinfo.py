@@ -31,11 +31,13 @@ MAX_NAMED = 20  # shards named one by one in notes before summarising
 
 class Config(StageConfig):
     input_dir: list[Path] = Field(default_factory=list,
-                                  description="shard folder(s) (default: precache or reorganize output)")
+                                  description="shard folder(s) (default: the output of the last "
+                                  "enabled stage that writes shards)")
     recursive: bool = Field(True, description="also index shards in sub-folders")
     tar_chunk_size: int | None = Field(None, ge=1,
                                        description="expected samples per shard (NeMo's chunk_size); "
-                                       "default: the most common count")
+                                       "default: reorganize_tar.tar_chunk_size when input_dir is unset and "
+                                       "follows reorganize_tar, else the most common count")
     file_ext_in_tar: list[str] = Field(default_factory=list,
                                        description="extensions every sample must have, e.g. [jpg, txt]")
     output_wdinfo_path: Path | None = Field(None, description="where wdinfo.pkl goes "

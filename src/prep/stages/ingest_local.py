@@ -49,6 +49,7 @@ UNREADABLE = ("missing_file", "read_error", "duplicate_path", "no_path")
 RESERVED_JSON = ("key", "path", "caption", "width", "height", "original_width", "original_height",
                  "exif_orientation", "md5", "sha256", "sha512")
 _SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
+_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names its BytesIO: no run-dependent bytes
 
 
 class Config(StageConfig):
@@ -557,8 +558,6 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
         except OSError as err:
             return dropped("read_error", f"caption file {item['caption_file']}: {err.strerror or err}")
         row["caption"] = caption
-    if caption is None and args["missing_caption"] == "drop":
-        return dropped("no_caption", "no caption found")
     try:
         data = _read(item["src"])
     except FileNotFoundError:
@@ -577,13 +576,15 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
                                                       args["resize_only_if_bigger"], *shown)
             upright = _upright_png(img) if resize and orientation != 1 else data
     except Exception as err:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
-        return dropped("decode_error", f"{type(err).__name__}: {err}")
+        return dropped("decode_error", f"{type(err).__name__}: {_ADDRESS.sub('', str(err))}")
     ext = FORMAT_EXT.get(fmt or "")
     if ext is None:
         return dropped("unsupported_format", f"{fmt} is not one of {', '.join(sorted(FORMAT_EXT))}")
     why = size_filter(*shown, args)
     if why is not None:
         return dropped(why, f"{shown[0]}x{shown[1]}")
+    if caption is None and args["missing_caption"] == "drop":
+        return dropped("no_caption", "no caption found")
     row.update(original_width=shown[0], original_height=shown[1], width=width, height=height)
     out, reencoded = data, False
     if resize:
@@ -598,7 +599,7 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
         meta["exif_orientation"] = orientation  # the bytes still carry it; EXIF-aware decoders rotate
     members = {ext: out, "txt": meta["caption"].encode("utf-8"),
                "json": json.dumps(meta, indent=4, sort_keys=True, ensure_ascii=False).encode("utf-8")}
-    return Outcome(key, members, row, None, reencoded, caption is None)
+    return Outcome(key, members, row, reencoded=reencoded, no_caption=caption is None)
 
 
 def _parquet(rows: list[dict[str, Any]], hash_name: str | None, extras: list[str]) -> Any:

@@ -36,7 +36,7 @@ class Config(StageConfig):
     input_dir: Path | None = Field(None, description="precached shards "
                                    "(default: precache_encodings.output_dir)")
     source_dir: Path | None = Field(None, description="source shards with the same relative names "
-                                    "(default: reorganize_tar.output_dir)")
+                                    "(default: precache_encodings' input)")
     output_dir: Path | None = Field(None, description="merged shards "
                                     "(default: input_dir, rewritten in place)")
     source_extensions: list[str] = Field(
