@@ -368,8 +368,9 @@ def test_mixed_formats_through_reorganize_and_wdinfo_load_in_energon_and_prep(tm
 
     good = image_folder(tmp_path / "imgs")
     sets = [f"dataset_output_root={tmp_path}", "download_parquet.enable=false",
-            "download_images.enable=false", "ingest_local.enable=true", f"ingest_local.input_dir={tmp_path / 'imgs'}",
-            "precache_encodings.enable=false", "reorganize_tar.tar_chunk_size=4"]
+            "download_images.enable=false", "ingest_local.enable=true",
+            f"ingest_local.input_dir={tmp_path / 'imgs'}", "precache_encodings.enable=false",
+            "reorganize_tar.tar_chunk_size=4"]
     cfg = load_config(None, sets)
     assert cfg.reorganize_tar.input_dir == tmp_path / "tarfiles_ingested"
     assert cfg.generate_wdinfo.input_dir == [tmp_path / "tarfiles_reorganized"]
