@@ -57,7 +57,7 @@ def test_run_help_documents_the_conventions() -> None:
         assert flag in text
 
 
-def test_stages_lists_all_six_in_order() -> None:
+def test_stages_lists_every_stage_in_order() -> None:
     result = runner.invoke(app, ["stages"], terminal_width=250)
     assert result.exit_code == 0
     positions = [result.output.index(s) for s in STAGE_ORDER]
