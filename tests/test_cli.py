@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -220,3 +221,35 @@ def test_keys_lists_every_config_field_with_its_description():
         assert field.description.split()[0] in result.output
     bad = CliRunner().invoke(app, ["keys", "no_such_stage"])
     assert bad.exit_code == 1 and "unknown stage" in bad.output
+
+
+@pytest.mark.slow  # real img2dataset, twice
+def test_minimal_configs_run_all_without_folder_keys(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from prep.testing.servers import mixed_rows, serve_images, url_table
+
+    base = ("download_parquet:\n  source_path: {src}\ndownload_images:\n  download_num_processes: 1\n"
+            "  download_num_threads: 4\nprecache_encodings:\n  enable: false\n")
+    configs = {
+        "download_only": base + "reorganize_tar:\n  enable: false\ngenerate_wdinfo:\n  enable: false\n",
+        "download_reorganize_wdinfo": base + "reorganize_tar:\n  tar_chunk_size: 4\n",
+    }
+    with serve_images() as srv:
+        src = tmp_path / "src.parquet"
+        pq.write_table(url_table(mixed_rows(srv, good=7, missing=1)), src)
+        for name, text in configs.items():
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(f"dataset_output_root: {tmp_path / name}\n" + text.format(src=src))
+            cmd = [sys.executable, "-m", "prep.cli", "run", "all", "-c", str(path), "--json"]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout + result.stderr
+            docs = json.loads(result.stdout)
+            assert all(d["ok"] for d in docs) and "WARNING" not in json.dumps(docs)
+            assert docs[1]["counts"]["samples_out"] == 7
+            if name == "download_only":
+                assert [d["stage"] for d in docs] == ["download_parquet", "download_images"]
+            else:
+                assert [d["stage"] for d in docs][-2:] == ["reorganize_tar", "generate_wdinfo"]
+                wdinfo = tmp_path / name / "tarfiles_reorganized" / "wdinfo.pkl"
+                assert wdinfo.exists() and docs[-1]["counts"]["samples"] == 7
