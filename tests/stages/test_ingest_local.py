@@ -396,3 +396,41 @@ def test_mixed_formats_through_reorganize_and_wdinfo_load_in_energon_and_prep(tm
     batch = prep_ds.fetch(prep_ds.next_batch(), 0, 1)
     assert tuple(batch["jpg"].shape) == (6, 3, 8, 8)
     assert dict(zip(batch["__key__"], batch["txt"], strict=True)) == expected
+
+
+# ----------------------------------------------------------------------------------------------- runners
+
+
+def runs_alike(tmp_path: Path, **opts) -> dict[str, bytes]:
+    """The stage's output tree for one way of running it (slices: each run separately, as Slurm would)."""
+    folder = tmp_path / "imgs"
+    if not folder.exists():
+        image_folder(folder)
+    name = "-".join(f"{k}{v}" for k, v in opts.items())
+    cfg = load_config(None, [f"dataset_output_root={tmp_path / name}", f"ingest_local.input_dir={folder}",
+                             "ingest_local.number_sample_per_shard=2"])
+    slices = opts.pop("slices", None)
+    for index in range(slices or 1):
+        sliced = {"task_index": index, "num_tasks": slices} if slices else {}
+        result = run_stage("ingest_local", cfg, RunOptions(quiet=True, **opts, **sliced), QUIET)
+        assert result.ok and result.finalized == (index == (slices or 1) - 1), result.to_json()
+    return tree(tmp_path / name / "tarfiles_ingested") | {
+        "report": (tmp_path / name / "tarfiles_ingested" / ".prep" / il.DROPPED_REPORT).read_bytes()}
+
+
+def test_process_pool_and_slurm_slices_give_the_bytes_of_one_run(tmp_path: Path) -> None:
+    one = runs_alike(tmp_path)
+    assert len(one) == 4 * 3 + 1
+    assert runs_alike(tmp_path, workers=2) == one
+    assert runs_alike(tmp_path, slices=3) == one
+
+
+@pytest.mark.slow
+def test_ray_gives_the_bytes_of_one_run(tmp_path: Path) -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert runs_alike(tmp_path, runner="ray") == runs_alike(tmp_path)
+    finally:
+        ray.shutdown()
