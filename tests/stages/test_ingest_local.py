@@ -181,7 +181,14 @@ def test_missing_caption_drop_and_captions_files(tmp_path: Path) -> None:
         assert samples[il.sample_key("dogs/cat.png")]["txt"].decode() == good["dogs/cat.png"][1]
         meta = json.loads(samples[il.sample_key("cats/cat.png")]["json"])
         assert meta.get("license") == ("cc0" if extra else None)
-        assert "name no image (first: 'ghost.png')" in "\n".join(result.to_json()["notes"])
+        notes = "\n".join(result.to_json()["notes"])
+        assert "name no image (first: 'ghost.png')" in notes and "1 other file(s)" in notes
+    inside = folder / "captions.txt"  # in the folder: neither a sidecar nor an ignored file
+    inside.write_text(files["captions.txt"])
+    result = run(tmp_path / "inside", f"ingest_local.input_dir={folder}",
+                 f"ingest_local.captions_file={inside}")
+    notes = "\n".join(result.to_json()["notes"])
+    assert result.ok and "1 other file(s)" in notes and "sidecar caption file(s) have no image" not in notes
     (tmp_path / "bad.txt").write_text("no tab here\n")
     with pytest.raises(PrepError, match="line 1 has no TAB"):
         run(tmp_path / "bad", f"ingest_local.input_dir={folder}",
@@ -246,8 +253,9 @@ def test_table_of_paths_with_missing_duplicate_and_empty_rows(tmp_path: Path, fm
     samples = shard_samples(tmp_path / "tarfiles_ingested" / "list")
     assert {json.loads(m["json"])["path"]: m["txt"].decode() for m in samples.values()} == {
         "sub/a.png": "first", str(elsewhere): "absolute", "b.jpg": "second"}
-    assert samples[il.sample_key(str(elsewhere))]["webp"] == elsewhere.read_bytes()
-    assert float(json.loads(samples[il.sample_key("b.jpg")]["json"])["score"]) == 0.125
+    assert samples[il.sample_key(f"list/{elsewhere}")]["webp"] == elsewhere.read_bytes()
+    assert float(json.loads(samples[il.sample_key("list/b.jpg")]["json"])["score"]) == 0.125
+    assert il.sample_key("list/b.jpg").startswith("list_b_")  # the part, then the path as written
     report = (tmp_path / "tarfiles_ingested" / ".prep" / il.DROPPED_REPORT).read_text()
     assert "sub/gone.jpg" in report and '"missing_file"' in report
     stats = json.loads((tmp_path / "tarfiles_ingested" / "list" / "00000_stats.json").read_text())
@@ -434,3 +442,17 @@ def test_ray_gives_the_bytes_of_one_run(tmp_path: Path) -> None:
         assert runs_alike(tmp_path, runner="ray") == runs_alike(tmp_path)
     finally:
         ray.shutdown()
+
+
+def test_a_glob_of_tables_naming_the_same_relative_paths(tmp_path: Path) -> None:
+    for i, name in enumerate(("a", "b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(make_image(5, 5, "png", i))
+        table = pa.table({"path": ["x.png"], "caption": [f"from {name}"]})
+        pq.write_table(table, tmp_path / name / f"{name}.parquet")
+    result = run(tmp_path / "out", f"ingest_local.table={tmp_path}/*/*.parquet")
+    assert result.ok and result.counts()["samples_out"] == 2 and result.counts()["shards"] == 2
+    samples = shard_samples(tmp_path / "out" / "tarfiles_ingested")
+    assert {m["txt"] for m in samples.values()} == {b"from a", b"from b"}
+    parts = (tmp_path / "out" / "tarfiles_ingested").glob("*/00000.tar")
+    assert sorted(p.parent.name for p in parts) == ["a", "b"]

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
-from prep.formats.tar import write_shard
+from prep.formats.tar import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 from prep.stages.download_images import _img2dataset, _write_parquet, key_prefix, shard_name
 
@@ -183,7 +183,7 @@ def _walk(folder: Path, skip: Path | None) -> Iterator[tuple[str, os.stat_result
         for e in reversed(entries):
             if e.name.startswith("."):
                 continue
-            if e.is_dir():
+            if e.is_dir(follow_symlinks=False):  # as os.walk: no symlink loops
                 if skip is None or Path(e.path).resolve() != skip:
                     stack.append(Path(e.path))
             elif e.is_file():
@@ -293,11 +293,13 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
     for rel, st in _walk(folder, out):
         base, dot, ext = rel.rpartition(".")
         ext = ext.lower()
+        if captions_path is not None and (folder / rel).resolve() == captions_path:
+            continue
         if dot and "/" not in ext and ext in image_exts:
             images.append((rel, st))
         elif dot and "/" not in ext and ext in caption_exts:
             sidecars.setdefault(base, {})[ext] = (rel, st)
-        elif captions_path is None or (folder / rel).resolve() != captions_path:
+        else:
             other += 1
     images.sort(key=lambda x: x[0])
     mapped, repeated = captions_map(cfg)
@@ -356,9 +358,10 @@ def resolve_path(path: str, base: str) -> str:
     return f"{base.rstrip('/')}/{path}" if "://" in base else os.path.normpath(os.path.join(base, path))
 
 
-def find_table_images(cfg: Config, table: str, seen: dict[str, str]) -> list[Found]:
+def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) -> list[Found]:
     """The rows of one table as images, in row order; a path already seen (here or in an earlier table)
-    is dropped as duplicate_path, so keys stay unique."""
+    is dropped as duplicate_path. Keys come from `<part>/<path as written>`, so two tables in two folders
+    may both name `a.png`."""
     where = f"ingest_local.table {table}"
     rows = read_records(table, where)
     _columns(cfg, rows, where)
@@ -368,7 +371,8 @@ def find_table_images(cfg: Config, table: str, seen: dict[str, str]) -> list[Fou
         raw, caption, extra = _row_fields(cfg, row)
         path = "" if raw is None else str(raw).strip()
         src = resolve_path(path, base) if path else ""
-        item = Found(path.removeprefix("./") or f"<row {len(found)} of {table}>", path, src,
+        shown = path or f"<row {len(found)} of {table}>"
+        item = Found(f"{part}/{shown.removeprefix('./')}", shown, src,
                      caption=None if caption is None else str(caption), extra=extra)
         if not path:
             item.drop = "no_path"
@@ -459,7 +463,7 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
         seen: dict[str, str] = {}
         for table in table_files(str(cfg.table)):
             stem = table.rsplit("/", 1)[-1].split(".", 1)[0]
-            parts.append((stem, find_table_images(cfg, table, seen)))
+            parts.append((stem, find_table_images(cfg, table, key_prefix(stem), seen)))
     tasks: list[Task] = []
     names: dict[str, str] = {}
     keys: dict[str, str] = {}
@@ -501,22 +505,26 @@ class Outcome:
     """What became of one image: its members (None when dropped) and its row in the shard's parquet."""
 
     key: str
-    members: dict[str, bytes] | None
+    members: dict[str, MemberData] | None
     row: dict[str, Any]
     reason: str | None = None
     message: str | None = None
     reencoded: bool = False
     no_caption: bool = False
+    source: tuple[str, int, int] | None = None  # (path, size, mtime_ns) of a file the tar copies from
 
 
-def _read(src: str) -> bytes:
+def _read(src: str) -> tuple[bytes, tuple[str, int, int] | None]:
+    """The file's bytes, and for a local file (path, size, mtime_ns) as read, so the tar can copy the kept
+    original from the file instead of holding a shard's images in memory."""
     if "://" in src:
         import fsspec
 
         with fsspec.open(src, "rb") as f:
-            return f.read()
+            return f.read(), None
     with open(src, "rb") as f:
-        return f.read()
+        st = os.fstat(f.fileno())
+        return f.read(), (src, st.st_size, st.st_mtime_ns)
 
 
 def _upright_png(img: Any) -> bytes:
@@ -559,7 +567,7 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
             return dropped("read_error", f"caption file {item['caption_file']}: {err.strerror or err}")
         row["caption"] = caption
     try:
-        data = _read(item["src"])
+        data, source = _read(item["src"])
     except FileNotFoundError:
         return dropped("missing_file", f"{item['src']} does not exist")
     except (OSError, ValueError) as err:
@@ -597,9 +605,25 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
     meta["caption"] = caption if caption is not None else ""
     if orientation != 1 and not reencoded:
         meta["exif_orientation"] = orientation  # the bytes still carry it; EXIF-aware decoders rotate
-    members = {ext: out, "txt": meta["caption"].encode("utf-8"),
+    image: MemberData = out
+    if not reencoded and source is not None and source[1] == len(data):
+        image = FileSlice(source[0], 0, len(data))
+    members = {ext: image, "txt": meta["caption"].encode("utf-8"),
                "json": json.dumps(meta, indent=4, sort_keys=True, ensure_ascii=False).encode("utf-8")}
-    return Outcome(key, members, row, reencoded=reencoded, no_caption=caption is None)
+    return Outcome(key, members, row, reencoded=reencoded, no_caption=caption is None,
+                   source=source if isinstance(image, FileSlice) else None)
+
+
+def check_unchanged(outcomes: list[Outcome], where: str) -> None:
+    """Fail when a file the tar copied from changed after it was checked (its copy may not be the
+    image that was decoded)."""
+    for o in outcomes:
+        if o.source is not None:
+            path, size, mtime_ns = o.source
+            st = os.stat(path)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                raise PrepError(f"{path} changed while it was being ingested", where,
+                                "re-run when the files are no longer being written")
 
 
 def _parquet(rows: list[dict[str, Any]], hash_name: str | None, extras: list[str]) -> Any:
@@ -624,6 +648,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
     final = Path(p["final"])
     tar, table, stats_path = (final / f"{p['shard']}{s}" for s in (".tar", ".parquet", "_stats.json"))
     info = write_shard(tar, [(o.key, o.members) for o in outcomes if o.members is not None])
+    check_unchanged(outcomes, str(tar))
     cfg: Config = root.ingest_local
     _write_parquet(_parquet([o.row for o in outcomes], args["compute_hash"],
                             list(cfg.save_additional_columns or [])), table)
