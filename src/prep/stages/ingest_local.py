@@ -49,6 +49,7 @@ UNREADABLE = ("missing_file", "read_error", "duplicate_path", "no_path")
 RESERVED_JSON = ("key", "path", "caption", "width", "height", "original_width", "original_height",
                  "exif_orientation", "md5", "sha256", "sha512")
 _SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
+_NAME, _CAPTION = "\0name", "\0caption"  # a map's key and bare value (no column can be named so)
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names its BytesIO: no run-dependent bytes
 
 
@@ -179,8 +180,8 @@ def _walk(folder: Path, skip: Path | None) -> Iterator[tuple[str, os.stat_result
     while stack:
         d = stack.pop()
         with os.scandir(d) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in reversed(entries):
+            entries = list(it)
+        for e in entries:  # any order: the plan sorts the images
             if e.name.startswith("."):
                 continue
             if e.is_dir(follow_symlinks=False):  # as os.walk: no symlink loops
@@ -222,8 +223,7 @@ def read_records(path: str, where: str) -> list[dict[str, Any]]:
             if isinstance(doc, list):
                 return doc
             if isinstance(doc, dict):  # {name: caption} or {name: {caption_col: ..., extra: ...}}
-                return [{"\0name": k, **(v if isinstance(v, dict) else {"\0caption": v})}
-                        for k, v in doc.items()]
+                return [{_NAME: k, **(v if isinstance(v, dict) else {_CAPTION: v})} for k, v in doc.items()]
             raise ValueError("a JSON map is an object or a list of records")
     except (ValueError, csv.Error) as err:
         raise PrepError(f"cannot parse it ({err})", where, "fix the file") from None
@@ -236,27 +236,28 @@ def read_records(path: str, where: str) -> list[dict[str, Any]]:
         if not tab:
             raise PrepError(f"line {n} has no TAB between name and caption", f"{where}:{n}",
                             "write `name<TAB>caption` per line, or use a .json/.jsonl/.csv map")
-        rows.append({"\0name": name, "\0caption": caption})
+        rows.append({_NAME: name, _CAPTION: caption})
     return rows
 
 
-def _columns(cfg: Config, rows: list[dict[str, Any]], where: str, *, need_path: bool = True) -> None:
+def _columns(cfg: Config, rows: list[dict[str, Any]], where: str) -> None:
+    """Fail before any image is read when a column the config names is absent (first 1000 rows)."""
     if not rows:
         return
     names = set().union(*(r.keys() for r in rows[:1000]))
-    want = ([cfg.path_col] if need_path and "\0name" not in names else []) + (
-        [cfg.caption_col] if cfg.caption_col and "\0caption" not in names and "\0name" not in names else [])
+    keyed = _NAME in names  # a {name: ...} map or a captions file: the name stands for path_col
+    want = ([] if keyed else [cfg.path_col]) + ([cfg.caption_col] if cfg.caption_col and not keyed else [])
     want += list(cfg.save_additional_columns or [])
     missing = [c for c in want if c not in names]
     if missing:
         raise PrepError(f"column(s) {', '.join(map(repr, missing))} not found; it has: "
-                        f"{', '.join(sorted(repr(n) for n in names if not n.startswith(chr(0))))}", where,
+                        f"{', '.join(sorted(repr(n) for n in names - {_NAME, _CAPTION}))}", where,
                         "set ingest_local.path_col / caption_col / save_additional_columns to its columns")
 
 
 def _row_fields(cfg: Config, row: dict[str, Any]) -> tuple[Any, Any, dict[str, Any] | None]:
-    path = row.get("\0name", row.get(cfg.path_col))
-    caption = row.get("\0caption", row.get(cfg.caption_col) if cfg.caption_col else None)
+    path = row.get(_NAME, row.get(cfg.path_col))
+    caption = row.get(_CAPTION, row.get(cfg.caption_col) if cfg.caption_col else None)
     extra = {c: _json_safe(row.get(c)) for c in cfg.save_additional_columns or []} or None
     return path, caption, extra
 
