@@ -221,6 +221,11 @@ def test_shrunken_input_removes_stale_shards(tmp_path: Path) -> None:
     assert result.ok and result.counts()["samples_in"] == 4
     assert sorted(p.name for p in (tmp_path / "tarfiles_ingested" / "imgs").iterdir()) == [
         f"0000{i}{s}" for i in range(2) for s in (".parquet", ".tar", "_stats.json")]
+    folder.rename(tmp_path / "renamed")  # another part folder: the old one is named, never deleted
+    result = run(tmp_path, f"ingest_local.input_dir={tmp_path / 'renamed'}",
+                 "ingest_local.number_sample_per_shard=2")
+    assert "also holds tars in imgs" in "\n".join(result.to_json()["notes"])
+    assert len(list((tmp_path / "tarfiles_ingested" / "imgs").glob("*.tar"))) == 2
 
 
 # ------------------------------------------------------------------------------------------------- table

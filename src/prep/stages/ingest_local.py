@@ -678,14 +678,18 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
 
 
 def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
-    """Write the report of every dropped image, remove shard files an earlier plan left (the input
-    shrank), and sum up."""
+    """Write the report of every dropped image, remove shard files an earlier plan left in this plan's
+    part folders (the input shrank), name other part folders (never deleted: they may be another
+    stage's), and sum up."""
     out = _dirs(root)
     planned = {f"{r.task_id}{suffix}" for r in results for suffix in (".tar", ".parquet", "_stats.json")}
-    stale = sorted(f for f in out.glob("*/*") if f.is_file() and not f.parent.name.startswith(".")
-                   and _SHARD_FILE.match(f.name) and f.relative_to(out).as_posix() not in planned)
+    parts = {r.task_id.split("/", 1)[0] for r in results}
+    stale = sorted(f for part in parts for f in (out / part).iterdir()
+                   if f.is_file() and _SHARD_FILE.match(f.name) and f"{part}/{f.name}" not in planned)
     for f in stale:
         os.unlink(f)
+    others = sorted(d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
+                    and d.name not in parts and any(d.glob("*.tar")))
     bad = sorted(tuple(b) for r in results for b in r.data.get("dropped", []))
     write_text_atomic(out / ".prep" / DROPPED_REPORT,
                       "".join(json.dumps({"path": p, "reason": r, "message": m}, ensure_ascii=False) + "\n"
@@ -707,6 +711,9 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
         notes.append(f"every dropped image, by path and reason: {out / '.prep' / DROPPED_REPORT}")
     if stale:
         notes.append(f"removed {len(stale)} shard file(s) an earlier run wrote that this plan no longer has")
+    if others:
+        notes.append(f"WARNING: {out} also holds tars in {', '.join(others)}, which this plan did not write; "
+                     "reorganize_tar reads them too: remove them if they are stale")
     if total["samples_out"] == 0:
         notes.append("WARNING: no image was kept; see the reasons above")
     return notes
