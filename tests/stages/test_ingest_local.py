@@ -236,12 +236,14 @@ def test_table_of_paths_with_missing_duplicate_and_empty_rows(tmp_path: Path, fm
     (tmp_path / "data" / "sub").mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere.webp"
     elsewhere.write_bytes(make_image(5, 5, "webp", 9))
+    url = f"file://{tmp_path / 'data' / 'c.png'}"  # an fsspec URL: read through fsspec
     rows = [("sub/a.png", "first"), (str(elsewhere), "absolute"), ("sub/gone.jpg", "missing"),
-            ("./sub/a.png", "same file again"), ("", "no path"), ("b.jpg", "second")]
+            ("./sub/a.png", "same file again"), ("", "no path"), ("b.jpg", "second"), (url, "by url")]
     (tmp_path / "data" / "sub" / "a.png").write_bytes(make_image(7, 5, "png", 1))
     (tmp_path / "data" / "b.jpg").write_bytes(make_image(7, 5, "jpeg", 2))
+    (tmp_path / "data" / "c.png").write_bytes(make_image(3, 4, "png", 3))
     table = pa.table({"path": [r[0] for r in rows], "caption": [r[1] for r in rows],
-                      "score": [0.5, 0.25, 1.0, 0.0, 0.75, 0.125]})
+                      "score": [0.5, 0.25, 1.0, 0.0, 0.75, 0.125, 2.0]})
     path = tmp_path / "data" / f"list.{fmt}"
     if fmt == "parquet":
         pq.write_table(table, path)
@@ -253,18 +255,19 @@ def test_table_of_paths_with_missing_duplicate_and_empty_rows(tmp_path: Path, fm
         path.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
     result = run(tmp_path, f"ingest_local.table={path}", "ingest_local.save_additional_columns=[score]")
     assert result.ok, result.to_json()
-    assert result.counts()["samples_in"] == 6 and result.counts()["samples_out"] == 3
+    assert result.counts()["samples_in"] == 7 and result.counts()["samples_out"] == 4
     assert result.dropped() == {"missing_file": 1, "duplicate_path": 1, "no_path": 1}
     samples = shard_samples(tmp_path / "tarfiles_ingested" / "list")
     assert {json.loads(m["json"])["path"]: m["txt"].decode() for m in samples.values()} == {
-        "sub/a.png": "first", str(elsewhere): "absolute", "b.jpg": "second"}
+        "sub/a.png": "first", str(elsewhere): "absolute", "b.jpg": "second", url: "by url"}
+    assert samples[il.sample_key(f"list/{url}")]["png"] == (tmp_path / "data" / "c.png").read_bytes()
     assert samples[il.sample_key(f"list/{elsewhere}")]["webp"] == elsewhere.read_bytes()
     assert float(json.loads(samples[il.sample_key("list/b.jpg")]["json"])["score"]) == 0.125
     assert il.sample_key("list/b.jpg").startswith("list_b_")  # the part, then the path as written
     report = (tmp_path / "tarfiles_ingested" / ".prep" / il.DROPPED_REPORT).read_text()
     assert "sub/gone.jpg" in report and '"missing_file"' in report
     stats = json.loads((tmp_path / "tarfiles_ingested" / "list" / "00000_stats.json").read_text())
-    assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (6, 3, 3)
+    assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (7, 4, 3)
 
 
 # -------------------------------------------------------------------------------------- resize and EXIF
