@@ -534,8 +534,8 @@ def _upright_png(img: Any) -> bytes:
     from PIL import ImageOps
 
     img = ImageOps.exif_transpose(img)
-    if img.mode not in ("RGB", "RGBA", "L", "LA"):
-        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+    if img.mode not in ("RGB", "RGBA", "L", "LA"):  # palette, CMYK, 16-bit: to what OpenCV reads as such
+        img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
     buf = io.BytesIO()
     img.save(buf, "PNG", compress_level=1)
     return buf.getvalue()
