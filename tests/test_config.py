@@ -293,8 +293,10 @@ def test_unset_inputs_follow_the_last_enabled_stage_that_writes_shards() -> None
     assert cfg.merge_source_tar.enable and cfg.merge_source_tar.source_dir == root / "tarfiles_reorganized"
     assert cfg.generate_wdinfo.input_dir == [root / "tarfiles_precached"]  # merged in place
     cfg = load_config(None, [f"dataset_output_root={root}", "precache_encodings.keep_source=false",
-                             f"merge_source_tar.output_dir={root / 'm'}"])
+                             f"merge_source_tar.output_dir={root / 'm'}",
+                             f"precache_encodings.input_dir={root / 'p'}"])
     assert cfg.generate_wdinfo.input_dir == [root / "m"]
+    assert cfg.merge_source_tar.source_dir == root / "p"  # the shards precache read
     cfg = load_config(None, [f"dataset_output_root={root}", "precache_encodings.keep_source=false",
                              "merge_source_tar.enable=false"])
     assert not cfg.merge_source_tar.enable and cfg.generate_wdinfo.input_dir == [root / "tarfiles_precached"]

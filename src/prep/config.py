@@ -269,7 +269,7 @@ class _RootBase(BaseModel):
         rt.input_dir = rt.input_dir or last_enabled(rt, di.output_dir)
         pc.input_dir = pc.input_dir or last_enabled(pc, rt.output_dir)
         ms.input_dir = ms.input_dir or pc.output_dir
-        ms.source_dir = ms.source_dir or last_enabled(pc, rt.output_dir)
+        ms.source_dir = ms.source_dir or pc.input_dir  # the shards precache read: their members
         if not gw.input_dir:
             writer, last = next(((s, out) for s, out in reversed(writers) if s.enable), (rt, rt.output_dir))
             gw.input_dir = [last] if last is not None else []
