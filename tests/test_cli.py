@@ -223,15 +223,16 @@ def test_keys_lists_every_config_field_with_its_description():
     assert bad.exit_code == 1 and "unknown stage" in bad.output
 
 
-@pytest.mark.slow  # real img2dataset, twice
+@pytest.mark.slow  # real img2dataset
 def test_minimal_configs_run_all_without_folder_keys(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     from prep.testing.servers import mixed_rows, serve_images, url_table
 
-    base = ("download_parquet:\n  source_path: {src}\ndownload_images:\n  download_num_processes: 1\n"
-            "  download_num_threads: 4\nprecache_encodings:\n  enable: false\n")
-    configs = {
+    base = (f"dataset_output_root: {tmp_path / 'data'}\ndownload_parquet:\n  source_path: {{src}}\n"
+            "download_images:\n  download_num_processes: 1\n  download_num_threads: 4\n"
+            "precache_encodings:\n  enable: false\n")
+    configs = {  # the second finds the downloads done (same root) and goes on from them
         "download_only": base + "reorganize_tar:\n  enable: false\ngenerate_wdinfo:\n  enable: false\n",
         "download_reorganize_wdinfo": base + "reorganize_tar:\n  tar_chunk_size: 4\n",
     }
@@ -240,7 +241,7 @@ def test_minimal_configs_run_all_without_folder_keys(tmp_path: Path) -> None:
         pq.write_table(url_table(mixed_rows(srv, good=7, missing=1)), src)
         for name, text in configs.items():
             path = tmp_path / f"{name}.yaml"
-            path.write_text(f"dataset_output_root: {tmp_path / name}\n" + text.format(src=src))
+            path.write_text(text.format(src=src))
             cmd = [sys.executable, "-m", "prep.cli", "run", "all", "-c", str(path), "--json"]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stdout + result.stderr
@@ -249,7 +250,9 @@ def test_minimal_configs_run_all_without_folder_keys(tmp_path: Path) -> None:
             assert docs[1]["counts"]["samples_out"] == 7
             if name == "download_only":
                 assert [d["stage"] for d in docs] == ["download_parquet", "download_images"]
+                assert docs[1]["done"] == 1
             else:
-                assert [d["stage"] for d in docs][-2:] == ["reorganize_tar", "generate_wdinfo"]
-                wdinfo = tmp_path / name / "tarfiles_reorganized" / "wdinfo.pkl"
+                assert [d["stage"] for d in docs] == ["download_parquet", "download_images", "reorganize_tar",
+                                                      "generate_wdinfo"] and docs[1]["skipped"] == 1
+                wdinfo = tmp_path / "data" / "tarfiles_reorganized" / "wdinfo.pkl"
                 assert wdinfo.exists() and docs[-1]["counts"]["samples"] == 7
