@@ -464,3 +464,44 @@ def test_a_glob_of_tables_naming_the_same_relative_paths(tmp_path: Path) -> None
     assert {m["txt"] for m in samples.values()} == {b"from a", b"from b"}
     parts = (tmp_path / "out" / "tarfiles_ingested").glob("*/00000.tar")
     assert sorted(p.parent.name for p in parts) == ["a", "b"]
+
+
+@pytest.mark.slow  # torch and a tiny VAE
+def test_mixed_formats_through_run_all_with_precache_apart_and_merge(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+    from prep.loaders import ShardDataset
+    from prep.testing.tiny_models import write_tiny_models
+
+    good = image_folder(tmp_path / "imgs")
+    write_tiny_models(tmp_path / "models")
+    path = tmp_path / "cfg.yaml"  # no folder key but the images: every input follows the enabled stages
+    path.write_text(f"""dataset_output_root: {tmp_path / 'data'}
+download_parquet: {{enable: false}}
+download_images: {{enable: false}}
+ingest_local: {{enable: true, input_dir: {tmp_path / 'imgs'}}}
+reorganize_tar: {{tar_chunk_size: 4}}
+precache_encodings:
+  keep_source: false
+  device: cpu
+  num_workers: 0
+  encoders:
+    - {{key: vae, modality: image, model: "diffusers:AutoencoderKL", pretrained: {tmp_path / 'models'},
+        subfolder: vae, resolution: 16}}
+merge_source_tar: {{output_dir: {tmp_path / 'data' / 'merged'}, source_extensions: []}}
+""")
+    result = CliRunner().invoke(app, ["run", "all", "-c", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    docs = json.loads(result.stdout)
+    assert [d["stage"] for d in docs] == ["ingest_local", "reorganize_tar", "precache_encodings",
+                                          "merge_source_tar", "generate_wdinfo"]
+    assert "WARNING" not in json.dumps(docs)
+    final = tmp_path / "data" / "merged"
+    ds = ShardDataset(final, batch_size=6, decode="raw", fields=["jpg|png|webp", "txt", "vae.npy"],
+                      shuffle=False, rank=0, world_size=1)
+    batch = ds.fetch(ds.next_batch(), 0, 1)
+    expected = {il.sample_key(rel): (data, caption or "") for rel, (data, caption) in good.items()}
+    assert {k: (img, txt.decode()) for k, img, txt in zip(batch["__key__"], batch["jpg"], batch["txt"],
+                                                           strict=True)} == expected
+    assert all(len(v) > 0 for v in batch["vae.npy"])
