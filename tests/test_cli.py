@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_run_help_documents_the_conventions() -> None:
         assert flag in text
 
 
-def test_stages_lists_all_six_in_order() -> None:
+def test_stages_lists_every_stage_in_order() -> None:
     result = runner.invoke(app, ["stages"], terminal_width=250)
     assert result.exit_code == 0
     positions = [result.output.index(s) for s in STAGE_ORDER]
@@ -220,3 +221,38 @@ def test_keys_lists_every_config_field_with_its_description():
         assert field.description.split()[0] in result.output
     bad = CliRunner().invoke(app, ["keys", "no_such_stage"])
     assert bad.exit_code == 1 and "unknown stage" in bad.output
+
+
+@pytest.mark.slow  # real img2dataset
+def test_minimal_configs_run_all_without_folder_keys(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from prep.testing.servers import mixed_rows, serve_images, url_table
+
+    base = (f"dataset_output_root: {tmp_path / 'data'}\ndownload_parquet:\n  source_path: {{src}}\n"
+            "download_images:\n  download_num_processes: 1\n  download_num_threads: 4\n"
+            "precache_encodings:\n  enable: false\n")
+    configs = {  # the second finds the downloads done (same root) and goes on from them
+        "download_only": base + "reorganize_tar:\n  enable: false\ngenerate_wdinfo:\n  enable: false\n",
+        "download_reorganize_wdinfo": base + "reorganize_tar:\n  tar_chunk_size: 4\n",
+    }
+    with serve_images() as srv:
+        src = tmp_path / "src.parquet"
+        pq.write_table(url_table(mixed_rows(srv, good=7, missing=1)), src)
+        for name, text in configs.items():
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(text.format(src=src))
+            cmd = [sys.executable, "-m", "prep.cli", "run", "all", "-c", str(path), "--json"]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout + result.stderr
+            docs = json.loads(result.stdout)
+            assert all(d["ok"] for d in docs) and "WARNING" not in json.dumps(docs)
+            assert docs[1]["counts"]["samples_out"] == 7
+            if name == "download_only":
+                assert [d["stage"] for d in docs] == ["download_parquet", "download_images"]
+                assert docs[1]["done"] == 1
+            else:
+                assert [d["stage"] for d in docs] == ["download_parquet", "download_images", "reorganize_tar",
+                                                      "generate_wdinfo"] and docs[1]["skipped"] == 1
+                wdinfo = tmp_path / "data" / "tarfiles_reorganized" / "wdinfo.pkl"
+                assert wdinfo.exists() and docs[-1]["counts"]["samples"] == 7

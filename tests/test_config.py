@@ -38,14 +38,54 @@ def test_template_loads_and_chains_folders(monkeypatch: pytest.MonkeyPatch, tmp_
     assert cfg.generate_wdinfo.output_wdinfo_path == root / "wdinfo.pkl"
 
 
-def test_template_comments_every_generate_wdinfo_field() -> None:
-    from prep.stages.generate_wdinfo import Config
+def test_template_comments_every_field_of_every_stage() -> None:
+    from prep.stages import STAGE_ORDER, get_stage
 
     text = (REPO / "configs" / "download_multimodal.yaml").read_text()
-    section = text.split("\ngenerate_wdinfo:\n", 1)[1].split("\n\n", 1)[0]
-    commented = {line.split(":", 1)[0].strip() for line in section.splitlines() if "#" in line}
-    assert set(Config.model_fields) <= commented
-    assert all(f.description for f in Config.model_fields.values())
+    for stage in STAGE_ORDER:
+        config = get_stage(stage).Config
+        section = text.split(f"\n{stage}:", 1)[1].split("\n\n", 1)[0]
+        commented = {line.split(":", 1)[0].strip().lstrip("# ") for line in section.splitlines()
+                     if "#" in line.split(":", 1)[-1]}  # `key: value  # what it is`, or a commented-out key
+        assert set(config.model_fields) <= commented, stage
+        assert all(f.description for f in config.model_fields.values())
+
+
+def _leaves(node: object, key: tuple[str, ...] = ()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*key, str(k)))
+    else:
+        yield key, node
+
+
+def _at(doc: object, key: tuple[str, ...]) -> object:
+    for part in key:
+        doc = doc[part]  # type: ignore[index]
+    return doc
+
+
+def test_template_values_are_the_code_defaults_unless_marked_override(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    path = REPO / "configs" / "download_multimodal.yaml"
+    text = path.read_text()
+    raw, lines = parse_yaml(text, str(path))
+    template = load_config(path).model_dump(mode="json")
+    root = template["dataset_output_root"]
+    defaults = load_config(None, [f"dataset_output_root={root}"]).model_dump(mode="json")
+    source = text.splitlines()
+    checked = 0
+    for key, _ in _leaves(raw):
+        marked = "# [override]" in source[lines[key] - 1]
+        # the root is handed to the defaults too, so that folders compare; its own default is none
+        same = key != ("dataset_output_root",) and _at(template, key) == _at(defaults, key)
+        ours, theirs = _at(template, key), _at(defaults, key)
+        assert same != marked, (f"{'.'.join(key)} (line {lines[key]}): "
+                                + ("marked [override] but equals the code default" if marked else
+                                   f"{ours!r} differs from the code default {theirs!r};"
+                                   " change one or mark the line '# [override] why'"))
+        checked += 1
+    assert checked > 100
 
 
 def test_defaults_without_a_file() -> None:
@@ -236,3 +276,54 @@ def test_duplicate_keys_are_errors_but_merge_keys_work(tmp_path: Path) -> None:
     text = "base: &b\n  strict: true\n  recursive: false\n"
     data, _ = parse_yaml(text + "generate_wdinfo:\n  <<: *b\n  recursive: true\n", "t.yaml")
     assert data["generate_wdinfo"] == {"strict": True, "recursive": True}
+
+
+def test_unset_inputs_follow_the_last_enabled_stage_that_writes_shards() -> None:
+    root = Path("/data/x")
+    off = lambda *stages: [f"{s}.enable=false" for s in stages]  # noqa: E731
+    cfg = load_config(None, [f"dataset_output_root={root}"])
+    assert cfg.reorganize_tar.input_dir == root / "tarfiles_raw" and not cfg.merge_source_tar.enable
+    assert cfg.generate_wdinfo.input_dir == [root / "tarfiles_precached"]
+    assert cfg.generate_wdinfo.tar_chunk_size == cfg.reorganize_tar.tar_chunk_size
+    cfg = load_config(None, [f"dataset_output_root={root}", *off("precache_encodings")])
+    assert cfg.generate_wdinfo.input_dir == [root / "tarfiles_reorganized"]
+    assert not cfg.merge_source_tar.enable
+    cfg = load_config(None, [f"dataset_output_root={root}", "ingest_local.enable=true",
+                             *off("download_parquet", "download_images")])
+    assert cfg.reorganize_tar.input_dir == root / "tarfiles_ingested"
+    cfg = load_config(None, [f"dataset_output_root={root}", "precache_encodings.keep_source=false"])
+    assert cfg.merge_source_tar.enable and cfg.merge_source_tar.source_dir == root / "tarfiles_reorganized"
+    assert cfg.generate_wdinfo.input_dir == [root / "tarfiles_precached"]  # merged in place
+    cfg = load_config(None, [f"dataset_output_root={root}", "precache_encodings.keep_source=false",
+                             f"merge_source_tar.output_dir={root / 'm'}",
+                             f"precache_encodings.input_dir={root / 'p'}"])
+    assert cfg.generate_wdinfo.input_dir == [root / "m"]
+    assert cfg.merge_source_tar.source_dir == root / "p"  # the shards precache read
+    cfg = load_config(None, [f"dataset_output_root={root}", "precache_encodings.keep_source=false",
+                             "merge_source_tar.enable=false"])
+    assert not cfg.merge_source_tar.enable and cfg.generate_wdinfo.input_dir == [root / "tarfiles_precached"]
+    cfg = load_config(None, [f"dataset_output_root={root}", *off("reorganize_tar", "precache_encodings")])
+    assert cfg.generate_wdinfo.input_dir == [root / "tarfiles_raw"]
+    assert cfg.generate_wdinfo.tar_chunk_size is None
+    cfg = load_config(None, [f"dataset_output_root={root}", f"reorganize_tar.input_dir={root / 'mine'}",
+                             *off("download_images", "precache_encodings")])
+    assert cfg.reorganize_tar.input_dir == root / "mine"  # a folder that is set stays set
+    cfg = load_config(None, [f"generate_wdinfo.input_dir={root / 'g'}"])
+    assert cfg.generate_wdinfo.tar_chunk_size is None  # not reorganize_tar's output: the most common count
+
+
+def test_references_may_name_computed_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "dataset_output_root: /d\n"
+                 "generate_wdinfo:\n  input_dir: ${..reorganize_tar.output_dir}\n"
+                 "  tar_chunk_size: ${..reorganize_tar.tar_chunk_size}\n"
+                 "reorganize_tar:\n  input_dir: ${ingest_local.output_dir}/part\n  tar_chunk_size: 7\n"
+                 "precache_encodings:\n  output_dir: ${..reorganize_tar.input_dir}-encoded\n")
+    cfg = load_config(path)
+    assert cfg.generate_wdinfo.input_dir == [Path("/d/tarfiles_reorganized")]
+    assert cfg.generate_wdinfo.tar_chunk_size == 7
+    assert cfg.reorganize_tar.input_dir == Path("/d/tarfiles_ingested/part")
+    assert cfg.precache_encodings.output_dir == Path("/d/tarfiles_ingested/part-encoded")
+    (err,) = errors_of(write(tmp_path, "generate_wdinfo:\n  input_dir: ${..reorganize_tar.nothing}\n"))
+    assert "${..reorganize_tar.nothing} is neither a config key" in err.what and err.where == f"{path}:2"
+    (err,) = errors_of(write(tmp_path, "generate_wdinfo:\n  input_dir: ${dataset_output_root}/x\n"))
+    assert "${dataset_output_root} is neither a config key" in err.what  # unset, and no default either

@@ -56,7 +56,7 @@ def _root(
 
 @app.command("stages")
 def stages_cmd() -> None:
-    """List the six stages in pipeline order, one line each."""
+    """List the stages in pipeline order, one line each."""
     from prep.stages import STAGE_ORDER, get_stage
 
     table = Table(show_header=True, header_style="bold")

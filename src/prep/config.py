@@ -1,4 +1,4 @@
-"""The stage config: one YAML file for all six stages, with NeMo's key names.
+"""The stage config: one YAML file for every stage, with NeMo's key names.
 
 Loading is: YAML (1.2 booleans only, so `resize_mode: no` stays the string "no") -> `--set a.b=c`
 overrides -> `${...}` interpolation (config keys, NeMo's `${..stage.key}`, or environment variables)
@@ -170,10 +170,17 @@ def _target(ref: str, path: str) -> list[str] | None:
     return base[: len(base) - up] + rest
 
 
+class _MissingRef(PrepError):
+    """A `${...}` naming a key the config does not hold (it may still have a computed default)."""
+
+
 def interpolate(data: dict[str, Any], where: str, lines: dict[tuple[str, ...], int] | None = None,
-                overrides: Overrides | None = None) -> dict[str, Any]:
+                overrides: Overrides | None = None, computed: dict[str, Any] | None = None, *,
+                drop_missing: bool = False) -> dict[str, Any]:
     """Resolve `${key.path}`, relative `${.key}`/`${..section.key}` (NeMo's form), `${env:VAR}`,
     `${oc.env:VAR,default}` and `${VAR}` (a config key first, else an environment variable).
+    A key the config leaves unset is looked up in `computed` (the validated defaults); with
+    `drop_missing`, a value that still names a missing key is left out instead of failing.
     Errors name the key that holds the reference and where it was set (file and line from `lines`, or
     the `--set` of `overrides`)."""
 
@@ -203,13 +210,23 @@ def interpolate(data: dict[str, Any], where: str, lines: dict[tuple[str, ...], i
             return resolve(value, dotted, (*stack, dotted))
         if not ref.startswith(".") and ref in os.environ:
             return os.environ[ref]
-        raise PrepError(f"{path}: ${{{ref}}} is neither a config key nor an environment variable",
-                        place(path),
-                        "define the key, export the variable, or write the value directly")
+        found, value = _lookup(computed, target) if target and computed is not None else (False, None)
+        if found and value is not None:
+            return value
+        raise _MissingRef(f"{path}: ${{{ref}}} is neither a config key nor an environment variable",
+                          place(path),
+                          "define the key, export the variable, or write the value directly")
 
     def resolve(value: Any, path: str, stack: tuple[str, ...]) -> Any:
         if isinstance(value, dict):
-            return {k: resolve(v, f"{path}.{k}" if path else k, stack) for k, v in value.items()}
+            out = {}
+            for k, v in value.items():
+                try:
+                    out[k] = resolve(v, f"{path}.{k}" if path else k, stack)
+                except _MissingRef:
+                    if not drop_missing:
+                        raise
+            return out
         if isinstance(value, list):
             return [resolve(v, f"{path}.{i}", stack) for i, v in enumerate(value)]
         if isinstance(value, str) and "${" in value:
@@ -244,29 +261,43 @@ class _RootBase(BaseModel):
 
     @model_validator(mode="after")
     def _chain_dirs(self):
-        """Fill unset folders the way NeMo's template chains them: each stage reads the last one's output."""
+        """Fill unset folders the way NeMo's template chains them, each stage reading the output of the
+        last ENABLED stage before it that writes shards (download_images or ingest_local, reorganize_tar,
+        precache_encodings, merge_source_tar); with none enabled, NeMo's fixed chain. merge_source_tar's
+        unset `enable` follows precache: it runs exactly when precache writes encodings apart."""
         root = self.dataset_output_root
 
         def under(name: str) -> Path | None:
             return root / name if root is not None else None
 
-        dp, di, rt = self.download_parquet, self.download_images, self.reorganize_tar  # type: ignore[attr-defined]
-        pc, ms, gw = self.precache_encodings, self.merge_source_tar, self.generate_wdinfo  # type: ignore[attr-defined]
+        dp, di, il = self.download_parquet, self.download_images, self.ingest_local  # type: ignore[attr-defined]
+        rt, pc = self.reorganize_tar, self.precache_encodings  # type: ignore[attr-defined]
+        ms, gw = self.merge_source_tar, self.generate_wdinfo  # type: ignore[attr-defined]
+        if ms.enable is None:
+            ms.enable = pc.enable and not pc.keep_source
         dp.output_dir = dp.output_dir or under("parquet")
         di.input_dir = di.input_dir or dp.output_dir
         di.output_dir = di.output_dir or under("tarfiles_raw")
-        rt.input_dir = rt.input_dir or di.output_dir
+        il.output_dir = il.output_dir or under("tarfiles_ingested")
         rt.output_dir = rt.output_dir or under("tarfiles_reorganized")
-        pc.input_dir = pc.input_dir or rt.output_dir
         pc.output_dir = pc.output_dir or under("tarfiles_precached")
+        writers: list[tuple[Any, Path | None]] = [
+            (di, di.output_dir), (il, il.output_dir), (rt, rt.output_dir), (pc, pc.output_dir),
+            (ms, ms.output_dir or ms.input_dir or pc.output_dir)]
+
+        def last_enabled(before: Any, fallback: Path | None) -> Path | None:
+            upto = writers[: next(i for i, (s, _) in enumerate(writers) if s is before)]
+            return next((out for s, out in reversed(upto) if s.enable), fallback)
+
+        rt.input_dir = rt.input_dir or last_enabled(rt, di.output_dir)
+        pc.input_dir = pc.input_dir or last_enabled(pc, rt.output_dir)
         ms.input_dir = ms.input_dir or pc.output_dir
-        ms.source_dir = ms.source_dir or rt.output_dir
+        ms.source_dir = ms.source_dir or pc.input_dir  # the shards precache read: their members
         if not gw.input_dir:
-            if ms.enable:
-                last = ms.output_dir or ms.input_dir
-            else:
-                last = pc.output_dir if pc.enable else rt.output_dir
+            writer, last = next(((s, out) for s, out in reversed(writers) if s.enable), (rt, rt.output_dir))
             gw.input_dir = [last] if last is not None else []
+            if gw.tar_chunk_size is None and writer in (rt, pc, ms):  # shards reorganize_tar cut
+                gw.tar_chunk_size = rt.tar_chunk_size
         return self
 
 
@@ -312,6 +343,31 @@ def _validation_errors(err: ValidationError, where: str, lines: dict[tuple[str, 
     return PrepErrorGroup(out)
 
 
+COMPUTED_ROUNDS = 4  # a reference to a computed default that itself follows a reference, and so on
+
+
+def interpolate_with_defaults(data: dict[str, Any], where: str, lines: dict[tuple[str, ...], int],
+                              overrides: Overrides | None = None) -> dict[str, Any]:
+    """`interpolate`, where a reference may name a key left to its computed default (the template's
+    `${..reorganize_tar.output_dir}` with output_dir unset): the defaults are computed from the values
+    that do resolve, then the references are resolved again, until the defaults stop changing."""
+    try:
+        return interpolate(data, where, lines, overrides)
+    except _MissingRef as err:
+        missing = err
+    computed: dict[str, Any] | None = None
+    for _ in range(COMPUTED_ROUNDS):
+        partial = interpolate(data, where, lines, overrides, computed, drop_missing=True)
+        try:
+            fresh = root_model().model_validate(partial).model_dump(mode="json")
+        except ValidationError:
+            raise missing from None
+        if fresh == computed:
+            break
+        computed = fresh
+    return interpolate(data, where, lines, overrides, computed)
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Any:
     """Load, override, interpolate and validate a stage config. `path=None` starts from defaults."""
     where = str(path) if path is not None else "config"
@@ -332,7 +388,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise PrepError("config must be a mapping of keys to values", where,
                             "start from configs/download_multimodal.yaml")
     typed = {apply_override(data, a): a.partition("=")[0].strip() for a in overrides or []}
-    data = interpolate(data, where, lines, typed)
+    data = interpolate_with_defaults(data, where, lines, typed)
     try:
         return root_model().model_validate(data)
     except ValidationError as err:

@@ -3,7 +3,7 @@
 It serves generated images on a loopback HTTP server (a few URLs fail on purpose: 404s, a corrupt
 image, redirects), writes a LAION-style parquet table of their URLs and captions, saves tiny randomly
 initialised encoders (a real AutoencoderKL and CLIPTextModel), then runs `prep run all` with
-`configs/demo.yaml` — all six stages — and `prep verify` on the result.
+`configs/demo.yaml` — every stage but ingest_local — and `prep verify` on the result.
 """
 
 from __future__ import annotations

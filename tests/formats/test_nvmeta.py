@@ -37,6 +37,7 @@ def test_sample_type_follows_fields(tmp_path: Path) -> None:
         "field_map": {"image": "jpg", "caption": "txt"},
     }
     assert dataset_yaml(["png", "txt"])["field_map"]["image"] == "png"
+    assert dataset_yaml(["webp", "png", "jpg", "txt"])["field_map"]["image"] == "jpg,png,webp"
     crude = dataset_yaml(["vae.npy", "txt"])
     assert crude["__class__"] == "CrudeWebdataset"
     write_nv_meta(tmp_path, {"s.tar": 1}, ["vae.npy"])

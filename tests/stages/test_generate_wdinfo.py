@@ -87,7 +87,16 @@ def test_indexes_counts_and_metadata(tmp_path: Path) -> None:
     assert m.history[-1]["stage"] == "generate_wdinfo"
     assert (tmp_path / ".nv-meta" / ".info.json").exists()
     notes = "\n".join(result.to_json()["notes"])
-    assert "shard-003.tar has 2 samples, not tar_chunk_size=4" in notes and "WARNING: 1 of 4" in notes
+    assert "shard-003.tar holds 2 samples: the one short last shard" in notes and "WARNING" not in notes
+
+
+def test_short_shards_other_than_the_last_are_a_warning(tmp_path: Path) -> None:
+    for counts, named in (([4, 2, 4], "shard-001.tar has 2"), ([4, 4, 6], "shard-002.tar has 6"),
+                          ([4, 3, 2], "shard-001.tar has 3")):
+        folder = tmp_path / "".join(map(str, counts))
+        make_shards(folder, counts)
+        notes = "\n".join(run(folder, "generate_wdinfo.tar_chunk_size=4").to_json()["notes"])
+        assert named in notes and "WARNING" in notes and "one short last shard" not in notes
 
 
 def test_chunk_size_defaults_to_most_common_count(tmp_path: Path) -> None:

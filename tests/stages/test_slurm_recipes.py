@@ -116,7 +116,8 @@ def submit(tmp_path: Path, *stages: str, **env_extra: str) -> tuple[subprocess.C
 def test_submit_chains_each_stage_after_the_whole_previous_array(tmp_path):
     proc, calls = submit(tmp_path, ARRAY_REORGANIZE_TAR="64", AFTER="77", SBATCH_ARGS="--partition=cpu")
     assert proc.returncode == 0, proc.stderr
-    enabled = [s for s in STAGE_ORDER if s != "merge_source_tar"]  # the template disables merge_source_tar
+    # the template leaves ingest_local off, and merge_source_tar to follow precache (keep_source: true)
+    enabled = [s for s in STAGE_ORDER if s not in ("ingest_local", "merge_source_tar")]
     assert [line.split()[0] for line in proc.stdout.splitlines()] == enabled
     ids = [line.split()[1] for line in proc.stdout.splitlines()]
     assert ids == [str(1001 + i) for i in range(len(enabled))]

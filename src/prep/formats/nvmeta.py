@@ -2,7 +2,9 @@
 
 `.info.json` holds the sample count of each shard, `split.yaml` puts every shard in the train split,
 and `dataset.yaml` names the sample type (captioning when the shards hold an image and a caption,
-otherwise energon's crude samples).
+otherwise energon's crude samples). With several image formats (a folder ingested with its PNGs and
+JPEGs kept), the image field lists them all (`image: jpg,png`): energon's field_map takes the first
+member a sample has, so every sample loads.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ from prep import __version__
 from prep.formats.atomic import write_text_atomic
 
 NV_META = ".nv-meta"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt",)
 PREP_HEADER = "# written by prep generate_wdinfo; remove this line to keep your edits on the next run\n"
 
 
 def dataset_yaml(fields: Sequence[str]) -> dict:
-    image = next((e for e in IMAGE_EXTS if e in fields), None)
+    images = [e for e in IMAGE_EXTS if e in fields]
     caption = next((e for e in CAPTION_EXTS if e in fields), None)
-    if image and caption:
+    if images and caption:
         return {
             "sample_type": {"__module__": "megatron.energon", "__class__": "CaptioningSample"},
-            "field_map": {"image": image, "caption": caption},
+            "field_map": {"image": ",".join(images), "caption": caption},
         }
     return {"__module__": "megatron.energon", "__class__": "CrudeWebdataset", "subflavors": {}}
 

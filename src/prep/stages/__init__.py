@@ -1,4 +1,5 @@
-"""The six stages, in pipeline order. Each is a module with the shape described in `stages.base`."""
+"""The stages, in pipeline order (ingest_local is the road for data already on disk, beside the two
+downloads). Each is a module with the shape described in `stages.base`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prep.errors import PrepError
 STAGE_ORDER: tuple[str, ...] = (
     "download_parquet",
     "download_images",
+    "ingest_local",
     "reorganize_tar",
     "precache_encodings",
     "merge_source_tar",

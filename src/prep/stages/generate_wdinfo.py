@@ -31,11 +31,13 @@ MAX_NAMED = 20  # shards named one by one in notes before summarising
 
 class Config(StageConfig):
     input_dir: list[Path] = Field(default_factory=list,
-                                  description="shard folder(s) (default: precache or reorganize output)")
+                                  description="shard folder(s) (default: the output of the last "
+                                  "enabled stage that writes shards)")
     recursive: bool = Field(True, description="also index shards in sub-folders")
     tar_chunk_size: int | None = Field(None, ge=1,
                                        description="expected samples per shard (NeMo's chunk_size); "
-                                       "default: the most common count")
+                                       "default: reorganize_tar.tar_chunk_size when input_dir is unset and "
+                                       "follows reorganize_tar, else the most common count")
     file_ext_in_tar: list[str] = Field(default_factory=list,
                                        description="extensions every sample must have, e.g. [jpg, txt]")
     output_wdinfo_path: Path | None = Field(None, description="where wdinfo.pkl goes "
@@ -152,6 +154,15 @@ def _merge_fields(old: dict[str, dict[str, Any]], counts: Counter[str]) -> dict[
     return out
 
 
+def only_short_tails(shards: list[tuple[int, str, int]], chunk: int) -> bool:
+    """Whether every (folder, rel, samples) shard off `chunk` is short and the last of its folder: the one
+    short shard reorganize_tar's `tail: keep` leaves, normal output rather than a problem to warn about."""
+    last: dict[int, str] = {}
+    for folder, rel, _ in shards:
+        last[folder] = max(last.get(folder, rel), rel)
+    return all(n < chunk and last[folder] == rel for folder, rel, n in shards if n != chunk)
+
+
 def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
     cfg: Config = root.generate_wdinfo
     strict = cfg.strict or opts.strict
@@ -170,7 +181,11 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
     if missing:
         notes.append("samples missing a required member: "
                      + ", ".join(f".{e}: {n}" for e, n in sorted(missing.items())))
-    if off:
+    layout = [(r.data["folder"], r.data["rel"], r.data["samples"]) for r in results]
+    if off and only_short_tails(layout, chunk):
+        notes += [f"shard {path} holds {n} samples: the one short last shard reorganize_tar leaves "
+                  f"(tail: keep); wdinfo.pkl records the true total_key_count" for path, n in off]
+    elif off:
         for path, n in off[:MAX_NAMED]:
             notes.append(f"shard {path} has {n} samples, not tar_chunk_size={chunk}")
         if len(off) > MAX_NAMED:
@@ -178,10 +193,10 @@ def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str
         notes.append(f"WARNING: {len(off)} of {len(results)} shards are not {chunk} samples; wdinfo.pkl "
                      "records the true total_key_count, but loaders that assume len(tar_files)*chunk_size "
                      "will be off")
-        if strict:
-            raise PrepError(f"{len(off)} shard(s) do not hold tar_chunk_size={chunk} samples "
-                            f"(first: {off[0][0]} with {off[0][1]})", NAME,
-                            "repack with `prep run reorganize_tar`, or drop --strict to accept them")
+    if off and strict:
+        raise PrepError(f"{len(off)} shard(s) do not hold tar_chunk_size={chunk} samples "
+                        f"(first: {off[0][0]} with {off[0][1]})", NAME,
+                        "repack with `prep run reorganize_tar`, or drop --strict to accept them")
     if missing and strict:
         raise PrepError(f"{sum(missing.values())} sample(s) lack a required member", NAME,
                         "repack with reorganize_tar (it drops and reports them), or drop --strict")

@@ -31,10 +31,12 @@ NO_SOURCE_REPORT = "merge_source_tar.no_source.jsonl"
 
 
 class Config(StageConfig):
+    enable: bool | None = Field(None, description="run this stage in `prep run all`; unset: exactly when "  # type: ignore[assignment]
+                                "precache_encodings runs and writes its encodings apart (keep_source: false)")
     input_dir: Path | None = Field(None, description="precached shards "
                                    "(default: precache_encodings.output_dir)")
     source_dir: Path | None = Field(None, description="source shards with the same relative names "
-                                    "(default: reorganize_tar.output_dir)")
+                                    "(default: precache_encodings' input)")
     output_dir: Path | None = Field(None, description="merged shards "
                                     "(default: input_dir, rewritten in place)")
     source_extensions: list[str] = Field(

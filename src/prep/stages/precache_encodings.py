@@ -36,7 +36,8 @@ MAX_NOTES = 20
 
 
 class Config(StageConfig):
-    input_dir: Path | None = Field(None, description="shards to encode (default: reorganize_tar.output_dir)")
+    input_dir: Path | None = Field(None, description="shards to encode (default: the output of the last "
+                                   "enabled stage before it that writes shards: reorganize_tar)")
     output_dir: Path | None = Field(None, description="encoded shards (default: <root>/tarfiles_precached)")
     encoders: list[EncoderConfig] = Field(
         default_factory=list, description="the encoders to run on every sample"

@@ -54,7 +54,8 @@ READ_GAP = 1 << 16  # unordered samples closer than this in their tar are prefet
 
 class Config(StageConfig):
     input_dir: Path | None = Field(None, description="raw tars, searched recursively and sorted by relative "
-                                   "path (default: download_images.output_dir)")
+                                   "path (default: the output of download_images or ingest_local, the last "
+                                   "enabled)")
     output_dir: Path | None = Field(None, description="flat output: NNNNNN.tar + .idx + manifest.json "
                                     "(default: <root>/tarfiles_reorganized)")
     tar_chunk_size: int = Field(1000, ge=1, description="samples per output shard")
