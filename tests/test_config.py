@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from prep.config import PrepErrorGroup, _validation_errors, load_config, parse_scalar, parse_yaml
-from prep.errors import PrepError
+from prep.config import _validation_errors, load_config, parse_scalar, parse_yaml
+from prep.errors import PrepError, PrepErrorGroup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,3 +327,11 @@ def test_references_may_name_computed_defaults(tmp_path: Path) -> None:
     assert "${..reorganize_tar.nothing} is neither a config key" in err.what and err.where == f"{path}:2"
     (err,) = errors_of(write(tmp_path, "generate_wdinfo:\n  input_dir: ${dataset_output_root}/x\n"))
     assert "${dataset_output_root} is neither a config key" in err.what  # unset, and no default either
+
+
+def test_root_model_has_one_section_per_stage_in_order():
+    from prep.config import PrepConfig
+    from prep.stages import STAGE_ORDER
+
+    sections = [k for k in PrepConfig.model_fields if not k.startswith("dataset_")]
+    assert tuple(sections) == STAGE_ORDER

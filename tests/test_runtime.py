@@ -215,7 +215,7 @@ def test_long_task_ids_get_valid_marker_names(tmp_path: Path) -> None:
 def test_errors_survive_process_pools() -> None:
     import pickle
 
-    from prep.config import PrepErrorGroup
+    from prep.errors import PrepErrorGroup
     from prep.formats.tar import TarFormatError, UnsafeMemberError
 
     for err in [

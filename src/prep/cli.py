@@ -155,12 +155,12 @@ def verify_cmd(
 ) -> None:
     """Check every shard against its .idx and manifest.json (samples, bytes, checksum); exit 1 naming bad
     shards."""
+    from prep.formats.tar import shard_files
     from prep.runtime.progress import task_progress
-    from prep.stages.generate_wdinfo import find_shards
     from prep.verify import require_folder, verify_folder
 
     try:
-        n = len(find_shards(require_folder(folder), recursive=True))
+        n = len(shard_files(require_folder(folder)))
         with task_progress(err_console, "verify", n, disable=as_json) as advance:
             checks = verify_folder(folder, advance)
     except PrepError as err:

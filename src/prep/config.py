@@ -15,20 +15,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prep.errors import PrepError
-from prep.stages import STAGE_ORDER, get_stage
-
-
-class PrepErrorGroup(PrepError):
-    """Several independent errors (all config problems at once); the CLI prints one line for each."""
-
-    def __init__(self, errors: list[PrepError]) -> None:
-        self.errors = errors
-        super().__init__(errors[0].what, errors[0].where, errors[0].fix)
-
-    def __reduce__(self):
-        return (type(self), (self.errors,))
-
+import prep.stages.download_images
+import prep.stages.download_parquet
+import prep.stages.generate_wdinfo
+import prep.stages.ingest_local
+import prep.stages.merge_source_tar
+import prep.stages.precache_encodings
+import prep.stages.reorganize_tar
+from prep.errors import PrepError, PrepErrorGroup
 
 # ------------------------------------------------------------------------------------------------ YAML
 
@@ -242,16 +236,24 @@ def interpolate(data: dict[str, Any], where: str, lines: dict[tuple[str, ...], i
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _stage_field(name: str):
-    cls = get_stage(name).Config
-    return (cls, Field(default_factory=cls, description=f"the {name} stage"))
+def _section(stage: Any) -> Any:
+    return Field(default_factory=stage.Config, description=f"the {stage.NAME} stage")
 
 
-class _RootBase(BaseModel):
+class PrepConfig(BaseModel):
+    """The whole stage config: the shared keys and one section per stage (in `STAGE_ORDER`)."""
+
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     dataset_repo_id: str | None = Field(None, description="HuggingFace dataset repo, e.g. laion/laion-art")
     dataset_output_root: Path | None = Field(None, description="folder under which every stage writes")
+    download_parquet: prep.stages.download_parquet.Config = _section(prep.stages.download_parquet)
+    download_images: prep.stages.download_images.Config = _section(prep.stages.download_images)
+    ingest_local: prep.stages.ingest_local.Config = _section(prep.stages.ingest_local)
+    reorganize_tar: prep.stages.reorganize_tar.Config = _section(prep.stages.reorganize_tar)
+    precache_encodings: prep.stages.precache_encodings.Config = _section(prep.stages.precache_encodings)
+    merge_source_tar: prep.stages.merge_source_tar.Config = _section(prep.stages.merge_source_tar)
+    generate_wdinfo: prep.stages.generate_wdinfo.Config = _section(prep.stages.generate_wdinfo)
 
     def root_dir(self, what: str) -> Path:
         if self.dataset_output_root is None:
@@ -270,9 +272,9 @@ class _RootBase(BaseModel):
         def under(name: str) -> Path | None:
             return root / name if root is not None else None
 
-        dp, di, il = self.download_parquet, self.download_images, self.ingest_local  # type: ignore[attr-defined]
-        rt, pc = self.reorganize_tar, self.precache_encodings  # type: ignore[attr-defined]
-        ms, gw = self.merge_source_tar, self.generate_wdinfo  # type: ignore[attr-defined]
+        dp, di, il = self.download_parquet, self.download_images, self.ingest_local
+        rt, pc = self.reorganize_tar, self.precache_encodings
+        ms, gw = self.merge_source_tar, self.generate_wdinfo
         if ms.enable is None:
             ms.enable = pc.enable and not pc.keep_source
         dp.output_dir = dp.output_dir or under("parquet")
@@ -299,23 +301,6 @@ class _RootBase(BaseModel):
             if gw.tar_chunk_size is None and writer in (rt, pc, ms):  # shards reorganize_tar cut
                 gw.tar_chunk_size = rt.tar_chunk_size
         return self
-
-
-def _make_root_model() -> type[BaseModel]:
-    from pydantic import create_model
-
-    fields = {name: _stage_field(name) for name in STAGE_ORDER}
-    return create_model("PrepConfig", __base__=_RootBase, **fields)
-
-
-_ROOT_MODEL: type[BaseModel] | None = None
-
-
-def root_model() -> type[BaseModel]:
-    global _ROOT_MODEL
-    if _ROOT_MODEL is None:
-        _ROOT_MODEL = _make_root_model()
-    return _ROOT_MODEL
 
 
 _SECRET_KEY = re.compile(r"token|secret|password|credential", re.IGNORECASE)
@@ -359,7 +344,7 @@ def interpolate_with_defaults(data: dict[str, Any], where: str, lines: dict[tupl
     for _ in range(COMPUTED_ROUNDS):
         partial = interpolate(data, where, lines, overrides, computed, drop_missing=True)
         try:
-            fresh = root_model().model_validate(partial).model_dump(mode="json")
+            fresh = PrepConfig.model_validate(partial).model_dump(mode="json")
         except ValidationError:
             raise missing from None
         if fresh == computed:
@@ -390,6 +375,6 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     typed = {apply_override(data, a): a.partition("=")[0].strip() for a in overrides or []}
     data = interpolate_with_defaults(data, where, lines, typed)
     try:
-        return root_model().model_validate(data)
+        return PrepConfig.model_validate(data)
     except ValidationError as err:
         raise _validation_errors(err, where, lines, typed) from None

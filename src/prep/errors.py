@@ -26,3 +26,14 @@ class PrepError(Exception):
 
     def __reduce__(self):  # keep the three fields across process pools
         return (type(self), (self.what, self.where, self.fix))
+
+
+class PrepErrorGroup(PrepError):
+    """Several independent errors (all config problems at once); the CLI prints one line for each."""
+
+    def __init__(self, errors: list[PrepError]) -> None:
+        self.errors = errors
+        super().__init__(errors[0].what, errors[0].where, errors[0].fix)
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))

@@ -14,8 +14,7 @@ from prep.errors import PrepError
 from prep.formats.checksum import file_matches
 from prep.formats.index import index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, read_manifest
-from prep.formats.tar import scan_tar
-from prep.stages.generate_wdinfo import find_shards
+from prep.formats.tar import scan_tar, shard_files
 
 
 @dataclass
@@ -109,7 +108,7 @@ def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) ->
     if has_manifest:
         for s in read_manifest(folder).shards:
             expected[s.path] = (s.samples, s.bytes, s.checksum)
-    on_disk = {p.relative_to(folder).as_posix(): p for p in find_shards(folder, recursive=True)}
+    on_disk = {p.relative_to(folder).as_posix(): p for p in shard_files(folder)}
     if not on_disk and not expected:
         raise PrepError("no .tar shards found", str(folder), "point prep verify at a shard folder")
     checks: list[ShardCheck] = []

@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from prep.config import PrepErrorGroup, root_model
+from prep.config import PrepConfig
 from prep.encoders.images import cover_box, make_buckets, pick_bucket, prepare_image
 from prep.encoders.spec import EncoderConfig
 from prep.encoders.storage import load_npy, npy_bytes
+from prep.errors import PrepErrorGroup
 from prep.formats.index import read_index
 from prep.formats.tar import iter_samples, write_shard
 from prep.runtime.runner import run_stage
@@ -72,7 +73,7 @@ def config(tmp: Path, models: Path, encoders: list[dict], **stage) -> object:
         "encoders": encoders,
         **stage,
     }
-    return root_model().model_validate({STAGE: section})
+    return PrepConfig.model_validate({STAGE: section})
 
 
 def vae(models: Path, **kw) -> dict:
@@ -440,14 +441,14 @@ def test_killed_run_resumes_and_gives_the_same_bytes(tmp_path: Path, monkeypatch
 
 
 def test_rank_slice_only_under_torchrun(monkeypatch) -> None:
-    from prep.stages.precache_encodings import launcher_env, rank_slice
+    from prep.stages.base import launcher_env, torchrun_slice
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "8")  # a batch script sees these too: never guessed from them
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert rank_slice() == (None, None)
+    assert torchrun_slice() == (None, None)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert rank_slice() == (3, 4) and launcher_env() == (3, 4, 1)
+    assert torchrun_slice() == (3, 4) and launcher_env() == (3, 4, 1)

@@ -113,7 +113,7 @@ def _check_import(i: int, cfg: EncoderConfig) -> list[PrepError]:
 
 def validate_encoders(encoders: list[EncoderConfig]) -> None:
     """Raise one PrepError per problem (grouped), or return when the list can run."""
-    from prep.config import PrepErrorGroup
+    from prep.errors import PrepErrorGroup
 
     problems: list[PrepError] = []
     if not encoders:

@@ -437,6 +437,15 @@ def shard_files(folder: Path, *, recursive: bool = True) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def shard_folder(folder: Path, fix: str, *, recursive: bool = True) -> list[Path]:
+    """`shard_files` of a folder a stage or command must read: a missing folder, or a file where the
+    folder should be, is one error with the caller's fix."""
+    if not folder.is_dir():
+        what = "is a file, not a folder of shards" if folder.is_file() else "folder does not exist"
+        raise PrepError(what, str(folder), fix)
+    return shard_files(folder, recursive=recursive)
+
+
 def _plain_scan(path: str) -> TarScan | None:
     """`scan_tar` for a tar `walk_plain` accepts: the same samples, grouped as `iter_samples` groups them
     (None when a key repeats apart or a sample has an extension twice: the exact path says where).

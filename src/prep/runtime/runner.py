@@ -23,7 +23,7 @@ from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name
 from prep.runtime.markers import describe_outputs, read_valid_marker, write_marker
 from prep.runtime.progress import task_progress
 from prep.stages import get_stage
-from prep.stages.base import RunOptions, Task, TaskResult, slice_tasks
+from prep.stages.base import RunOptions, Task, TaskResult, marker_dir, slice_tasks, torchrun_slice
 
 
 @dataclass
@@ -83,13 +83,13 @@ class StageRun:
 
 def _execute(stage_name: str, task: Task, cfg_json: dict[str, Any], opts: RunOptions) -> TaskResult:
     """Run one task in whatever process the executor chose. Never raises: failures become results."""
-    from prep.config import root_model
+    from prep.config import PrepConfig
 
     start = time.perf_counter()
     try:
         for out in task.outputs:  # a killed earlier run may have left temp files; this task owns them
             remove_stale_temps(out)
-        cfg = root_model().model_validate(cfg_json)
+        cfg = PrepConfig.model_validate(cfg_json)
         result = get_stage(stage_name).run_task(task, cfg, opts)
     except PrepError as err:
         result = TaskResult(task.id, "failed", error=err.line())
@@ -175,19 +175,20 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise PrepError(f"stage plan has two tasks named {dup!r}", name, "this is a bug in the stage plan")
     mine = slice_tasks(tasks, opts.task_index, opts.num_tasks)
-    if hasattr(stage, "rank_slice"):  # e.g. torchrun: each rank takes every WORLD_SIZE-th task of its slice
-        mine = slice_tasks(mine, *stage.rank_slice())
+    if stage.TORCHRUN_RANKS:  # each rank of a torchrun launch takes every WORLD_SIZE-th task of its slice
+        mine = slice_tasks(mine, *torchrun_slice())
     run = StageRun(name, len(tasks))
     if opts.dry_run:
         run.results = [TaskResult(t.id, "planned", data={"payload": t.payload}) for t in mine]
         return run
-    marker_dir: Path = stage.marker_dir(cfg)
-    check_output_folder(marker_dir.parents[2], name)
-    version = getattr(stage, "VERSION", 1)
+    outputs = stage.output_dirs(cfg)
+    markers = marker_dir(outputs[0], name)
+    check_output_folder(outputs[0], name)
+    version = stage.VERSION
     results: dict[str, TaskResult] = {}
     todo: list[Task] = []
     for t in mine:
-        prior = None if opts.force else read_valid_marker(marker_dir, t, t.fingerprint(name, version),
+        prior = None if opts.force else read_valid_marker(markers, t, t.fingerprint(name, version),
                                                            verify=opts.verify_markers)
         if prior is not None:
             results[t.id] = prior
@@ -203,7 +204,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                     if r.status != "failed":
                         try:
                             r.outputs = describe_outputs(t.outputs, r.outputs)
-                            write_marker(marker_dir, t, t.fingerprint(name, version), r)
+                            write_marker(markers, t, t.fingerprint(name, version), r)
                         except OSError as err:
                             r.status, r.error = "failed", f"output missing after the task ran ({err})"
                     results[t.id] = r
@@ -211,24 +212,22 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         finally:
             executor.shutdown()
     run.results = [results[t.id] for t in mine]
-    finalize = getattr(stage, "finalize", None)
-    if finalize is not None and run.ok:
+    if run.ok:
         everything: list[TaskResult] = []
         for t in tasks:
-            found = results.get(t.id) or read_valid_marker(marker_dir, t, t.fingerprint(name, version))
+            found = results.get(t.id) or read_valid_marker(markers, t, t.fingerprint(name, version))
             if found is None:
                 break
             everything.append(found)
         if len(everything) == len(tasks):
             try:
-                run.finalize_notes = finalize(cfg, everything, opts) or []
+                run.finalize_notes = stage.finalize(cfg, everything, opts)
                 run.finalized = True
             except PrepError as err:
                 run.errors.append(err.line())
         else:
             run.waiting_for_other_slices = True
     if run.ok and not run.waiting_for_other_slices:  # the stage is complete: once, not in every slice
-        outputs = stage.output_dirs(cfg) if hasattr(stage, "output_dirs") else [marker_dir.parents[2]]
         for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
             remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start

@@ -1,12 +1,14 @@
 """The shape every stage shares: a pydantic `Config`, a pure `plan()`, an idempotent `run_task()`.
 
-A stage module defines `NAME`, `TITLE` (one line for `prep stages`), `Config` (a `StageConfig`),
-`plan(root, opts) -> list[Task]`, `run_task(task, root, opts) -> TaskResult`, `marker_dir(root)`,
-and optionally `finalize(root, results, opts) -> list[str]` which runs once every task of the whole
-plan is done (it returns lines for the summary). `marker_dir` is `<output folder>/.prep/done/<stage>`:
-the runner checks that the output folder can be written before any task, and sweeps dead writers' temp
-files from it when the stage completes; a stage that writes elsewhere too lists every place in
-`output_dirs(root) -> list[Path]` (folders, or files whose siblings are swept). Stage modules import no
+A stage is a module that satisfies `StageModule` (mypy checks each one, see `prep.stages`): `NAME`,
+`TITLE` (one line for `prep stages`), `VERSION` (bumped when the same task would write other bytes),
+`TORCHRUN_RANKS` (whether the ranks of a torchrun launch split its tasks), `Config` (a `StageConfig`),
+`plan(root, opts) -> list[Task]`, `run_task(task, root, opts) -> TaskResult`, `finalize(root, results,
+opts)`, which runs once every task of the whole plan is done and returns lines for the summary, and
+`output_dirs(root)`: every place it writes (folders, or files whose siblings are swept), the first
+being the folder that holds its done-markers (`marker_dir`). The runner checks that folder can be
+written before any task and sweeps dead writers' temp files from every place when the stage
+completes. `root` is the whole validated config (`prep.config.PrepConfig`). Stage modules import no
 torch at import time.
 """
 
@@ -14,11 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # the root model is built from every stage's Config (prep.config, a layer above)
+    from prep.config import PrepConfig
 
 
 class StageConfig(BaseModel):
@@ -108,3 +114,43 @@ def slice_tasks(tasks: list[Task], task_index: int | None, num_tasks: int | None
 def rel(path: Path, root: Path) -> str:
     """A POSIX path of `path` relative to `root` (for manifests and task ids)."""
     return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+class StageModule(Protocol):
+    """What the runner and the CLI rely on in a stage module (see the module docstring)."""
+
+    NAME: str
+    TITLE: str
+    VERSION: int
+    TORCHRUN_RANKS: bool
+
+    @property
+    def Config(self) -> type[StageConfig]: ...
+
+    def plan(self, root: PrepConfig, opts: RunOptions) -> list[Task]: ...
+
+    def run_task(self, task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult: ...
+
+    def finalize(self, root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]: ...
+
+    def output_dirs(self, root: PrepConfig) -> list[Path]: ...
+
+
+def marker_dir(output_dir: Path, stage: str) -> Path:
+    """Where a stage's done-markers live: `<its first output folder>/.prep/done/<stage>`."""
+    return output_dir / ".prep" / "done" / stage
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, else (0, 1, 0). Slurm steps of several
+    tasks are not guessed (a batch script sees SLURM_NTASKS too): pass --task-index $SLURM_PROCID
+    --num-tasks $SLURM_NTASKS there."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def torchrun_slice() -> tuple[int | None, int | None]:
+    """(rank, world) under torchrun: each rank takes every world-th task of its (Slurm array) slice.
+    (None, None) for a single process."""
+    rank, world, _ = launcher_env()
+    return (rank, world) if world > 1 else (None, None)

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -36,9 +36,13 @@ from prep.formats.checksum import file_checksum
 from prep.formats.tar import FileSlice, iter_members, scan_tar, split_key, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
+
 NAME = "download_images"
 TITLE = "download images with img2dataset into uneven tars (jpg/txt/json), one task per parquet part"
 VERSION = 1
+TORCHRUN_RANKS = False
 STAGING = ".prep/img2dataset"
 RESERVED = ("url_list", "output_folder", "input_format", "output_format")  # prep decides these
 _ARG_OF = {"download_num_processes": "processes_count", "download_num_threads": "thread_count"}
@@ -280,7 +284,7 @@ def _img2dataset():
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def _dirs(root: Any) -> tuple[Path, Path]:
+def _dirs(root: PrepConfig) -> tuple[Path, Path]:
     cfg: Config = root.download_images
     if cfg.input_dir is None or cfg.output_dir is None:
         raise PrepError("download_images.input_dir/output_dir is not set", "config",
@@ -289,8 +293,9 @@ def _dirs(root: Any) -> tuple[Path, Path]:
     return Path(cfg.input_dir), Path(cfg.output_dir)
 
 
-def marker_dir(root: Any) -> Path:
-    return _dirs(root)[1] / ".prep" / "done" / NAME
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """The folder this stage writes (its done-markers under .prep/)."""
+    return [_dirs(root)[1]]
 
 
 def find_parts(folder: Path, pattern: str) -> list[Path]:
@@ -312,7 +317,7 @@ def _failed_now(final_dir: Path) -> int:
     return total
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     import pyarrow.parquet as pq
 
     cfg: Config = root.download_images
@@ -679,7 +684,7 @@ def _restat(table: Any, old: dict[str, Any]) -> dict[str, Any]:
             "retried": old.get("retried", 0) + 1}
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     p = task.payload
     if p["shards"] == 0:
         return TaskResult(task.id, counts={"parts_empty": 1},
@@ -725,7 +730,7 @@ def _span(spans: list[tuple[float, float]]) -> float:
     return round(max(e for _, e in spans) - min(s for s, _ in spans), 3) if spans else 0.0
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     total: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
     for r in results:

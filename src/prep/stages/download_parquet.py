@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr
 
@@ -21,9 +21,13 @@ from prep.formats.atomic import temp_name
 from prep.formats.checksum import file_checksum
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
+
 NAME = "download_parquet"
 TITLE = "fetch caption+URL parquet files from a HuggingFace dataset repo or a path, split into parts"
 VERSION = 1
+TORCHRUN_RANKS = False
 SOURCE_DIR = "source"
 NOT_PARQUET = ("replace it with a real parquet file, or narrow download_parquet.source_path / "
                "parquet_pattern so it is not taken")
@@ -82,11 +86,12 @@ def _token(cfg: Config, opts: RunOptions) -> str | None:
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def marker_dir(root: Any) -> Path:
-    return _output_dir(root) / ".prep" / "done" / NAME
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """The folder this stage writes (its done-markers under .prep/)."""
+    return [_output_dir(root)]
 
 
-def _output_dir(root: Any) -> Path:
+def _output_dir(root: PrepConfig) -> Path:
     out = root.download_parquet.output_dir
     if out is None:
         raise PrepError("download_parquet.output_dir is not set", "config",
@@ -124,7 +129,7 @@ def _local_sources(pattern: str, file_pattern: str) -> list[dict[str, Any]]:
     return out
 
 
-def _hub_sources(root: Any, cfg: Config, opts: RunOptions) -> list[dict[str, Any]]:
+def _hub_sources(root: PrepConfig, cfg: Config, opts: RunOptions) -> list[dict[str, Any]]:
     from prep.hub import list_parquet
 
     repo = root.dataset_repo_id
@@ -140,7 +145,7 @@ def _hub_sources(root: Any, cfg: Config, opts: RunOptions) -> list[dict[str, Any
              "sha256": f.sha256, "git_oid": f.git_oid} for f in files]
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.download_parquet
     out = _output_dir(root).resolve()
     if cfg.hf_token is not None and cfg.hf_token.get_secret_value() != _MASK:
@@ -172,7 +177,7 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
     return tasks
 
 
-def _columns_to_check(root: Any) -> list[str]:
+def _columns_to_check(root: PrepConfig) -> list[str]:
     di = root.download_images
     return [c for c in (di.url_col, di.caption_col) if c] if di.enable else []
 
@@ -266,7 +271,7 @@ def _delete_source(task: Task, src: Path) -> None:
         src.unlink()
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     import pyarrow.parquet as pq
 
     from prep.stages.download_images import check_columns, reading_parquet
@@ -303,7 +308,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
     )
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     rows = sum(r.data["rows"] for r in results)
     parts = sum(len(r.data["parts"]) for r in results)
     fetched = sum(r.counts.get("files_downloaded", 0) for r in results if r.status == "done")

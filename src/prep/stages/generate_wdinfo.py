@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
@@ -19,13 +19,17 @@ from prep.formats.checksum import file_checksum
 from prep.formats.index import encode_index, index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from prep.formats.nvmeta import user_dataset_yaml, write_nv_meta
-from prep.formats.tar import scan_tar, shard_files
+from prep.formats.tar import scan_tar, shard_folder
 from prep.formats.wdinfo import write_wdinfo
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
 
 NAME = "generate_wdinfo"
 TITLE = "index shards (.idx), count samples, write wdinfo.pkl (NeMo), manifest.json and .nv-meta/ (energon)"
 VERSION = 1
+TORCHRUN_RANKS = False
 MAX_NAMED = 20  # shards named one by one in notes before summarising
 
 
@@ -57,27 +61,13 @@ class Config(StageConfig):
         return [e.lstrip(".") for e in v]
 
 
-def find_shards(folder: Path, recursive: bool) -> list[Path]:
-    """Every `*.tar` under `folder` (not in hidden folders such as .prep/ or .nv-meta/), sorted."""
-    if not folder.exists():
-        raise PrepError("shard folder does not exist", str(folder), "check generate_wdinfo.input_dir")
-    if folder.is_file():
-        raise PrepError("input_dir is a file, not a folder of shards", str(folder),
-                        "point generate_wdinfo.input_dir at the folder that holds the .tar files")
-    return shard_files(folder, recursive=recursive)
-
-
-def marker_dir(root: Any) -> Path:
-    dirs = root.generate_wdinfo.input_dir
-    if not dirs:
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """Where the stage writes: each shard folder (.idx, manifest.json, .nv-meta/; the first holds the
+    done-markers) and wdinfo.pkl."""
+    cfg: Config = root.generate_wdinfo
+    if not cfg.input_dir:
         raise PrepError("generate_wdinfo.input_dir is not set", "config",
                         "set generate_wdinfo.input_dir or dataset_output_root")
-    return Path(dirs[0]) / ".prep" / "done" / NAME
-
-
-def output_dirs(root: Any) -> list[Path]:
-    """Where the stage writes: each shard folder (.idx, manifest.json, .nv-meta/) and wdinfo.pkl."""
-    cfg: Config = root.generate_wdinfo
     folders = [Path(f) for f in cfg.input_dir]
     return [*folders, Path(cfg.output_wdinfo_path) if cfg.output_wdinfo_path else _wdinfo_path(folders)]
 
@@ -88,14 +78,15 @@ def _wdinfo_path(folders: list[Path]) -> Path:
     return base / "wdinfo.pkl"
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.generate_wdinfo
     if not cfg.input_dir:
         raise PrepError("generate_wdinfo.input_dir is not set", "config",
                         "set generate_wdinfo.input_dir (or dataset_output_root)")
     tasks: list[Task] = []
     for i, folder in enumerate(cfg.input_dir):
-        shards = find_shards(Path(folder), cfg.recursive)
+        shards = shard_folder(Path(folder), "point generate_wdinfo.input_dir at the folder that holds the "
+                              ".tar files", recursive=cfg.recursive)
         if not shards:
             raise PrepError("no .tar shards found", str(folder),
                             "point generate_wdinfo.input_dir at a folder of WebDataset .tar files")
@@ -110,7 +101,7 @@ def plan(root: Any, opts: RunOptions) -> list[Task]:
     return tasks
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     tar = Path(task.payload["tar"])
     scan = scan_tar(tar)
     offsets = scan.index_offsets()
@@ -163,7 +154,7 @@ def only_short_tails(shards: list[tuple[int, str, int]], chunk: int) -> bool:
     return all(n < chunk and last[folder] == rel for folder, rel, n in shards if n != chunk)
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     cfg: Config = root.generate_wdinfo
     strict = cfg.strict or opts.strict
     folders = [Path(f) for f in cfg.input_dir]

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -33,11 +33,15 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.tar import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
 from prep.stages.download_images import _img2dataset, _write_parquet, key_prefix, shard_name
 
 NAME = "ingest_local"
 TITLE = "turn an image folder or a table of image paths/URLs into checked tars (download_images' layout)"
 VERSION = 1
+TORCHRUN_RANKS = False
 DROPPED_REPORT = "ingest_local.dropped.jsonl"
 NOTES_NAMED = 5  # dropped images named in the summary per task (every one goes to the report file)
 SLUG_CHARS = 64  # the readable part of a key: the tail of the relative path
@@ -367,7 +371,7 @@ def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) 
     rows = read_records(table, where)
     _columns(cfg, rows, where)
     base = cfg.base_dir or (table.rsplit("/", 1)[0] if "://" in table else str(Path(table).parent))
-    found = []
+    found: list[Found] = []
     for row in rows:
         raw, caption, extra = _row_fields(cfg, row)
         path = "" if raw is None else str(raw).strip()
@@ -394,7 +398,7 @@ def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) 
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def _dirs(root: Any) -> Path:
+def _dirs(root: PrepConfig) -> Path:
     cfg: Config = root.ingest_local
     if cfg.output_dir is None:
         raise PrepError("ingest_local.output_dir is not set", "config",
@@ -402,8 +406,9 @@ def _dirs(root: Any) -> Path:
     return Path(cfg.output_dir).resolve()
 
 
-def marker_dir(root: Any) -> Path:
-    return _dirs(root) / ".prep" / "done" / NAME
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """The folder this stage writes (its done-markers under .prep/)."""
+    return [_dirs(root)]
 
 
 def shaping_args(cfg: Config) -> dict[str, Any]:
@@ -433,7 +438,7 @@ def make_resizer(args: dict[str, Any]) -> Any:
                         "fix resize_mode / interpolation / encode_quality (png: 0-9)") from None
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.ingest_local
     out = _dirs(root)
     if (cfg.input_dir is None) == (cfg.table is None):
@@ -597,9 +602,9 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
     row.update(original_width=shown[0], original_height=shown[1], width=width, height=height)
     out, reencoded = data, False
     if resize:
-        got, w, h, _, _, err = resizer(io.BytesIO(upright))
-        if err is not None:
-            return dropped("resize_error", err)
+        got, w, h, _, _, resize_err = resizer(io.BytesIO(upright))
+        if resize_err is not None:
+            return dropped("resize_error", resize_err)
         out, ext, reencoded = got, args["encode_format"], True
         row.update(width=w, height=h)
     meta = {k: v for k, v in row.items() if k not in ("status", "error_message")}
@@ -641,7 +646,7 @@ def _parquet(rows: list[dict[str, Any]], hash_name: str | None, extras: list[str
     return pa.table(columns)
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     p = task.payload
     args = p["args"]
     resizer = make_resizer(args)
@@ -655,10 +660,11 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
                             list(cfg.save_additional_columns or [])), table)
     reasons = Counter(o.reason for o in outcomes if o.reason is not None)
     ok = len(outcomes) - sum(reasons.values())
-    stats = {"count": len(outcomes), "successes": ok,
-             "failed_to_download": sum(n for r, n in reasons.items() if status_of(r) == "failed_to_download"),
-             "failed_to_resize": sum(n for r, n in reasons.items() if status_of(r) == "failed_to_resize"),
-             "status_dict": {**({"success": ok} if ok else {}), **dict(sorted(reasons.items()))}}
+    stats: dict[str, Any] = {
+        "count": len(outcomes), "successes": ok,
+        "failed_to_download": sum(n for r, n in reasons.items() if status_of(r) == "failed_to_download"),
+        "failed_to_resize": sum(n for r, n in reasons.items() if status_of(r) == "failed_to_resize"),
+        "status_dict": {**({"success": ok} if ok else {}), **dict(sorted(reasons.items()))}}
     write_text_atomic(stats_path, json.dumps(stats, indent=4))
     os.utime(stats_path)  # newer than the tar: reorganize_tar then trusts its count
     bad = sorted((o.row["path"], o.reason, o.message) for o in outcomes if o.reason is not None)
@@ -677,7 +683,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
                       outputs={str(tar): {"bytes": info.bytes, "checksum": info.checksum}})
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     """Write the report of every dropped image, remove shard files an earlier plan left in this plan's
     part folders (the input shrank), name other part folders (never deleted: they may be another
     stage's), and sum up."""

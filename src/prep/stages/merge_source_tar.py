@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
@@ -20,12 +20,16 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import FileSlice, MemberData, Sample, scan_tar, shard_files, write_shard
+from prep.formats.tar import FileSlice, MemberData, Sample, scan_tar, shard_folder, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
 
 NAME = "merge_source_tar"
 TITLE = "join source members (jpg/txt) into precached shards that were written apart from them"
 VERSION = 1
+TORCHRUN_RANKS = False
 KEYS_NAMED = 5
 NO_SOURCE_REPORT = "merge_source_tar.no_source.jsonl"
 
@@ -52,7 +56,7 @@ class Config(StageConfig):
         return [e.lstrip(".") for e in v]
 
 
-def _dirs(root: Any) -> tuple[Path, Path, Path]:
+def _dirs(root: PrepConfig) -> tuple[Path, Path, Path]:
     cfg: Config = root.merge_source_tar
     if cfg.input_dir is None or cfg.source_dir is None:
         raise PrepError("merge_source_tar.input_dir or source_dir is not set", "config",
@@ -65,16 +69,9 @@ def _dirs(root: Any) -> tuple[Path, Path, Path]:
     return inp, src, out
 
 
-def find_shards(folder: Path) -> list[Path]:
-    """Every `*.tar` under `folder` except in hidden folders (.prep/), sorted by relative path."""
-    if not folder.is_dir():
-        raise PrepError("folder of precached shards does not exist", str(folder),
-                        "run precache_encodings first or set merge_source_tar.input_dir")
-    return shard_files(folder)
-
-
-def marker_dir(root: Any) -> Path:
-    return _dirs(root)[2] / ".prep" / "done" / NAME
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """The folder this stage writes (its done-markers under .prep/)."""
+    return [_dirs(root)[2]]
 
 
 def _identity(path: Path) -> dict[str, Any]:
@@ -85,10 +82,10 @@ def _identity(path: Path) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.merge_source_tar
     inp, src, out = _dirs(root)
-    shards = find_shards(inp)
+    shards = shard_folder(inp, "run precache_encodings first or set merge_source_tar.input_dir")
     if not shards:
         raise PrepError("no .tar shards found", str(inp), "run precache_encodings (keep_source: false) first")
     in_place = out == inp
@@ -109,7 +106,7 @@ def _slices(path: str, sample: Sample, exts: list[str]) -> dict[str, MemberData]
     return {e: FileSlice(path, sample.members[e].data_offset, sample.members[e].size) for e in exts}
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     p = task.payload
     dest = Path(p["out"])
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +168,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
     )
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     """Write the no-source report and manifest.json (keeping precache's encoder and field records)."""
     cfg: Config = root.merge_source_tar
     inp, src, out = _dirs(root)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -27,11 +26,23 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+from prep.stages.base import (
+    RunOptions,
+    StageConfig,
+    Task,
+    TaskResult,
+    launcher_env,
+    marker_dir,
+    torchrun_slice,
+)
+
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
 
 NAME = "precache_encodings"
 TITLE = "encode images/captions with frozen encoders (VAE, CLIP, T5) into KEY.<key>.npy members"
 VERSION = 1
+TORCHRUN_RANKS = True  # each rank of a torchrun launch encodes every WORLD_SIZE-th task
 MAX_NOTES = 20
 
 
@@ -98,23 +109,9 @@ def _dirs(cfg: Config) -> tuple[Path, Path]:
     return Path(cfg.input_dir), Path(cfg.output_dir)
 
 
-def marker_dir(root: Any) -> Path:
-    return _dirs(root.precache_encodings)[1] / ".prep" / "done" / NAME
-
-
-def launcher_env() -> tuple[int, int, int]:
-    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, else (0, 1, 0). Slurm steps of several
-    tasks are not guessed (a batch script sees SLURM_NTASKS too): pass --task-index $SLURM_PROCID
-    --num-tasks $SLURM_NTASKS there."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
-def rank_slice() -> tuple[int | None, int | None]:
-    """(rank, world) under torchrun: each rank takes every world-th task of its (Slurm array) slice.
-    (None, None) for a single process."""
-    rank, world, _ = launcher_env()
-    return (rank, world) if world > 1 else (None, None)
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """The folder this stage writes (its done-markers under .prep/)."""
+    return [_dirs(root.precache_encodings)[1]]
 
 
 def output_settings(cfg: Config) -> dict[str, Any]:
@@ -128,18 +125,15 @@ def output_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     from prep.encoders.validate import validate_encoders
-    from prep.stages.generate_wdinfo import find_shards
+    from prep.formats.tar import shard_folder
 
     cfg: Config = root.precache_encodings
     in_dir, out_dir = _dirs(cfg)
     validate_encoders(cfg.encoders)
-    if not in_dir.is_dir():
-        raise PrepError(
-            "input folder does not exist", str(in_dir), "run reorganize_tar first or fix input_dir"
-        )
-    shards = find_shards(in_dir, cfg.recursive)
+    shards = shard_folder(in_dir, "run reorganize_tar first or fix precache_encodings.input_dir",
+                          recursive=cfg.recursive)
     if not shards:
         raise PrepError(
             "no .tar shards found", str(in_dir), "point precache_encodings.input_dir at a shard folder"
@@ -210,8 +204,8 @@ def loaded_encoders(cfg: Config) -> list[Any]:
     return _LOADED[sig]
 
 
-def _record_path(root: Any, rel: str) -> Path:
-    return marker_dir(root) / "shards" / (rel.replace("/", "__") + ".json")
+def _record_path(root: PrepConfig, rel: str) -> Path:
+    return marker_dir(output_dirs(root)[0], NAME) / "shards" / (rel.replace("/", "__") + ".json")
 
 
 def _shard_fingerprint(item: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -219,7 +213,8 @@ def _shard_fingerprint(item: dict[str, Any], settings: dict[str, Any]) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
-def _reusable(root: Any, item: dict[str, Any], settings: dict[str, Any], dst: Path) -> dict[str, Any] | None:
+def _reusable(root: PrepConfig, item: dict[str, Any], settings: dict[str, Any],
+              dst: Path) -> dict[str, Any] | None:
     """The record (outcome, encoder identities) of a shard finished earlier by a killed task of the
     same config, if its output is intact."""
     try:
@@ -244,7 +239,7 @@ def _outcome_json(o: Any) -> dict[str, Any]:
     }
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     from prep.encoders.pipeline import LoopOptions, ShardJob, encode_shards
     from prep.formats.tar import scan_tar
 
@@ -302,7 +297,7 @@ def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
         data={
             "shards": shards,
             "encoders": identities,
-            "rank": rank_slice()[0] or 0,
+            "rank": torchrun_slice()[0] or 0,
         },
         outputs={
             str(out_dir.resolve() / s["rel"]): {"bytes": s["bytes"], "checksum": s["checksum"]}
@@ -333,7 +328,7 @@ def merge_fields(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items()))
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     cfg: Config = root.precache_encodings
     in_dir, out_dir = _dirs(cfg)
     shards = sorted((s for r in results for s in r.data["shards"]), key=lambda s: s["rel"])

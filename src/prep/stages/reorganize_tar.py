@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -37,14 +37,18 @@ from prep.formats.tar import (
     TarScan,
     gc_paused,
     scan_tar,
-    shard_files,
+    shard_folder,
     write_shard,
 )
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
+if TYPE_CHECKING:
+    from prep.config import PrepConfig
+
 NAME = "reorganize_tar"
 TITLE = "repack uneven tars into equal shards of tar_chunk_size samples (+ .idx), planned globally"
 VERSION = 1
+TORCHRUN_RANKS = False
 KEYS_NAMED = 5  # dropped keys named in the summary (every one goes to the report file)
 COUNTS_CACHE = "reorganize_tar.counts.json"
 SCAN_CACHE_SAMPLES = 300_000  # samples of input scans kept per process (about 1 KB each)
@@ -244,14 +248,6 @@ def reporter_of(cum_start: int, chunk: int, n_shards: int) -> int:
 # ------------------------------------------------------------------------------------------- counting
 
 
-def find_input_tars(folder: Path) -> list[Path]:
-    """Every `*.tar` under `folder` (hidden folders such as .prep/ excluded), sorted by relative path."""
-    if not folder.is_dir():
-        raise PrepError("input folder does not exist or is not a folder", str(folder),
-                        "set reorganize_tar.input_dir to the folder of raw tars (download_images.output_dir)")
-    return shard_files(folder)
-
-
 def stats_count(tar: Path, size: int, mtime_ns: int) -> int | None:
     """img2dataset's count of samples written (`successes` in `NNNNN_stats.json`), only when trustworthy:
     the stats were written after the tar, and the tar ends with tar's end-of-archive zero blocks (a
@@ -402,7 +398,7 @@ def _duplicate_error(dup: tuple[str, str, str]) -> PrepError:
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def _dirs(root: Any) -> tuple[Path, Path]:
+def _dirs(root: PrepConfig) -> tuple[Path, Path]:
     cfg: Config = root.reorganize_tar
     if cfg.input_dir is None:
         raise PrepError("reorganize_tar.input_dir is not set", "config",
@@ -417,18 +413,20 @@ def _dirs(root: Any) -> tuple[Path, Path]:
     return inp, out
 
 
-def marker_dir(root: Any) -> Path:
-    return _dirs(root)[1] / ".prep" / "done" / NAME
+def output_dirs(root: PrepConfig) -> list[Path]:
+    """The folder this stage writes (its done-markers under .prep/)."""
+    return [_dirs(root)[1]]
 
 
 def shard_name(j: int, n_shards: int) -> str:
     return f"{j:0{max(6, len(str(n_shards - 1)))}d}.tar"
 
 
-def plan(root: Any, opts: RunOptions) -> list[Task]:
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.reorganize_tar
     inp, out = _dirs(root)
-    tars = find_input_tars(inp)
+    tars = shard_folder(inp, "set reorganize_tar.input_dir to the folder of raw tars "
+                        "(download_images.output_dir)")
     if not tars:
         raise PrepError("no .tar files found", str(inp),
                         "point reorganize_tar.input_dir at img2dataset's output")
@@ -507,12 +505,12 @@ def _prefetch(path: str, samples: list[Sample]) -> None:
         os.close(fd)
 
 
-def run_task(task: Task, root: Any, opts: RunOptions) -> TaskResult:
+def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     with gc_paused():  # a task makes a few records per member, none cyclic
         return _run_task(task, root)
 
 
-def _run_task(task: Task, root: Any) -> TaskResult:
+def _run_task(task: Task, root: PrepConfig) -> TaskResult:
     p = task.payload
     dest = Path(p["out"])
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -590,7 +588,7 @@ def _run_task(task: Task, root: Any) -> TaskResult:
     )
 
 
-def finalize(root: Any, results: list[TaskResult], opts: RunOptions) -> list[str]:
+def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     """Check keys are unique across inputs, apply `strict`, write manifest.json and the drop report."""
     cfg: Config = root.reorganize_tar
     _, out = _dirs(root)
