@@ -17,7 +17,15 @@ from typing import Any
 import torch.utils.data as tud
 
 from prep.errors import PrepError
-from prep.loaders.base import STATE_VERSION, BatchDesc, Node, diff_fingerprints, dist_info, fingerprint_hash
+from prep.loaders.base import (
+    STATE_VERSION,
+    BatchDesc,
+    Node,
+    check_state_version,
+    diff_fingerprints,
+    dist_info,
+    fingerprint_hash,
+)
 
 
 class _PlanSampler(tud.Sampler):
@@ -172,9 +180,7 @@ class DataLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise PrepError(f"loader state version {state.get('version')} is not {STATE_VERSION}",
-                            "load_state_dict", "resume with the prep version that saved it")
+        check_state_version(state.get("version"), "DataLoader.load_state_dict")
         fp = self.dataset.fingerprint()
         if state.get("fingerprint") != fingerprint_hash(fp):
             changes = diff_fingerprints(state.get("fingerprint_doc", {}), fp)

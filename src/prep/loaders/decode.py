@@ -468,7 +468,7 @@ class Decoder:
         return out
 
     def _rnd(self, key: str, epoch: int) -> int:
-        return stream_key(self.seed, key, f"crop/{epoch}") if self.crop == "random" else 0
+        return stream_key(self.seed, key, "crop", epoch) if self.crop == "random" else 0
 
     def value(self, ext: str, data: Buffer, key: str, epoch: int, where: str) -> Any:
         """One member's decoded value (per-sample path; batches of images take `decode_batch`'s fast path).
