@@ -27,7 +27,7 @@ import torch.utils.data as tud
 
 from prep.errors import PrepError
 from prep.loaders.base import STATE_VERSION, Node, check_state_version, counter_rng, dist_info, rank_slice
-from prep.loaders.dataloader import DataLoader
+from prep.loaders.dataloader import DataLoader, private_generator
 
 Limit = int | float | None
 
@@ -362,7 +362,7 @@ class ChunkedDataLoader:
             num_workers=num_workers,
             collate_fn=collate_fn,
             pin_memory=pin_memory,
-            **loader_kwargs,
+            **{"generator": private_generator(), **loader_kwargs},
         )
 
     # ------------------------------------------------------------------------------------ sizes

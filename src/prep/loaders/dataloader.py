@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.utils.data as tud
 
 from prep.errors import PrepError
@@ -50,10 +51,12 @@ class _PlanSampler(tud.Sampler):
                 desc = root.next_batch()
             except StopIteration:
                 loader._epoch_end_state = root.state_dict()
+                loader._left = copy.deepcopy(loader._epoch_end_state)
                 if group:
                     yield tuple(group)
                 return
             loader._pending.append(copy.deepcopy(root.state_dict()))
+            loader._left = loader._pending[-1]
             group.append(desc)
             if len(group) == loader.batches_per_fetch:
                 yield tuple(group)
@@ -103,6 +106,14 @@ def _grow_result_pipe(batches: Any) -> None:
         pass
 
 
+def private_generator() -> torch.Generator:
+    """torch's DataLoader draws its workers' base seed from this generator at every `iter()`; without one
+    it draws from torch's global generator, so a trainer that restores its RNG state after a resume would
+    see other numbers. prep's workers use no torch randomness (crops are seeded per sample), so a fixed
+    private generator serves."""
+    return torch.Generator().manual_seed(0)
+
+
 class DataLoader:
     """Iterate batches of a prep dataset tree; `state_dict()`/`load_state_dict()` resume exactly.
 
@@ -128,6 +139,7 @@ class DataLoader:
         self._state: dict[str, Any] | None = None
         self._epoch_end_state: dict[str, Any] | None = None
         self._consumed = 0
+        self._left: dict[str, Any] | None = None  # the tree's cursor as the loader last left it
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
@@ -135,11 +147,16 @@ class DataLoader:
             kwargs["multiprocessing_context"] = multiprocessing_context
         self._torch = tud.DataLoader(_Fetcher(dataset, self.rank, self.world), batch_size=None,
                                      sampler=_PlanSampler(self), num_workers=num_workers,
-                                     collate_fn=_identity, pin_memory=pin_memory, timeout=timeout, **kwargs)
+                                     collate_fn=_identity, pin_memory=pin_memory, timeout=timeout,
+                                     generator=private_generator(), **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
-        if self._state is not None:  # the sampler may have planned ahead of what was consumed
-            self.dataset.load_state_dict(copy.deepcopy(self._state))
+        if self._state is not None:
+            if self._left is None or self.dataset.state_dict() == self._left:
+                # the sampler may have planned ahead of what was consumed: back to what was consumed
+                self.dataset.load_state_dict(copy.deepcopy(self._state))
+            else:  # the tree was moved since (node.set_epoch, node.load_state_dict): that is where to go on
+                self._state = None
         self._pending.clear()
         self._epoch_end_state = None
         batches = iter(self._torch)
@@ -163,6 +180,7 @@ class DataLoader:
             self.dataset.load_state_dict(copy.deepcopy(self._state))
         self.dataset.set_epoch(epoch)
         self._state = self.dataset.state_dict()
+        self._left = copy.deepcopy(self._state)
 
     @property
     def batches_consumed(self) -> int:
@@ -190,4 +208,5 @@ class DataLoader:
                             "or start fresh")
         self.dataset.load_state_dict(copy.deepcopy(state["tree"]))
         self._state = copy.deepcopy(state["tree"])
+        self._left = copy.deepcopy(self._state)
         self._consumed = int(state.get("batches_consumed", 0))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError
+from prep.formats.names import check_member_name, member_parts
 from prep.formats.tar import iter_samples
 from prep.loaders.base import stream_key
 
@@ -75,11 +76,10 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
         name = header[: 100 if end < 0 else end].decode("utf-8", "surrogateescape")
         data_start = pos + _BLOCK
         pos = data_start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        if dot < 0 or name.startswith("__", slash):
-            continue  # no extension, or a __metadata__ member: not part of the sample
-        k, ext = name[:dot], name[dot + 1 :]
+        parts = member_parts(check_member_name(name, where))
+        if parts is None:
+            continue  # a metadata member or no extension: not part of the sample (the scanner's rule)
+        k, ext = parts
         if key is None:
             key = k
         elif k != key:
