@@ -1,9 +1,9 @@
 """Sample bytes to training tensors: member parsing, decoding, resize + crop, collation.
 
 Runs in DataLoader workers. A sample arrives as one contiguous byte string (its tar members, read with a
-single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg when it
-is installed (libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
-target) else by Pillow with `draft()` (the same downscaling trick); PNG/WebP go through Pillow. When a
+single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default
+dependency: libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
+target), or by Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. When a
 decoded JPEG already has the target size it is written straight into the batch tensor, which lives in
 a recycled shared-memory slot, so handing it to the main process copies nothing and faults no new pages.
 """
@@ -25,7 +25,7 @@ from prep.formats.names import check_member_name, member_parts
 from prep.formats.tar import iter_samples
 from prep.loaders.base import stream_key
 
-try:  # optional fast JPEG decoder (the `fast` extra)
+try:  # a default dependency; an install without a wheel for this platform still decodes, with Pillow
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised where simplejpeg is absent
     simplejpeg = None
