@@ -92,3 +92,53 @@ def test_simplejpeg_is_the_default_decoder_and_pillow_the_fallback(monkeypatch):
     slow = decode.decode_image(data, (16, 16), "center", 0, "x")
     assert fast.shape == slow.shape == (16, 16, 3)
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 8  # both IDCT-downscale, then resize
+
+
+# ---------------------------------------------------------------------------------------- messages
+def test_state_mismatch_names_the_changed_field_at_any_depth():
+    from prep.loaders import BlendDataset
+
+    def blend(child_seed):
+        a = SequenceDataset([{"x": i} for i in range(8)], 2, shuffle=True, seed=1, world_size=1)
+        b = SequenceDataset([{"x": i} for i in range(8)], 2, shuffle=True, seed=child_seed, world_size=1)
+        return BlendDataset((a, 0.5), (b, 0.5), seed=0)
+
+    state = DataLoader(blend(1)).state_dict()
+    with pytest.raises(PrepError) as err:
+        DataLoader(blend(2)).load_state_dict(state)
+    assert "children.1.seed: 1 -> 2" in str(err.value)
+    assert "children.0" not in str(err.value)
+
+
+def test_corrupt_image_error_names_key_and_shard_not_a_memory_address(tmp_path):
+    from prep.formats.index import write_index
+    from prep.formats.tar import write_shard
+    from prep.testing.loader_data import jpeg_bytes
+
+    good = jpeg_bytes(1)
+    info = write_shard(tmp_path / "bad.tar", [("k0", {"jpg": good}), ("k1", {"jpg": b"\x89PNG not really"})],
+                       fsync=False)
+    write_index(tmp_path / "bad.tar", info.offsets)
+    ds = ShardDataset(tmp_path / "bad.tar", batch_size=2, shuffle=False, world_size=1, rank=0,
+                      image_size=16)
+    with pytest.raises(PrepError) as err:
+        next(iter(DataLoader(ds)))
+    msg = str(err.value)
+    assert "'k1'" in msg and "bad.tar" in msg and "cannot decode image" in msg
+    assert "object at 0x" not in msg
+
+
+def test_fingerprint_has_manifest_checksums_a_moved_copy_resumes_another_dataset_does_not(shards, tmp_path):
+    import shutil
+
+    from prep.formats.manifest import read_manifest
+
+    assert all(s.checksum for s in read_manifest(shards).shards)
+    state = DataLoader(ShardDataset(shards, batch_size=4, world_size=1, rank=0)).state_dict()
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    DataLoader(ShardDataset(moved, batch_size=4, world_size=1, rank=0)).load_state_dict(state)
+    other = tmp_path / "other"
+    make_shards(other, [12, 12], image_size=8)  # same names and counts, other bytes
+    with pytest.raises(PrepError, match="shards:"):
+        DataLoader(ShardDataset(other, batch_size=4, world_size=1, rank=0)).load_state_dict(state)

@@ -172,7 +172,9 @@ def fingerprint_hash(doc: dict[str, Any]) -> str:
 
 
 def diff_fingerprints(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human lines saying what changed between two fingerprints (for the mismatch error)."""
+    """Human lines saying what changed between two fingerprints (for the mismatch error): the dotted path
+    of each changed value at any depth (`children.1.seed: 1 -> 2`) and both values, whole."""
+    where = path or "value"
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new), key=str):
@@ -184,7 +186,11 @@ def diff_fingerprints(old: Any, new: Any, path: str = "") -> list[str]:
             else:
                 out += diff_fingerprints(old[k], new[k], p)
         return out
+    if isinstance(old, list) and isinstance(new, list):
+        out = [f"{where}: {len(old)} items -> {len(new)}"] if len(old) != len(new) else []
+        for i, (a, b) in enumerate(zip(old, new, strict=False)):
+            out += diff_fingerprints(a, b, f"{path}.{i}" if path else str(i))
+        return out
     if old != new:
-        o, n = json.dumps(old, default=str), json.dumps(new, default=str)
-        return [f"{path or 'value'}: {o[:80]} -> {n[:80]}"]
+        return [f"{where}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"]
     return []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -137,7 +138,20 @@ def _pil_rgb(data: bytes, cover: tuple[int, int, int, int] | None, where: str):
             img.draft("RGB", (tw, th))
         return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PrepError(f"cannot decode image ({err})", where, "drop or re-encode this sample") from None
+        raise PrepError(f"cannot decode image: {decode_reason(err)}", where,
+                        "drop or re-encode this sample") from None
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def decode_reason(err: Exception) -> str:
+    """Why Pillow could not decode, without the repr of the in-memory file it was given."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow knows (truncated or not an image)"
+    return _OBJECT_REPR.sub("the image bytes", str(err)) or type(err).__name__
 
 
 def decode_image(

@@ -246,7 +246,9 @@ class ShardDataset(SampleLeaf):
         return [(i, j, epoch) for i, j in zip(shards.tolist(), samples.tolist(), strict=True)]
 
     def fingerprint(self) -> dict[str, Any]:
-        listing = json.dumps([[s.name, s.samples] for s in self.shards]).encode()
+        listing = json.dumps(
+            [[s.name, s.samples] + ([s.checksum] if s.checksum else []) for s in self.shards]
+        ).encode()
         return {
             "type": "ShardDataset",
             "shards": hashlib.sha256(listing).hexdigest()[:16],
@@ -272,7 +274,7 @@ class ShardDataset(SampleLeaf):
         for (i, j, epoch), (a, b) in zip(refs, spans, strict=True):
             where = self._where(i, j)
             key, members = parse_sample(mv[a:b], where)
-            out.append((key, members, where, epoch))
+            out.append((key, members, f"{where} (key {key!r})", epoch))
         return out
 
     def _raw_batch(self, refs: Sequence[tuple[int, int, int]]) -> dict[str, Any] | None:
