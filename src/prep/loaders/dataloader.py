@@ -18,6 +18,7 @@ import torch
 import torch.utils.data as tud
 
 from prep.errors import PrepError
+from prep.loaders import torch_private
 from prep.loaders.base import (
     STATE_VERSION,
     BatchDesc,
@@ -27,6 +28,7 @@ from prep.loaders.base import (
     dist_info,
     fingerprint_hash,
 )
+from prep.loaders.decode import slot_scope
 
 
 class _PlanSampler(tud.Sampler):
@@ -69,6 +71,16 @@ class _PlanSampler(tud.Sampler):
         return -(-n // self.loader.batches_per_fetch)
 
 
+class WorkerError:
+    """A PrepError raised in a worker, sent back as a result: torch would re-raise it as the text of the
+    worker's traceback, and the user should read the one line that says what, where and how to fix."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: PrepError) -> None:
+        self.error = error
+
+
 class _Fetcher(tud.Dataset):
     """What workers hold: the tree's nodes by path, to call `fetch` on the node that planned a batch."""
 
@@ -77,8 +89,16 @@ class _Fetcher(tud.Dataset):
         self.rank = rank
         self.world = world
 
-    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> list[Any]:
-        return [self.nodes[d.node].fetch(d, self.rank, self.world) for d in descs]
+    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> list[Any] | WorkerError:
+        with slot_scope() as sent:
+            try:
+                out = [self.nodes[d.node].fetch(d, self.rank, self.world) for d in descs]
+            except PrepError as err:
+                if tud.get_worker_info() is None:
+                    raise
+                return WorkerError(err)
+            sent(out)
+        return out
 
     def __len__(self) -> int:  # pragma: no cover - torch asks only for map-style sizing hints
         return 0
@@ -95,7 +115,7 @@ def _grow_result_pipe(batches: Any) -> None:
     """Workers send batches through one pipe; a batch of encoded images is 0.5-1 MiB, which a default
     64 KiB pipe carries in ~10 pieces, each a read (plus a wake-up of the worker) in the main process.
     On Linux, a 1 MiB pipe (the unprivileged maximum) carries it in one. Best effort: elsewhere, a no-op."""
-    reader = getattr(getattr(batches, "_worker_result_queue", None), "_reader", None)
+    reader = torch_private.result_pipe_reader(batches)
     if reader is None:
         return
     try:
@@ -162,6 +182,14 @@ class DataLoader:
         batches = iter(self._torch)
         _grow_result_pipe(batches)
         for group in batches:
+            if isinstance(group, WorkerError):
+                # raised without this frame holding the error (or the error this frame), so no reference
+                # cycle keeps the last batches' shared memory or torch's iterator alive until a GC
+                error, group, batches = group.error, None, None
+                try:
+                    raise error
+                finally:
+                    del error
             for batch in group:
                 self._state = self._pending.popleft()
                 self._consumed += 1

@@ -10,11 +10,13 @@ a recycled shared-memory slot, so handing it to the main process copies nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +26,7 @@ import torch
 from prep.errors import PrepError
 from prep.formats.names import check_member_name, member_parts
 from prep.formats.tar import iter_samples
+from prep.loaders import torch_private
 from prep.loaders.base import stream_key
 
 try:  # a default dependency; an install without a wheel for this platform still decodes, with Pillow
@@ -203,9 +206,11 @@ _SLOTS_PER_WORKER = 6
 
 
 class _PooledTensor(torch.Tensor):
-    """A worker-side view of a slot; pickles as a slot reference. Operations on it give plain tensors."""
+    """A worker-side view of a slot; pickles as a slot reference. Operations on it give plain tensors.
+    (Only made where `torch_private.slots_supported()`.)"""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    if torch_private.disabled_torch_function_impl() is not None:
+        __torch_function__ = torch_private.disabled_torch_function_impl()
     _prep_slot: _Slot
     _prep_gen: int
 
@@ -221,7 +226,12 @@ class _Slot:
 
 
 class _WorkerSlots:
-    """One worker's slots. `token` is random per process, so a restarted worker's slots never alias."""
+    """One worker's slots. `token` is random per process, so a restarted worker's slots never alias.
+
+    A slot is marked handed out when taken and freed by the main process when the last tensor viewing it
+    dies there; a slot taken for a batch but not in what the worker sends (a float conversion, a map that
+    returned new objects, an error) is freed by `release_unsent` when the request ends. `fresh` counts
+    the fresh segments made because every slot was out."""
 
     def __init__(self) -> None:
         import os
@@ -229,6 +239,8 @@ class _WorkerSlots:
 
         self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.slots: list[_Slot] = []
+        self.scope: list[_Slot] | None = None  # slots taken during the current request
+        self.fresh = 0
 
     def take(self, nbytes: int) -> _Slot | None:
         """A free slot of at least `nbytes`, marked handed out; None when every slot is out."""
@@ -248,6 +260,8 @@ class _WorkerSlots:
         slot.index = i
         slot.state[0] = 1
         slot.gen += 1
+        if self.scope is not None:
+            self.scope.append(slot)
         return slot
 
 
@@ -261,24 +275,29 @@ def _slot_size(nbytes: int) -> int:
     return max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
 
 
-def _fresh_shared(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return proto.new(storage).resize_(tuple(shape))
+_fresh_shared = torch_private.new_shared
+
+
+def _worker_slots() -> _WorkerSlots:
+    global _WORKER_SLOTS
+    if _WORKER_SLOTS is None:
+        _WORKER_SLOTS = _WorkerSlots()
+    return _WORKER_SLOTS
 
 
 def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor; inside a DataLoader worker, in shared memory (a recycled slot when one is free),
     so passing it to the main process sends a reference, not the data."""
-    global _WORKER_SLOTS
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    if _WORKER_SLOTS is None:
-        _WORKER_SLOTS = _WorkerSlots()
+    if not torch_private.slots_supported():
+        return _fresh_shared(shape, dtype)
+    slots = _worker_slots()
     itemsize = torch.empty(0, dtype=dtype).element_size()
     n = math.prod(shape)
-    slot = _WORKER_SLOTS.take(n * itemsize)
+    slot = slots.take(n * itemsize)
     if slot is None:
+        slots.fresh += 1
         return _fresh_shared(shape, dtype)
     flat = slot.whole[_HEADER : _HEADER + n * itemsize].view(dtype)
     return _pooled(flat.view(tuple(shape)), slot)
@@ -324,10 +343,11 @@ def _bytes_from_slot(buf: torch.Tensor, spans: list[int]) -> list[bytes]:
 
 
 def _reduce_pooled(t: _PooledTensor):
-    from torch.multiprocessing.reductions import reduce_tensor
-
+    reduce_tensor = torch_private.tensor_reducer()
     slot = t._prep_slot
     plain = t.as_subclass(torch.Tensor)
+    if reduce_tensor is None:
+        raise RuntimeError("a slot view exists without torch's tensor reducer")  # made only where it is
     if (
         _WORKER_SLOTS is None
         or t._prep_gen != slot.gen
@@ -385,6 +405,84 @@ def _forget_dead_workers() -> None:
                 _LIVE.pop(k, None)
         except (PermissionError, ValueError):
             pass
+
+
+@contextmanager
+def slot_scope() -> Iterator[Callable[[Any], None]]:
+    """Around one worker request: yields `sent(result)`, to call with what the request returns. Slots
+    taken during the request that the result does not carry are freed then (they would otherwise stay
+    handed out forever: nothing in the main process will ever free them); on an error, all of them."""
+    if torch.utils.data.get_worker_info() is None:
+        yield lambda result: None
+        return
+    slots = _worker_slots()
+    outer, slots.scope = slots.scope, []
+    taken = slots.scope
+    result: list[Any] = []
+    try:
+        yield result.append
+    finally:
+        slots.scope = outer
+        keep = _slots_in(result[0], taken) if result else set()
+        for slot in taken:
+            if id(slot) not in keep:
+                slot.state[0] = 0
+        if outer is not None:
+            outer += [s for s in taken if id(s) in keep]
+
+
+_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+_MAX_DEPTH = 16
+
+
+def _slots_in(obj: Any, taken: Sequence[_Slot]) -> set[int]:
+    """ids of the taken slots whose memory `obj` may carry to the main process: tensors and arrays that
+    view a slot, slot byte lists that pickle as a reference. Anything it cannot see into (an object of
+    another type) keeps every slot: a slot freed while its memory is still on its way would be reused."""
+    ranges = [(_storage_ptr(s.whole), _storage_ptr(s.whole) + _HEADER + s.cap, id(s)) for s in taken]
+    found: set[int] = set()
+
+    def hit(ptr: int) -> None:
+        found.update(i for lo, hi, i in ranges if lo <= ptr < hi)
+
+    def walk(x: Any, depth: int) -> bool:
+        if isinstance(x, _SCALARS):
+            return True
+        if depth > _MAX_DEPTH:
+            return False
+        if isinstance(x, SlotBytes):
+            if x.__reduce_ex__(2)[0] is _bytes_from_slot:
+                hit(_storage_ptr(x._buf))
+            return True  # else it pickles as a list of bytes copies
+        if isinstance(x, torch.Tensor):
+            hit(_storage_ptr(x))
+            return True
+        if isinstance(x, np.ndarray):
+            if x.dtype.hasobject:
+                return False
+            hit(x.__array_interface__["data"][0])
+            return True
+        if isinstance(x, Mapping):
+            return all(walk(k, depth + 1) and walk(v, depth + 1) for k, v in x.items())
+        if isinstance(x, list | tuple | set | frozenset):
+            return all(walk(v, depth + 1) for v in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return all(walk(getattr(x, f.name), depth + 1) for f in dataclasses.fields(x))
+        return _is_pil_image(x)  # PIL images pickle their pixels as bytes
+
+    if not taken or not walk(obj, 0):
+        return {id(s) for s in taken}
+    return found
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.device.type == "cpu" else -1
+
+
+def _is_pil_image(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
 
 
 def _register_reducer() -> None:
@@ -551,7 +649,10 @@ class Decoder:
         h, w = self.image_size
         images: dict[str, torch.Tensor] = {}
         for ext in image_exts:
-            buf = shared_empty((len(selected), h, w, 3), torch.uint8)
+            shape = (len(selected), h, w, 3)
+            # float batches decode into private memory and convert into the slot that travels
+            private = self.mode == "float"
+            buf = torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
             arr = buf.numpy()
             for i, (k, m, where, epoch) in enumerate(selected):
                 if ext not in m:
@@ -561,8 +662,11 @@ class Decoder:
                         "pass fields=[...] so every sample has the same members",
                     )
                 decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where, out=arr[i])
-            t = buf.permute(0, 3, 1, 2)
-            images[ext] = t.float().div_(255) if self.mode == "float" else pooled_like(t, buf)
+            if self.mode == "float":
+                out = shared_empty(shape, torch.float32)
+                torch.div(buf, 255, out=out)
+                buf = out
+            images[ext] = pooled_like(buf.permute(0, 3, 1, 2), buf)
         rest = [
             {"__key__": k, **{x: self.value(x, d, k, ep, wh) for x, d in m.items() if x not in images}}
             for k, m, wh, ep in selected
