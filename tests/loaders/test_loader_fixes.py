@@ -120,7 +120,7 @@ def test_corrupt_image_error_names_key_and_shard_not_a_memory_address(tmp_path):
                        fsync=False)
     write_index(tmp_path / "bad.tar", info.offsets)
     ds = ShardDataset(tmp_path / "bad.tar", batch_size=2, shuffle=False, world_size=1, rank=0,
-                      image_size=16)
+                      image_size=16, on_error="raise")
     with pytest.raises(PrepError) as err:
         next(iter(DataLoader(ds)))
     msg = str(err.value)

@@ -161,8 +161,9 @@ class Node(ABC):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         """Load and collate rank's slice of a batch this node planned (runs in a worker)."""
 
-    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
-        """Load samples (decoded and transformed, not collated) for the given references."""
+    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
+        """Load samples (decoded and transformed, not collated) for the given references: one entry per
+        reference, None where a bad sample was skipped (whoever collates drops those)."""
         raise PrepError(f"{type(self).__name__} cannot be mixed inside a batch", self.path or "loader",
                         "mix shard or local datasets")
 

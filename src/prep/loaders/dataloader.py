@@ -9,6 +9,7 @@ replay, and the same state whatever `num_workers` is.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch
 import torch.utils.data as tud
 
 from prep.errors import PrepError
-from prep.loaders import torch_private
+from prep.loaders import skips, torch_private
 from prep.loaders.base import (
     STATE_VERSION,
     BatchDesc,
@@ -29,6 +30,7 @@ from prep.loaders.base import (
     fingerprint_hash,
 )
 from prep.loaders.decode import slot_scope
+from prep.loaders.skips import Skip, SkipStats
 
 
 class _PlanSampler(tud.Sampler):
@@ -89,8 +91,9 @@ class _Fetcher(tud.Dataset):
         self.rank = rank
         self.world = world
 
-    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> list[Any] | WorkerError:
-        with slot_scope() as sent:
+    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> tuple[list[Any], list[Skip]] | WorkerError:
+        """The batches, and the bad samples skipped while loading them (they travel with the batches)."""
+        with slot_scope() as sent, skips.collecting() as skipped:
             try:
                 out = [self.nodes[d.node].fetch(d, self.rank, self.world) for d in descs]
             except PrepError as err:
@@ -98,7 +101,7 @@ class _Fetcher(tud.Dataset):
                     raise
                 return WorkerError(err)
             sent(out)
-        return out
+        return out, skipped
 
     def __len__(self) -> int:  # pragma: no cover - torch asks only for map-style sizing hints
         return 0
@@ -160,6 +163,12 @@ class DataLoader:
         self._epoch_end_state: dict[str, Any] | None = None
         self._consumed = 0
         self._left: dict[str, Any] | None = None  # the tree's cursor as the loader last left it
+        self._skips = SkipStats()
+        leaves = [n for n in dataset.nodes().values() if hasattr(n, "max_skip_fraction")]
+        self._skip_limits = {n.path: (n.total, n.max_skip_fraction) for n in leaves}  # type: ignore[attr-defined]
+        at_open = [dataclasses.replace(s, leaf=n.path) for n in leaves
+                   for s in getattr(n, "skipped_at_open", ())]
+        self._skips.add(at_open, {})
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
@@ -181,15 +190,18 @@ class DataLoader:
         self._epoch_end_state = None
         batches = iter(self._torch)
         _grow_result_pipe(batches)
-        for group in batches:
-            if isinstance(group, WorkerError):
+        for fetched in batches:
+            if isinstance(fetched, WorkerError):
                 # raised without this frame holding the error (or the error this frame), so no reference
                 # cycle keeps the last batches' shared memory or torch's iterator alive until a GC
-                error, group, batches = group.error, None, None
+                error, fetched, batches = fetched.error, None, None
                 try:
                     raise error
                 finally:
                     del error
+            group, skipped = fetched
+            if skipped:
+                self._skips.add(skipped, self._skip_limits)
             for batch in group:
                 self._state = self._pending.popleft()
                 self._consumed += 1
@@ -209,6 +221,12 @@ class DataLoader:
         self.dataset.set_epoch(epoch)
         self._state = self.dataset.state_dict()
         self._left = copy.deepcopy(self._state)
+
+    def stats(self) -> dict[str, Any]:
+        """Bad samples skipped so far (on_error="skip"): {"skipped": n, "by_reason": {reason: n},
+        "by_key": {"shard sample key": n}} — images that could not be bucketed when a LocalDataset opened
+        included. Skipped samples are dropped from their batches, so those batches are shorter."""
+        return self._skips.as_dict()
 
     @property
     def batches_consumed(self) -> int:

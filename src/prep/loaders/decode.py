@@ -28,6 +28,7 @@ from prep.formats.names import check_member_name, member_parts
 from prep.formats.tar import iter_samples
 from prep.loaders import torch_private
 from prep.loaders.base import stream_key
+from prep.loaders.skips import BadSample, OnError, skip_or_raise
 
 try:  # a default dependency; an install without a wheel for this platform still decodes, with Pillow
     import simplejpeg
@@ -49,6 +50,7 @@ def jpeg_backend() -> str:
 
 # -------------------------------------------------------------------------------------- tar members
 _IDX_FIX = "the .idx does not match the tar: rebuild it with `prep run generate_wdinfo`"
+_RECORD = "unreadable record"
 Buffer = bytes | memoryview
 
 
@@ -75,7 +77,7 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
         try:
             size = int(header[124:136].rstrip(b"\x00 ") or b"0", 8)
         except ValueError:
-            raise PrepError("corrupt tar header inside a sample", where, _IDX_FIX) from None
+            raise BadSample("corrupt tar header inside a sample", where, _IDX_FIX, reason=_RECORD) from None
         end = header.find(b"\x00", 0, 100)
         name = header[: 100 if end < 0 else end].decode("utf-8", "surrogateescape")
         data_start = pos + _BLOCK
@@ -87,14 +89,14 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
         if key is None:
             key = k
         elif k != key:
-            raise PrepError(f"sample bytes hold two keys ({key!r}, {k!r})", where, _IDX_FIX)
+            raise BadSample(f"sample bytes hold two keys ({key!r}, {k!r})", where, _IDX_FIX, reason=_RECORD)
         if data_start + size > n:
-            raise PrepError(f"member {name!r} runs past the sample's end", where, _IDX_FIX)
+            raise BadSample(f"member {name!r} runs past the sample's end", where, _IDX_FIX, reason=_RECORD)
         spans[ext] = (data_start, data_start + size)
     if key is None:
         if pos == 0 and n >= _BLOCK:
             return None  # not a ustar header where the sample should start: let the scanner say why
-        raise PrepError("no sample members at this offset", where, _IDX_FIX)
+        raise BadSample("no sample members at this offset", where, _IDX_FIX, reason=_RECORD)
     return key, spans
 
 
@@ -111,9 +113,11 @@ def _parse_slow(buf: bytes, where: str) -> tuple[str, dict[str, Buffer]]:
     try:
         samples = list(iter_samples(io.BytesIO(buf), where, read_data=True))
     except PrepError as err:
-        raise PrepError(f"no valid tar sample at this offset ({err.what})", where, _IDX_FIX) from None
+        raise BadSample(f"no valid tar sample at this offset ({err.what})", where, _IDX_FIX,
+                        reason=_RECORD) from None
     if len(samples) != 1 or samples[0].data is None:
-        raise PrepError(f"expected one sample at this offset, found {len(samples)}", where, _IDX_FIX)
+        raise BadSample(f"expected one sample at this offset, found {len(samples)}", where, _IDX_FIX,
+                        reason=_RECORD)
     return samples[0].key, dict(samples[0].data)
 
 
@@ -141,8 +145,8 @@ def _pil_rgb(data: bytes, cover: tuple[int, int, int, int] | None, where: str):
             img.draft("RGB", (tw, th))
         return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PrepError(f"cannot decode image: {decode_reason(err)}", where,
-                        "drop or re-encode this sample") from None
+        raise BadSample(f"cannot decode image: {decode_reason(err)}", where,
+                        "drop or re-encode this sample", reason="corrupt image") from None
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -522,6 +526,7 @@ class Decoder:
     crop: Literal["center", "random"] = "center"
     fields: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     seed: int = 0
+    on_error: OnError = "skip"
 
     @classmethod
     def make(
@@ -531,6 +536,7 @@ class Decoder:
         crop: str,
         fields: Sequence[str] | None,
         seed: int,
+        on_error: OnError = "skip",
     ) -> Decoder:
         if mode not in ("raw", "pil", "uint8", "float"):
             raise PrepError(
@@ -551,7 +557,7 @@ class Decoder:
                 raise PrepError(
                     f"image_size {image_size} is not positive", "image_size", "use e.g. 256 or (256, 384)"
                 )
-        return cls(mode, size, crop, _field_alternatives(fields), seed)  # type: ignore[arg-type]
+        return cls(mode, size, crop, _field_alternatives(fields), seed, on_error)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -572,10 +578,11 @@ class Decoder:
                     out[name] = members[a]
                     break
             else:
-                raise PrepError(
+                raise BadSample(
                     f"sample {key!r} has no {'|'.join(alts)} member (it has {sorted(members)})",
                     where,
                     "filter the shards, or list only fields every sample has",
+                    reason="missing member",
                 )
         return out
 
@@ -604,24 +611,23 @@ class Decoder:
             try:
                 return json.loads(data)
             except json.JSONDecodeError as err:
-                raise PrepError(
-                    f"member {ext!r} of {key!r} is not JSON ({err.msg})", where, "fix or drop the sample"
-                ) from None
+                raise BadSample(f"member {ext!r} of {key!r} is not JSON ({err.msg})", where,
+                                "fix or drop the sample", reason="malformed member") from None
         if kind in INT_EXTS:
             try:
                 return int(data)
             except ValueError:
-                raise PrepError(
-                    f"member {ext!r} of {key!r} is not an integer", where, "fix or drop the sample"
-                ) from None
+                raise BadSample(f"member {ext!r} of {key!r} is not an integer", where,
+                                "fix or drop the sample", reason="malformed member") from None
         if kind == "npy":
             try:
                 return np.load(io.BytesIO(data), allow_pickle=False)
-            except ValueError as err:
-                raise PrepError(
+            except (ValueError, EOFError, OSError) as err:
+                raise BadSample(
                     f"member {ext!r} of {key!r} is not a plain .npy array ({err})",
                     where,
                     "write encodings as plain numeric .npy (object arrays would need pickle)",
+                    reason="malformed member",
                 ) from None
         return data
 
@@ -633,8 +639,13 @@ class Decoder:
     ) -> Any:
         """Decode and collate samples given as (key, members, where, epoch). Images of a fixed
         `image_size` are decoded straight into one shared batch tensor when no per-sample transform needs
-        them first."""
-        selected = [(k, self.select(k, m, w), w, e) for k, m, w, e in parsed]
+        them first. A bad sample is dropped from the batch (and recorded) or raised, as `on_error` says."""
+        selected = []
+        for k, m, w, e in parsed:
+            try:
+                selected.append((k, self.select(k, m, w), w, e))
+            except BadSample as err:
+                skip_or_raise(err, self.on_error, k)
         if (
             transform is not None
             or collate is not None
@@ -642,38 +653,65 @@ class Decoder:
             or self.image_size is None
             or not selected
         ):
-            samples = [self.finish(k, m, e, w, transform) for k, m, w, e in selected]
-            return (collate or collate_samples)(samples)
+            return (collate or collate_samples)(self.finish_all(selected, transform))
         first = selected[0][1]
         image_exts = [e for e in first if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
         h, w = self.image_size
-        images: dict[str, torch.Tensor] = {}
-        for ext in image_exts:
-            shape = (len(selected), h, w, 3)
-            # float batches decode into private memory and convert into the slot that travels
-            private = self.mode == "float"
-            buf = torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
-            arr = buf.numpy()
-            for i, (k, m, where, epoch) in enumerate(selected):
-                if ext not in m:
-                    raise PrepError(
-                        f"sample {k!r} lacks {ext!r}, which the batch's first sample has",
-                        where,
-                        "pass fields=[...] so every sample has the same members",
-                    )
-                decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where, out=arr[i])
-            if self.mode == "float":
-                out = shared_empty(shape, torch.float32)
-                torch.div(buf, 255, out=out)
-                buf = out
-            images[ext] = pooled_like(buf.permute(0, 3, 1, 2), buf)
-        rest = [
-            {"__key__": k, **{x: self.value(x, d, k, ep, wh) for x, d in m.items() if x not in images}}
-            for k, m, wh, ep in selected
-        ]
+        shape = (len(selected), h, w, 3)
+        # float batches decode into private memory and convert into the slot that travels
+        private = self.mode == "float"
+        bufs = {
+            ext: torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
+            for ext in image_exts
+        }
+        arrs = {ext: b.numpy() for ext, b in bufs.items()}
+        rest: list[dict[str, Any]] = []
+        for k, m, where, epoch in selected:
+            row = len(rest)
+            try:
+                for ext in image_exts:
+                    if ext not in m:
+                        raise BadSample(f"sample {k!r} lacks {ext!r}, which the batch's first sample has",
+                                        where, "pass fields=[...] so every sample has the same members",
+                                        reason="missing member")
+                    decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where,
+                                 out=arrs[ext][row])
+                values = {x: self.value(x, d, k, epoch, where) for x, d in m.items() if x not in bufs}
+            except BadSample as err:
+                skip_or_raise(err, self.on_error, k)
+                continue
+            rest.append({"__key__": k, **values})
         batch = collate_samples(rest)
-        batch.update(images)
+        n = len(rest)
+        for ext, buf in bufs.items():
+            if private:
+                out = shared_empty((n, h, w, 3), torch.float32)
+                torch.div(buf[:n], 255, out=out)
+                buf = out
+            batch[ext] = pooled_like(buf[:n].permute(0, 3, 1, 2), buf)
         return batch
+
+    def finish_all(
+        self,
+        selected: Sequence[tuple[str, dict[str, bytes], str, int] | None],
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        *,
+        keep_places: bool = False,
+    ) -> list[dict[str, Any] | None]:
+        """`finish` for each (key, members, where, epoch) (None: already skipped). Bad samples are
+        recorded and dropped, or left as None with `keep_places` (for `fetch_samples`); or raised."""
+        out: list[dict[str, Any] | None] = []
+        for item in selected:
+            sample = None
+            if item is not None:
+                k, m, w, e = item
+                try:
+                    sample = self.finish(k, m, e, w, transform)
+                except BadSample as err:
+                    skip_or_raise(err, self.on_error, k)
+            if sample is not None or keep_places:
+                out.append(sample)
+        return out
 
     def finish(
         self,
