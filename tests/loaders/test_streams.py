@@ -218,6 +218,7 @@ def _local_plan(ds: LocalDataset, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         b += 1
 
 
+@pytest.mark.slow  # writes 8,000 image files once (~2-6 s)
 @pytest.mark.parametrize("buckets", [None, True], ids=["plain", "buckets"])
 def test_local_successive_epochs_are_independent(big_folder, buckets):
     imgs, caps = big_folder
@@ -287,3 +288,15 @@ def test_mix_first_position_is_fair_over_seeds():
     first = np.asarray([_mix(seed=s).next_batch().items[0][0] for s in range(1000)])
     chi2 = float(((np.bincount(first, minlength=2) - 500) ** 2 / 500).sum())
     assert chi2 < CHI2_1DOF_P001, np.bincount(first)
+
+
+# ------------------------------------------------------------------------------------ random crops
+def test_random_crop_positions_are_independent_between_epochs():
+    from prep.loaders.decode import Decoder, crop_box
+
+    dec = Decoder.make("uint8", 16, "random", None, seed=3)
+    keys = [f"k{i:05d}" for i in range(N)]
+    tops = [np.asarray([crop_box(400, 16, 16, 16, "random", dec._rnd(k, e))[0] for k in keys])
+            for e in (0, 1)]
+    assert abs(rho(tops[0], tops[1])) < 0.05
+    assert_uniform_position(tops[0].tolist(), 385)  # 385 possible tops, spread evenly

@@ -365,6 +365,12 @@ class ChunkedDataLoader:
             **{"generator": private_generator(), **loader_kwargs},
         )
 
+    def stats(self) -> dict[str, Any]:
+        """Bad samples skipped so far (see `DataLoader.stats`); a map-style dataset skips nothing here."""
+        if self.is_tree:
+            return self._loader.stats()
+        return {"skipped": 0, "by_reason": {}, "by_key": {}}
+
     # ------------------------------------------------------------------------------------ sizes
     @property
     def chunks_per_pass(self) -> int | None:
