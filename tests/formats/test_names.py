@@ -101,3 +101,18 @@ def test_base256_size_beyond_any_file_is_damage_with_offset(tmp_path):
 def test_the_property_saw_unusual_names():
     """Run after the property: it wrote keys with `__`, dots in folders and non-ASCII letters."""
     assert any("__" in k for k in ACCEPTED) and any("é" in k for k in ACCEPTED), ACCEPTED
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.lists(st.sampled_from([*"ab_-./é:\\x0", "\x00", "__", "./", ".."]), min_size=1, max_size=12)
+       .map("".join))
+def test_the_loaders_fast_name_split_is_the_rule(name):
+    from prep.formats.names import check_member_name, read_member_name
+
+    try:
+        want = member_parts(check_member_name(name, "t"))
+    except UnsafeMemberError:
+        with pytest.raises(UnsafeMemberError):
+            read_member_name(name, "t")
+        return
+    assert read_member_name(name, "t") == want

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError
-from prep.formats.names import check_member_name, member_parts
+from prep.formats.names import read_member_name
 from prep.formats.tar import iter_samples
 from prep.loaders import torch_private
 from prep.loaders.base import stream_key
@@ -82,7 +82,7 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
         name = header[: 100 if end < 0 else end].decode("utf-8", "surrogateescape")
         data_start = pos + _BLOCK
         pos = data_start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        parts = member_parts(check_member_name(name, where))
+        parts = read_member_name(name, where)
         if parts is None:
             continue  # a metadata member or no extension: not part of the sample (the scanner's rule)
         k, ext = parts
