@@ -275,6 +275,8 @@ def test_ratio_mode_never_warns_and_exhaust_mode_warns_only_when_far_from_the_we
         BlendDataset((seq("a", 40, 2), 0.5), (seq("b", 40, 2), 0.5), mode="exhaust")  # shares = weights
     with pytest.warns(UserWarning, match="mode='ratio'"):
         BlendDataset((seq("a", 40, 2), 0.2), (seq("b", 6, 2), 0.8), repeat=False)
+    with pytest.warns(UserWarning, match="larger epoch_batches"):  # 0.05 x 10 batches < one batch
+        BlendDataset((seq("a", 40, 2), 0.95), (seq("b", 6, 2), 0.05), epoch_batches=10)
 
 
 def test_random_blend_first_source_over_seeds_follows_the_weights() -> None:

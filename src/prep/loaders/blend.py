@@ -224,14 +224,13 @@ class BlendDataset(Combinator):
         self.schedule = schedule
         self._block: tuple[tuple[Any, ...], list[int]] | None = None
         self.reset_cursor()
-        self.counts = [0] * len(self.sources)  # picks per source since the set of live sources last changed
+        self.counts = [0] * len(self.sources)  # picks per source (exhaust mode: since the live set changed)
         self.block_counts = [0] * len(self.sources)
-        if self.mode == "exhaust":
-            _warn_unheld_weights(self.sources, self._children)
+        _warn_unheld_weights(self.mode, self.length, self.sources, self._children)
 
     @property
     def repeat(self) -> bool:
-        """Whether sources start their next epoch when they end (every mode but exhaust)."""
+        """Whether sources start their next epoch when they end (ratio mode)."""
         return self.mode == "ratio"
 
     def reset_cursor(self) -> None:
@@ -372,13 +371,22 @@ def _resolve_mode(
     return "ratio", None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
 
 
-def _warn_unheld_weights(sources: Sequence[Source], children: Sequence[Node]) -> None:
-    """Exhaust mode shows each source's batches once per epoch: say so when that is far from the weights."""
-    shares = exhaust_shares([c.batches_per_epoch() for c in children])
-    if shares is None:
-        return
+def _warn_unheld_weights(
+    mode: Mode, length: int | None, sources: Sequence[Source], children: Sequence[Node]
+) -> None:
+    """Say when a configuration cannot hold its weights: exhaust mode shows each source's batches once
+    per epoch (shares = sizes), and a ratio-mode epoch too short to give the lightest source a batch."""
     weights = [float(w) for w in exact_weights([s.weight for s in sources])]
-    if max(abs(a - b) for a, b in zip(shares, weights, strict=True)) > _SHARE_SLACK:
+    if mode == "ratio":
+        if length is not None and length * min(weights) < 1:
+            light = sources[weights.index(min(weights))].name
+            warnings.warn(
+                f"BlendDataset: an epoch of {length} batches is too short for source {light!r} at weight "
+                f"{min(weights):.3g} to have a batch in every epoch (the shares hold over the stream, not "
+                "per epoch); pass a larger epoch_batches", UserWarning, stacklevel=3)
+        return
+    shares = exhaust_shares([c.batches_per_epoch() for c in children])
+    if shares is not None and max(abs(a - b) for a, b in zip(shares, weights, strict=True)) > _SHARE_SLACK:
         warnings.warn(
             f"BlendDataset(mode='exhaust'): the sources' batches per epoch give shares "
             f"{[round(x, 3) for x in shares]}, not the weights {[round(x, 3) for x in weights]} (each "
