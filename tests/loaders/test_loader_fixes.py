@@ -142,3 +142,15 @@ def test_fingerprint_has_manifest_checksums_a_moved_copy_resumes_another_dataset
     make_shards(other, [12, 12], image_size=8)  # same names and counts, other bytes
     with pytest.raises(PrepError, match="shards:"):
         DataLoader(ShardDataset(other, batch_size=4, world_size=1, rank=0)).load_state_dict(state)
+
+
+def test_chunked_states_of_an_older_version_are_refused():
+    from prep.loaders import ChunkedDataLoader, ChunkedSampler
+
+    sampler = ChunkedSampler(10, 5, rank=0, world_size=1)
+    state = {**sampler.state_dict(), "version": 1}
+    with pytest.raises(PrepError, match="older prep"):
+        ChunkedSampler(10, 5, rank=0, world_size=1).load_state_dict(state)
+    loader = ChunkedDataLoader(list(range(10)), batch_size=2, chunk_size=2, rank=0, world_size=1)
+    with pytest.raises(PrepError, match="older prep"):
+        loader.load_state_dict({**loader.state_dict(), "version": 1})
