@@ -101,7 +101,9 @@ class LocalDataset(SampleLeaf):
     Args mirror `ShardDataset` (batch_size is per rank; decode, image_size, crop, transform, collate,
     drop_last, seed, shuffle). `buckets`: None (one size, needs `image_size` for tensor batches), True
     (default buckets around `image_size` or 512 pixels a side), or a list of (H, W) sizes. Keys are the
-    image names (with `#LINE` appended when a name is listed more than once).
+    image names (with `#LINE` appended when a name is listed more than once). `on_error` and
+    `max_skip_fraction` as in `ShardDataset`; with buckets, an image whose header cannot be read is
+    skipped when the dataset opens (`skipped_at_open`, counted in `DataLoader.stats()`).
     """
 
     def __init__(
