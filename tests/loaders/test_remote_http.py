@@ -22,6 +22,7 @@ class _Files(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     root: Path
     seen: list[dict[str, str]]
+    ranges = True  # False: a server that ignores Range and sends whole files
 
     def log_message(self, format, *args):
         pass
@@ -45,7 +46,7 @@ class _Files(BaseHTTPRequestHandler):
             return
         data = path.read_bytes()
         rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
+        if rng and rng.startswith("bytes=") and self.ranges:
             a, _, b = rng[6:].partition("-")
             start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
             self._reply(
@@ -65,9 +66,9 @@ class _Files(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _serving(root: Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
+def _serving(root: Path, ranges: bool = True) -> Iterator[tuple[str, list[dict[str, str]]]]:
     seen: list[dict[str, str]] = []
-    handler = type("H", (_Files,), {"root": root, "seen": seen})
+    handler = type("H", (_Files,), {"root": root, "seen": seen, "ranges": ranges})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -132,3 +133,21 @@ def test_missing_remote_shard_is_named(served):
     url, _, _ = served
     with pytest.raises(PrepError, match=r"shard-09999\.tar"):
         ShardDataset(f"{url}/ds/shard-09999.tar", batch_size=2, token=TOKEN, rank=0, world_size=1)
+
+
+def test_a_server_without_range_support_fails_in_one_line_from_a_worker(tmp_path, capfd):
+    """The worker's PrepError reaches the user as its one line (not a worker traceback, and no
+    `AssertionError: can only test a child process` from a torch iterator collected in a worker)."""
+    make_shards(tmp_path / "ds", SIZES, image_size=8)
+    with _serving(tmp_path, ranges=False) as (url, _):
+        ds = ShardDataset(f"{url}/ds", batch_size=4, token=TOKEN, rank=0, world_size=1)
+        with pytest.raises(PrepError) as err:
+            list(DataLoader(ds, num_workers=1))
+        # a second loader forks its workers after the failed one: nothing of the first leaks into them
+        with pytest.raises(PrepError):
+            list(DataLoader(ShardDataset(f"{url}/ds", batch_size=4, token=TOKEN, rank=0, world_size=1),
+                            num_workers=1))
+    msg = str(err.value)
+    assert "Range support" in msg and "\n" not in msg and "Traceback" not in msg
+    assert TOKEN not in msg
+    assert "can only test a child process" not in capfd.readouterr().err

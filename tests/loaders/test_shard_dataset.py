@@ -88,9 +88,14 @@ def test_index_that_does_not_match_the_tar_is_reported(shards, tmp_path):
     offsets = np.fromfile(index_path(root / "shard-00000.tar"), dtype="<u8").copy()
     offsets[1:-1] += 512  # every sample but the first now starts mid-sample
     offsets.tofile(index_path(tmp_path / "a.tar"))
-    ds = ShardDataset(tmp_path / "a.tar", batch_size=7, decode="raw", shuffle=False, rank=0, world_size=1)
+    ds = ShardDataset(tmp_path / "a.tar", batch_size=7, decode="raw", shuffle=False, rank=0, world_size=1,
+                      on_error="raise")
     with pytest.raises(PrepError, match=r"\.idx|rebuild"):
         ds.fetch(ds.next_batch(), 0, 1)
+    # skipping (the default) gives up once more than max_skip_fraction of the samples are unreadable
+    ds = ShardDataset(tmp_path / "a.tar", batch_size=7, decode="raw", shuffle=False, rank=0, world_size=1)
+    with pytest.raises(PrepError, match=r"max_skip_fraction.*\.idx"):
+        list(DataLoader(ds))
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -151,8 +156,9 @@ def test_fields_alternatives_and_missing_field(shards):
     ds = ShardDataset(root, batch_size=3, decode="raw", fields=["png|jpg", "txt"], rank=0, world_size=1)
     b = ds.fetch(ds.next_batch(), 0, 1)
     assert set(b) == {"__key__", "png", "txt"}
-    bad = ShardDataset(root, batch_size=3, decode="raw", fields=["cls"], rank=0, world_size=1)
-    with pytest.raises(PrepError, match=r"shard-0000\d\.tar sample \d+: sample .* has no cls member"):
+    bad = ShardDataset(root, batch_size=3, decode="raw", fields=["cls"], rank=0, world_size=1,
+                       on_error="raise")
+    with pytest.raises(PrepError, match=r"shard-0000\d\.tar sample \d+ \(key .*\): sample .* has no cls"):
         bad.fetch(bad.next_batch(), 0, 1)
 
 

@@ -6,6 +6,7 @@ No torch here: everything that reads or writes these formats goes through this p
 from prep.formats.checksum import file_checksum
 from prep.formats.index import index_path, read_index, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
+from prep.formats.names import UnsafeMemberError, split_key
 from prep.formats.nvmeta import write_nv_meta
 from prep.formats.tar import (
     FileSlice,
@@ -13,10 +14,8 @@ from prep.formats.tar import (
     Sample,
     ShardInfo,
     TarFormatError,
-    UnsafeMemberError,
     iter_samples,
     scan_tar,
-    split_key,
     write_shard,
 )
 from prep.formats.wdinfo import read_wdinfo, write_wdinfo

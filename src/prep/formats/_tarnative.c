@@ -93,9 +93,9 @@ static int is_word(unsigned char c) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
 }
 
-/* tar_bulk's plain name rule, PLAIN_KEY "." PLAIN_EXT: key parts of [A-Za-z0-9_-] joined by single
- * slashes, not starting with "__", a dot, then [A-Za-z0-9_.-]+; the name ends at its first NUL and only
- * NULs follow it. Returns the name's length, or -1. */
+/* The plain name rule of prep/formats/names.py, PLAIN_KEY "." PLAIN_EXT: key parts of [A-Za-z0-9_-]
+ * joined by single slashes, not starting with "__", a dot, then [A-Za-z0-9_.-]+; the name ends at its
+ * first NUL and only NULs follow it. Returns the name's length, or -1. */
 static int plain_name(const unsigned char *n) {
     int len = 0;
     while (len < 100 && n[len]) len++;

@@ -28,18 +28,24 @@ import numpy as np
 from prep.errors import PrepError
 from prep.formats.atomic import start_writeback, temp_name
 from prep.formats.checksum import checksum_of, new_hasher
-from prep.formats.tar_bulk import PLAIN_EXT, PLAIN_KEY, PlainWalk, plain_headers, walk_plain
+from prep.formats.names import (
+    PLAIN_EXT,
+    PLAIN_KEY,
+    UnsafeMemberError,
+    check_member_name,
+    is_meta_name,
+    member_name,
+    split_key,
+)
+from prep.formats.tar_bulk import PlainWalk, plain_headers, walk_plain
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and Python's tarfile do
 MAX_EXTENDED_HEADER = 1 << 20  # pax / GNU long-name payloads are read into memory: refuse absurd ones
 FIXED_MTIME = 0  # shards carry no wall-clock time, so the same samples give the same bytes
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's rule: key up to the basename's first dot
-# energon's metadata rule: `__name__` or anything under a top-level `__name__/` folder is not a sample
-_META_RE = re.compile(r"__[^/]*__($|/)")
 _REGULAR = (b"0", b"\x00", b"7")  # regular file, old-style regular file, contiguous file
 _ZERO_BLOCK = bytes(BLOCK)
-_DRIVE_RE = re.compile(r"[A-Za-z]:[\\/]")  # a Windows drive: an absolute path there
+_MAX_FIELD = (1 << 63) - 1  # the largest file offset: a base-256 number above it cannot be a size
 
 
 class TarFormatError(PrepError):
@@ -54,10 +60,6 @@ class TarFormatError(PrepError):
 
     def __reduce__(self):
         return (type(self), (self.what, self.where, self.fix, self.offset, self.member))
-
-
-class UnsafeMemberError(PrepError):
-    """A member whose name or type could escape the output folder if extracted."""
 
 
 class Member(NamedTuple):
@@ -106,35 +108,6 @@ def _padded(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
-def split_key(name: str) -> tuple[str, str] | None:
-    """(key, extension) by WebDataset's rule, or None when the base name has no extension."""
-    m = _KEY_RE.match(name)
-    if not m:
-        return None
-    return m.group(1), m.group(2)
-
-
-def is_meta_name(name: str) -> bool:
-    """True for members that energon and WebDataset pass over as metadata (`__info__`, `__x__/...`)."""
-    return _META_RE.match(name) is not None
-
-
-def check_member_name(name: str, where: str) -> str:
-    """Return the normalised name, or raise when it could address anything outside a folder."""
-    while name.startswith("./"):
-        name = name[2:]
-    if not name or "\x00" in name:
-        raise UnsafeMemberError(f"member name {name!r} is empty or holds a NUL byte", where,
-                                "rewrite the tar with plain relative names")
-    if name.startswith("/") or _DRIVE_RE.match(name):
-        raise UnsafeMemberError(f"member {name!r} has an absolute path", where,
-                                "rewrite the tar with relative member names")
-    if ".." in name and ".." in name.replace("\\", "/").split("/"):
-        raise UnsafeMemberError(f"member {name!r} has a '..' component", where,
-                                "rewrite the tar without parent-directory references")
-    return name
-
-
 def _byte_sum(block: bytes) -> int:
     """The sum of a 512-byte block's bytes, in C: Adler-32's low half is 1 + the byte sum mod 65521, exact
     for 256 bytes (at most 65280). A Python-level sum costs more than the rest of a header's parsing."""
@@ -146,7 +119,11 @@ def _octal(field_bytes: bytes, what: str, path: str, offset: int) -> int:
         if field_bytes[0] != 0x80:  # 0xff marks a negative number: no size or checksum is negative
             raise TarFormatError(f"corrupt tar header: negative {what}", path,
                                  "re-create or re-download this shard", offset)
-        return int.from_bytes(field_bytes[1:], "big")
+        value = int.from_bytes(field_bytes[1:], "big")
+        if value > _MAX_FIELD:  # no file holds it: damage, not a number to seek to
+            raise TarFormatError(f"corrupt tar header: {what} {value} is larger than any file", path,
+                                 "re-create or re-download this shard", offset)
+        return value
     text = field_bytes.split(b"\x00", 1)[0].strip()
     if not text:
         return 0
@@ -879,22 +856,6 @@ def sorted_samples(samples: Iterable[SampleItem]) -> list[SampleItem]:
         if a[0] == b[0]:
             raise PrepError(f"sample key {a[0]!r} given twice", None, "make sample keys unique")
     return out
-
-
-def member_name(key: str, ext: str, where: str) -> str:
-    """`KEY.EXT`, refused unless a reader splits it back into exactly (key, ext) and it is a safe path.
-
-    A dot in the key's base name, a `/` in the extension, or a metadata-like name would make WebDataset,
-    energon and prep's scanner see another sample than the one written.
-    """
-    name = f"{key}.{ext}"
-    if (not ext or check_member_name(name, where) != name or split_key(name) != (key, ext)
-            or is_meta_name(name)):
-        raise UnsafeMemberError(
-            f"sample key {key!r} with extension {ext!r} does not make a member name that reads back as "
-            "the same sample", where,
-            "use keys without dots in their last path part, extensions without '/', and no '__x__' prefix")
-    return name
 
 
 def write_shard(

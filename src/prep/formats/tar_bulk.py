@@ -17,15 +17,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from prep.formats.names import PLAIN_EXT, PLAIN_KEY
+
 BLOCK = 512
 _SIZE = slice(124, 136)
 # a pax header the bulk path passes over: one record that changes nothing prep reads (a time, an owner);
 # any other record (path, size, ...) goes the exact way
 _PAX_RECORD = re.compile(rb"([1-9][0-9]{0,2}) (?:mtime|atime|ctime|uid|gid|uname|gname)=[^\n]*\n")
-# a sample key and a member extension that always make a safe member name reading back as (key, ext):
-# relative, no `.`/`..` component, no metadata `__x__`, no dot in the key's last part, no `/` in the ext
-PLAIN_KEY = r"(?!__)[\w-]+(?:/[\w-]+)*"
-PLAIN_EXT = r"[\w.-]+"
 _PLAIN_NAMES = re.compile(rf"(?:{PLAIN_KEY}\.{PLAIN_EXT}\n)*", re.ASCII)  # every name a bulk scan accepts
 _CHECKSUM_FIELD = slice(148, 156)
 _OCTAL11 = re.compile(rb"([0-7]+)[\0 ]*")  # a size field's first 11 bytes as the walk accepts them

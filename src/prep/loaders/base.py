@@ -25,7 +25,8 @@ import numpy as np
 
 from prep.errors import PrepError
 
-STATE_VERSION = 1
+# 2: random streams hash their counters into the key (states of 1 would resume into another order)
+STATE_VERSION = 2
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -51,21 +52,38 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     return r, w
 
 
-def stream_key(seed: int, path: str, purpose: str) -> int:
-    """A 64-bit key for a node's random stream, derived from (seed, tree path, purpose), so siblings
-    never share a stream and the same tree always draws the same numbers."""
-    h = hashlib.blake2b(f"{seed}\x00{path}\x00{purpose}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little")
+def _stream_digest(seed: int, path: str, purpose: str, counters: Sequence[int], size: int) -> int:
+    """`size` bytes of a hash of every input of a stream, as an integer. The inputs are JSON-encoded, so
+    no two different tuples hash the same text (a path or a sample key may hold any character)."""
+    text = json.dumps([int(seed), path, purpose, *(int(c) for c in counters)], ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=size).digest(), "little")
+
+
+def stream_key(seed: int, path: str, purpose: str, *counters: int) -> int:
+    """A 64-bit number drawn from (seed, path, purpose, counters) (e.g. a per-sample crop position)."""
+    return _stream_digest(seed, path, purpose, counters, 8)
 
 
 def counter_rng(seed: int, path: str, purpose: str, *counters: int) -> np.random.Generator:
-    """A counter-based generator: the numbers for (seed, path, purpose, counters) are a pure function of
-    them (Philox), so any position of any stream is computed directly, without replay."""
-    key = stream_key(seed, path, purpose)
-    ctr = [0, 0, 0, 0]
-    for i, c in enumerate(counters[:4]):
-        ctr[i] = int(c) & 0xFFFFFFFFFFFFFFFF
-    return np.random.Generator(np.random.Philox(key=key, counter=ctr))
+    """An independent generator for (seed, tree path, purpose, counters): all of them are hashed into
+    Philox's 128-bit key and the counter starts at 0, so any position of any stream is computed directly,
+    without replay, and two different inputs (say epochs e and e+1) share no stretch of numbers.
+    (Putting the counters in Philox's counter instead made epoch e+1's stream epoch e's shifted by one
+    block: successive epochs were nearly the same order.)"""
+    return np.random.Generator(np.random.Philox(key=_stream_digest(seed, path, purpose, counters, 16)))
+
+
+def check_state_version(version: Any, where: str) -> None:
+    """Refuse a loader state of another format; an older one says why it cannot resume here."""
+    if version == STATE_VERSION:
+        return
+    if isinstance(version, int) and version < STATE_VERSION:
+        raise PrepError(
+            f"loader state version {version} was saved by an older prep, whose random streams (shuffles, "
+            f"blend and mix choices) differ from this version's ({STATE_VERSION}): it would resume into "
+            "another order", where, "resume with the prep version that saved it, or start the loader fresh")
+    raise PrepError(f"loader state version {version!r} is not {STATE_VERSION}", where,
+                    "resume with the prep version that saved it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +161,9 @@ class Node(ABC):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         """Load and collate rank's slice of a batch this node planned (runs in a worker)."""
 
-    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
-        """Load samples (decoded and transformed, not collated) for the given references."""
+    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
+        """Load samples (decoded and transformed, not collated) for the given references: one entry per
+        reference, None where a bad sample was skipped (whoever collates drops those)."""
         raise PrepError(f"{type(self).__name__} cannot be mixed inside a batch", self.path or "loader",
                         "mix shard or local datasets")
 
@@ -154,7 +173,9 @@ def fingerprint_hash(doc: dict[str, Any]) -> str:
 
 
 def diff_fingerprints(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human lines saying what changed between two fingerprints (for the mismatch error)."""
+    """Human lines saying what changed between two fingerprints (for the mismatch error): the dotted path
+    of each changed value at any depth (`children.1.seed: 1 -> 2`) and both values, whole."""
+    where = path or "value"
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new), key=str):
@@ -166,7 +187,11 @@ def diff_fingerprints(old: Any, new: Any, path: str = "") -> list[str]:
             else:
                 out += diff_fingerprints(old[k], new[k], p)
         return out
+    if isinstance(old, list) and isinstance(new, list):
+        out = [f"{where}: {len(old)} items -> {len(new)}"] if len(old) != len(new) else []
+        for i, (a, b) in enumerate(zip(old, new, strict=False)):
+            out += diff_fingerprints(a, b, f"{path}.{i}" if path else str(i))
+        return out
     if old != new:
-        o, n = json.dumps(old, default=str), json.dumps(new, default=str)
-        return [f"{path or 'value'}: {o[:80]} -> {n[:80]}"]
+        return [f"{where}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"]
     return []

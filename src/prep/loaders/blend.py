@@ -1,19 +1,25 @@
 """`BlendDataset`: each batch is a whole batch of one source, the source chosen by weight.
 
-Two schedules, both pure functions of the blend's cursor (no replay on resume):
-- `random`: the choice for batch g of epoch e comes from a counter-based generator keyed by
-  (seed, tree path, e, g), so it is the same on every rank and worker and after any restore;
-- `smooth`: deterministic weighted round-robin (earliest-deadline-first over each source's quota), so
-  after any g batches source i has had floor(g*w_i) or ceil(g*w_i) of them — no long runs of one source.
+Weights are shares of batches, and by default they hold (`mode="ratio"`): a source that ends its
+epoch starts its next one (reshuffled), so over any stretch of the stream source i has a share w_i of
+the batches whatever the sources' sizes, and the blend's epoch is a number of batches (`epoch_batches`,
+by default the sum of the sources' epochs, so one epoch still shows about as many batches as they hold).
+Energon's exhaustion rule stays available as `mode="exhaust"`: a source that ends gets weight 0, the
+others go on, the epoch ends when all have ended, and each source's batches appear once per epoch
+whatever the weights (a warning says so when that is far from them).
 
-Exhaustion follows Megatron-Energon: a finite source that ends its epoch gets weight 0 and the others
-go on; the blend's epoch ends when every source has ended (`repeat=False`). With `repeat=True` a source
-that ends simply starts its next epoch, and the blend is endless (wrap it in `EpochizeDataset`).
+Two schedules, both pure functions of the blend's cursor (no replay on resume):
+- `smooth`: deterministic weighted round-robin (earliest-deadline-first over each source's quota), so
+  after any g batches source i has had floor(g*w_i) or ceil(g*w_i) of them — no long runs of one source;
+- `random`: the smooth schedule's picks for each block of `BLOCK` batches, in an order drawn from a
+  counter-based generator keyed by (seed, tree path, block): random inside a block, the weights exact at
+  every block's end, so shares hold to within a block at any point and runs are those of a shuffle.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +32,9 @@ from prep.loaders.base import BatchDesc, Node, counter_rng
 from prep.loaders.map import Combinator, check_node
 
 Schedule = Literal["random", "smooth"]
+Mode = Literal["ratio", "exhaust"]
+BLOCK = 64  # batches per block of the random schedule: shares are exact at each block's end
+_SHARE_SLACK = 0.02  # exhaust mode warns when a source's share of an epoch is this far from its weight
 
 
 @dataclass(frozen=True)
@@ -161,8 +170,32 @@ def tag_batch(batch: Any, name: str, sample_weight: float | None) -> Any:
     return batch
 
 
+def exhaust_shares(batches: Sequence[int | None]) -> list[float] | None:
+    """Each source's share of an exhaust-mode epoch (its batches over all), or None for an endless one."""
+    if any(b is None for b in batches) or not sum(batches):  # type: ignore[arg-type]
+        return None
+    total = sum(batches)  # type: ignore[arg-type]
+    return [b / total for b in batches]  # type: ignore[operator]
+
+
+def smooth_block(weights: Sequence[Fraction], counts: Sequence[int], n: int) -> list[int]:
+    """The next n picks of the smooth schedule from `counts` (the random schedule's block content)."""
+    counts = list(counts)
+    out = []
+    for _ in range(n):
+        i = smooth_pick(weights, counts)
+        counts[i] += 1
+        out.append(i)
+    return out
+
+
 class BlendDataset(Combinator):
-    """`BlendDataset((ds_a, 0.6), (ds_b, 0.4), seed=0, schedule="random"|"smooth", repeat=False)`.
+    """`BlendDataset((ds_a, 0.6), (ds_b, 0.4), seed=0, schedule="random"|"smooth", mode="ratio"|"exhaust")`.
+
+    `mode="ratio"` (default): sources repeat, the weights are the shares of batches, and an epoch is
+    `epoch_batches` batches (default: the sum of the sources' batches per epoch; endless when a source
+    has no fixed length). `mode="exhaust"`: energon's rule (see the module docstring). `repeat=` is the
+    older spelling: `repeat=True` is an endless ratio blend, `repeat=False` the exhaust mode.
 
     Each source keeps its own batch size. The batch carries `__source__` (and `__weight__` when a
     source has a `sample_weight`) when it is a dict.
@@ -173,7 +206,9 @@ class BlendDataset(Combinator):
         *dataset_weights: tuple[Node, float] | Source,
         seed: int = 0,
         schedule: Schedule = "random",
-        repeat: bool = False,
+        mode: Mode | None = None,
+        epoch_batches: int | None = None,
+        repeat: bool | None = None,
     ) -> None:
         self.sources = parse_sources(dataset_weights, "BlendDataset")
         super().__init__([s.dataset for s in self.sources], "BlendDataset")
@@ -183,27 +218,54 @@ class BlendDataset(Combinator):
                 "BlendDataset",
                 "pass schedule='random' or schedule='smooth'",
             )
+        self.mode, self.length = _resolve_mode(mode, repeat, epoch_batches, self._children)
         self.weighted = any(s.sample_weight is not None for s in self.sources)
         self.seed = seed
         self.schedule = schedule
-        self.repeat = repeat
+        self._block: tuple[tuple[Any, ...], list[int]] | None = None
         self.reset_cursor()
+        self.counts = [0] * len(self.sources)  # picks per source (exhaust mode: since the live set changed)
+        self.block_counts = [0] * len(self.sources)
+        _warn_unheld_weights(self.mode, self.length, self.sources, self._children)
+
+    @property
+    def repeat(self) -> bool:
+        """Whether sources start their next epoch when they end (ratio mode)."""
+        return self.mode == "ratio"
 
     def reset_cursor(self) -> None:
         k = len(self.sources)
-        self.g = 0  # batches planned this epoch: the random schedule's counter
+        self.g = 0  # batches planned this epoch
         self.exhausted = [False] * k
-        self.counts = [0] * k  # picks per source since the set of live sources last changed
+        if self.mode == "exhaust":  # ratio mode: the schedule runs on across epochs, so shares stay exact
+            self.counts = [0] * k
+            self.block_counts = [0] * k
+
+    def set_epoch(self, epoch: int) -> None:
+        """Exhaust mode: every source starts its epoch `epoch`. Ratio mode: only the blend's epoch counter
+        moves; the sources go on (their epochs are not the blend's), as under EpochizeDataset."""
+        if self.mode == "exhaust":
+            super().set_epoch(epoch)
+        elif epoch != self.epoch:
+            self.epoch, self.g = epoch, 0
 
     def _weights(self) -> list[float]:
         return [0.0 if x else s.weight for s, x in zip(self.sources, self.exhausted, strict=True)]
 
     def _choose(self) -> int:
-        weights = self._weights()
+        weights = exact_weights(self._weights())
         if self.schedule == "smooth":
-            return smooth_pick(exact_weights(weights), self.counts)
-        u = float(counter_rng(self.seed, self.path, "blend", self.epoch, self.g).random())
-        return random_pick(weights, u)
+            return smooth_pick(weights, self.counts)
+        b, j = divmod(sum(self.counts), BLOCK)
+        if j == 0:
+            self.block_counts = list(self.counts)
+        phase = (self.epoch, sum(self.exhausted)) if self.mode == "exhaust" else (0, 0)
+        tag = (*phase, b, tuple(self.block_counts))
+        if self._block is None or self._block[0] != tag:
+            picks = smooth_block(weights, self.block_counts, BLOCK)
+            order = counter_rng(self.seed, self.path, "blend", *phase, b).permutation(BLOCK)
+            self._block = (tag, [picks[k] for k in order])
+        return self._block[1][j]
 
     def _next_from(self, i: int) -> BatchDesc | None:
         child = self._children[i]
@@ -212,7 +274,7 @@ class BlendDataset(Combinator):
         except StopIteration:
             if not self.repeat:
                 return None
-        try:  # repeat: the child moved to its next epoch; a second end means it has no batches at all
+        try:  # the child moved to its next epoch; a second end means it has no batches at all
             return child.next_batch()
         except StopIteration:
             raise PrepError(
@@ -221,7 +283,14 @@ class BlendDataset(Combinator):
                 "check that dataset (empty, or drop_last with fewer samples than a batch)",
             ) from None
 
+    def _end_epoch(self) -> StopIteration:
+        self.epoch += 1
+        self.reset_cursor()
+        return StopIteration()
+
     def next_batch(self) -> BatchDesc:
+        if self.mode == "ratio" and self.length is not None and self.g >= self.length:
+            raise self._end_epoch()
         while not all(self.exhausted):
             i = self._choose()
             d = self._next_from(i)
@@ -232,13 +301,11 @@ class BlendDataset(Combinator):
             self.g += 1
             self.counts[i] += 1
             return BatchDesc(self.path, (i, d), {**d.info, "source": self.sources[i].name})
-        self.epoch += 1
-        self.reset_cursor()
-        raise StopIteration
+        raise self._end_epoch()
 
     def batches_per_epoch(self) -> int | None:
-        if self.repeat:
-            return None
+        if self.mode == "ratio":
+            return self.length
         sizes = [c.batches_per_epoch() for c in self._children]
         return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
 
@@ -248,6 +315,7 @@ class BlendDataset(Combinator):
             "g": self.g,
             "exhausted": list(self.exhausted),
             "counts": list(self.counts),
+            "block_counts": list(self.block_counts),
             "children": self.child_states(),
         }
 
@@ -255,6 +323,7 @@ class BlendDataset(Combinator):
         self.epoch, self.g = int(state["epoch"]), int(state["g"])
         self.exhausted = [bool(x) for x in state["exhausted"]]
         self.counts = [int(x) for x in state["counts"]]
+        self.block_counts = [int(x) for x in state["block_counts"]]
         self.load_child_states(state["children"])
 
     def fingerprint(self) -> dict[str, Any]:
@@ -263,7 +332,8 @@ class BlendDataset(Combinator):
             "weights": [s.weight for s in self.sources],
             "seed": self.seed,
             "schedule": self.schedule,
-            "repeat": self.repeat,
+            "mode": self.mode,
+            "epoch_batches": self.length,
             "children": self.child_fingerprints(),
         }
 
@@ -273,3 +343,52 @@ class BlendDataset(Combinator):
         i, d = desc.items
         src = self.sources[i]
         return tag_batch(self.fetch_desc(d, rank, world), src.name, loss_weight(src, self.weighted))
+
+
+def _resolve_mode(
+    mode: str | None, repeat: bool | None, epoch_batches: int | None, children: Sequence[Node]
+) -> tuple[Mode, int | None]:
+    """(mode, batches per ratio-mode epoch or None for endless) from the arguments, `repeat` included."""
+    if mode is not None and mode not in ("ratio", "exhaust"):
+        raise PrepError(f"mode {mode!r} is not ratio or exhaust", "BlendDataset",
+                        "pass mode='ratio' (weights hold) or mode='exhaust' (energon's rule)")
+    if repeat is not None and mode is not None and (mode == "ratio") != bool(repeat):
+        raise PrepError(f"repeat={repeat} contradicts mode={mode!r}", "BlendDataset",
+                        "pass only mode= (repeat= is its older spelling)")
+    if epoch_batches is not None and (
+        isinstance(epoch_batches, bool) or not isinstance(epoch_batches, int) or epoch_batches < 1
+    ):
+        raise PrepError(f"epoch_batches={epoch_batches!r} is not a positive number of batches",
+                        "BlendDataset", "pass an integer >= 1, or leave it unset")
+    if mode == "exhaust" or repeat is False:
+        if epoch_batches is not None:
+            raise PrepError("epoch_batches applies to mode='ratio' only", "BlendDataset",
+                            "an exhaust-mode epoch ends when every source has ended")
+        return "exhaust", None
+    if repeat is True or epoch_batches is not None:
+        return "ratio", epoch_batches
+    sizes = [c.batches_per_epoch() for c in children]
+    return "ratio", None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+
+
+def _warn_unheld_weights(
+    mode: Mode, length: int | None, sources: Sequence[Source], children: Sequence[Node]
+) -> None:
+    """Say when a configuration cannot hold its weights: exhaust mode shows each source's batches once
+    per epoch (shares = sizes), and a ratio-mode epoch too short to give the lightest source a batch."""
+    weights = [float(w) for w in exact_weights([s.weight for s in sources])]
+    if mode == "ratio":
+        if length is not None and length * min(weights) < 1:
+            light = sources[weights.index(min(weights))].name
+            warnings.warn(
+                f"BlendDataset: an epoch of {length} batches is too short for source {light!r} at weight "
+                f"{min(weights):.3g} to have a batch in every epoch (the shares hold over the stream, not "
+                "per epoch); pass a larger epoch_batches", UserWarning, stacklevel=3)
+        return
+    shares = exhaust_shares([c.batches_per_epoch() for c in children])
+    if shares is not None and max(abs(a - b) for a, b in zip(shares, weights, strict=True)) > _SHARE_SLACK:
+        warnings.warn(
+            f"BlendDataset(mode='exhaust'): the sources' batches per epoch give shares "
+            f"{[round(x, 3) for x in shares]}, not the weights {[round(x, 3) for x in weights]} (each "
+            "source's batches appear once per epoch); pass mode='ratio' for weights that hold",
+            UserWarning, stacklevel=3)

@@ -26,10 +26,9 @@ import numpy as np
 import torch.utils.data as tud
 
 from prep.errors import PrepError
-from prep.loaders.base import Node, counter_rng, dist_info, rank_slice
-from prep.loaders.dataloader import DataLoader
+from prep.loaders.base import STATE_VERSION, Node, check_state_version, counter_rng, dist_info, rank_slice
+from prep.loaders.dataloader import DataLoader, private_generator
 
-STATE_VERSION = 1
 Limit = int | float | None
 
 
@@ -228,9 +227,10 @@ class ChunkedSampler(tud.Sampler[int]):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"chunk": self.chunk, "offset": self.offset, **self._setup()}
+        return {"version": STATE_VERSION, "chunk": self.chunk, "offset": self.offset, **self._setup()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_version(state.get("version"), "ChunkedSampler.load_state_dict")
         saved = {k: state.get(k) for k in self._setup()}
         if saved != self._setup():
             raise PrepError(
@@ -362,8 +362,14 @@ class ChunkedDataLoader:
             num_workers=num_workers,
             collate_fn=collate_fn,
             pin_memory=pin_memory,
-            **loader_kwargs,
+            **{"generator": private_generator(), **loader_kwargs},
         )
+
+    def stats(self) -> dict[str, Any]:
+        """Bad samples skipped so far (see `DataLoader.stats`); a map-style dataset skips nothing here."""
+        if self.is_tree:
+            return self._loader.stats()
+        return {"skipped": 0, "by_reason": {}, "by_key": {}}
 
     # ------------------------------------------------------------------------------------ sizes
     @property
@@ -490,12 +496,7 @@ class ChunkedDataLoader:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise PrepError(
-                f"chunked loader state version {state.get('version')} is not {STATE_VERSION}",
-                "ChunkedDataLoader.load_state_dict",
-                "resume with the prep version that saved it",
-            )
+        check_state_version(state.get("version"), "ChunkedDataLoader.load_state_dict")
         if state.get("setup") != self._setup():
             changed = sorted(
                 k

@@ -9,15 +9,28 @@ replay, and the same state whatever `num_workers` is.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.utils.data as tud
 
 from prep.errors import PrepError
-from prep.loaders.base import STATE_VERSION, BatchDesc, Node, diff_fingerprints, dist_info, fingerprint_hash
+from prep.loaders import skips, torch_private
+from prep.loaders.base import (
+    STATE_VERSION,
+    BatchDesc,
+    Node,
+    check_state_version,
+    diff_fingerprints,
+    dist_info,
+    fingerprint_hash,
+)
+from prep.loaders.decode import slot_scope
+from prep.loaders.skips import Skip, SkipStats
 
 
 class _PlanSampler(tud.Sampler):
@@ -42,10 +55,12 @@ class _PlanSampler(tud.Sampler):
                 desc = root.next_batch()
             except StopIteration:
                 loader._epoch_end_state = root.state_dict()
+                loader._left = copy.deepcopy(loader._epoch_end_state)
                 if group:
                     yield tuple(group)
                 return
             loader._pending.append(copy.deepcopy(root.state_dict()))
+            loader._left = loader._pending[-1]
             group.append(desc)
             if len(group) == loader.batches_per_fetch:
                 yield tuple(group)
@@ -58,6 +73,16 @@ class _PlanSampler(tud.Sampler):
         return -(-n // self.loader.batches_per_fetch)
 
 
+class WorkerError:
+    """A PrepError raised in a worker, sent back as a result: torch would re-raise it as the text of the
+    worker's traceback, and the user should read the one line that says what, where and how to fix."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: PrepError) -> None:
+        self.error = error
+
+
 class _Fetcher(tud.Dataset):
     """What workers hold: the tree's nodes by path, to call `fetch` on the node that planned a batch."""
 
@@ -66,8 +91,17 @@ class _Fetcher(tud.Dataset):
         self.rank = rank
         self.world = world
 
-    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> list[Any]:
-        return [self.nodes[d.node].fetch(d, self.rank, self.world) for d in descs]
+    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> tuple[list[Any], list[Skip]] | WorkerError:
+        """The batches, and the bad samples skipped while loading them (they travel with the batches)."""
+        with slot_scope() as sent, skips.collecting() as skipped:
+            try:
+                out = [self.nodes[d.node].fetch(d, self.rank, self.world) for d in descs]
+            except PrepError as err:
+                if tud.get_worker_info() is None:
+                    raise
+                return WorkerError(err)
+            sent(out)
+        return out, skipped
 
     def __len__(self) -> int:  # pragma: no cover - torch asks only for map-style sizing hints
         return 0
@@ -84,7 +118,7 @@ def _grow_result_pipe(batches: Any) -> None:
     """Workers send batches through one pipe; a batch of encoded images is 0.5-1 MiB, which a default
     64 KiB pipe carries in ~10 pieces, each a read (plus a wake-up of the worker) in the main process.
     On Linux, a 1 MiB pipe (the unprivileged maximum) carries it in one. Best effort: elsewhere, a no-op."""
-    reader = getattr(getattr(batches, "_worker_result_queue", None), "_reader", None)
+    reader = torch_private.result_pipe_reader(batches)
     if reader is None:
         return
     try:
@@ -93,6 +127,14 @@ def _grow_result_pipe(batches: Any) -> None:
         fcntl.fcntl(reader.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
     except (ImportError, OSError, ValueError):
         pass
+
+
+def private_generator() -> torch.Generator:
+    """torch's DataLoader draws its workers' base seed from this generator at every `iter()`; without one
+    it draws from torch's global generator, so a trainer that restores its RNG state after a resume would
+    see other numbers. prep's workers use no torch randomness (crops are seeded per sample), so a fixed
+    private generator serves."""
+    return torch.Generator().manual_seed(0)
 
 
 class DataLoader:
@@ -120,6 +162,13 @@ class DataLoader:
         self._state: dict[str, Any] | None = None
         self._epoch_end_state: dict[str, Any] | None = None
         self._consumed = 0
+        self._left: dict[str, Any] | None = None  # the tree's cursor as the loader last left it
+        self._skips = SkipStats()
+        leaves = [n for n in dataset.nodes().values() if hasattr(n, "max_skip_fraction")]
+        self._skip_limits = {n.path: (n.total, n.max_skip_fraction) for n in leaves}  # type: ignore[attr-defined]
+        at_open = [dataclasses.replace(s, leaf=n.path) for n in leaves
+                   for s in getattr(n, "skipped_at_open", ())]
+        self._skips.add(at_open, {})
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
@@ -127,16 +176,32 @@ class DataLoader:
             kwargs["multiprocessing_context"] = multiprocessing_context
         self._torch = tud.DataLoader(_Fetcher(dataset, self.rank, self.world), batch_size=None,
                                      sampler=_PlanSampler(self), num_workers=num_workers,
-                                     collate_fn=_identity, pin_memory=pin_memory, timeout=timeout, **kwargs)
+                                     collate_fn=_identity, pin_memory=pin_memory, timeout=timeout,
+                                     generator=private_generator(), **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
-        if self._state is not None:  # the sampler may have planned ahead of what was consumed
-            self.dataset.load_state_dict(copy.deepcopy(self._state))
+        if self._state is not None:
+            if self._left is None or self.dataset.state_dict() == self._left:
+                # the sampler may have planned ahead of what was consumed: back to what was consumed
+                self.dataset.load_state_dict(copy.deepcopy(self._state))
+            else:  # the tree was moved since (node.set_epoch, node.load_state_dict): that is where to go on
+                self._state = None
         self._pending.clear()
         self._epoch_end_state = None
         batches = iter(self._torch)
         _grow_result_pipe(batches)
-        for group in batches:
+        for fetched in batches:
+            if isinstance(fetched, WorkerError):
+                # raised without this frame holding the error (or the error this frame), so no reference
+                # cycle keeps the last batches' shared memory or torch's iterator alive until a GC
+                error, fetched, batches = fetched.error, None, None
+                try:
+                    raise error
+                finally:
+                    del error
+            group, skipped = fetched
+            if skipped:
+                self._skips.add(skipped, self._skip_limits)
             for batch in group:
                 self._state = self._pending.popleft()
                 self._consumed += 1
@@ -155,6 +220,13 @@ class DataLoader:
             self.dataset.load_state_dict(copy.deepcopy(self._state))
         self.dataset.set_epoch(epoch)
         self._state = self.dataset.state_dict()
+        self._left = copy.deepcopy(self._state)
+
+    def stats(self) -> dict[str, Any]:
+        """Bad samples skipped so far (on_error="skip"): {"skipped": n, "by_reason": {reason: n},
+        "by_key": {"shard sample key": n}} — images that could not be bucketed when a LocalDataset opened
+        included. Skipped samples are dropped from their batches, so those batches are shorter."""
+        return self._skips.as_dict()
 
     @property
     def batches_consumed(self) -> int:
@@ -172,9 +244,7 @@ class DataLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise PrepError(f"loader state version {state.get('version')} is not {STATE_VERSION}",
-                            "load_state_dict", "resume with the prep version that saved it")
+        check_state_version(state.get("version"), "DataLoader.load_state_dict")
         fp = self.dataset.fingerprint()
         if state.get("fingerprint") != fingerprint_hash(fp):
             changes = diff_fingerprints(state.get("fingerprint_doc", {}), fp)
@@ -184,4 +254,5 @@ class DataLoader:
                             "or start fresh")
         self.dataset.load_state_dict(copy.deepcopy(state["tree"]))
         self._state = copy.deepcopy(state["tree"])
+        self._left = copy.deepcopy(self._state)
         self._consumed = int(state.get("batches_consumed", 0))

@@ -1,19 +1,22 @@
 """Sample bytes to training tensors: member parsing, decoding, resize + crop, collation.
 
 Runs in DataLoader workers. A sample arrives as one contiguous byte string (its tar members, read with a
-single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg when it
-is installed (libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
-target) else by Pillow with `draft()` (the same downscaling trick); PNG/WebP go through Pillow. When a
+single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default
+dependency: libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
+target), or by Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. When a
 decoded JPEG already has the target size it is written straight into the batch tensor, which lives in
 a recycled shared-memory slot, so handing it to the main process copies nothing and faults no new pages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,10 +24,13 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError
+from prep.formats.names import read_member_name
 from prep.formats.tar import iter_samples
+from prep.loaders import torch_private
 from prep.loaders.base import stream_key
+from prep.loaders.skips import BadSample, OnError, skip_or_raise
 
-try:  # optional fast JPEG decoder (the `fast` extra)
+try:  # a default dependency; an install without a wheel for this platform still decodes, with Pillow
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised where simplejpeg is absent
     simplejpeg = None
@@ -44,6 +50,7 @@ def jpeg_backend() -> str:
 
 # -------------------------------------------------------------------------------------- tar members
 _IDX_FIX = "the .idx does not match the tar: rebuild it with `prep run generate_wdinfo`"
+_RECORD = "unreadable record"
 Buffer = bytes | memoryview
 
 
@@ -70,27 +77,26 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
         try:
             size = int(header[124:136].rstrip(b"\x00 ") or b"0", 8)
         except ValueError:
-            raise PrepError("corrupt tar header inside a sample", where, _IDX_FIX) from None
+            raise BadSample("corrupt tar header inside a sample", where, _IDX_FIX, reason=_RECORD) from None
         end = header.find(b"\x00", 0, 100)
         name = header[: 100 if end < 0 else end].decode("utf-8", "surrogateescape")
         data_start = pos + _BLOCK
         pos = data_start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        if dot < 0 or name.startswith("__", slash):
-            continue  # no extension, or a __metadata__ member: not part of the sample
-        k, ext = name[:dot], name[dot + 1 :]
+        parts = read_member_name(name, where)
+        if parts is None:
+            continue  # a metadata member or no extension: not part of the sample (the scanner's rule)
+        k, ext = parts
         if key is None:
             key = k
         elif k != key:
-            raise PrepError(f"sample bytes hold two keys ({key!r}, {k!r})", where, _IDX_FIX)
+            raise BadSample(f"sample bytes hold two keys ({key!r}, {k!r})", where, _IDX_FIX, reason=_RECORD)
         if data_start + size > n:
-            raise PrepError(f"member {name!r} runs past the sample's end", where, _IDX_FIX)
+            raise BadSample(f"member {name!r} runs past the sample's end", where, _IDX_FIX, reason=_RECORD)
         spans[ext] = (data_start, data_start + size)
     if key is None:
         if pos == 0 and n >= _BLOCK:
             return None  # not a ustar header where the sample should start: let the scanner say why
-        raise PrepError("no sample members at this offset", where, _IDX_FIX)
+        raise BadSample("no sample members at this offset", where, _IDX_FIX, reason=_RECORD)
     return key, spans
 
 
@@ -107,9 +113,11 @@ def _parse_slow(buf: bytes, where: str) -> tuple[str, dict[str, Buffer]]:
     try:
         samples = list(iter_samples(io.BytesIO(buf), where, read_data=True))
     except PrepError as err:
-        raise PrepError(f"no valid tar sample at this offset ({err.what})", where, _IDX_FIX) from None
+        raise BadSample(f"no valid tar sample at this offset ({err.what})", where, _IDX_FIX,
+                        reason=_RECORD) from None
     if len(samples) != 1 or samples[0].data is None:
-        raise PrepError(f"expected one sample at this offset, found {len(samples)}", where, _IDX_FIX)
+        raise BadSample(f"expected one sample at this offset, found {len(samples)}", where, _IDX_FIX,
+                        reason=_RECORD)
     return samples[0].key, dict(samples[0].data)
 
 
@@ -137,7 +145,20 @@ def _pil_rgb(data: bytes, cover: tuple[int, int, int, int] | None, where: str):
             img.draft("RGB", (tw, th))
         return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PrepError(f"cannot decode image ({err})", where, "drop or re-encode this sample") from None
+        raise BadSample(f"cannot decode image: {decode_reason(err)}", where,
+                        "drop or re-encode this sample", reason="corrupt image") from None
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def decode_reason(err: Exception) -> str:
+    """Why Pillow could not decode, without the repr of the in-memory file it was given."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow knows (truncated or not an image)"
+    return _OBJECT_REPR.sub("the image bytes", str(err)) or type(err).__name__
 
 
 def decode_image(
@@ -189,9 +210,11 @@ _SLOTS_PER_WORKER = 6
 
 
 class _PooledTensor(torch.Tensor):
-    """A worker-side view of a slot; pickles as a slot reference. Operations on it give plain tensors."""
+    """A worker-side view of a slot; pickles as a slot reference. Operations on it give plain tensors.
+    (Only made where `torch_private.slots_supported()`.)"""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    if torch_private.disabled_torch_function_impl() is not None:
+        __torch_function__ = torch_private.disabled_torch_function_impl()
     _prep_slot: _Slot
     _prep_gen: int
 
@@ -207,7 +230,12 @@ class _Slot:
 
 
 class _WorkerSlots:
-    """One worker's slots. `token` is random per process, so a restarted worker's slots never alias."""
+    """One worker's slots. `token` is random per process, so a restarted worker's slots never alias.
+
+    A slot is marked handed out when taken and freed by the main process when the last tensor viewing it
+    dies there; a slot taken for a batch but not in what the worker sends (a float conversion, a map that
+    returned new objects, an error) is freed by `release_unsent` when the request ends. `fresh` counts
+    the fresh segments made because every slot was out."""
 
     def __init__(self) -> None:
         import os
@@ -215,6 +243,8 @@ class _WorkerSlots:
 
         self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.slots: list[_Slot] = []
+        self.scope: list[_Slot] | None = None  # slots taken during the current request
+        self.fresh = 0
 
     def take(self, nbytes: int) -> _Slot | None:
         """A free slot of at least `nbytes`, marked handed out; None when every slot is out."""
@@ -234,6 +264,8 @@ class _WorkerSlots:
         slot.index = i
         slot.state[0] = 1
         slot.gen += 1
+        if self.scope is not None:
+            self.scope.append(slot)
         return slot
 
 
@@ -247,24 +279,29 @@ def _slot_size(nbytes: int) -> int:
     return max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
 
 
-def _fresh_shared(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return proto.new(storage).resize_(tuple(shape))
+_fresh_shared = torch_private.new_shared
+
+
+def _worker_slots() -> _WorkerSlots:
+    global _WORKER_SLOTS
+    if _WORKER_SLOTS is None:
+        _WORKER_SLOTS = _WorkerSlots()
+    return _WORKER_SLOTS
 
 
 def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor; inside a DataLoader worker, in shared memory (a recycled slot when one is free),
     so passing it to the main process sends a reference, not the data."""
-    global _WORKER_SLOTS
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    if _WORKER_SLOTS is None:
-        _WORKER_SLOTS = _WorkerSlots()
+    if not torch_private.slots_supported():
+        return _fresh_shared(shape, dtype)
+    slots = _worker_slots()
     itemsize = torch.empty(0, dtype=dtype).element_size()
     n = math.prod(shape)
-    slot = _WORKER_SLOTS.take(n * itemsize)
+    slot = slots.take(n * itemsize)
     if slot is None:
+        slots.fresh += 1
         return _fresh_shared(shape, dtype)
     flat = slot.whole[_HEADER : _HEADER + n * itemsize].view(dtype)
     return _pooled(flat.view(tuple(shape)), slot)
@@ -310,10 +347,11 @@ def _bytes_from_slot(buf: torch.Tensor, spans: list[int]) -> list[bytes]:
 
 
 def _reduce_pooled(t: _PooledTensor):
-    from torch.multiprocessing.reductions import reduce_tensor
-
+    reduce_tensor = torch_private.tensor_reducer()
     slot = t._prep_slot
     plain = t.as_subclass(torch.Tensor)
+    if reduce_tensor is None:
+        raise RuntimeError("a slot view exists without torch's tensor reducer")  # made only where it is
     if (
         _WORKER_SLOTS is None
         or t._prep_gen != slot.gen
@@ -373,6 +411,84 @@ def _forget_dead_workers() -> None:
             pass
 
 
+@contextmanager
+def slot_scope() -> Iterator[Callable[[Any], None]]:
+    """Around one worker request: yields `sent(result)`, to call with what the request returns. Slots
+    taken during the request that the result does not carry are freed then (they would otherwise stay
+    handed out forever: nothing in the main process will ever free them); on an error, all of them."""
+    if torch.utils.data.get_worker_info() is None:
+        yield lambda result: None
+        return
+    slots = _worker_slots()
+    outer, slots.scope = slots.scope, []
+    taken = slots.scope
+    result: list[Any] = []
+    try:
+        yield result.append
+    finally:
+        slots.scope = outer
+        keep = _slots_in(result[0], taken) if result else set()
+        for slot in taken:
+            if id(slot) not in keep:
+                slot.state[0] = 0
+        if outer is not None:
+            outer += [s for s in taken if id(s) in keep]
+
+
+_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+_MAX_DEPTH = 16
+
+
+def _slots_in(obj: Any, taken: Sequence[_Slot]) -> set[int]:
+    """ids of the taken slots whose memory `obj` may carry to the main process: tensors and arrays that
+    view a slot, slot byte lists that pickle as a reference. Anything it cannot see into (an object of
+    another type) keeps every slot: a slot freed while its memory is still on its way would be reused."""
+    ranges = [(_storage_ptr(s.whole), _storage_ptr(s.whole) + _HEADER + s.cap, id(s)) for s in taken]
+    found: set[int] = set()
+
+    def hit(ptr: int) -> None:
+        found.update(i for lo, hi, i in ranges if lo <= ptr < hi)
+
+    def walk(x: Any, depth: int) -> bool:
+        if isinstance(x, _SCALARS):
+            return True
+        if depth > _MAX_DEPTH:
+            return False
+        if isinstance(x, SlotBytes):
+            if x.__reduce_ex__(2)[0] is _bytes_from_slot:
+                hit(_storage_ptr(x._buf))
+            return True  # else it pickles as a list of bytes copies
+        if isinstance(x, torch.Tensor):
+            hit(_storage_ptr(x))
+            return True
+        if isinstance(x, np.ndarray):
+            if x.dtype.hasobject:
+                return False
+            hit(x.__array_interface__["data"][0])
+            return True
+        if isinstance(x, Mapping):
+            return all(walk(k, depth + 1) and walk(v, depth + 1) for k, v in x.items())
+        if isinstance(x, list | tuple | set | frozenset):
+            return all(walk(v, depth + 1) for v in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return all(walk(getattr(x, f.name), depth + 1) for f in dataclasses.fields(x))
+        return _is_pil_image(x)  # PIL images pickle their pixels as bytes
+
+    if not taken or not walk(obj, 0):
+        return {id(s) for s in taken}
+    return found
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.device.type == "cpu" else -1
+
+
+def _is_pil_image(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
+
+
 def _register_reducer() -> None:
     from multiprocessing.reduction import ForkingPickler
 
@@ -410,6 +526,7 @@ class Decoder:
     crop: Literal["center", "random"] = "center"
     fields: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     seed: int = 0
+    on_error: OnError = "skip"
 
     @classmethod
     def make(
@@ -419,6 +536,7 @@ class Decoder:
         crop: str,
         fields: Sequence[str] | None,
         seed: int,
+        on_error: OnError = "skip",
     ) -> Decoder:
         if mode not in ("raw", "pil", "uint8", "float"):
             raise PrepError(
@@ -439,7 +557,7 @@ class Decoder:
                 raise PrepError(
                     f"image_size {image_size} is not positive", "image_size", "use e.g. 256 or (256, 384)"
                 )
-        return cls(mode, size, crop, _field_alternatives(fields), seed)  # type: ignore[arg-type]
+        return cls(mode, size, crop, _field_alternatives(fields), seed, on_error)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -460,15 +578,16 @@ class Decoder:
                     out[name] = members[a]
                     break
             else:
-                raise PrepError(
+                raise BadSample(
                     f"sample {key!r} has no {'|'.join(alts)} member (it has {sorted(members)})",
                     where,
                     "filter the shards, or list only fields every sample has",
+                    reason="missing member",
                 )
         return out
 
     def _rnd(self, key: str, epoch: int) -> int:
-        return stream_key(self.seed, key, f"crop/{epoch}") if self.crop == "random" else 0
+        return stream_key(self.seed, key, "crop", epoch) if self.crop == "random" else 0
 
     def value(self, ext: str, data: Buffer, key: str, epoch: int, where: str) -> Any:
         """One member's decoded value (per-sample path; batches of images take `decode_batch`'s fast path).
@@ -492,24 +611,23 @@ class Decoder:
             try:
                 return json.loads(data)
             except json.JSONDecodeError as err:
-                raise PrepError(
-                    f"member {ext!r} of {key!r} is not JSON ({err.msg})", where, "fix or drop the sample"
-                ) from None
+                raise BadSample(f"member {ext!r} of {key!r} is not JSON ({err.msg})", where,
+                                "fix or drop the sample", reason="malformed member") from None
         if kind in INT_EXTS:
             try:
                 return int(data)
             except ValueError:
-                raise PrepError(
-                    f"member {ext!r} of {key!r} is not an integer", where, "fix or drop the sample"
-                ) from None
+                raise BadSample(f"member {ext!r} of {key!r} is not an integer", where,
+                                "fix or drop the sample", reason="malformed member") from None
         if kind == "npy":
             try:
                 return np.load(io.BytesIO(data), allow_pickle=False)
-            except ValueError as err:
-                raise PrepError(
+            except (ValueError, EOFError, OSError) as err:
+                raise BadSample(
                     f"member {ext!r} of {key!r} is not a plain .npy array ({err})",
                     where,
                     "write encodings as plain numeric .npy (object arrays would need pickle)",
+                    reason="malformed member",
                 ) from None
         return data
 
@@ -521,8 +639,13 @@ class Decoder:
     ) -> Any:
         """Decode and collate samples given as (key, members, where, epoch). Images of a fixed
         `image_size` are decoded straight into one shared batch tensor when no per-sample transform needs
-        them first."""
-        selected = [(k, self.select(k, m, w), w, e) for k, m, w, e in parsed]
+        them first. A bad sample is dropped from the batch (and recorded) or raised, as `on_error` says."""
+        selected = []
+        for k, m, w, e in parsed:
+            try:
+                selected.append((k, self.select(k, m, w), w, e))
+            except BadSample as err:
+                skip_or_raise(err, self.on_error, k)
         if (
             transform is not None
             or collate is not None
@@ -530,32 +653,65 @@ class Decoder:
             or self.image_size is None
             or not selected
         ):
-            samples = [self.finish(k, m, e, w, transform) for k, m, w, e in selected]
-            return (collate or collate_samples)(samples)
+            return (collate or collate_samples)(self.finish_all(selected, transform))
         first = selected[0][1]
         image_exts = [e for e in first if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
         h, w = self.image_size
-        images: dict[str, torch.Tensor] = {}
-        for ext in image_exts:
-            buf = shared_empty((len(selected), h, w, 3), torch.uint8)
-            arr = buf.numpy()
-            for i, (k, m, where, epoch) in enumerate(selected):
-                if ext not in m:
-                    raise PrepError(
-                        f"sample {k!r} lacks {ext!r}, which the batch's first sample has",
-                        where,
-                        "pass fields=[...] so every sample has the same members",
-                    )
-                decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where, out=arr[i])
-            t = buf.permute(0, 3, 1, 2)
-            images[ext] = t.float().div_(255) if self.mode == "float" else pooled_like(t, buf)
-        rest = [
-            {"__key__": k, **{x: self.value(x, d, k, ep, wh) for x, d in m.items() if x not in images}}
-            for k, m, wh, ep in selected
-        ]
+        shape = (len(selected), h, w, 3)
+        # float batches decode into private memory and convert into the slot that travels
+        private = self.mode == "float"
+        bufs = {
+            ext: torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
+            for ext in image_exts
+        }
+        arrs = {ext: b.numpy() for ext, b in bufs.items()}
+        rest: list[dict[str, Any]] = []
+        for k, m, where, epoch in selected:
+            row = len(rest)
+            try:
+                for ext in image_exts:
+                    if ext not in m:
+                        raise BadSample(f"sample {k!r} lacks {ext!r}, which the batch's first sample has",
+                                        where, "pass fields=[...] so every sample has the same members",
+                                        reason="missing member")
+                    decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where,
+                                 out=arrs[ext][row])
+                values = {x: self.value(x, d, k, epoch, where) for x, d in m.items() if x not in bufs}
+            except BadSample as err:
+                skip_or_raise(err, self.on_error, k)
+                continue
+            rest.append({"__key__": k, **values})
         batch = collate_samples(rest)
-        batch.update(images)
+        n = len(rest)
+        for ext, buf in bufs.items():
+            if private:
+                out = shared_empty((n, h, w, 3), torch.float32)
+                torch.div(buf[:n], 255, out=out)
+                buf = out
+            batch[ext] = pooled_like(buf[:n].permute(0, 3, 1, 2), buf)
         return batch
+
+    def finish_all(
+        self,
+        selected: Sequence[tuple[str, dict[str, bytes], str, int] | None],
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        *,
+        keep_places: bool = False,
+    ) -> list[dict[str, Any] | None]:
+        """`finish` for each (key, members, where, epoch) (None: already skipped). Bad samples are
+        recorded and dropped, or left as None with `keep_places` (for `fetch_samples`); or raised."""
+        out: list[dict[str, Any] | None] = []
+        for item in selected:
+            sample = None
+            if item is not None:
+                k, m, w, e = item
+                try:
+                    sample = self.finish(k, m, e, w, transform)
+                except BadSample as err:
+                    skip_or_raise(err, self.on_error, k)
+            if sample is not None or keep_places:
+                out.append(sample)
+        return out
 
     def finish(
         self,

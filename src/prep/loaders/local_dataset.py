@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 
 from prep.errors import PrepError
+from prep.loaders import skips
 from prep.loaders.base import BatchDesc, counter_rng
-from prep.loaders.decode import DecodeMode, Decoder
+from prep.loaders.decode import DecodeMode, Decoder, decode_reason
 from prep.loaders.order import batches_per_epoch
-from prep.loaders.shard_dataset import Collate, SampleLeaf, Transform, resolve_global_batch
+from prep.loaders.shard_dataset import (
+    DEFAULT_MAX_SKIP_FRACTION,
+    Collate,
+    SampleLeaf,
+    Transform,
+    resolve_global_batch,
+)
+from prep.loaders.skips import BadSample, OnError, Skip
 
 _ASPECTS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # width / height
 
@@ -83,7 +91,8 @@ def _image_size(path: Path, where: str) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.height, img.width
     except (OSError, ValueError) as err:
-        raise PrepError(f"cannot read image header ({err})", where, "replace or remove this image") from None
+        raise BadSample(f"cannot read image header: {decode_reason(err)}", where,
+                        "replace or remove this image", reason="corrupt image") from None
 
 
 class LocalDataset(SampleLeaf):
@@ -92,7 +101,9 @@ class LocalDataset(SampleLeaf):
     Args mirror `ShardDataset` (batch_size is per rank; decode, image_size, crop, transform, collate,
     drop_last, seed, shuffle). `buckets`: None (one size, needs `image_size` for tensor batches), True
     (default buckets around `image_size` or 512 pixels a side), or a list of (H, W) sizes. Keys are the
-    image names (with `#LINE` appended when a name is listed more than once).
+    image names (with `#LINE` appended when a name is listed more than once). `on_error` and
+    `max_skip_fraction` as in `ShardDataset`; with buckets, an image whose header cannot be read is
+    skipped when the dataset opens (`skipped_at_open`, counted in `DataLoader.stats()`).
     """
 
     def __init__(
@@ -115,7 +126,13 @@ class LocalDataset(SampleLeaf):
         global_batch_size: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        on_error: OnError = "skip",
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
+        skips.check_policy(on_error, max_skip_fraction, "LocalDataset")
+        self.on_error: OnError = on_error
+        self.max_skip_fraction = float(max_skip_fraction)
+        self.skipped_at_open: list[Skip] = []  # images that could not be bucketed (on_error="skip")
         self.folder = Path(image_folder)
         self.captions_file = Path(captions_file)
         if not self.folder.is_dir():
@@ -145,6 +162,14 @@ class LocalDataset(SampleLeaf):
                 f"{self.captions_file}:{ln}",
                 "add the image, fix the name, or remove the line",
             )
+        bucket_list: list[tuple[int, int]] | None = None
+        if buckets:
+            if buckets is True:
+                base = image_size if isinstance(image_size, int) else (max(image_size) if image_size else 512)
+                bucket_list = default_buckets(int(base))
+            else:
+                bucket_list = [(int(b[0]), int(b[1])) for b in buckets]  # type: ignore[union-attr]
+            rows, bucket_ids = self._bucket_rows(rows, bucket_list)
         counts: dict[str, int] = {}
         for _, n, _ in rows:
             counts[n] = counts.get(n, 0) + 1
@@ -160,26 +185,43 @@ class LocalDataset(SampleLeaf):
         self.collate = collate
         self.image_field = image_field
         self.caption_field = caption_field
-        self.buckets: list[tuple[int, int]] | None = None
+        self.buckets = bucket_list
         self.bucket_of: np.ndarray | None = None
-        if buckets:
-            if buckets is True:
-                base = image_size if isinstance(image_size, int) else (max(image_size) if image_size else 512)
-                self.buckets = default_buckets(int(base))
-            else:
-                self.buckets = [(int(b[0]), int(b[1])) for b in buckets]  # type: ignore[union-attr]
-            self.bucket_of = np.array(
-                [
-                    nearest_bucket(*_image_size(self.folder / n, f"{self.captions_file}:{ln}"), self.buckets)
-                    for ln, n, _ in rows
-                ],
-                dtype=np.int64,
-            )
-            self.decoders = [Decoder.make(decode, b, crop, None, self.seed) for b in self.buckets]
+        if bucket_list is not None:
+            self.bucket_of = np.array(bucket_ids, dtype=np.int64)
+            self.decoders = [Decoder.make(decode, b, crop, None, self.seed, on_error) for b in bucket_list]
         else:
-            self.decoders = [Decoder.make(decode, image_size, crop, None, self.seed)]
+            self.decoders = [Decoder.make(decode, image_size, crop, None, self.seed, on_error)]
         self._perm: tuple[int, np.ndarray] | None = None
         self._plan: tuple[int, list[np.ndarray]] | None = None
+
+    def _bucket_rows(
+        self, rows: list[tuple[int, str, str]], bucket_list: list[tuple[int, int]]
+    ) -> tuple[list[tuple[int, str, str]], list[int]]:
+        """The rows whose image header reads, with their buckets; the others are skipped (recorded in
+        `skipped_at_open`) or raised, as on_error says."""
+        kept, ids = [], []
+        for row in rows:
+            ln, name, _ = row
+            where = f"{self.folder / name} ({self.captions_file}:{ln})"
+            try:
+                size = _image_size(self.folder / name, where)
+            except BadSample as err:
+                if self.on_error == "raise":
+                    raise
+                self.skipped_at_open.append(Skip("", err.reason, name, where, err.what, err.fix or ""))
+                continue
+            kept.append(row)
+            ids.append(nearest_bucket(*size, bucket_list))
+        bad = len(rows) - len(kept)
+        if bad > self.max_skip_fraction * len(rows) or not kept:
+            raise PrepError(
+                f"{bad} of {len(rows)} images cannot be read, more than max_skip_fraction="
+                f"{self.max_skip_fraction}; the first: {self.skipped_at_open[0].message}",
+                self.skipped_at_open[0].where,
+                "replace or remove the damaged images, or raise max_skip_fraction",
+            )
+        return kept, ids
 
     def __repr__(self) -> str:
         return (
@@ -289,7 +331,9 @@ class LocalDataset(SampleLeaf):
         }
 
     # ------------------------------------------------------------------------------------- loading
-    def _parsed(self, refs: Sequence[Any]) -> list[tuple[str, dict[str, bytes], str, int]]:
+    def _parsed(
+        self, refs: Sequence[Any], keep_places: bool = False
+    ) -> list[tuple[str, dict[str, bytes], str, int] | None]:
         out = []
         for r, epoch, _ in refs:
             path = self.folder / self.names[r]
@@ -297,11 +341,13 @@ class LocalDataset(SampleLeaf):
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
-                raise PrepError(
-                    "image disappeared after the dataset was opened",
-                    where,
-                    "restore the image or rebuild the captions file",
-                ) from None
+                skips.skip_or_raise(
+                    BadSample("image disappeared after the dataset was opened", where,
+                              "restore the image or rebuild the captions file", reason="missing file"),
+                    self.on_error, self.keys[r])
+                if keep_places:
+                    out.append(None)
+                continue
             members = {self.image_field: data, self.caption_field: self.captions[r].encode("utf-8")}
             out.append((self.keys[r], members, where, epoch))
         return out
@@ -311,10 +357,8 @@ class LocalDataset(SampleLeaf):
         return decoder.decode_batch(self._parsed(refs), self.transform, self.collate)
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
-        return [
-            self.decoders[ref[2]].finish(k, m, e, w, self.transform)
-            for ref, (k, m, w, e) in zip(refs, self._parsed(refs), strict=True)
-        ]
+        with skips.leaf(self.path):  # mixed samples come from the unbucketed decoder (buckets cannot mix)
+            return self.decoders[0].finish_all(self._parsed(refs, True), self.transform, keep_places=True)
 
 
 def text_line_of(data: bytes, offset: int) -> int:

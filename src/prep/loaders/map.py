@@ -125,7 +125,8 @@ def load_samples(node: Node, desc: BatchDesc, rank: int, world: int) -> list[dic
             node.path or "loader",
             "apply per-sample work below blends and batch-level maps (on each source)",
         )
-    return node.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)])
+    loaded = node.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)])
+    return [s for s in loaded if s is not None]  # None: a bad sample, skipped
 
 
 class MapDataset(Combinator):
@@ -192,4 +193,4 @@ class MapDataset(Combinator):
                 self.path or "loader",
                 "pass per_sample=True so fn sees one sample at a time",
             )
-        return [self.fn(s) for s in self.child.fetch_samples(refs)]
+        return [None if s is None else self.fn(s) for s in self.child.fetch_samples(refs)]

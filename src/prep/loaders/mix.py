@@ -327,4 +327,4 @@ class MixBatchDataset(Combinator):
         if desc.node != self.path:
             return self.fetch_desc(desc, rank, world)
         samples = self.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)])
-        return self.batch_mix_fn([self.collate_fn([s]) for s in samples])
+        return self.batch_mix_fn([self.collate_fn([s]) for s in samples if s is not None])

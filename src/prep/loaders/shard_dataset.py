@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError
+from prep.loaders import skips
 from prep.loaders.base import BatchDesc, Node, dist_info, rank_slice
 from prep.loaders.decode import (
     Buffer,
@@ -37,6 +38,7 @@ from prep.loaders.decode import (
     shared_empty,
 )
 from prep.loaders.order import EpochOrder, batches_per_epoch
+from prep.loaders.skips import BadSample, OnError
 from prep.loaders.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
 
 
@@ -50,6 +52,7 @@ def _batch_bytes(n: int, keep: list[torch.Tensor]) -> np.ndarray:
     return keep[-1].numpy()
 
 
+DEFAULT_MAX_SKIP_FRACTION = 0.05  # more bad samples than this is a damaged dataset, not bad luck
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], Any]
 
@@ -151,7 +154,8 @@ class SampleLeaf(Node):
 
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         self._check_world(world)
-        return self.load_batch(desc.items[rank_slice(len(desc.items), rank, world)])
+        with skips.leaf(self.path):
+            return self.load_batch(desc.items[rank_slice(len(desc.items), rank, world)])
 
     @abstractmethod
     def load_batch(self, refs: Sequence[Any]) -> Any:
@@ -175,6 +179,10 @@ class ShardDataset(SampleLeaf):
         transform: per-sample function on the decoded dict (runs in workers); collate: replaces collation.
         drop_last: see the module docstring for the exact-once policy.
         token: HTTP bearer token / hf token, sent only in headers; storage_options: passed to fsspec.
+        on_error: 'skip' (default) drops a bad sample (corrupt image, missing or malformed member,
+            unreadable record) from its batch and counts it (`DataLoader.stats()`, a warning at most once a
+            minute); 'raise' stops at the first. max_skip_fraction: with 'skip', more distinct bad samples
+            than this share of the dataset raise.
     """
 
     def __init__(
@@ -198,7 +206,12 @@ class ShardDataset(SampleLeaf):
         allow_pipe: bool = False,
         token: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        on_error: OnError = "skip",
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
+        skips.check_policy(on_error, max_skip_fraction, "ShardDataset")
+        self.on_error: OnError = on_error
+        self.max_skip_fraction = float(max_skip_fraction)
         if window_shards < 1:
             raise PrepError(f"window_shards={window_shards} is below 1", "window_shards", "use 1 or more")
         secret = Secret(token) if token is not None else None
@@ -212,7 +225,7 @@ class ShardDataset(SampleLeaf):
         self.shuffle = shuffle
         self.seed = int(seed)
         self.window_shards = int(window_shards)
-        self.decoder = Decoder.make(decode, image_size, crop, fields, self.seed)
+        self.decoder = Decoder.make(decode, image_size, crop, fields, self.seed, on_error)
         self.transform = transform
         self.collate = collate
         self.reader = ShardReader(
@@ -246,7 +259,9 @@ class ShardDataset(SampleLeaf):
         return [(i, j, epoch) for i, j in zip(shards.tolist(), samples.tolist(), strict=True)]
 
     def fingerprint(self) -> dict[str, Any]:
-        listing = json.dumps([[s.name, s.samples] for s in self.shards]).encode()
+        listing = json.dumps(
+            [[s.name, s.samples] + ([s.checksum] if s.checksum else []) for s in self.shards]
+        ).encode()
         return {
             "type": "ShardDataset",
             "shards": hashlib.sha256(listing).hexdigest()[:16],
@@ -265,14 +280,23 @@ class ShardDataset(SampleLeaf):
             self._names = [redact_url(s.url) for s in self.shards]
         return f"{self._names[i]} sample {j}"
 
-    def _parsed(self, refs: Sequence[tuple[int, int, int]]) -> list[tuple[str, dict[str, Buffer], str, int]]:
+    def _parsed(
+        self, refs: Sequence[tuple[int, int, int]], keep_places: bool = False
+    ) -> list[tuple[str, dict[str, Buffer], str, int] | None]:
+        """(key, members, where, epoch) per reference; a bad record is skipped (None with keep_places)."""
         buf, spans = self.reader.read_into([(i, j) for i, j, _ in refs], _empty_bytes)
         mv = memoryview(buf)
         out = []
         for (i, j, epoch), (a, b) in zip(refs, spans, strict=True):
             where = self._where(i, j)
-            key, members = parse_sample(mv[a:b], where)
-            out.append((key, members, where, epoch))
+            try:
+                key, members = parse_sample(mv[a:b], where)
+            except BadSample as err:
+                skips.skip_or_raise(err, self.on_error, f"sample {j}")
+                if keep_places:
+                    out.append(None)
+                continue
+            out.append((key, members, f"{where} (key {key!r})", epoch))
         return out
 
     def _raw_batch(self, refs: Sequence[tuple[int, int, int]]) -> dict[str, Any] | None:
@@ -285,13 +309,28 @@ class ShardDataset(SampleLeaf):
         where_from: dict[str, list[int]] = {}
         out: dict[str, Any] = {"__key__": keys}
         fields: list[str] | None = None
-        for (i, j, _), (a, b) in zip(refs, spans, strict=True):
-            where = self._where(i, j)
-            parsed = member_spans(mv[a:b], where)
-            if parsed is None:
+        parsed: list[tuple[str, dict[str, tuple[int, int]], str] | BadSample] = []
+        for (i, j, _), (a, b) in zip(refs, spans, strict=True):  # all first: an unusual layout anywhere
+            where = self._where(i, j)  # hands the whole batch to the slow path
+            try:
+                got = member_spans(mv[a:b], where)
+            except BadSample as err:
+                err.key = err.key or f"sample {j}"
+                parsed.append(err)
+                continue
+            if got is None:
                 return None
-            key, found = parsed
-            chosen = self.decoder.select(key, found, where) if self.decoder.fields else found
+            parsed.append((*got, where))
+        for (a, _), item in zip(spans, parsed, strict=True):
+            if isinstance(item, BadSample):
+                skips.skip_or_raise(item, self.on_error, item.key or "")
+                continue
+            key, found, where = item
+            try:
+                chosen = self.decoder.select(key, found, f"{where} (key {key!r})")
+            except BadSample as err:
+                skips.skip_or_raise(err, self.on_error, key)
+                continue
             if fields is None:
                 fields = list(chosen)
                 out.update({f: [] for f in fields})
@@ -319,7 +358,15 @@ class ShardDataset(SampleLeaf):
         return self.decoder.decode_batch(self._parsed(refs), self.transform, self.collate)
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
-        return [
-            self.decoder.finish(k, self.decoder.select(k, m, w), e, w, self.transform)
-            for k, m, w, e in self._parsed(refs)
-        ]
+        with skips.leaf(self.path):
+            selected: list[tuple[str, dict[str, Buffer], str, int] | None] = []
+            for item in self._parsed(refs, keep_places=True):
+                if item is not None:
+                    k, m, w, e = item
+                    try:
+                        item = (k, self.decoder.select(k, m, w), w, e)
+                    except BadSample as err:
+                        skips.skip_or_raise(err, self.on_error, k)
+                        item = None
+                selected.append(item)
+            return self.decoder.finish_all(selected, self.transform, keep_places=True)

@@ -82,13 +82,15 @@ def expand_braces(pattern: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """One shard: where it is read from, its stable name (for the fingerprint), its sample count, and its
-    sample offsets when they were learnt by scanning (else read lazily from the `.idx`)."""
+    """One shard: where it is read from, its stable name (for the fingerprint), its sample count, its
+    sample offsets when they were learnt by scanning (else read lazily from the `.idx`), and its checksum
+    when a manifest gives one."""
 
     url: str
     name: str
     samples: int
     offsets: np.ndarray | None = None
+    checksum: str | None = None  # from a manifest: tells a moved copy from another dataset of the same names
 
 
 def _local(url: str) -> str:
@@ -169,7 +171,7 @@ def _folder_shards(folder: Path) -> list[ShardSpec]:
     """A prep folder: manifest.json when present, else every `*.tar` with its `.idx` (or a header scan)."""
     if (folder / MANIFEST_NAME).exists():
         m = read_manifest(folder)
-        return [ShardSpec(str(folder / s.path), s.path, s.samples) for s in m.shards]
+        return [ShardSpec(str(folder / s.path), s.path, s.samples, checksum=s.checksum) for s in m.shards]
     tars = sorted(shard_files(folder))  # by path parts, the order this loader has always used
     if not tars:
         raise PrepError(
@@ -238,7 +240,7 @@ def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | Non
     except Exception as err:
         raise _remote_error(err, base + MANIFEST_NAME, "read the remote manifest.json") from None
     m = Manifest.from_json(text, redact_url(base + MANIFEST_NAME))
-    return [ShardSpec(base + s.path, s.path, s.samples) for s in m.shards]
+    return [ShardSpec(base + s.path, s.path, s.samples, checksum=s.checksum) for s in m.shards]
 
 
 def _pipe_tar(url: str) -> ShardSpec:

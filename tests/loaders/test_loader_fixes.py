@@ -1,0 +1,156 @@
+"""The DataLoader leaves the trainer's RNG alone, honours a node's set_epoch, and refuses old states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prep.errors import PrepError
+from prep.loaders import DataLoader, SequenceDataset, ShardDataset
+from prep.loaders.base import STATE_VERSION
+from prep.testing.loader_data import make_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fix") / "data"
+    make_shards(folder, [12, 12])
+    return folder
+
+
+def _keys(loader) -> list[str]:
+    return [k for b in loader for k in b["__key__"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_leaves_torch_global_generator_alone(shards, workers):
+    loader = DataLoader(ShardDataset(shards, batch_size=4, seed=1, world_size=1, rank=0), num_workers=workers)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state().clone()
+    _keys(loader)
+    _keys(loader)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def _seq(n=10):
+    return SequenceDataset([{"x": i} for i in range(n)], 2, shuffle=True, seed=3, world_size=1)
+
+
+def test_node_set_epoch_before_iterating_sticks():
+    ds = _seq()
+    loader = DataLoader(ds)
+    first = [int(x) for b in loader for x in b["x"]]  # epoch 0, the cursor moves to epoch 1
+    ds.set_epoch(5)
+    got = [int(x) for b in loader for x in b["x"]]
+    want = [int(x) for b in DataLoader(_fresh_at(5)) for x in b["x"]]
+    assert got == want and got != first
+    # a loop broken mid-epoch still resumes at what was consumed, not where the sampler planned to
+    it = iter(loader)
+    next(it)
+    it.close()
+    rest = [int(x) for b in loader for x in b["x"]]
+    assert rest == [int(x) for b in DataLoader(_fresh_at(6)) for x in b["x"]][2:]
+
+
+def _fresh_at(epoch):
+    ds = _seq()
+    ds.set_epoch(epoch)
+    return ds
+
+
+def test_state_of_an_older_version_is_refused_saying_why():
+    loader = DataLoader(_seq())
+    state = loader.state_dict()
+    assert state["version"] == STATE_VERSION == 2
+    state["version"] = 1
+    with pytest.raises(PrepError, match="older prep, whose random streams"):
+        DataLoader(_seq()).load_state_dict(state)
+
+
+def test_chunked_map_style_loader_leaves_torch_global_generator_alone():
+    from prep.loaders import ChunkedDataLoader
+
+    loader = ChunkedDataLoader(list(range(20)), batch_size=4, chunk_size=2, num_workers=1, rank=0,
+                               world_size=1)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state().clone()
+    assert len([b for b in loader]) == 2
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_simplejpeg_is_the_default_decoder_and_pillow_the_fallback(monkeypatch):
+    import numpy as np
+
+    from prep.loaders import decode
+    from prep.testing.loader_data import jpeg_bytes
+
+    assert decode.jpeg_backend() == "simplejpeg"  # a default dependency now
+    data = jpeg_bytes(3, size=32)
+    fast = decode.decode_image(data, (16, 16), "center", 0, "x")
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    assert decode.jpeg_backend() == "pil"
+    slow = decode.decode_image(data, (16, 16), "center", 0, "x")
+    assert fast.shape == slow.shape == (16, 16, 3)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 8  # both IDCT-downscale, then resize
+
+
+# ---------------------------------------------------------------------------------------- messages
+def test_state_mismatch_names_the_changed_field_at_any_depth():
+    from prep.loaders import BlendDataset
+
+    def blend(child_seed):
+        a = SequenceDataset([{"x": i} for i in range(8)], 2, shuffle=True, seed=1, world_size=1)
+        b = SequenceDataset([{"x": i} for i in range(8)], 2, shuffle=True, seed=child_seed, world_size=1)
+        return BlendDataset((a, 0.5), (b, 0.5), seed=0)
+
+    state = DataLoader(blend(1)).state_dict()
+    with pytest.raises(PrepError) as err:
+        DataLoader(blend(2)).load_state_dict(state)
+    assert "children.1.seed: 1 -> 2" in str(err.value)
+    assert "children.0" not in str(err.value)
+
+
+def test_corrupt_image_error_names_key_and_shard_not_a_memory_address(tmp_path):
+    from prep.formats.index import write_index
+    from prep.formats.tar import write_shard
+    from prep.testing.loader_data import jpeg_bytes
+
+    good = jpeg_bytes(1)
+    info = write_shard(tmp_path / "bad.tar", [("k0", {"jpg": good}), ("k1", {"jpg": b"\x89PNG not really"})],
+                       fsync=False)
+    write_index(tmp_path / "bad.tar", info.offsets)
+    ds = ShardDataset(tmp_path / "bad.tar", batch_size=2, shuffle=False, world_size=1, rank=0,
+                      image_size=16, on_error="raise")
+    with pytest.raises(PrepError) as err:
+        next(iter(DataLoader(ds)))
+    msg = str(err.value)
+    assert "'k1'" in msg and "bad.tar" in msg and "cannot decode image" in msg
+    assert "object at 0x" not in msg
+
+
+def test_fingerprint_has_manifest_checksums_a_moved_copy_resumes_another_dataset_does_not(shards, tmp_path):
+    import shutil
+
+    from prep.formats.manifest import read_manifest
+
+    assert all(s.checksum for s in read_manifest(shards).shards)
+    state = DataLoader(ShardDataset(shards, batch_size=4, world_size=1, rank=0)).state_dict()
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    DataLoader(ShardDataset(moved, batch_size=4, world_size=1, rank=0)).load_state_dict(state)
+    other = tmp_path / "other"
+    make_shards(other, [12, 12], image_size=8)  # same names and counts, other bytes
+    with pytest.raises(PrepError, match="shards:"):
+        DataLoader(ShardDataset(other, batch_size=4, world_size=1, rank=0)).load_state_dict(state)
+
+
+def test_chunked_states_of_an_older_version_are_refused():
+    from prep.loaders import ChunkedDataLoader, ChunkedSampler
+
+    sampler = ChunkedSampler(10, 5, rank=0, world_size=1)
+    state = {**sampler.state_dict(), "version": 1}
+    with pytest.raises(PrepError, match="older prep"):
+        ChunkedSampler(10, 5, rank=0, world_size=1).load_state_dict(state)
+    loader = ChunkedDataLoader(list(range(10)), batch_size=2, chunk_size=2, rank=0, world_size=1)
+    with pytest.raises(PrepError, match="older prep"):
+        loader.load_state_dict({**loader.state_dict(), "version": 1})
