@@ -535,7 +535,7 @@ def main() -> None:
     t0 = time.perf_counter()
     started = time.time()
     make_data(data, a.samples, a.shards)
-    from prep.loaders.decode import jpeg_backend
+    from prep.loaders.io.images import jpeg_backend
 
     print(
         f"machine: {platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}; "

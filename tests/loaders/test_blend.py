@@ -14,7 +14,7 @@ import pytest
 
 from prep.errors import PrepError
 from prep.loaders import BlendDataset, DataLoader, SequenceDataset, Source
-from prep.loaders.blend import exact_weights, smooth_pick
+from prep.loaders.combinators.blend import exact_weights, smooth_pick
 from prep.testing.loader_data import keyed_sequence as seq
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

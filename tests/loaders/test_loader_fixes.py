@@ -81,15 +81,15 @@ def test_chunked_map_style_loader_leaves_torch_global_generator_alone():
 def test_simplejpeg_is_the_default_decoder_and_pillow_the_fallback(monkeypatch):
     import numpy as np
 
-    from prep.loaders import decode
+    from prep.loaders.io import images
     from prep.testing.loader_data import jpeg_bytes
 
-    assert decode.jpeg_backend() == "simplejpeg"  # a default dependency now
+    assert images.jpeg_backend() == "simplejpeg"  # a default dependency now
     data = jpeg_bytes(3, size=32)
-    fast = decode.decode_image(data, (16, 16), "center", 0, "x")
-    monkeypatch.setattr(decode, "simplejpeg", None)
-    assert decode.jpeg_backend() == "pil"
-    slow = decode.decode_image(data, (16, 16), "center", 0, "x")
+    fast = images.decode_image(data, (16, 16), "center", 0, "x")
+    monkeypatch.setattr(images, "simplejpeg", None)
+    assert images.jpeg_backend() == "pil"
+    slow = images.decode_image(data, (16, 16), "center", 0, "x")
     assert fast.shape == slow.shape == (16, 16, 3)
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 8  # both IDCT-downscale, then resize
 

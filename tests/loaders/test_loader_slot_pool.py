@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prep.loaders import DataLoader, ShardDataset
-from prep.loaders import decode as dec
+from prep.loaders.io import shm
 from prep.testing.loader_data import make_shards
 
 
@@ -26,7 +26,7 @@ def test_held_batches_survive_slot_reuse(shards, decode):
         {k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}
         for b in DataLoader(_dataset(shards, decode), num_workers=0)
     ]
-    before = set(dec._MAIN_SLOTS)
+    before = set(shm._MAIN_SLOTS)
     held = []
     got = 0
     for i, batch in enumerate(DataLoader(_dataset(shards, decode), num_workers=2)):
@@ -42,18 +42,18 @@ def test_held_batches_survive_slot_reuse(shards, decode):
         assert torch.equal(batch["npy"], reference[i]["npy"])
     assert batch["jpg"].is_contiguous(memory_format=torch.channels_last) or decode == "float"
     # the slots came back to the main process once each, not one segment per batch
-    assert 0 < len(set(dec._MAIN_SLOTS) - before) <= 2 * dec._SLOTS_PER_WORKER
+    assert 0 < len(set(shm._MAIN_SLOTS) - before) <= 2 * shm._SLOTS_PER_WORKER
 
 
 def test_slot_states_follow_handouts():
-    slots = dec._WorkerSlots()
+    slots = shm._WorkerSlots()
     a = slots.take(100)
     b = slots.take(100)
     assert a is not None and b is not None and a is not b
     a.state[0] = 0  # what the main process does when the last tensor viewing slot a is freed
     again = slots.take(50)
     assert again is a and a.gen == 2
-    for _ in range(dec._SLOTS_PER_WORKER - 2):
+    for _ in range(shm._SLOTS_PER_WORKER - 2):
         assert slots.take(10) is not None
     assert slots.take(10) is None  # every slot handed out: the caller falls back to a fresh segment
     b.state[0] = 0
@@ -71,11 +71,11 @@ def test_raw_batches_cross_as_slot_references(shards):
 def test_slot_bytes_pickle_as_a_reference_unless_changed():
     from multiprocessing.reduction import ForkingPickler
 
-    buf = dec._pooled(torch.arange(10, dtype=torch.uint8), dec._WorkerSlots().take(10))
+    buf = shm._pooled(torch.arange(10, dtype=torch.uint8), shm._WorkerSlots().take(10))
     items = [bytes(range(2, 5)), bytes(range(6, 9))]
-    kept = dec.bytes_list(buf, list(items), [2, 5, 6, 9])
-    assert kept == items and kept.__reduce_ex__(5)[0] is dec._bytes_from_slot
-    changed = dec.bytes_list(buf, list(items), [2, 5, 6, 9])
+    kept = shm.bytes_list(buf, list(items), [2, 5, 6, 9])
+    assert kept == items and kept.__reduce_ex__(5)[0] is shm._bytes_from_slot
+    changed = shm.bytes_list(buf, list(items), [2, 5, 6, 9])
     changed[0] = b"other"
     assert ForkingPickler.loads(ForkingPickler.dumps(changed)) == [b"other", items[1]]
-    assert dec.bytes_list(torch.zeros(3, dtype=torch.uint8), items, [0, 1]) is items  # not a slot
+    assert shm.bytes_list(torch.zeros(3, dtype=torch.uint8), items, [0, 1]) is items  # not a slot

@@ -8,7 +8,7 @@ from PIL import Image
 
 from prep.errors import PrepError
 from prep.loaders import DataLoader, LocalDataset
-from prep.loaders.local_dataset import default_buckets, nearest_bucket, parse_captions
+from prep.loaders.leaves.local import default_buckets, nearest_bucket, parse_captions
 
 
 def _img(path, w, h, fmt="JPEG"):

@@ -22,8 +22,8 @@ from prep.loaders import (
     concat_pad,
     homogeneous_concat_mix,
 )
-from prep.loaders.blend import exact_weights
-from prep.loaders.mix import spread, stratified_counts
+from prep.loaders.combinators.blend import exact_weights
+from prep.loaders.combinators.mix import spread, stratified_counts
 from prep.testing.loader_data import keyed_sequence
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

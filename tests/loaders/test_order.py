@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from prep.loaders.order import EpochOrder, batches_per_epoch, shard_order
+from prep.loaders.base import batches_per_epoch
+from prep.loaders.order import EpochOrder, shard_order
 
 
 def _all(order: EpochOrder, epoch: int) -> list[tuple[int, int]]:

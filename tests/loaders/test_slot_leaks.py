@@ -14,8 +14,8 @@ import torch
 
 from prep.errors import PrepError
 from prep.formats.index import write_index
-from prep.loaders import DataLoader, MapDataset, ShardDataset, torch_private
-from prep.loaders import decode as dec
+from prep.loaders import DataLoader, MapDataset, ShardDataset
+from prep.loaders.io import shm, torch_private
 from prep.testing.loader_data import jpeg_bytes, make_shards
 
 BATCHES = 1000
@@ -49,7 +49,7 @@ def pax_shard(tmp_path_factory):
 
 def worker_stats(batch):
     """What the worker's slots look like after it made this batch (a batch-level map, so it runs there)."""
-    slots = dec._WORKER_SLOTS
+    slots = shm._WORKER_SLOTS
     stats = {"fresh": slots.fresh if slots else 0, "slots": len(slots.slots) if slots else 0}
     if isinstance(batch, dict):
         batch.update(stats)  # the batch's own tensors travel on
@@ -113,7 +113,7 @@ def test_no_slot_leaks_over_1000_batches(shards, pax_shard, case):
         last, peak, errors = _run(_ds(shards, "uint8"), sometimes_fails, retry_errors=True)
         assert errors >= 50
     assert last["fresh"] == 0, last  # never ran out of slots: none leaked
-    assert 0 < last["slots"] <= dec._SLOTS_PER_WORKER
+    assert 0 < last["slots"] <= shm._SLOTS_PER_WORKER
     assert peak < SHM_BOUND, peak
 
 

@@ -292,7 +292,8 @@ def test_mix_first_position_is_fair_over_seeds():
 
 # ------------------------------------------------------------------------------------ random crops
 def test_random_crop_positions_are_independent_between_epochs():
-    from prep.loaders.decode import Decoder, crop_box
+    from prep.loaders.io.decode import Decoder
+    from prep.loaders.io.images import crop_box
 
     dec = Decoder.make("uint8", 16, "random", None, seed=3)
     keys = [f"k{i:05d}" for i in range(N)]

@@ -9,21 +9,34 @@ trainer received: restoring it is O(1), exact, and independent of the worker cou
 Batches are *global*: a node plans `global_batch_size` samples per batch (per-rank batch size x world
 size), and `fetch(desc, rank, world)` loads only that rank's slice. The global stream never depends on
 the world size, so a run saved on W ranks resumes on W' ranks (same global batch) exactly.
+
+The two kinds of node share their machinery here: `SampleLeaf` (a leaf whose epoch is a sequence of
+positions: shard, local and sequence datasets) and `Combinator` (a node over child nodes). A combinator
+plans by asking its children and loads by handing a child's `BatchDesc` to the node that planned it.
+Two kinds of descriptors flow up the tree:
+- *pass-through*: concat and epochize return their child's descriptor unchanged, so the DataLoader
+  calls the leaf's `fetch` directly and a wrapper above can still load it sample by sample;
+- *wrapped*: blend, mix and map return `BatchDesc(self.path, ...)` holding the child's descriptor,
+  because they change the loaded batch (source tags, weights, `fn`).
+Also here: the random streams (`counter_rng`), the state version and fingerprint diffs, and `Source`
+(a weighted child of a blend or mix).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from prep.errors import PrepError
+from prep.loaders import skips
 
 # 2: random streams hash their counters into the key (states of 1 would resume into another order)
 STATE_VERSION = 2
@@ -195,3 +208,308 @@ def diff_fingerprints(old: Any, new: Any, path: str = "") -> list[str]:
     if old != new:
         return [f"{where}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"]
     return []
+
+
+def batches_per_epoch(total: int, global_batch: int, drop_last: bool) -> int:
+    """Whole global batches per epoch, plus one short one when the tail is kept."""
+    full, tail = divmod(total, global_batch)
+    return full + (1 if tail and not drop_last else 0)
+
+
+DEFAULT_MAX_SKIP_FRACTION = 0.05  # more bad samples than this is a damaged dataset, not bad luck
+
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+Collate = Callable[[list[dict[str, Any]]], Any]
+
+
+def resolve_global_batch(
+    batch_size: int, global_batch_size: int | None, rank: int | None, world_size: int | None
+) -> tuple[int, int, int]:
+    """(global batch, rank, world): the per-rank batch times the world size, unless given directly."""
+    r, w = dist_info(rank, world_size)
+    g = global_batch_size if global_batch_size is not None else batch_size * w
+    if g < 1 or g % w:
+        raise PrepError(
+            f"global batch {g} is not a positive multiple of the world size {w}",
+            "batch_size",
+            "pick a global batch size that every world size you resume on divides",
+        )
+    return g, r, w
+
+
+class SampleLeaf(Node):
+    """A leaf whose epoch is a sequence of `total` positions mapped to sample references by `refs()`.
+
+    The cursor is (epoch, position in samples); `next_batch` takes the next global batch of positions,
+    `next_samples(n)` the next n (for mixing). Subclasses define `refs`, `load` and `fingerprint`.
+    """
+
+    def __init__(self, *, total: int, global_batch: int, rank: int, world: int, drop_last: bool) -> None:
+        if total < 1:
+            raise PrepError("the dataset has no samples", type(self).__name__, "check the source")
+        self.total = total
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world = world
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.pos = 0
+
+    # ------------------------------------------------------------------------------------ planning
+    @abstractmethod
+    def refs(self, epoch: int, start: int, stop: int) -> list[tuple[Any, ...]]:
+        """Picklable references of the samples at epoch positions [start, stop)."""
+
+    def _end_epoch(self) -> StopIteration:
+        self.epoch, self.pos = self.epoch + 1, 0
+        return StopIteration()
+
+    def next_batch(self) -> BatchDesc:
+        left = self.total - self.pos
+        if left <= 0 or (self.drop_last and left < self.global_batch):
+            raise self._end_epoch()
+        start, stop = self.pos, min(self.total, self.pos + self.global_batch)
+        items = tuple(self.refs(self.epoch, start, stop))
+        self.pos = stop
+        return BatchDesc(self.path, items, {"epoch": self.epoch, "start": start})
+
+    def next_samples(self, n: int) -> list[Any]:
+        """The next n sample references (for mixing). When fewer than n are left, the epoch ends like
+        `next_batch`'s: StopIteration, cursor at (epoch + 1, 0), the leftover samples unused this epoch."""
+        if self.total - self.pos < n:
+            raise self._end_epoch()
+        start, self.pos = self.pos, self.pos + n
+        return self.refs(self.epoch, start, self.pos)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch`. The current epoch is a no-op, so the usual `loader.set_epoch(e)` at the
+        top of each epoch keeps a cursor restored mid-epoch (the rule every combinator follows)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.pos = int(epoch), 0
+
+    def batches_per_epoch(self) -> int:
+        return batches_per_epoch(self.total, self.global_batch, self.drop_last)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples skipped at the end of every epoch (the short tail, only with drop_last=True)."""
+        return self.total % self.global_batch if self.drop_last else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, pos = int(state["epoch"]), int(state["position"])
+        if not 0 <= pos <= self.total:
+            raise PrepError(
+                f"saved position {pos} is outside an epoch of {self.total} samples",
+                self.path or type(self).__name__,
+                "resume with the dataset that saved the state",
+            )
+        self.epoch, self.pos = epoch, pos
+
+    # ------------------------------------------------------------------------------------- loading
+    def _check_world(self, world: int) -> None:
+        if world != self.world:
+            raise PrepError(
+                f"the dataset planned for a world of {self.world} ranks, the loader runs {world}",
+                self.path or type(self).__name__,
+                "pass the same rank/world_size to both, or neither",
+            )
+
+    def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
+        self._check_world(world)
+        with skips.leaf(self.path):
+            return self.load_batch(desc.items[rank_slice(len(desc.items), rank, world)])
+
+    @abstractmethod
+    def load_batch(self, refs: Sequence[Any]) -> Any:
+        """Load, decode and collate these references (runs in a worker)."""
+
+
+def check_node(obj: Any, where: str) -> Node:
+    if not isinstance(obj, Node):
+        raise PrepError(
+            f"{type(obj).__name__} is not a prep dataset",
+            where,
+            "pass ShardDataset, LocalDataset, SequenceDataset or a combinator of them",
+        )
+    return obj
+
+
+def _walk(node: Node) -> Iterable[Node]:
+    yield node
+    for c in node.children():
+        yield from _walk(c)
+
+
+def is_wrapped(desc: BatchDesc) -> bool:
+    """True for a descriptor whose items are child descriptors (blend, map), not sample references."""
+    return any(isinstance(x, BatchDesc) for x in desc.items[:2])
+
+
+class Combinator(Node):
+    """A node over child nodes: subtree lookup for fetch, and the shared set_epoch rule.
+
+    `set_epoch(e)` with the node's current epoch is a no-op, so the usual
+    `for e in range(start, n): loader.set_epoch(e)` loop keeps a restored mid-epoch cursor.
+    """
+
+    def __init__(self, children: Sequence[Node], where: str) -> None:
+        self._children = [check_node(c, where) for c in children]
+        if not self._children:
+            raise PrepError("no datasets given", where, "pass at least one dataset")
+        seen: set[int] = set()
+        for node in (n for c in self._children for n in _walk(c)):
+            if id(node) in seen:
+                raise PrepError(
+                    f"the same {type(node).__name__} object appears twice in the tree",
+                    where,
+                    "create one dataset object per position (each keeps its own cursor)",
+                )
+            seen.add(id(node))
+        self.epoch = 0
+        self._lookup: dict[str, Node] | None = None
+
+    def children(self) -> Sequence[Node]:
+        return self._children
+
+    def bind(self, path: str = "") -> None:
+        super().bind(path)
+        self._lookup = None
+
+    def node_at(self, path: str) -> Node:
+        if self._lookup is None or path not in self._lookup:
+            self._lookup = self.nodes()
+        try:
+            return self._lookup[path]
+        except KeyError:
+            raise PrepError(
+                f"no node at tree path {path!r}",
+                self.path or "loader",
+                "load batches with the loader tree that planned them",
+            ) from None
+
+    def fetch_desc(self, desc: BatchDesc, rank: int, world: int) -> Any:
+        return self.node_at(desc.node).fetch(desc, rank, world)
+
+    def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
+        """Load a descriptor planned below this node (pass-through descriptors)."""
+        return self.fetch_desc(desc, rank, world)
+
+    def reset_cursor(self) -> None:
+        """Move this node's own cursor to the start of `self.epoch` (children are reset separately)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        self.reset_cursor()
+        for c in self._children:
+            c.set_epoch(epoch)
+
+    def child_states(self) -> list[dict[str, Any]]:
+        return [c.state_dict() for c in self._children]
+
+    def load_child_states(self, states: Sequence[dict[str, Any]]) -> None:
+        if len(states) != len(self._children):
+            raise PrepError(
+                f"the state has {len(states)} children, this {type(self).__name__} has {len(self._children)}",
+                self.path or "load_state_dict",
+                "resume with the same dataset tree",
+            )
+        for c, s in zip(self._children, states, strict=True):
+            c.load_state_dict(s)
+
+    def child_fingerprints(self) -> list[dict[str, Any]]:
+        return [c.fingerprint() for c in self._children]
+
+
+def load_samples(node: Node, desc: BatchDesc, rank: int, world: int) -> list[dict[str, Any]]:
+    """Rank's slice of a sample-level descriptor, loaded as uncollated samples by the node that planned it."""
+    if is_wrapped(desc):
+        raise PrepError(
+            f"a batch planned by {type(node).__name__} cannot be loaded sample by sample",
+            node.path or "loader",
+            "apply per-sample work below blends and batch-level maps (on each source)",
+        )
+    loaded = node.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)])
+    return [s for s in loaded if s is not None]  # None: a bad sample, skipped
+
+
+def take_samples(node: Node, n: int) -> tuple[list[Any], bool]:
+    """Up to n sample references from `node`, and whether its epoch ended on the way.
+
+    Leaves refuse `next_samples(n)` when fewer than n are left; then the cursor is put back (O(1)) and
+    the tail is taken one by one, so mixing and concatenating lose no sample at an epoch boundary.
+    """
+    saved = node.state_dict()
+    try:
+        return list(node.next_samples(n)), False
+    except StopIteration:
+        node.load_state_dict(saved)
+    refs: list[Any] = []
+    while len(refs) < n:
+        try:
+            refs.extend(node.next_samples(1))
+        except StopIteration:
+            return refs, True
+    return refs, False
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset with its blend/mix weight. `name` tags its samples in `__source__` (default: its
+    position); `sample_weight` is the loss weight its samples carry in `__weight__` (as energon users
+    do with subflavors) — it changes no order, so a resumed run may change it."""
+
+    dataset: Node
+    weight: float
+    name: str | None = None
+    sample_weight: float | None = None
+
+
+def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
+    """`(dataset, weight)` tuples or `Source` objects -> validated `Source`s with names."""
+    out: list[Source] = []
+    for i, a in enumerate(args):
+        if isinstance(a, Source):
+            s = a
+        elif isinstance(a, tuple) and len(a) == 2:
+            s = Source(a[0], a[1])
+        else:
+            raise PrepError(
+                f"argument {i} is {type(a).__name__}, not (dataset, weight)",
+                where,
+                "pass (dataset, weight) tuples or prep.loaders.Source objects",
+            )
+        check_node(s.dataset, f"{where} source {i}")
+        if (
+            isinstance(s.weight, bool)
+            or not isinstance(s.weight, int | float)
+            or not math.isfinite(s.weight)
+            or s.weight <= 0
+        ):
+            raise PrepError(
+                f"weight {s.weight!r} of source {i} must be a positive number",
+                where,
+                "give every source a weight > 0 (weights are normalised)",
+            )
+        if s.sample_weight is not None and not math.isfinite(s.sample_weight):
+            raise PrepError(
+                f"sample_weight {s.sample_weight!r} of source {i} is not finite",
+                where,
+                "pass a finite loss weight",
+            )
+        out.append(
+            Source(s.dataset, float(s.weight), s.name if s.name is not None else str(i), s.sample_weight)
+        )
+    if not out:
+        raise PrepError("no sources given", where, "pass at least one (dataset, weight)")
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise PrepError(f"source names {names} repeat", where, "give each source its own name")
+    return out

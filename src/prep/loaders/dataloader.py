@@ -19,7 +19,7 @@ import torch
 import torch.utils.data as tud
 
 from prep.errors import PrepError
-from prep.loaders import skips, torch_private
+from prep.loaders import skips
 from prep.loaders.base import (
     STATE_VERSION,
     BatchDesc,
@@ -29,7 +29,8 @@ from prep.loaders.base import (
     dist_info,
     fingerprint_hash,
 )
-from prep.loaders.decode import slot_scope
+from prep.loaders.io import torch_private
+from prep.loaders.io.shm import slot_scope
 from prep.loaders.skips import Skip, SkipStats
 
 

@@ -110,7 +110,3 @@ class EpochOrder:
         return shards, samples
 
 
-def batches_per_epoch(total: int, global_batch: int, drop_last: bool) -> int:
-    """Whole global batches per epoch, plus one short one when the tail is kept."""
-    full, tail = divmod(total, global_batch)
-    return full + (1 if tail and not drop_last else 0)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node
-from prep.loaders.map import Combinator
+from prep.loaders.base import BatchDesc, Combinator, Node
 
 
 class EpochizeDataset(Combinator):

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,19 +26,13 @@ import torch
 
 from prep.errors import PrepError
 from prep.loaders import skips
-from prep.loaders.base import BatchDesc, Node, dist_info, rank_slice
-from prep.loaders.decode import (
-    Buffer,
-    DecodeMode,
-    Decoder,
-    bytes_list,
-    member_spans,
-    parse_sample,
-    shared_empty,
-)
-from prep.loaders.order import EpochOrder, batches_per_epoch
+from prep.loaders.base import DEFAULT_MAX_SKIP_FRACTION, Collate, SampleLeaf, Transform, resolve_global_batch
+from prep.loaders.io.decode import DecodeMode, Decoder
+from prep.loaders.io.members import Buffer, member_spans, parse_sample
+from prep.loaders.io.shm import bytes_list, shared_empty
+from prep.loaders.io.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
+from prep.loaders.order import EpochOrder
 from prep.loaders.skips import BadSample, OnError
-from prep.loaders.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
 
 
 def _empty_bytes(n: int) -> np.ndarray:
@@ -50,116 +43,6 @@ def _batch_bytes(n: int, keep: list[torch.Tensor]) -> np.ndarray:
     """A read buffer for a raw batch: a shared-memory slot in a worker (see `decode.bytes_list`)."""
     keep.append(shared_empty((n,), torch.uint8))
     return keep[-1].numpy()
-
-
-DEFAULT_MAX_SKIP_FRACTION = 0.05  # more bad samples than this is a damaged dataset, not bad luck
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
-Collate = Callable[[list[dict[str, Any]]], Any]
-
-
-def resolve_global_batch(
-    batch_size: int, global_batch_size: int | None, rank: int | None, world_size: int | None
-) -> tuple[int, int, int]:
-    """(global batch, rank, world): the per-rank batch times the world size, unless given directly."""
-    r, w = dist_info(rank, world_size)
-    g = global_batch_size if global_batch_size is not None else batch_size * w
-    if g < 1 or g % w:
-        raise PrepError(
-            f"global batch {g} is not a positive multiple of the world size {w}",
-            "batch_size",
-            "pick a global batch size that every world size you resume on divides",
-        )
-    return g, r, w
-
-
-class SampleLeaf(Node):
-    """A leaf whose epoch is a sequence of `total` positions mapped to sample references by `refs()`.
-
-    The cursor is (epoch, position in samples); `next_batch` takes the next global batch of positions,
-    `next_samples(n)` the next n (for mixing). Subclasses define `refs`, `load` and `fingerprint`.
-    """
-
-    def __init__(self, *, total: int, global_batch: int, rank: int, world: int, drop_last: bool) -> None:
-        if total < 1:
-            raise PrepError("the dataset has no samples", type(self).__name__, "check the source")
-        self.total = total
-        self.global_batch = global_batch
-        self.rank = rank
-        self.world = world
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.pos = 0
-
-    # ------------------------------------------------------------------------------------ planning
-    @abstractmethod
-    def refs(self, epoch: int, start: int, stop: int) -> list[tuple[Any, ...]]:
-        """Picklable references of the samples at epoch positions [start, stop)."""
-
-    def _end_epoch(self) -> StopIteration:
-        self.epoch, self.pos = self.epoch + 1, 0
-        return StopIteration()
-
-    def next_batch(self) -> BatchDesc:
-        left = self.total - self.pos
-        if left <= 0 or (self.drop_last and left < self.global_batch):
-            raise self._end_epoch()
-        start, stop = self.pos, min(self.total, self.pos + self.global_batch)
-        items = tuple(self.refs(self.epoch, start, stop))
-        self.pos = stop
-        return BatchDesc(self.path, items, {"epoch": self.epoch, "start": start})
-
-    def next_samples(self, n: int) -> list[Any]:
-        """The next n sample references (for mixing). When fewer than n are left, the epoch ends like
-        `next_batch`'s: StopIteration, cursor at (epoch + 1, 0), the leftover samples unused this epoch."""
-        if self.total - self.pos < n:
-            raise self._end_epoch()
-        start, self.pos = self.pos, self.pos + n
-        return self.refs(self.epoch, start, self.pos)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch`. The current epoch is a no-op, so the usual `loader.set_epoch(e)` at the
-        top of each epoch keeps a cursor restored mid-epoch (the rule every combinator follows)."""
-        if int(epoch) != self.epoch:
-            self.epoch, self.pos = int(epoch), 0
-
-    def batches_per_epoch(self) -> int:
-        return batches_per_epoch(self.total, self.global_batch, self.drop_last)
-
-    @property
-    def dropped_per_epoch(self) -> int:
-        """Samples skipped at the end of every epoch (the short tail, only with drop_last=True)."""
-        return self.total % self.global_batch if self.drop_last else 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, pos = int(state["epoch"]), int(state["position"])
-        if not 0 <= pos <= self.total:
-            raise PrepError(
-                f"saved position {pos} is outside an epoch of {self.total} samples",
-                self.path or type(self).__name__,
-                "resume with the dataset that saved the state",
-            )
-        self.epoch, self.pos = epoch, pos
-
-    # ------------------------------------------------------------------------------------- loading
-    def _check_world(self, world: int) -> None:
-        if world != self.world:
-            raise PrepError(
-                f"the dataset planned for a world of {self.world} ranks, the loader runs {world}",
-                self.path or type(self).__name__,
-                "pass the same rank/world_size to both, or neither",
-            )
-
-    def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
-        self._check_world(world)
-        with skips.leaf(self.path):
-            return self.load_batch(desc.items[rank_slice(len(desc.items), rank, world)])
-
-    @abstractmethod
-    def load_batch(self, refs: Sequence[Any]) -> Any:
-        """Load, decode and collate these references (runs in a worker)."""
 
 
 class ShardDataset(SampleLeaf):

@@ -18,78 +18,20 @@ Two schedules, both pure functions of the blend's cursor (no replay on resume):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
 
 import torch
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node, counter_rng
-from prep.loaders.map import Combinator, check_node
+from prep.loaders.base import BatchDesc, Combinator, Node, Source, counter_rng, parse_sources
 
 Schedule = Literal["random", "smooth"]
 Mode = Literal["ratio", "exhaust"]
 BLOCK = 64  # batches per block of the random schedule: shares are exact at each block's end
 _SHARE_SLACK = 0.02  # exhaust mode warns when a source's share of an epoch is this far from its weight
-
-
-@dataclass(frozen=True)
-class Source:
-    """A dataset with its blend/mix weight. `name` tags its samples in `__source__` (default: its
-    position); `sample_weight` is the loss weight its samples carry in `__weight__` (as energon users
-    do with subflavors) — it changes no order, so a resumed run may change it."""
-
-    dataset: Node
-    weight: float
-    name: str | None = None
-    sample_weight: float | None = None
-
-
-def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
-    """`(dataset, weight)` tuples or `Source` objects -> validated `Source`s with names."""
-    out: list[Source] = []
-    for i, a in enumerate(args):
-        if isinstance(a, Source):
-            s = a
-        elif isinstance(a, tuple) and len(a) == 2:
-            s = Source(a[0], a[1])
-        else:
-            raise PrepError(
-                f"argument {i} is {type(a).__name__}, not (dataset, weight)",
-                where,
-                "pass (dataset, weight) tuples or prep.loaders.Source objects",
-            )
-        check_node(s.dataset, f"{where} source {i}")
-        if (
-            isinstance(s.weight, bool)
-            or not isinstance(s.weight, int | float)
-            or not math.isfinite(s.weight)
-            or s.weight <= 0
-        ):
-            raise PrepError(
-                f"weight {s.weight!r} of source {i} must be a positive number",
-                where,
-                "give every source a weight > 0 (weights are normalised)",
-            )
-        if s.sample_weight is not None and not math.isfinite(s.sample_weight):
-            raise PrepError(
-                f"sample_weight {s.sample_weight!r} of source {i} is not finite",
-                where,
-                "pass a finite loss weight",
-            )
-        out.append(
-            Source(s.dataset, float(s.weight), s.name if s.name is not None else str(i), s.sample_weight)
-        )
-    if not out:
-        raise PrepError("no sources given", where, "pass at least one (dataset, weight)")
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise PrepError(f"source names {names} repeat", where, "give each source its own name")
-    return out
 
 
 def exact_weights(weights: Sequence[float]) -> list[Fraction]:

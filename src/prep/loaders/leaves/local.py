@@ -23,16 +23,18 @@ import numpy as np
 
 from prep.errors import PrepError
 from prep.loaders import skips
-from prep.loaders.base import BatchDesc, counter_rng
-from prep.loaders.decode import DecodeMode, Decoder, decode_reason
-from prep.loaders.order import batches_per_epoch
-from prep.loaders.shard_dataset import (
+from prep.loaders.base import (
     DEFAULT_MAX_SKIP_FRACTION,
+    BatchDesc,
     Collate,
     SampleLeaf,
     Transform,
+    batches_per_epoch,
+    counter_rng,
     resolve_global_batch,
 )
+from prep.loaders.io.decode import DecodeMode, Decoder
+from prep.loaders.io.images import decode_reason
 from prep.loaders.skips import BadSample, OnError, Skip
 
 _ASPECTS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # width / height

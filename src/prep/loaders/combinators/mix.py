@@ -30,10 +30,18 @@ import torch
 from torch.utils.data import default_collate
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node, counter_rng, dist_info, rank_slice
-from prep.loaders.blend import Source, exact_weights, loss_weight, parse_sources
-from prep.loaders.concat import take_samples
-from prep.loaders.map import Combinator
+from prep.loaders.base import (
+    BatchDesc,
+    Combinator,
+    Node,
+    Source,
+    counter_rng,
+    dist_info,
+    parse_sources,
+    rank_slice,
+    take_samples,
+)
+from prep.loaders.combinators.blend import exact_weights, loss_weight
 
 Counts = Literal["multinomial", "stratified"]
 _SCALAR = (str, bytes, int, float, bool, type(None))

@@ -12,28 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from prep.loaders.base import BatchDesc, Node
-from prep.loaders.map import Combinator
-
-
-def take_samples(node: Node, n: int) -> tuple[list[Any], bool]:
-    """Up to n sample references from `node`, and whether its epoch ended on the way.
-
-    Leaves refuse `next_samples(n)` when fewer than n are left; then the cursor is put back (O(1)) and
-    the tail is taken one by one, so mixing and concatenating lose no sample at an epoch boundary.
-    """
-    saved = node.state_dict()
-    try:
-        return list(node.next_samples(n)), False
-    except StopIteration:
-        node.load_state_dict(saved)
-    refs: list[Any] = []
-    while len(refs) < n:
-        try:
-            refs.extend(node.next_samples(1))
-        except StopIteration:
-            return refs, True
-    return refs, False
+from prep.loaders.base import BatchDesc, Combinator, Node, take_samples
 
 
 class ConcatDataset(Combinator):

@@ -1,0 +1,1 @@
+"""Datasets over other datasets: blend, mix, concat, epochize, map."""

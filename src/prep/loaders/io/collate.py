@@ -1,0 +1,45 @@
+"""Samples to a batch: stack what stacks (into a shared-memory slot in a worker), list the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from prep.errors import PrepError
+from prep.loaders.io.shm import shared_empty
+
+
+def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack what stacks (same-shape tensors and arrays, numbers), list the rest (str, bytes, dicts, PIL).
+
+    An empty list gives {"__key__": []} (a rank's slice of a short final batch can be empty)."""
+    if not samples:
+        return {"__key__": []}
+    out: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        out[name] = _stack(name, values)
+    return out
+
+
+def _stack(name: str, values: list[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor | np.ndarray) and all(
+        type(v) is type(first) and v.shape == first.shape and v.dtype == first.dtype for v in values
+    ):
+        tensors = [torch.as_tensor(v) for v in values]
+        out = shared_empty((len(tensors), *tensors[0].shape), tensors[0].dtype)
+        return torch.stack(tensors, out=out)
+    if isinstance(first, torch.Tensor | np.ndarray):
+        shapes = sorted({tuple(v.shape) for v in values})
+        raise PrepError(
+            f"field {name!r} has different shapes in one batch: {shapes[:4]}",
+            "collate",
+            "set image_size=... (resize + crop), use aspect-ratio buckets, or pass collate=",
+        )
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return torch.tensor(values)
+    return values

@@ -1,0 +1,265 @@
+"""`Decoder`: sample bytes to training values, in DataLoader workers (its pieces live beside it:
+`members` parses tar members, `images` decodes, `shm` holds batch buffers, `collate` stacks).
+
+A sample arrives as one contiguous byte string (its tar members, read with a
+single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default
+dependency: libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
+target), or by Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. When a
+decoded JPEG already has the target size it is written straight into the batch tensor, which lives in
+a recycled shared-memory slot, so handing it to the main process copies nothing and faults no new pages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from prep.errors import PrepError
+from prep.loaders.base import stream_key
+from prep.loaders.io.collate import collate_samples
+from prep.loaders.io.images import decode_image, jpeg_backend, pil_rgb, to_pil
+from prep.loaders.io.members import Buffer
+from prep.loaders.io.shm import pooled_like, shared_empty
+from prep.loaders.skips import BadSample, OnError, skip_or_raise
+
+DecodeMode = Literal["raw", "pil", "uint8", "float"]
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "image", "img"})
+TEXT_EXTS = frozenset({"txt", "text", "caption"})
+JSON_EXTS = frozenset({"json"})
+INT_EXTS = frozenset({"cls", "cls2", "index", "id"})
+
+
+def _field_alternatives(fields: Sequence[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    if fields is None:
+        return None
+    out = []
+    for f in fields:
+        alts = tuple(a.strip().lstrip(".") for a in f.split("|") if a.strip())
+        if not alts:
+            raise PrepError(
+                f"empty field name in {list(fields)}", "fields", "name member extensions, e.g. ['jpg', 'txt']"
+            )
+        out.append((alts[0], alts))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How member bytes become sample values. Picklable; built once, used in every worker.
+
+    mode: 'raw' keeps every member as bytes; 'pil' gives PIL images; 'uint8' gives CxHxW uint8 tensors
+    (batches are Bx3xHxW in channels_last memory, so no transpose copy); 'float' the same as float32 in
+    [0, 1]. Outside 'raw', text members become str, json dicts, cls ints, npy arrays (never pickle).
+    """
+
+    mode: DecodeMode = "uint8"
+    image_size: tuple[int, int] | None = None
+    crop: Literal["center", "random"] = "center"
+    fields: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    seed: int = 0
+    on_error: OnError = "skip"
+
+    @classmethod
+    def make(
+        cls,
+        mode: str,
+        image_size: int | Sequence[int] | None,
+        crop: str,
+        fields: Sequence[str] | None,
+        seed: int,
+        on_error: OnError = "skip",
+    ) -> Decoder:
+        if mode not in ("raw", "pil", "uint8", "float"):
+            raise PrepError(
+                f"decode={mode!r} is not one of raw, pil, uint8, float",
+                "decode",
+                "pick one, or pass decode='raw' and a transform that decodes",
+            )
+        if crop not in ("center", "random"):
+            raise PrepError(f"crop={crop!r} is not center or random", "crop", "pick one")
+        size: tuple[int, int] | None = None
+        if image_size is not None:
+            size = (
+                (int(image_size), int(image_size))
+                if isinstance(image_size, int)
+                else (int(image_size[0]), int(image_size[1]))
+            )
+            if min(size) < 1:
+                raise PrepError(
+                    f"image_size {image_size} is not positive", "image_size", "use e.g. 256 or (256, 384)"
+                )
+        return cls(mode, size, crop, _field_alternatives(fields), seed, on_error)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "image_size": self.image_size,
+            "crop": self.crop,
+            "fields": [a[0] for a in self.fields] if self.fields else None,
+            "jpeg": jpeg_backend(),
+        }
+
+    def select(self, key: str, members: dict[str, bytes], where: str) -> dict[str, bytes]:
+        if self.fields is None:
+            return members
+        out: dict[str, bytes] = {}
+        for name, alts in self.fields:
+            for a in alts:
+                if a in members:
+                    out[name] = members[a]
+                    break
+            else:
+                raise BadSample(
+                    f"sample {key!r} has no {'|'.join(alts)} member (it has {sorted(members)})",
+                    where,
+                    "filter the shards, or list only fields every sample has",
+                    reason="missing member",
+                )
+        return out
+
+    def _rnd(self, key: str, epoch: int) -> int:
+        return stream_key(self.seed, key, "crop", epoch) if self.crop == "random" else 0
+
+    def value(self, ext: str, data: Buffer, key: str, epoch: int, where: str) -> Any:
+        """One member's decoded value (per-sample path; batches of images take `decode_batch`'s fast path).
+        Image decoders read `data` in place; everything else gets its own bytes."""
+        if self.mode == "raw":
+            return bytes(data)
+        kind = ext.rsplit(".", 1)[-1].lower()
+        if kind not in IMAGE_EXTS:
+            data = bytes(data)
+        if kind in IMAGE_EXTS:
+            if self.mode == "pil":
+                if self.image_size is None:
+                    return pil_rgb(data, None, where)
+                return to_pil(decode_image(data, self.image_size, self.crop, self._rnd(key, epoch), where))
+            arr = decode_image(data, self.image_size, self.crop, self._rnd(key, epoch), where)
+            t = torch.from_numpy(arr).permute(2, 0, 1)
+            return t.float().div_(255) if self.mode == "float" else t
+        if kind in TEXT_EXTS:
+            return data.decode("utf-8", "replace")
+        if kind in JSON_EXTS:
+            try:
+                return json.loads(data)
+            except json.JSONDecodeError as err:
+                raise BadSample(f"member {ext!r} of {key!r} is not JSON ({err.msg})", where,
+                                "fix or drop the sample", reason="malformed member") from None
+        if kind in INT_EXTS:
+            try:
+                return int(data)
+            except ValueError:
+                raise BadSample(f"member {ext!r} of {key!r} is not an integer", where,
+                                "fix or drop the sample", reason="malformed member") from None
+        if kind == "npy":
+            try:
+                return np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, EOFError, OSError) as err:
+                raise BadSample(
+                    f"member {ext!r} of {key!r} is not a plain .npy array ({err})",
+                    where,
+                    "write encodings as plain numeric .npy (object arrays would need pickle)",
+                    reason="malformed member",
+                ) from None
+        return data
+
+    def decode_batch(
+        self,
+        parsed: Sequence[tuple[str, dict[str, bytes], str, int]],
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        collate: Callable[[list[dict[str, Any]]], Any] | None,
+    ) -> Any:
+        """Decode and collate samples given as (key, members, where, epoch). Images of a fixed
+        `image_size` are decoded straight into one shared batch tensor when no per-sample transform needs
+        them first. A bad sample is dropped from the batch (and recorded) or raised, as `on_error` says."""
+        selected = []
+        for k, m, w, e in parsed:
+            try:
+                selected.append((k, self.select(k, m, w), w, e))
+            except BadSample as err:
+                skip_or_raise(err, self.on_error, k)
+        if (
+            transform is not None
+            or collate is not None
+            or self.mode not in ("uint8", "float")
+            or self.image_size is None
+            or not selected
+        ):
+            return (collate or collate_samples)(self.finish_all(selected, transform))
+        first = selected[0][1]
+        image_exts = [e for e in first if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+        h, w = self.image_size
+        shape = (len(selected), h, w, 3)
+        # float batches decode into private memory and convert into the slot that travels
+        private = self.mode == "float"
+        bufs = {
+            ext: torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
+            for ext in image_exts
+        }
+        arrs = {ext: b.numpy() for ext, b in bufs.items()}
+        rest: list[dict[str, Any]] = []
+        for k, m, where, epoch in selected:
+            row = len(rest)
+            try:
+                for ext in image_exts:
+                    if ext not in m:
+                        raise BadSample(f"sample {k!r} lacks {ext!r}, which the batch's first sample has",
+                                        where, "pass fields=[...] so every sample has the same members",
+                                        reason="missing member")
+                    decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where,
+                                 out=arrs[ext][row])
+                values = {x: self.value(x, d, k, epoch, where) for x, d in m.items() if x not in bufs}
+            except BadSample as err:
+                skip_or_raise(err, self.on_error, k)
+                continue
+            rest.append({"__key__": k, **values})
+        batch = collate_samples(rest)
+        n = len(rest)
+        for ext, buf in bufs.items():
+            if private:
+                out = shared_empty((n, h, w, 3), torch.float32)
+                torch.div(buf[:n], 255, out=out)
+                buf = out
+            batch[ext] = pooled_like(buf[:n].permute(0, 3, 1, 2), buf)
+        return batch
+
+    def finish_all(
+        self,
+        selected: Sequence[tuple[str, dict[str, bytes], str, int] | None],
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        *,
+        keep_places: bool = False,
+    ) -> list[dict[str, Any] | None]:
+        """`finish` for each (key, members, where, epoch) (None: already skipped). Bad samples are
+        recorded and dropped, or left as None with `keep_places` (for `fetch_samples`); or raised."""
+        out: list[dict[str, Any] | None] = []
+        for item in selected:
+            sample = None
+            if item is not None:
+                k, m, w, e = item
+                try:
+                    sample = self.finish(k, m, e, w, transform)
+                except BadSample as err:
+                    skip_or_raise(err, self.on_error, k)
+            if sample is not None or keep_places:
+                out.append(sample)
+        return out
+
+    def finish(
+        self,
+        key: str,
+        members: dict[str, bytes],
+        epoch: int,
+        where: str,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        """One sample, decoded then transformed (not collated): what `fetch_samples` returns."""
+        sample = {"__key__": key, **{e: self.value(e, d, key, epoch, where) for e, d in members.items()}}
+        return transform(sample) if transform is not None else sample
+
+

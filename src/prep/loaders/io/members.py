@@ -1,0 +1,86 @@
+"""Tar members of one sample, parsed from the bytes a worker read in one positioned read."""
+
+from __future__ import annotations
+
+import io
+
+from prep.errors import PrepError
+from prep.formats.names import read_member_name
+from prep.formats.tar import iter_samples
+from prep.loaders.skips import BadSample
+
+_IDX_FIX = "the .idx does not match the tar: rebuild it with `prep run generate_wdinfo`"
+
+
+_RECORD = "unreadable record"
+
+
+_BLOCK = 512
+Buffer = bytes | memoryview
+
+
+def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int]]] | None:
+    """(key, {extension: (start, end)}) of one sample's bytes, parsed from memory. Handles plain ustar
+    headers (what prep, tarfile and img2dataset write); returns None for anything else (pax records, GNU
+    long names, pre-POSIX tars), which `parse_sample` hands to the full scanner. Kept lean: it runs for
+    every sample the loader reads."""
+    spans: dict[str, tuple[int, int]] = {}
+    key: str | None = None
+    pos, n = 0, len(buf)
+    view = isinstance(buf, memoryview)
+    while pos + _BLOCK <= n:
+        header = bytes(buf[pos : pos + _BLOCK]) if view else buf[pos : pos + _BLOCK]
+        if (
+            not header.startswith(b"ustar", 257)
+            or header[156] not in (0x30, 0)
+            or header[345]
+            or header[124] & 0x80
+        ):
+            if header[0] == 0 and header.count(0) == _BLOCK:
+                break  # end-of-archive blocks
+            return None
+        try:
+            size = int(header[124:136].rstrip(b"\x00 ") or b"0", 8)
+        except ValueError:
+            raise BadSample("corrupt tar header inside a sample", where, _IDX_FIX, reason=_RECORD) from None
+        end = header.find(b"\x00", 0, 100)
+        name = header[: 100 if end < 0 else end].decode("utf-8", "surrogateescape")
+        data_start = pos + _BLOCK
+        pos = data_start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        parts = read_member_name(name, where)
+        if parts is None:
+            continue  # a metadata member or no extension: not part of the sample (the scanner's rule)
+        k, ext = parts
+        if key is None:
+            key = k
+        elif k != key:
+            raise BadSample(f"sample bytes hold two keys ({key!r}, {k!r})", where, _IDX_FIX, reason=_RECORD)
+        if data_start + size > n:
+            raise BadSample(f"member {name!r} runs past the sample's end", where, _IDX_FIX, reason=_RECORD)
+        spans[ext] = (data_start, data_start + size)
+    if key is None:
+        if pos == 0 and n >= _BLOCK:
+            return None  # not a ustar header where the sample should start: let the scanner say why
+        raise BadSample("no sample members at this offset", where, _IDX_FIX, reason=_RECORD)
+    return key, spans
+
+
+def parse_sample(buf: Buffer, where: str) -> tuple[str, dict[str, Buffer]]:
+    """(key, {extension: data}) of one sample's bytes; values are slices of `buf` (memoryviews stay views)."""
+    parsed = member_spans(buf, where)
+    if parsed is None:
+        return _parse_slow(bytes(buf), where)
+    key, spans = parsed
+    return key, {ext: buf[a:b] for ext, (a, b) in spans.items()}
+
+
+def _parse_slow(buf: bytes, where: str) -> tuple[str, dict[str, Buffer]]:
+    try:
+        samples = list(iter_samples(io.BytesIO(buf), where, read_data=True))
+    except PrepError as err:
+        raise BadSample(f"no valid tar sample at this offset ({err.what})", where, _IDX_FIX,
+                        reason=_RECORD) from None
+    if len(samples) != 1 or samples[0].data is None:
+        raise BadSample(f"expected one sample at this offset, found {len(samples)}", where, _IDX_FIX,
+                        reason=_RECORD)
+    return samples[0].key, dict(samples[0].data)

@@ -1,0 +1,1 @@
+"""Datasets that own samples: shard folders, local image folders, in-memory sequences."""
