@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prep.formats.tar import scan_tar, write_shard
+from prep.formats.tar import scan_tar
+from prep.formats.tar_write import write_shard
 
 
 def make_shards(folder: Path, shards: int, per: int) -> list[Path]:

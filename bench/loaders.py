@@ -53,7 +53,7 @@ def make_data(root: Path, samples: int, shards: int) -> Path:
     from prep.formats.index import write_index
     from prep.formats.manifest import Manifest, ShardEntry, write_manifest
     from prep.formats.nvmeta import write_nv_meta
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
     from prep.testing.loader_data import jpeg_bytes
 
     images = [jpeg_bytes(i, 256, 90, noise=7.5) for i in range(500)]

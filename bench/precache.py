@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from PIL import Image  # noqa: E402
 
-from prep.config import root_model  # noqa: E402
-from prep.formats.tar import write_shard  # noqa: E402
+from prep.config import PrepConfig  # noqa: E402
+from prep.formats.tar_write import write_shard  # noqa: E402
 from prep.runtime.runner import run_stage  # noqa: E402
 from prep.stages.base import RunOptions  # noqa: E402
 
@@ -163,7 +163,7 @@ def pipeline(work: Path, vae_dir: Path, args, resolution: int) -> Callable[[], t
         "device": args.device,
         "shards_per_task": args.shards_per_task,
     }
-    cfg = root_model().model_validate({STAGE: section})
+    cfg = PrepConfig.model_validate({STAGE: section})
     n = len(list((work / "in").glob("*.tar")))
 
     def once() -> tuple[float, str]:
@@ -215,7 +215,7 @@ def main() -> None:
             jpgs = make_shards(work / "in", args.images, args.per_shard, res)
             mb = sum(map(len, jpgs)) / 1e6
             enc_cfg = (
-                root_model()
+                PrepConfig
                 .model_validate(
                     {
                         STAGE: {

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from prep import cli
 from prep.cli import app
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 from prep.stages import STAGE_ORDER
 
 runner = CliRunner()

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from prep.config import load_config
 from prep.formats.index import read_index
-from prep.formats.tar import scan_tar, write_shard
+from prep.formats.tar import scan_tar
+from prep.formats.tar_write import write_shard
 from prep.runtime.runner import run_stage
 from prep.stages.base import RunOptions
 

@@ -59,7 +59,7 @@ def test_shard_paths_leaving_the_dataset_are_refused_alike_by_wdinfo_and_manifes
                                                                                    bad: str) -> None:
     from prep.errors import PrepError
     from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
     from prep.formats.wdinfo import write_wdinfo
     from prep.loaders import ShardDataset
 
@@ -94,7 +94,7 @@ CANNOT_WRITE = {
 
 @pytest.mark.parametrize("make", list(CANNOT_WRITE))
 def test_an_output_folder_that_cannot_be_written_is_one_error_up_front(tmp_path: Path, make: str) -> None:
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
 
     if make == "read_only" and os.geteuid() == 0:
         pytest.skip("root writes into a read-only folder")

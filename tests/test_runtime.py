@@ -15,7 +15,7 @@ from rich.console import Console
 from prep.config import load_config
 from prep.errors import PrepError
 from prep.formats.checksum import file_checksum
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 from prep.runtime.runner import run_stage
 from prep.runtime.summary import print_summary
 from prep.stages.base import RunOptions, Task, slice_tasks
@@ -216,7 +216,8 @@ def test_errors_survive_process_pools() -> None:
     import pickle
 
     from prep.errors import PrepErrorGroup
-    from prep.formats.tar import TarFormatError, UnsafeMemberError
+    from prep.formats.names import UnsafeMemberError
+    from prep.formats.tar import TarFormatError
 
     for err in [
         PrepError("w", "a.tar", "f"),

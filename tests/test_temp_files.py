@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from prep.cli import app
 from prep.formats.atomic import STALE_TEMP_SECONDS, dead_writer, temp_name
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from prep.cli import app
 from prep.config import load_config
 from prep.errors import PrepError
-from prep.formats.tar import scan_tar, write_shard
+from prep.formats.tar import scan_tar
+from prep.formats.tar_write import write_shard
 from prep.runtime.runner import run_stage
 from prep.stages.base import RunOptions
 from prep.verify import verify_folder

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prep.formats.names import UnsafeMemberError, member_name, member_parts
-from prep.formats.tar import TarFormatError, iter_samples, scan_tar, write_shard
+from prep.formats.tar import TarFormatError, iter_samples, scan_tar
+from prep.formats.tar_write import write_shard
 from prep.loaders import DataLoader, ShardDataset
 
 _ALPHABET = st.sampled_from([*"ab_-./é x", "__", "./", ".."])

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prep.formats.tar as tar_mod
+import prep.formats.tar_write as tar_write
 from prep.formats.tar import TarFormatError, TarScan, scan_tar
 from prep.formats.tar_bulk import octal_columns, plain_headers, walk_plain
 
@@ -210,9 +211,9 @@ def test_bulk_scan_takes_img2dataset_tars_and_declines_the_unusual(tmp_path: Pat
 def test_numpy_headers_are_tarfiles_bytes() -> None:
     names = [b"a.jpg", b"x" * 96 + b".txt", b"dir/sub/0001.seg.png"]
     sizes = np.array([0, 8**11 - 1, 123456], dtype=np.int64)
-    got = plain_headers(tar_mod._HEADER_TEMPLATE, names, sizes)
+    got = plain_headers(tar_write._HEADER_TEMPLATE, names, sizes)
     for row, name, size in zip(got, names, sizes.tolist(), strict=True):
-        assert row.tobytes() == tar_mod.member_header(name.decode(), size)
+        assert row.tobytes() == tar_write.member_header(name.decode(), size)
     assert octal_columns(np.array([8, 0o777]), 4).tobytes() == b"00100777"
 
 

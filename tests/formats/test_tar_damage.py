@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prep.formats import tar as tar_mod
-from prep.formats.tar import BLOCK, TarFormatError, iter_samples, scan_tar, split_key
+from prep.formats.names import split_key
+from prep.formats.tar import BLOCK, TarFormatError, iter_samples, scan_tar
 
 EXTS = ["jpg", "txt", "json"]
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}

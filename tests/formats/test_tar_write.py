@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prep.errors import PrepError
-from prep.formats.tar import FileSlice, UnsafeMemberError, scan_tar, write_shard
+from prep.formats.names import UnsafeMemberError
+from prep.formats.tar import scan_tar
+from prep.formats.tar_write import FileSlice, write_shard
 
 SAMPLES = [
     (f"{i:06d}", {"jpg": bytes([i]) * (100 * i + 1), "txt": f"caption {i}".encode(), "json": b"{}"})
@@ -164,7 +166,7 @@ def test_property_write_then_scan_round_trips(tmp_path: Path, samples: dict[str,
 )
 def test_property_header_equals_tarfiles(name: str, size: int) -> None:
     """The writer's header fast path gives exactly the bytes tarfile gives for the same member."""
-    from prep.formats.tar import member_header
+    from prep.formats.tar_write import member_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0

@@ -19,8 +19,10 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import prep.formats.tar as tar_mod
-from prep.formats.tar import FileSlice, TarFormatError, member_name, scan_tar, write_shard
+import prep.formats.tar_write as tar_mod
+from prep.formats.names import UnsafeMemberError, member_name
+from prep.formats.tar import TarFormatError, _byte_sum, scan_tar
+from prep.formats.tar_write import FileSlice, write_shard
 
 EXTS = ["jpg", "json", "txt", "seg.png", "npy"]
 
@@ -170,9 +172,9 @@ def test_hashing_failure_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_unsimple_names_still_checked(tmp_path: Path) -> None:
     """Keys outside the fast name path still go through member_name's checks."""
-    with pytest.raises(tar_mod.UnsafeMemberError):
+    with pytest.raises(UnsafeMemberError):
         write_shard(tmp_path / "out.tar", [("a.b", {"jpg": b"x"})])
-    with pytest.raises(tar_mod.UnsafeMemberError):
+    with pytest.raises(UnsafeMemberError):
         write_shard(tmp_path / "out.tar", [("ok", {"b__": b"x"}), ("__a", {"b__": b"x"})])  # `__a.b__`
     assert member_name("a/b-c_1", "seg.png", "w") == "a/b-c_1.seg.png"
 
@@ -190,8 +192,8 @@ def test_fast_name_rule_never_accepts_what_member_name_refuses(key: str, ext: st
 @given(st.binary(min_size=512, max_size=512))
 def test_header_byte_sum_in_c_is_the_byte_sum(block: bytes) -> None:
     """The scanner's checksum sum (two Adler-32 halves) equals Python's sum, at the extremes too."""
-    assert tar_mod._byte_sum(block) == sum(block)
-    assert tar_mod._byte_sum(b"\xff" * 512) == 255 * 512 and tar_mod._byte_sum(bytes(512)) == 0
+    assert _byte_sum(block) == sum(block)
+    assert _byte_sum(b"\xff" * 512) == 255 * 512 and _byte_sum(bytes(512)) == 0
 
 
 def test_blocks_reach_the_file_in_writes_of_at_most_write_piece(tmp_path: Path,

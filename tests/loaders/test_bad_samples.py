@@ -12,7 +12,7 @@ from PIL import Image
 
 from prep.errors import PrepError
 from prep.formats.index import write_index
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 from prep.loaders import DataLoader, LocalDataset, MixBatchDataset, SequenceDataset, ShardDataset
 from prep.testing.loader_data import jpeg_bytes
 

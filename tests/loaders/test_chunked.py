@@ -263,7 +263,7 @@ def test_a_rank_left_without_samples_is_refused() -> None:
 
 def test_chunks_over_real_shards(tmp_path: Path) -> None:
     from prep.formats.index import write_index
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
     from prep.loaders import ShardDataset
 
     for s, n in enumerate([7, 6, 8]):

@@ -112,7 +112,7 @@ def test_state_mismatch_names_the_changed_field_at_any_depth():
 
 def test_corrupt_image_error_names_key_and_shard_not_a_memory_address(tmp_path):
     from prep.formats.index import write_index
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
     from prep.testing.loader_data import jpeg_bytes
 
     good = jpeg_bytes(1)

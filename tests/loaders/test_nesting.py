@@ -15,7 +15,7 @@ import torch
 
 from prep.errors import PrepError
 from prep.formats.index import write_index
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 from prep.loaders import (
     BlendDataset,
     ConcatDataset,

@@ -131,7 +131,7 @@ def test_image_matches_reference_decode(shards):
 
 
 def test_resize_crop_and_pil_modes(tmp_path):
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
 
     wide = jpeg_bytes(1, 64)
     import io
@@ -163,7 +163,7 @@ def test_fields_alternatives_and_missing_field(shards):
 
 
 def test_different_image_sizes_without_image_size_is_a_clear_error(tmp_path):
-    from prep.formats.tar import write_shard
+    from prep.formats.tar_write import write_shard
 
     write_shard(tmp_path / "m.tar", [("a", {"jpg": jpeg_bytes(0, 16)}), ("b", {"jpg": jpeg_bytes(0, 24)})])
     ds = ShardDataset(tmp_path / "m.tar", batch_size=2, decode="uint8", rank=0, world_size=1)

@@ -20,7 +20,8 @@ from prep.config import load_config
 from prep.errors import PrepError
 from prep.formats.index import read_index
 from prep.formats.manifest import read_manifest
-from prep.formats.tar import scan_tar, write_shard
+from prep.formats.tar import scan_tar
+from prep.formats.tar_write import write_shard
 from prep.formats.wdinfo import read_wdinfo
 from prep.runtime.runner import run_stage
 from prep.stages.base import RunOptions

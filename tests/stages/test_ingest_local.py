@@ -22,7 +22,8 @@ from rich.console import Console
 
 from prep.config import load_config
 from prep.errors import PrepError
-from prep.formats.tar import iter_samples, member_name, scan_tar
+from prep.formats.names import member_name
+from prep.formats.tar import iter_samples, scan_tar
 from prep.runtime.runner import run_stage
 from prep.stages import ingest_local as il
 from prep.stages.base import RunOptions

@@ -16,7 +16,7 @@ import pytest
 from prep.config import load_config
 from prep.formats.checksum import file_checksum
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 from prep.runtime.runner import run_stage
 from prep.stages import merge_source_tar as ms
 from prep.stages.base import RunOptions
@@ -145,7 +145,7 @@ def test_strict_fails_naming_the_key_and_empty_list_takes_every_member(tmp_path)
 
 _KILLER = r"""
 import os, signal, sys
-import prep.formats.tar as tar_mod
+import prep.formats.tar_write as tar_mod
 from prep.config import load_config
 from prep.runtime.runner import run_stage
 from prep.stages.base import RunOptions

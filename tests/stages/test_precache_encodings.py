@@ -22,7 +22,8 @@ from prep.encoders.spec import EncoderConfig
 from prep.encoders.storage import load_npy, npy_bytes
 from prep.errors import PrepErrorGroup
 from prep.formats.index import read_index
-from prep.formats.tar import iter_samples, write_shard
+from prep.formats.tar import iter_samples
+from prep.formats.tar_write import write_shard
 from prep.runtime.runner import run_stage
 from prep.stages.base import RunOptions
 from prep.testing.tiny_models import write_tiny_models

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prep.formats.tar import scan_tar, write_shard
+from prep.formats.tar import scan_tar
+from prep.formats.tar_write import write_shard
 from prep.testing.tiny_models import write_clip_tokenizer, write_tiny_clip_text
 
 STAGE = "precache_encodings"

@@ -44,7 +44,8 @@ def make_raw(root: Path) -> None:
 
 def make_precached(reorganized: Path, pre: Path) -> None:
     """What precache writes with keep_source: false: only KEY.<enc>.npy members, same shard names."""
-    from prep.formats.tar import scan_tar, write_shard
+    from prep.formats.tar import scan_tar
+    from prep.formats.tar_write import write_shard
 
     pre.mkdir()
     for shard in sorted(reorganized.glob("*.tar")):

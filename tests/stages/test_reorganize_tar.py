@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prep.formats.tar as tar_mod
+import prep.formats.tar_write as tar_mod
 from prep.config import load_config
 from prep.errors import PrepError
 from prep.formats.manifest import read_manifest
@@ -174,7 +174,7 @@ def test_process_pool_gives_identical_bytes_and_rerun_skips(inputs, reference, t
 
 _KILLER = r"""
 import os, signal, sys
-import prep.formats.tar as tar_mod
+import prep.formats.tar_write as tar_mod
 import prep.stages.reorganize_tar as rt
 from prep.config import load_config
 from prep.runtime.runner import run_stage

@@ -26,7 +26,8 @@ from prep.encoders.storage import field_meta, npy_bytes
 from prep.errors import PrepError
 from prep.formats.atomic import temp_name
 from prep.formats.index import write_index
-from prep.formats.tar import FileSlice, Sample, read_member, write_shard
+from prep.formats.tar import Sample, read_member
+from prep.formats.tar_write import FileSlice, write_shard
 
 MAX_NAMED_DROPS = 5
 MAX_SHAPES = 64

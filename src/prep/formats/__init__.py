@@ -8,16 +8,8 @@ from prep.formats.index import index_path, read_index, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from prep.formats.names import UnsafeMemberError, split_key
 from prep.formats.nvmeta import write_nv_meta
-from prep.formats.tar import (
-    FileSlice,
-    Member,
-    Sample,
-    ShardInfo,
-    TarFormatError,
-    iter_samples,
-    scan_tar,
-    write_shard,
-)
+from prep.formats.tar import Member, Sample, TarFormatError, iter_samples, scan_tar
+from prep.formats.tar_write import FileSlice, ShardInfo, write_shard
 from prep.formats.wdinfo import read_wdinfo, write_wdinfo
 
 __all__ = [

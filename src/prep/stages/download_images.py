@@ -33,7 +33,9 @@ from pydantic import Field, field_validator
 from prep.errors import PrepError
 from prep.formats.atomic import temp_name, write_text_atomic
 from prep.formats.checksum import file_checksum
-from prep.formats.tar import FileSlice, iter_members, scan_tar, split_key, write_shard
+from prep.formats.names import split_key
+from prep.formats.tar import iter_members, scan_tar
+from prep.formats.tar_write import FileSlice, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:

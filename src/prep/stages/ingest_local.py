@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
-from prep.formats.tar import FileSlice, MemberData, write_shard
+from prep.formats.tar_write import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import FileSlice, MemberData, Sample, scan_tar, shard_folder, write_shard
+from prep.formats.tar import Sample, scan_tar, shard_folder
+from prep.formats.tar_write import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import numpy as np
 
 from prep.formats.index import write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
-from prep.formats.tar import write_shard
+from prep.formats.tar_write import write_shard
 from prep.formats.wdinfo import write_wdinfo
 
 if TYPE_CHECKING:
