@@ -2,8 +2,8 @@
 and `module:callable` for your own.
 
 Importing this package imports no torch: the config model (`EncoderConfig`) and the up-front checks
-(`validate_encoders`) are light; `prep.encoders.models` (torch, loading) and `prep.encoders.pipeline`
-(the batched DataLoader -> device -> writer-thread loop) are imported only when a task runs.
+(`validate_encoders`) are light; `prep.encoders.models` (torch, loading) is imported only when a task
+runs. The loop that reads shards, encodes and writes them is the stage's (`prep.stages.precache_loop`).
 """
 
 from prep.encoders.spec import EncoderConfig

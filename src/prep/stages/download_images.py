@@ -31,12 +31,21 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from prep.errors import PrepError
-from prep.formats.atomic import temp_name, write_text_atomic
+from prep.formats.atomic import write_text_atomic
 from prep.formats.checksum import file_checksum
 from prep.formats.names import split_key
 from prep.formats.tar import iter_members, scan_tar
 from prep.formats.tar_write import FileSlice, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+from prep.stages.parquet_parts import (
+    NOT_A_PART,
+    check_columns,
+    key_prefix,
+    load_img2dataset,
+    reading_parquet,
+    shard_name,
+    write_parquet,
+)
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
@@ -117,48 +126,14 @@ class Config(StageConfig):
             raise ValueError("verify_hash is [column, md5|sha256|sha512]")
         return v
 
+    def required_columns(self) -> list[str]:
+        """The table columns a download needs (url, caption, saved extras, bbox, hash)."""
+        cols = [self.url_col] + ([self.caption_col] if self.caption_col else [])
+        cols += list(self.save_additional_columns or []) + ([self.bbox_col] if self.bbox_col else [])
+        return cols + ([self.verify_hash[0]] if self.verify_hash else [])
+
 
 # --------------------------------------------------------------------------------------------- decisions
-
-
-@contextmanager
-def reading_parquet(path: str | os.PathLike[str], fix: str) -> Iterator[None]:
-    """pyarrow's error for a file that is no parquet (or a cut one), as one line naming the file."""
-    import pyarrow as pa
-
-    try:
-        yield
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise PrepError(f"not a readable parquet file ({str(err).splitlines()[0]})", str(path), fix) from None
-
-
-NOT_A_PART = ("replace it with a real parquet file (re-run download_parquet with --force), or move it out of "
-              "download_images.input_dir")
-
-
-def read_columns(path: str | os.PathLike[str], fix: str = NOT_A_PART) -> list[str]:
-    """Column names of a parquet file (reads the footer only)."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(str(path), "rb") as f, reading_parquet(path, fix):
-        return pq.read_schema(f).names
-
-
-def required_columns(cfg: Config) -> list[str]:
-    cols = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else [])
-    cols += list(cfg.save_additional_columns or []) + ([cfg.bbox_col] if cfg.bbox_col else [])
-    return cols + ([cfg.verify_hash[0]] if cfg.verify_hash else [])
-
-
-def check_columns(names: list[str], cfg: Config, where: str) -> None:
-    """Fail before any image is fetched when a column the download needs is absent."""
-    missing = [c for c in required_columns(cfg) if c not in names]
-    if missing:
-        raise PrepError(f"column(s) {', '.join(map(repr, missing))} not found; the file has: "
-                        f"{', '.join(map(repr, names))}", where,
-                        "set download_images.url_col / caption_col (LAION uses URL and TEXT) or fix "
-                        "save_additional_columns to name existing columns")
 
 
 def shard_layout(rows: int, per_shard: int, balance: bool) -> tuple[int, int]:
@@ -167,15 +142,6 @@ def shard_layout(rows: int, per_shard: int, balance: bool) -> tuple[int, int]:
         return 0, per_shard
     shards = math.ceil(rows / per_shard)
     return (shards, math.ceil(rows / shards)) if balance else (shards, per_shard)
-
-
-def key_prefix(part: str) -> str:
-    """A part's key prefix: its name with anything but [A-Za-z0-9_-] as '_' (a key holds no dot)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", part)
-
-
-def shard_name(shard: int, digits: int) -> str:
-    return f"{shard:0{digits}d}"
 
 
 def row_of(i2d_key: str, per_shard: int) -> int:
@@ -273,14 +239,7 @@ def img2dataset_args(cfg: Config) -> dict[str, Any]:
 def _download_params() -> set[str]:
     import inspect
 
-    return set(inspect.signature(_img2dataset().download).parameters)
-
-
-def _img2dataset():
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would try the network
-    import img2dataset
-
-    return img2dataset
+    return set(inspect.signature(load_img2dataset().download).parameters)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -337,7 +296,7 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     for path in parts:
         with reading_parquet(path, NOT_A_PART):
             meta = pq.read_metadata(path)
-        check_columns(meta.schema.to_arrow_schema().names, cfg, str(path))
+        check_columns(meta.schema.to_arrow_schema().names, cfg.required_columns(), str(path))
         part = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.stem
         prefix = key_prefix(part)
         if prefix in prefixes:
@@ -394,7 +353,7 @@ def call_img2dataset(url_list: Path, output_folder: Path, args: dict[str, Any], 
             kwargs[k] = float("inf")
     kwargs.update(url_list=str(url_list), output_folder=str(output_folder), input_format="parquet",
                   output_format="webdataset")
-    i2d = _img2dataset()
+    i2d = load_img2dataset()
     main = threading.current_thread() is threading.main_thread()
     old = signal.getsignal(signal.SIGINT) if main else None
     log = output_folder.parent / f"{output_folder.name}.log"
@@ -413,17 +372,6 @@ def call_img2dataset(url_list: Path, output_folder: Path, args: dict[str, Any], 
 
 def _read_stats(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8"))
-
-
-def _write_parquet(table: Any, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = temp_name(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _prefixed(table: Any, prefix: str) -> Any:
@@ -486,7 +434,7 @@ def publish_shard(staging: Path, final: Path, name: str, prefix: str) -> dict[st
                         f"{stats['successes']} succeeded", str(tar), "delete the staging shard and re-run")
     final.mkdir(parents=True, exist_ok=True)
     info = write_shard(final / f"{name}.tar", samples)
-    _write_parquet(_prefixed(pq.read_table(table_path), prefix), final / f"{name}.parquet")
+    write_parquet(_prefixed(pq.read_table(table_path), prefix), final / f"{name}.parquet")
     write_text_atomic(final / f"{name}_stats.json", json.dumps(stats, indent=4))
     tar.unlink()
     table_path.unlink()
@@ -633,7 +581,7 @@ def _retry_failed(p: dict[str, Any], where: str) -> tuple[int, int, dict[str, di
     work = staging.parent / f"{staging.name}.retry"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    _write_parquet(source, work / "input.parquet")
+    write_parquet(source, work / "input.parquet")
     extra = [*(args.get("save_additional_columns") or []), "prep_key"]
     call_img2dataset(work / "input.parquet", work / "out",
                      {**args, "save_additional_columns": extra, "number_sample_per_shard": max(1, len(rows)),
@@ -666,7 +614,7 @@ def _retry_failed(p: dict[str, Any], where: str) -> tuple[int, int, dict[str, di
         kept = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(keys), pa.string()))))
         new = [{**{c: got_rows[k].get(c) for c in table.column_names}, "key": k} for k in sorted(keys)]
         merged = pa.concat_tables([kept, pa.Table.from_pylist(new, schema=table.schema)]).sort_by("key")
-        _write_parquet(merged, final / f"{n}.parquet")
+        write_parquet(merged, final / f"{n}.parquet")
         old = _read_stats(final / f"{n}_stats.json")
         write_text_atomic(final / f"{n}_stats.json", json.dumps(_restat(merged, old), indent=4))
         recovered += sum(1 for k in keys if got_rows[k]["status"] == "success")

@@ -155,10 +155,11 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     else:
         sources = _hub_sources(root, cfg, opts)
     if cfg.source_path:
-        from prep.stages.download_images import check_columns, read_columns
+        from prep.stages.parquet_parts import check_columns, read_columns
 
         for s in sources:  # a local schema costs a footer read: check before any task runs
-            check_columns(read_columns(s["url"], NOT_PARQUET), root.download_images, s["url"])
+            check_columns(read_columns(s["url"], NOT_PARQUET), root.download_images.required_columns(),
+                          s["url"])
     stems: dict[str, str] = {}
     tasks = []
     for s in sources:
@@ -274,7 +275,7 @@ def _delete_source(task: Task, src: Path) -> None:
 def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     import pyarrow.parquet as pq
 
-    from prep.stages.download_images import check_columns, reading_parquet
+    from prep.stages.parquet_parts import check_columns, reading_parquet
 
     cfg: Config = root.download_parquet
     p = task.payload
@@ -283,7 +284,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     with reading_parquet(where, NOT_PARQUET):
         names = pq.read_schema(src).names
     if p["check"]:
-        check_columns(names, root.download_images, where)
+        check_columns(names, root.download_images.required_columns(), where)
     out = Path(p["output_dir"])
     own_copy = src.resolve().is_relative_to((out / SOURCE_DIR).resolve())
     parts = split_parquet(src, out, p["stem"], p["subpartitions"], link_ok=own_copy)

@@ -36,7 +36,7 @@ from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
-from prep.stages.download_images import _img2dataset, _write_parquet, key_prefix, shard_name
+from prep.stages.parquet_parts import key_prefix, load_img2dataset, shard_name, write_parquet
 
 NAME = "ingest_local"
 TITLE = "turn an image folder or a table of image paths/URLs into checked tars (download_images' layout)"
@@ -424,7 +424,7 @@ def make_resizer(args: dict[str, Any]) -> Any:
     None when every image keeps its bytes (img2dataset's import alone takes seconds)."""
     if args["resize_mode"] == "no" and not args["reencode"]:
         return None
-    _img2dataset()  # sets the environment its albumentations import needs
+    load_img2dataset()  # sets the environment its albumentations import needs
     from img2dataset.resizer import Resizer
 
     try:
@@ -656,7 +656,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     info = write_shard(tar, [(o.key, o.members) for o in outcomes if o.members is not None])
     check_unchanged(outcomes, str(tar))
     cfg: Config = root.ingest_local
-    _write_parquet(_parquet([o.row for o in outcomes], args["compute_hash"],
+    write_parquet(_parquet([o.row for o in outcomes], args["compute_hash"],
                             list(cfg.save_additional_columns or [])), table)
     reasons = Counter(o.reason for o in outcomes if o.reason is not None)
     ok = len(outcomes) - sum(reasons.values())

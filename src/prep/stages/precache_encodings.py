@@ -240,8 +240,8 @@ def _outcome_json(o: Any) -> dict[str, Any]:
 
 
 def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
-    from prep.encoders.pipeline import LoopOptions, ShardJob, encode_shards
     from prep.formats.tar import scan_tar
+    from prep.stages.precache_loop import LoopOptions, ShardJob, encode_shards
 
     cfg: Config = root.precache_encodings
     _, out_dir = _dirs(cfg)
@@ -311,7 +311,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
 
 def merge_fields(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per member extension: dtype (and storage), total samples, and the shape(s) across all shards."""
-    from prep.encoders.pipeline import shape_summary
+    from prep.stages.precache_loop import shape_summary
 
     out: dict[str, dict[str, Any]] = {}
     shapes: dict[str, Counter[tuple[int, ...]]] = {}

@@ -1,5 +1,5 @@
-"""The precache loop for a group of shards: DataLoader workers read and prepare samples, the main
-thread batches them (by bucket) and runs each encoder's forward on the device, and a writer thread
+"""The precache stage's loop over a group of shards: DataLoader workers read and prepare samples, the
+main thread batches them (by bucket) and runs each encoder's forward on the device, and a writer thread
 turns outputs into `.npy` members and writes the output shard, so the device never waits on disk.
 
 Batches never span shards and are formed in sample order, so the output of a shard depends on its
