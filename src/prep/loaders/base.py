@@ -216,6 +216,18 @@ def batches_per_epoch(total: int, global_batch: int, drop_last: bool) -> int:
     return full + (1 if tail and not drop_last else 0)
 
 
+def known_sizes(sizes: Sequence[int | None]) -> list[int] | None:
+    """Every child's batches per epoch, or None when any is unknown (endless): then so is the parent's."""
+    known = [s for s in sizes if s is not None]
+    return known if len(known) == len(sizes) else None
+
+
+def sum_of_sizes(sizes: Sequence[int | None]) -> int | None:
+    """Batches per epoch of a node that plays its children one after another; None when any is endless."""
+    known = known_sizes(sizes)
+    return None if known is None else sum(known)
+
+
 DEFAULT_MAX_SKIP_FRACTION = 0.05  # more bad samples than this is a damaged dataset, not bad luck
 
 

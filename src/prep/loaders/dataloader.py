@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
@@ -180,7 +180,7 @@ class DataLoader:
                                      collate_fn=_identity, pin_memory=pin_memory, timeout=timeout,
                                      generator=private_generator(), **kwargs)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:
         if self._state is not None:
             if self._left is None or self.dataset.state_dict() == self._left:
                 # the sampler may have planned ahead of what was consumed: back to what was consumed
@@ -195,7 +195,8 @@ class DataLoader:
             if isinstance(fetched, WorkerError):
                 # raised without this frame holding the error (or the error this frame), so no reference
                 # cycle keeps the last batches' shared memory or torch's iterator alive until a GC
-                error, fetched, batches = fetched.error, None, None
+                error = fetched.error
+                del fetched, batches
                 try:
                     raise error
                 finally:

@@ -26,7 +26,16 @@ from typing import Any, Literal
 import torch
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Combinator, Node, Source, counter_rng, parse_sources
+from prep.loaders.base import (
+    BatchDesc,
+    Combinator,
+    Node,
+    Source,
+    counter_rng,
+    known_sizes,
+    parse_sources,
+    sum_of_sizes,
+)
 
 Schedule = Literal["random", "smooth"]
 Mode = Literal["ratio", "exhaust"]
@@ -114,10 +123,11 @@ def tag_batch(batch: Any, name: str, sample_weight: float | None) -> Any:
 
 def exhaust_shares(batches: Sequence[int | None]) -> list[float] | None:
     """Each source's share of an exhaust-mode epoch (its batches over all), or None for an endless one."""
-    if any(b is None for b in batches) or not sum(batches):  # type: ignore[arg-type]
+    known = known_sizes(batches)
+    if known is None or not sum(known):
         return None
-    total = sum(batches)  # type: ignore[arg-type]
-    return [b / total for b in batches]  # type: ignore[operator]
+    total = sum(known)
+    return [b / total for b in known]
 
 
 def smooth_block(weights: Sequence[Fraction], counts: Sequence[int], n: int) -> list[int]:
@@ -248,8 +258,7 @@ class BlendDataset(Combinator):
     def batches_per_epoch(self) -> int | None:
         if self.mode == "ratio":
             return self.length
-        sizes = [c.batches_per_epoch() for c in self._children]
-        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+        return sum_of_sizes([c.batches_per_epoch() for c in self._children])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -309,8 +318,7 @@ def _resolve_mode(
         return "exhaust", None
     if repeat is True or epoch_batches is not None:
         return "ratio", epoch_batches
-    sizes = [c.batches_per_epoch() for c in children]
-    return "ratio", None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+    return "ratio", sum_of_sizes([c.batches_per_epoch() for c in children])
 
 
 def _warn_unheld_weights(

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from prep.loaders.base import BatchDesc, Combinator, Node, take_samples
+from prep.loaders.base import BatchDesc, Combinator, Node, sum_of_sizes, take_samples
 
 
 class ConcatDataset(Combinator):
@@ -51,8 +51,7 @@ class ConcatDataset(Combinator):
         raise StopIteration
 
     def batches_per_epoch(self) -> int | None:
-        sizes = [c.batches_per_epoch() for c in self._children]
-        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+        return sum_of_sizes([c.batches_per_epoch() for c in self._children])
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "k": self.k, "children": self.child_states()}
@@ -64,11 +63,11 @@ class ConcatDataset(Combinator):
     def fingerprint(self) -> dict[str, Any]:
         return {"type": "concat", "children": self.child_fingerprints()}
 
-    def fetch_samples(self, refs: Sequence[tuple[int, Any]]) -> list[dict[str, Any]]:
+    def fetch_samples(self, refs: Sequence[tuple[int, Any]]) -> list[dict[str, Any] | None]:
         by_part: dict[int, list[int]] = defaultdict(list)
         for pos, (k, _) in enumerate(refs):
             by_part[k].append(pos)
-        out: list[Any] = [None] * len(refs)
+        out: list[dict[str, Any] | None] = [None] * len(refs)
         for k, positions in by_part.items():
             loaded = self._children[k].fetch_samples([refs[p][1] for p in positions])
             for pos, sample in zip(positions, loaded, strict=True):

@@ -68,7 +68,7 @@ class MapDataset(Combinator):
             return self.fn(self.fetch_desc(d, rank, world))
         return self.collate_fn([self.fn(s) for s in load_samples(self.node_at(d.node), d, rank, world)])
 
-    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
+    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         if not self.per_sample:
             raise PrepError(
                 "a batch-level MapDataset cannot be mixed inside a batch",

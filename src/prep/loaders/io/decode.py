@@ -15,7 +15,7 @@ import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff
 TEXT_EXTS = frozenset({"txt", "text", "caption"})
 JSON_EXTS = frozenset({"json"})
 INT_EXTS = frozenset({"cls", "cls2", "index", "id"})
+Parsed = tuple[str, dict[str, Buffer], str, int]  # (key, members, where, epoch) of one read sample
+_M = TypeVar("_M")  # what a member is known by: its bytes, or its (start, end) in a read buffer
 
 
 def _field_alternatives(fields: Sequence[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
@@ -105,10 +107,10 @@ class Decoder:
             "jpeg": jpeg_backend(),
         }
 
-    def select(self, key: str, members: dict[str, bytes], where: str) -> dict[str, bytes]:
+    def select(self, key: str, members: dict[str, _M], where: str) -> dict[str, _M]:
         if self.fields is None:
             return members
-        out: dict[str, bytes] = {}
+        out: dict[str, _M] = {}
         for name, alts in self.fields:
             for a in alts:
                 if a in members:
@@ -132,8 +134,6 @@ class Decoder:
         if self.mode == "raw":
             return bytes(data)
         kind = ext.rsplit(".", 1)[-1].lower()
-        if kind not in IMAGE_EXTS:
-            data = bytes(data)
         if kind in IMAGE_EXTS:
             if self.mode == "pil":
                 if self.image_size is None:
@@ -142,23 +142,24 @@ class Decoder:
             arr = decode_image(data, self.image_size, self.crop, self._rnd(key, epoch), where)
             t = torch.from_numpy(arr).permute(2, 0, 1)
             return t.float().div_(255) if self.mode == "float" else t
+        raw = bytes(data)
         if kind in TEXT_EXTS:
-            return data.decode("utf-8", "replace")
+            return raw.decode("utf-8", "replace")
         if kind in JSON_EXTS:
             try:
-                return json.loads(data)
+                return json.loads(raw)
             except json.JSONDecodeError as err:
                 raise BadSample(f"member {ext!r} of {key!r} is not JSON ({err.msg})", where,
                                 "fix or drop the sample", reason="malformed member") from None
         if kind in INT_EXTS:
             try:
-                return int(data)
+                return int(raw)
             except ValueError:
                 raise BadSample(f"member {ext!r} of {key!r} is not an integer", where,
                                 "fix or drop the sample", reason="malformed member") from None
         if kind == "npy":
             try:
-                return np.load(io.BytesIO(data), allow_pickle=False)
+                return np.load(io.BytesIO(raw), allow_pickle=False)
             except (ValueError, EOFError, OSError) as err:
                 raise BadSample(
                     f"member {ext!r} of {key!r} is not a plain .npy array ({err})",
@@ -166,21 +167,25 @@ class Decoder:
                     "write encodings as plain numeric .npy (object arrays would need pickle)",
                     reason="malformed member",
                 ) from None
-        return data
+        return raw
 
     def decode_batch(
         self,
-        parsed: Sequence[tuple[str, dict[str, bytes], str, int]],
+        parsed: Sequence[Parsed | None],
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
         collate: Callable[[list[dict[str, Any]]], Any] | None,
     ) -> Any:
-        """Decode and collate samples given as (key, members, where, epoch). Images of a fixed
-        `image_size` are decoded straight into one shared batch tensor when no per-sample transform needs
-        them first. A bad sample is dropped from the batch (and recorded) or raised, as `on_error` says."""
-        selected = []
-        for k, m, w, e in parsed:
+        """Decode and collate samples given as (key, members, where, epoch) (None: already skipped). Images
+        of a fixed `image_size` are decoded straight into one shared batch tensor when no per-sample
+        transform needs them first. A bad sample is dropped from the batch (and recorded) or raised, as
+        `on_error` says."""
+        selected: list[Parsed] = []
+        for item in parsed:
+            if item is None:
+                continue
+            k, m, where, e = item
             try:
-                selected.append((k, self.select(k, m, w), w, e))
+                selected.append((k, self.select(k, m, where), where, e))
             except BadSample as err:
                 skip_or_raise(err, self.on_error, k)
         if (
@@ -190,7 +195,8 @@ class Decoder:
             or self.image_size is None
             or not selected
         ):
-            return (collate or collate_samples)(self.finish_all(selected, transform))
+            samples = [s for s in self.finish_all(selected, transform) if s is not None]
+            return (collate or collate_samples)(samples)
         first = selected[0][1]
         image_exts = [e for e in first if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
         h, w = self.image_size
@@ -230,13 +236,11 @@ class Decoder:
 
     def finish_all(
         self,
-        selected: Sequence[tuple[str, dict[str, bytes], str, int] | None],
+        selected: Sequence[Parsed | None],
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
-        *,
-        keep_places: bool = False,
     ) -> list[dict[str, Any] | None]:
-        """`finish` for each (key, members, where, epoch) (None: already skipped). Bad samples are
-        recorded and dropped, or left as None with `keep_places` (for `fetch_samples`); or raised."""
+        """`finish` for each (key, members, where, epoch) (None: already skipped), in place: a bad sample
+        is recorded and left as None (what `fetch_samples` returns), or raised."""
         out: list[dict[str, Any] | None] = []
         for item in selected:
             sample = None
@@ -246,14 +250,13 @@ class Decoder:
                     sample = self.finish(k, m, e, w, transform)
                 except BadSample as err:
                     skip_or_raise(err, self.on_error, k)
-            if sample is not None or keep_places:
-                out.append(sample)
+            out.append(sample)
         return out
 
     def finish(
         self,
         key: str,
-        members: dict[str, bytes],
+        members: dict[str, Buffer],
         epoch: int,
         where: str,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None,

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 
+from prep.loaders.io.members import Buffer
 from prep.loaders.skips import BadSample
 
 try:  # a default dependency; an install without a wheel for this platform still decodes, with Pillow
@@ -35,7 +36,7 @@ def crop_box(h: int, w: int, th: int, tw: int, how: str, rnd: int) -> tuple[int,
     return (h - th) // 2, (w - tw) // 2
 
 
-def pil_rgb(data: bytes, cover: tuple[int, int, int, int] | None, where: str):
+def pil_rgb(data: Buffer, cover: tuple[int, int, int, int] | None, where: str):
     from PIL import Image
 
     try:
@@ -62,7 +63,7 @@ def decode_reason(err: Exception) -> str:
 
 
 def decode_image(
-    data: bytes, size: tuple[int, int] | None, crop: str, rnd: int, where: str, out: np.ndarray | None = None
+    data: Buffer, size: tuple[int, int] | None, crop: str, rnd: int, where: str, out: np.ndarray | None = None
 ) -> np.ndarray:
     """HxWx3 uint8 RGB; with `size`, resized to cover it and cropped to exactly (H, W). Writes into `out`
     (an HxWx3 view) when given."""
@@ -89,7 +90,7 @@ def decode_image(
     if size is not None and (img.height, img.width) != size:
         ch, cw = _cover_size(img.height, img.width, *size)
         if (img.height, img.width) != (ch, cw):
-            img = img.resize((cw, ch), Image.BICUBIC, reducing_gap=None)
+            img = img.resize((cw, ch), Image.Resampling.BICUBIC, reducing_gap=None)
         top, left = crop_box(ch, cw, size[0], size[1], crop, rnd)
         img = img.crop((left, top, left + size[1], top + size[0]))
     if out is not None:

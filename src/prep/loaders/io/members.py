@@ -27,9 +27,8 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
     spans: dict[str, tuple[int, int]] = {}
     key: str | None = None
     pos, n = 0, len(buf)
-    view = isinstance(buf, memoryview)
     while pos + _BLOCK <= n:
-        header = bytes(buf[pos : pos + _BLOCK]) if view else buf[pos : pos + _BLOCK]
+        header = bytes(buf[pos : pos + _BLOCK])  # bytes() returns a bytes slice itself
         if (
             not header.startswith(b"ustar", 257)
             or header[156] not in (0x30, 0)

@@ -29,14 +29,15 @@ _fresh_shared = torch_private.new_shared
 # main-process side: (token, slot) -> (whole slot as numpy, its state header); live handouts by generation
 _MAIN_SLOTS: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 _LIVE: dict[tuple[str, int], tuple[int, Any]] = {}
+_NO_SUBCLASS_DISPATCH = torch_private.disabled_torch_function_impl()
 
 
 class _PooledTensor(torch.Tensor):
     """A worker-side view of a slot; pickles as a slot reference. Operations on it give plain tensors.
     (Only made where `torch_private.slots_supported()`.)"""
 
-    if torch_private.disabled_torch_function_impl() is not None:
-        __torch_function__ = torch_private.disabled_torch_function_impl()
+    if _NO_SUBCLASS_DISPATCH is not None:
+        __torch_function__ = _NO_SUBCLASS_DISPATCH
     _prep_slot: _Slot
     _prep_gen: int
 
@@ -134,12 +135,15 @@ def pooled_like(t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return _pooled(t, base._prep_slot) if isinstance(base, _PooledTensor) else t
 
 
-class SlotBytes(list):
+class SlotBytes(list[bytes]):
     """A worker's list of byte strings that are slices of a slot: it pickles as (slot, spans), so the
     bytes cross to the main process through shared memory instead of being pickled into the result pipe.
     A list that was changed after it was made pickles as a plain list."""
 
     __slots__ = ("_buf", "_items", "_spans")
+    _buf: torch.Tensor
+    _items: tuple[bytes, ...]
+    _spans: list[int]
 
     def __reduce_ex__(self, protocol: Any):
         if len(self) == len(self._items) and all(a is b for a, b in zip(self, self._items, strict=True)):
@@ -158,7 +162,7 @@ def bytes_list(buf: torch.Tensor, items: list[bytes], spans: list[int]) -> list[
 
 
 def _bytes_from_slot(buf: torch.Tensor, spans: list[int]) -> list[bytes]:
-    mv = memoryview(buf.numpy())
+    mv = buf.numpy().data
     return [mv[spans[k] : spans[k + 1]].tobytes() for k in range(0, len(spans), 2)]
 
 

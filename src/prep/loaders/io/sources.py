@@ -191,7 +191,7 @@ def _local_tar(path: Path, name: str) -> ShardSpec:
     return ShardSpec(str(path), name, len(offsets) - 1, offsets)
 
 
-def _scanned_offsets(path: Path) -> np.ndarray:
+def _scanned_offsets(path: str | os.PathLike[str]) -> np.ndarray:
     """Sample offsets (N+1) of a local tar without `.idx`, from a header scan; the last value is where
     the last sample ends."""
     scan = scan_tar(path)
@@ -202,6 +202,12 @@ def _scanned_offsets(path: Path) -> np.ndarray:
 
 
 def _remote_tar(url: str, token: Secret | None, options: dict[str, Any] | None) -> ShardSpec:
+    offsets = _remote_offsets(url, token, options)
+    return ShardSpec(url, redact_url(url), len(offsets) - 1, offsets)
+
+
+def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | None) -> np.ndarray:
+    """Sample offsets (N+1) of a remote tar: from its `.idx` when there is one, else from a header scan."""
     fs = _filesystem(url, token, options)
     name = redact_url(url)
     try:
@@ -220,16 +226,14 @@ def _remote_tar(url: str, token: Secret | None, options: dict[str, Any] | None) 
                 redact_url(url + IDX_SUFFIX),
                 "rebuild it with `prep run generate_wdinfo`",
             )
-        offsets = np.frombuffer(raw, dtype="<u8").copy()
-        return ShardSpec(url, name, len(offsets) - 1, offsets)
+        return np.frombuffer(raw, dtype="<u8").copy()
     try:
         with fs.open(url, "rb", block_size=1 << 22) as f:
-            offsets = _scan_stream(f, name)
+            return _scan_stream(f, name)
     except PrepError:
         raise
     except Exception as err:
         raise _remote_error(err, url, "read the shard") from None
-    return ShardSpec(url, name, len(offsets) - 1, offsets)
 
 
 def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None) -> list[ShardSpec]:
@@ -359,14 +363,15 @@ class ShardReader:
             self.close()
 
     def offsets(self, i: int) -> np.ndarray:
-        off = self._offsets.get(i)
-        if off is not None:
-            return off
+        cached = self._offsets.get(i)
+        if cached is not None:
+            return cached
         spec = self.shards[i]
+        off: np.ndarray
         if spec.offsets is not None:
             off = spec.offsets
         elif is_remote(spec.url):
-            off = _remote_tar(spec.url, self.token, self.storage_options).offsets
+            off = _remote_offsets(spec.url, self.token, self.storage_options)
         else:
             path = _local(spec.url)
             off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
@@ -423,7 +428,7 @@ class ShardReader:
             spans.append((total, total + end - start))
             total += end - start
         buf = alloc(total)
-        mv = memoryview(buf)
+        mv = buf.data
         remote: list[tuple[int, int, int, int]] = []
         for k, ((i, j, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
             url = self.shards[i].url

@@ -33,7 +33,7 @@ from prep.loaders.base import (
     counter_rng,
     resolve_global_batch,
 )
-from prep.loaders.io.decode import DecodeMode, Decoder
+from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
 from prep.loaders.io.images import decode_reason
 from prep.loaders.skips import BadSample, OnError, Skip
 
@@ -170,7 +170,7 @@ class LocalDataset(SampleLeaf):
                 base = image_size if isinstance(image_size, int) else (max(image_size) if image_size else 512)
                 bucket_list = default_buckets(int(base))
             else:
-                bucket_list = [(int(b[0]), int(b[1])) for b in buckets]  # type: ignore[union-attr]
+                bucket_list = [(int(b[0]), int(b[1])) for b in buckets]
             rows, bucket_ids = self._bucket_rows(rows, bucket_list)
         counts: dict[str, int] = {}
         for _, n, _ in rows:
@@ -335,8 +335,9 @@ class LocalDataset(SampleLeaf):
     # ------------------------------------------------------------------------------------- loading
     def _parsed(
         self, refs: Sequence[Any], keep_places: bool = False
-    ) -> list[tuple[str, dict[str, bytes], str, int] | None]:
-        out = []
+    ) -> list[Parsed | None]:
+        """(key, members, where, epoch) per reference; a vanished image is skipped (None with keep_places)."""
+        out: list[Parsed | None] = []
         for r, epoch, _ in refs:
             path = self.folder / self.names[r]
             where = f"{path} ({self.captions_file}:{self.lines[r]})"
@@ -358,9 +359,9 @@ class LocalDataset(SampleLeaf):
         decoder = self.decoders[refs[0][2]] if refs else self.decoders[0]
         return decoder.decode_batch(self._parsed(refs), self.transform, self.collate)
 
-    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
+    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         with skips.leaf(self.path):  # mixed samples come from the unbucketed decoder (buckets cannot mix)
-            return self.decoders[0].finish_all(self._parsed(refs, True), self.transform, keep_places=True)
+            return self.decoders[0].finish_all(self._parsed(refs, True), self.transform)
 
 
 def text_line_of(data: bytes, offset: int) -> int:

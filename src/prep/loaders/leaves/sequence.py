@@ -148,9 +148,12 @@ class SequenceDataset(Node):
         }
 
     # --------------------------------------------------------------------------------- loading
-    def fetch_samples(self, refs: Sequence[int]) -> list[Sample]:
+    def _load(self, refs: Sequence[int]) -> list[Sample]:
         out = [dict(self.samples[i]) for i in refs]
         return [self.transform(s) for s in out] if self.transform else out
 
+    def fetch_samples(self, refs: Sequence[int]) -> list[Sample | None]:
+        return list(self._load(refs))  # no None: samples held in memory are never bad
+
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
-        return self.collate_fn(self.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)]))
+        return self.collate_fn(self._load(desc.items[rank_slice(len(desc.items), rank, world)]))

@@ -27,8 +27,8 @@ import torch
 from prep.errors import PrepError
 from prep.loaders import skips
 from prep.loaders.base import DEFAULT_MAX_SKIP_FRACTION, Collate, SampleLeaf, Transform, resolve_global_batch
-from prep.loaders.io.decode import DecodeMode, Decoder
-from prep.loaders.io.members import Buffer, member_spans, parse_sample
+from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
+from prep.loaders.io.members import member_spans, parse_sample
 from prep.loaders.io.shm import bytes_list, shared_empty
 from prep.loaders.io.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
 from prep.loaders.order import EpochOrder
@@ -165,11 +165,11 @@ class ShardDataset(SampleLeaf):
 
     def _parsed(
         self, refs: Sequence[tuple[int, int, int]], keep_places: bool = False
-    ) -> list[tuple[str, dict[str, Buffer], str, int] | None]:
+    ) -> list[Parsed | None]:
         """(key, members, where, epoch) per reference; a bad record is skipped (None with keep_places)."""
         buf, spans = self.reader.read_into([(i, j) for i, j, _ in refs], _empty_bytes)
-        mv = memoryview(buf)
-        out = []
+        mv = buf.data
+        out: list[Parsed | None] = []
         for (i, j, epoch), (a, b) in zip(refs, spans, strict=True):
             where = self._where(i, j)
             try:
@@ -187,7 +187,7 @@ class ShardDataset(SampleLeaf):
         byte-level pipelines, so it skips the per-value machinery). None for an unusual tar layout."""
         slot: list[torch.Tensor] = []
         buf, spans = self.reader.read_into([(i, j) for i, j, _ in refs], lambda n: _batch_bytes(n, slot))
-        mv = memoryview(buf)
+        mv = buf.data
         keys: list[str] = []
         where_from: dict[str, list[int]] = {}
         out: dict[str, Any] = {"__key__": keys}
@@ -240,9 +240,9 @@ class ShardDataset(SampleLeaf):
                 return batch
         return self.decoder.decode_batch(self._parsed(refs), self.transform, self.collate)
 
-    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any]]:
+    def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         with skips.leaf(self.path):
-            selected: list[tuple[str, dict[str, Buffer], str, int] | None] = []
+            selected: list[Parsed | None] = []
             for item in self._parsed(refs, keep_places=True):
                 if item is not None:
                     k, m, w, e = item
@@ -252,4 +252,4 @@ class ShardDataset(SampleLeaf):
                         skips.skip_or_raise(err, self.on_error, k)
                         item = None
                 selected.append(item)
-            return self.decoder.finish_all(selected, self.transform, keep_places=True)
+            return self.decoder.finish_all(selected, self.transform)
