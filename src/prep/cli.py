@@ -263,6 +263,67 @@ def config_cmd(
                       markup=False)
 
 
+pipeline_app = typer.Typer(help="Training pipelines: validate a pipeline YAML and show its plan, write a "
+                           "starter, run it.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("validate")
+def pipeline_validate_cmd(
+    config: Path = typer.Argument(..., help="a pipeline YAML (`training.pipeline`, or the section alone)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set training.pipeline.defaults."
+                                   "batch_size=8 (repeatable; values typed as YAML)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
+    no_data: bool = typer.Option(False, "--no-data", help="check the config only; do not open the datasets"),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the plan assumes (batch sizes are "
+                                   "per rank)"),
+) -> None:
+    """Check a pipeline (every problem at once, with its YAML line) and print its plan: per step the data
+    tree, batch size and workers (and where each came from), sizes, length, modules, optimizers,
+    transition and cadences. Exit 1 on any problem."""
+    from prep.pipeline import parse_pipeline_config
+    from prep.pipeline.plan import make_plan, render_plan
+
+    try:
+        cfg = parse_pipeline_config(config, overrides=set_)
+        plans = make_plan(cfg, build=not no_data, world_size=world_size)
+    except PrepError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+    problems = [p for plan in plans for p in plan.problems]
+    if as_json:
+        doc = {"config": str(config), "ok": not problems, "steps": [p.to_json() for p in plans]}
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+    else:
+        render_plan(plans, out_console, title=f"pipeline plan: {config}")
+    for line in problems:
+        _print_error(line)
+    if problems:
+        raise typer.Exit(1)
+    if not as_json:
+        err_console.print(f"[green]{config}: {len(plans)} steps, no problems[/]")
+
+
+@pipeline_app.command("example")
+def pipeline_example_cmd(
+    path: Path | None = typer.Argument(None, help="where to write it (stdout when left out)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+) -> None:
+    """Write a commented starter pipeline YAML (configs/pipelines/example.yaml)."""
+    from prep.formats.atomic import write_bytes_atomic
+    from prep.pipeline import example_yaml
+
+    text = example_yaml()
+    if path is None:
+        sys.stdout.write(text)
+        return
+    if path.exists() and not force:
+        _fail(PrepError("file exists", str(path), "pass --force to overwrite it, or name another file"))
+    write_bytes_atomic(path, text.encode())
+    err_console.print(f"wrote {path}; check it with: prep pipeline validate {path}")
+
+
 def _print_error(line: str) -> None:
     err_console.print(Text("error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
 

@@ -104,16 +104,28 @@ def apply_override(data: dict[str, Any], assignment: str) -> tuple[str, ...]:
     if not parts:
         raise PrepError(f"--set {assignment!r} has an empty key", "command line",
                         "write --set key.path=value")
-    node = data
+    node: Any = data
     for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
+        if isinstance(node, list):  # a list item by index: steps.0.n_epochs
+            nxt = node[int(p)] if p.isdigit() and int(p) < len(node) else None
+            if nxt is None:
+                raise PrepError(f"--set {key}: the list has no item {p}", "command line",
+                                f"use an index below {len(node)}")
+        else:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+        if not isinstance(nxt, dict | list):
             raise PrepError(f"--set {key}: {p!r} is a value, not a section", "command line",
                             "set the value itself, not a key below it")
         node = nxt
-    node[parts[-1]] = parse_scalar(value)
+    if isinstance(node, list):
+        if not (parts[-1].isdigit() and int(parts[-1]) < len(node)):
+            raise PrepError(f"--set {key}: the list has no item {parts[-1]}", "command line",
+                            f"use an index below {len(node)}")
+        node[int(parts[-1])] = parse_scalar(value)
+    else:
+        node[parts[-1]] = parse_scalar(value)
     return tuple(parts)
 
 
