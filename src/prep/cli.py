@@ -324,6 +324,58 @@ def pipeline_example_cmd(
     err_console.print(f"wrote {path}; check it with: prep pipeline validate {path}")
 
 
+@pipeline_app.command("run")
+def pipeline_run_cmd(
+    config: Path = typer.Argument(..., help="a pipeline YAML"),
+    entry: str = typer.Option(..., "--entry", help="module:build — your function build(config) -> (modules, "
+                              "trainers)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key (repeatable; values typed as YAML)"),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="where checkpoints go "
+                                               "(default: runs/CONFIG-NAME)"),
+    resume: str = typer.Option("auto", "--resume", help="auto (the newest checkpoint there), never, or a "
+                               "checkpoint path"),
+    allow_config_change: bool = typer.Option(False, "--allow-config-change", help="resume even though the "
+                                             "current or a finished step changed"),
+    stop_after: int | None = typer.Option(None, "--stop-after", min=1, help="train at most N batches in this "
+                                          "run, then checkpoint and exit (jobs with a time limit)"),
+    device: str | None = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available; "
+                                      "under torchrun, cuda:LOCAL_RANK)"),
+    keep_last: int = typer.Option(3, "--keep-last", min=1, help="regular checkpoints kept (step ends are "
+                                  "always kept)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
+) -> None:
+    """Run a pipeline with your modules and trainers (resuming from the newest checkpoint); works the same
+    under torchrun. Exit 0 when every step finished (or --stop-after stopped it with a checkpoint)."""
+    import importlib
+    import os
+
+    from prep.pipeline import parse_pipeline_config
+    from prep.pipeline.orchestrator import TrainingPipelineOrchestrator
+
+    try:
+        module_name, _, attr = entry.partition(":")
+        try:
+            build = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise PrepError(f"cannot load the entry {entry!r} ({err})", "--entry",
+                            "pass module:function, importable from here (PYTHONPATH)") from None
+        cfg = parse_pipeline_config(config, overrides=set_)
+        modules, trainers = build(cfg)
+        if device is None and "LOCAL_RANK" in os.environ:
+            import torch
+
+            device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+        orch = TrainingPipelineOrchestrator(
+            cfg, modules, trainers, checkpoint_dir or Path("runs") / config.stem, device=device,
+            resume=resume, allow_config_change=allow_config_change, keep_last=keep_last, progress=not quiet,
+            console=err_console)
+        orch.run(max_batches=stop_after)
+    except PrepError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+
+
 def _print_error(line: str) -> None:
     err_console.print(Text("error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
 

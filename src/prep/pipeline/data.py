@@ -30,6 +30,7 @@ from prep.pipeline.config import (
     PrepDatasetConfig,
     StepConfig,
     WebDatasetConfig,
+    dataset_refs,
 )
 from prep.pipeline.resolve import Resolved, resolve_setting
 
@@ -72,6 +73,21 @@ def resolve_batch_size(
         defaults=cfg.defaults.batch_size,
         args=args,
     )
+
+
+def resolve_batch_sizes(cfg: PipelineConfig, name: str, *, step: StepConfig | None = None,
+                        args: Mapping[str, int | None] | None = None, batch_size: int | None = None,
+                        _chain: tuple[tuple[str, DatasetConfig], ...] = ()) -> list[tuple[str, Resolved]]:
+    """Each batch-making dataset under `name` (leaves, and mixes, which batch their sources' samples)
+    with its resolved per-rank batch size, without opening any data (the same rule `build_dataset`
+    applies)."""
+    ds = cfg.datasets[name]
+    chain = [*_chain, (name, ds)]
+    if ds.type in ("blend", "concat"):
+        return [x for _, ref in dataset_refs(ds)
+                for x in resolve_batch_sizes(cfg, ref, step=step, args=args, batch_size=batch_size,
+                                             _chain=tuple(chain))]
+    return [(name, resolve_batch_size(cfg, chain, step, args, batch_size))]
 
 
 def resolve_workers(

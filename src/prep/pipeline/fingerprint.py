@@ -63,6 +63,10 @@ def doc_hash(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human lines naming each key that differs between two step documents."""
+def changes(old: dict[str, Any], new: dict[str, Any], *, loader: bool = True) -> list[str]:
+    """Human lines naming each key that differs between two step documents (`loader=False`: the
+    config part only, for steps whose data is not built again)."""
+    if not loader:
+        old = {k: v for k, v in old.items() if k != "loader"}
+        new = {k: v for k, v in new.items() if k != "loader"}
     return diff_fingerprints(old, new)

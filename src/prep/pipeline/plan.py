@@ -119,7 +119,7 @@ def make_plan(
 ) -> list[StepPlan]:
     """One StepPlan per step. `build=False` skips the data (no sizes, no loader fingerprint)."""
     from prep.loaders import resolve_chunk_config
-    from prep.pipeline.data import build_dataset, resolve_workers
+    from prep.pipeline.data import build_dataset, resolve_batch_sizes, resolve_workers
 
     plans: list[StepPlan] = []
     for i, step in enumerate(cfg.steps):
@@ -174,10 +174,11 @@ def make_plan(
                     problems.append(
                         f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
                     )
+        sizes = resolve_batch_sizes(cfg, name, step=step, args=args) if name in cfg.datasets else []
         doc = step_doc(
             cfg,
             i,
-            batch_sizes={n: r.value for n, r in built.batch_sizes} if built else None,
+            batch_sizes={n: r.value * world_size for n, r in sizes},
             loader=built.node.fingerprint() if built else None,
         )
         opt = step.optimization
@@ -187,7 +188,7 @@ def make_plan(
                 name=step.name,
                 dataset=name,
                 tree=built.description if built else None,
-                batch_size=built.batch_sizes if built else [],
+                batch_size=sizes,
                 workers=resolve_workers(cfg, name, step, args) if name in cfg.datasets else None,
                 world_size=world_size,
                 samples_per_epoch=spe,
