@@ -376,18 +376,21 @@ class TrainingPipelineOrchestrator:
             return broadcast(path, self.dist)
         return Path(self.resume)
 
-    def _check_fingerprints(self, meta: dict[str, Any], current_doc: dict[str, Any]) -> None:
+    def _check_fingerprints(self, meta: dict[str, Any], upto: int, current: dict[str, Any] | None) -> None:
+        """Refuse a resume when a step this checkpoint ran differs from the config: steps before `upto`
+        by their config, step `upto` (when `current` is given: the step it stopped inside) with its
+        loader too. Steps not yet started may change freely."""
         saved: list[dict[str, Any]] = meta["fingerprints"]
-        index = meta["state"]["step_index"]
         problems: list[str] = []
-        for i in range(min(index + 1, len(saved))):
+        last = upto if current is not None else upto - 1
+        for i in range(min(last + 1, len(saved))):
             if i >= len(self.cfg.steps):
                 problems.append(f"step {i} ({saved[i]['name']}) was removed")
                 continue
-            doc = current_doc if i == index else self._docs(i, None)
-            diff = changes(saved[i], doc, loader=i == index and "loader" in saved[i])
+            doc = current if i == upto and current is not None else self._docs(i, None)
+            diff = changes(saved[i], doc, loader=doc is current and "loader" in saved[i])
             if diff:
-                what = "current" if i == index else "finished"
+                what = "current" if doc is current else "finished"
                 problems.append(f"{what} step {i} ({self.cfg.steps[i].name}): " + "; ".join(diff[:6]))
         if problems and not self.allow_config_change:
             raise PrepError(
@@ -411,6 +414,8 @@ class TrainingPipelineOrchestrator:
         meta = json.loads(payload["meta"]) if payload is not None else None
         if meta is not None:
             self.state = RunState(**meta["state"])
+            index = self.state.step_index
+            self._check_fingerprints(meta, index, None)  # the finished steps; the current one once built
             for name, sd in payload["modules"].items():  # type: ignore[index]
                 if name in self.modules:
                     self.modules[name].load_state_dict(sd)
@@ -453,8 +458,8 @@ class TrainingPipelineOrchestrator:
             )
             val_initial = val_loader.state_dict()
         doc = self._docs(index, built.node.fingerprint())
-        if meta is not None:
-            self._check_fingerprints(meta, doc)
+        if meta is not None and meta["in_step"]:
+            self._check_fingerprints(meta, index, doc)
         bpe = built.batches_per_epoch
         length = step_length(step, bpe, built.samples_per_epoch)
         global_batch = (
@@ -688,6 +693,7 @@ class _StepRun:
         progress = _Progress(
             self.o, self.index, self.step, self.epochs_target, self.batches_target, self.epoch_batches
         )
+        want_save = False
         with progress:
             while True:
                 if self.epochs_target is not None and st.step_epoch >= self.epochs_target:
@@ -702,11 +708,15 @@ class _StepRun:
                         reason = self._after_batch()
                         if reason is not None:
                             return True, trained, reason
-                        if budget is not None and trained >= budget:
+                        # checkpoints wait for the end of an accumulation window: gradients half
+                        # accumulated (and, under DDP, not yet averaged) are never saved
+                        want_save = want_save or self._due_batch(self.ckpt_every)
+                        if budget is not None and trained >= budget and self.ctx.boundary:
                             self.save()
                             return False, trained, "stopped: max_batches"
-                        if self._due_batch(self.ckpt_every):
+                        if want_save and self.ctx.boundary:
                             self.save()
+                            want_save = False
                         if self.epoch_batches is not None and st.batch_in_epoch >= self.epoch_batches:
                             break
                 if st.batch_in_epoch == 0:
@@ -722,8 +732,10 @@ class _StepRun:
                     return True, trained, reason
                 if self.epochs_target is not None and st.step_epoch >= self.epochs_target:
                     return True, trained, done_epochs
-                if self._due_epoch(self.ckpt_every, default=True):
-                    self.save()
+                if self._due_epoch(self.ckpt_every, default=True) or want_save:
+                    want_save = not self.ctx.boundary
+                    if not want_save:
+                        self.save()
 
     def _train(self, batch: Any) -> None:
         st, ctx, step = self.o.state, self.ctx, self.step
