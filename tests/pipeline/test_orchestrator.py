@@ -231,6 +231,7 @@ def test_changed_current_step_refused_later_step_accepted(data, tmp_path):
     orch, _, _ = _run(_config(data, current), tmp_path / "ck", allow_config_change=True)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_crafted_pickle_checkpoint_refused_without_running_it(data, tmp_path):
     marker = tmp_path / "pwned"
 
