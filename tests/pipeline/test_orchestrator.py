@@ -286,3 +286,41 @@ def test_trainers_and_modules_checked_against_what_was_passed(data, tmp_path):
         )
     text = " ".join(e.what for e in err.value.errors)
     assert "trainer 'gan' is not declared" in text and "names no module: 'encoder'" in text
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_clipping_and_accumulation_trains(data, tmp_path, precision):
+    step = {
+        "name": "amp",
+        "max_steps": 6,
+        "train": ["reg"],
+        "precision": precision,
+        "grad_clip_norm": 0.5,
+        "grad_accumulation": 3,
+        "optimization": OPT_BOTH,
+    }
+    before = _weights(tiny_modules(0))
+    orch, modules, trainer = _run(_config(data, [step]), tmp_path / "ck")
+    after = _weights(modules)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(after["enc.weight"], before["enc.weight"])
+    assert orch.state.optimizer_steps == 2 and len(trainer.keys) == 6
+
+
+def test_ema_reset_policy_starts_a_new_average(data, tmp_path):
+    steps = [
+        {"name": "a", "max_steps": 4, "train": ["reg"], "optimization": OPT_DEC, "ema": {"decay": 0.5}},
+        {
+            "name": "b",
+            "max_steps": 4,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "ema": {"decay": 0.5, "policy": "reset"},
+        },
+    ]
+    _run(_config(data, steps), tmp_path / "ck")
+    a, b = _step_end(tmp_path / "ck", 0)["ema"]["dec"], _step_end(tmp_path / "ck", 1)["ema"]["dec"]
+    assert int(a["n_averaged"]) == 4 and int(b["n_averaged"]) == 4  # reset: counted from the new step
+    steps[1]["ema"]["policy"] = "keep"
+    _run(_config(data, steps), tmp_path / "keep")
+    assert int(_step_end(tmp_path / "keep", 1)["ema"]["dec"]["n_averaged"]) == 8

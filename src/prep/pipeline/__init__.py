@@ -7,8 +7,27 @@ from prep.pipeline.config import PipelineConfig, StepConfig, parse_pipeline_conf
 from prep.pipeline.durations import Duration, parse_duration
 from prep.pipeline.resolve import Resolved, resolve_setting
 
-__all__ = ["Duration", "PipelineConfig", "Resolved", "StepConfig", "example_yaml", "parse_duration",
-           "parse_pipeline_config", "resolve_setting"]
+__all__ = [
+    "Duration",
+    "PipelineConfig",
+    "Resolved",
+    "StepConfig",
+    "StepContext",
+    "TrainingPipelineOrchestrator",
+    "example_yaml",
+    "parse_duration",
+    "parse_pipeline_config",
+    "resolve_setting",
+]
+
+
+def __getattr__(name: str) -> object:
+    """The orchestrator imports torch: loaded on first use, so `prep pipeline example` starts fast."""
+    if name in ("TrainingPipelineOrchestrator", "StepContext"):
+        from prep.pipeline import orchestrator
+
+        return getattr(orchestrator, name)
+    raise AttributeError(f"module 'prep.pipeline' has no attribute {name!r}")
 
 
 def example_yaml() -> str:

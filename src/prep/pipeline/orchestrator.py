@@ -515,7 +515,10 @@ class TrainingPipelineOrchestrator:
             for name, sd in (payload.get("trainers") or {}).items():
                 if name in self.trainers and hasattr(self.trainers[name], "load_state_dict"):
                     self.trainers[name].load_state_dict(sd)
-            for name, sd in (payload.get("ema") or {}).items():
+            keep = meta is not None and (
+                meta["in_step"] or (step.ema is not None and step.ema.policy == "keep")
+            )
+            for name, sd in (payload.get("ema") or {}).items() if keep else ():
                 if name in self.ema:
                     self.ema[name].load_state_dict(sd)
             rngs = payload["rng"]
