@@ -90,3 +90,31 @@ def test_missing_data_is_a_problem_at_the_dataset_line(tmp_path, monkeypatch):
 def test_cli_start_imports_no_torch():
     code = "import sys, prep.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cap_in_the_other_unit_is_checked_against_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(example_data(tmp_path / "data")))
+    # step 1 is n_epochs 2 of 2 batches = 4 batches: a max_steps cap of 5 is above it, 4 agrees
+    res = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "validate",
+            "configs/pipelines/example.yaml",
+            "--set",
+            "training.pipeline.steps.0.transition_on.max_steps=5",
+        ],
+    )
+    assert res.exit_code == 1
+    assert "steps.0.transition_on.max_steps: max_steps=5 (5 batches) is above the step's length" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "validate",
+            "configs/pipelines/example.yaml",
+            "--set",
+            "training.pipeline.steps.0.transition_on.max_steps=4",
+        ],
+    )
+    assert res.exit_code == 0, res.output

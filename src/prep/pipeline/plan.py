@@ -110,6 +110,38 @@ def _kwargs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
+def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[str]:
+    """A transition cap in the other unit than the step's length (max_epochs on a step counted in
+    batches, or max_steps on one counted in epochs): compared once the epoch's size is known (caps in
+    the same unit are checked with the config)."""
+    tr = cfg.steps[index].transition_on
+    out: list[str] = []
+    if not bpe or length.batches is None:
+        return out
+    for cap, per in (("max_epochs", bpe), ("max_steps", 1)):
+        value = getattr(tr, cap)
+        if value is None or length.rule.startswith(f"transition_on.{cap}") or value * per == length.batches:
+            continue
+        counted_in_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
+            length.rule.startswith("duration") and length.rule.endswith("ep")
+        )
+        if counted_in_epochs == (cap == "max_epochs"):
+            continue  # same unit: the config check reported it
+        side = "above" if value * per > length.batches else "below"
+        effect = (
+            "the step ends first, so the cap never applies"
+            if side == "above"
+            else ("the cap stops the step before its length")
+        )
+        out.append(
+            f"{cfg.place(('steps', str(index), 'transition_on', cap))}: "
+            f"{cfg.dotted(('steps', str(index), 'transition_on', cap))}: {cap}={value} "
+            f"({value * per:,} batches) is {side} the step's length ({length.rule} = "
+            f"{length.batches:,} batches): {effect} — fix: make them agree"
+        )
+    return out
+
+
 def make_plan(
     cfg: PipelineConfig,
     *,
@@ -152,6 +184,7 @@ def make_plan(
                 f"(it repeats endlessly), so {length.rule} cannot end — fix: give the dataset "
                 "epoch_length, or give the step max_steps / a duration in ba or sp"
             )
+        problems += _cap_problems(cfg, i, bpe, length)
         chunking = None
         v = step.validation
         if v is not None:
