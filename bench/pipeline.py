@@ -248,12 +248,43 @@ def checkpoint_costs(folder: Path, repeats: int, quick: bool) -> dict[str, float
         )
 
     times: list[float] = []
+    bare: list[float] = []
+    bare_sync: list[float] = []
     real_save = orch_mod._StepRun.save
 
+    def bare_saves(self: Any) -> None:
+        payload = {
+            "model": self.o.modules["m"].state_dict(),
+            "optimizer": {n: o.state_dict() for n, o in self.ctx.optimizers.items()},
+        }
+        # each to a new file, the one from two saves ago deleted: what prep does with keep_last=2 (on a
+        # VM, writing fresh pages costs far more than overwriting a file in place)
+        i = len(times)
+        for kind, out in (("bare", bare), ("sync", bare_sync)):
+            (folder / f"{kind}-{i - 2}.pt").unlink(missing_ok=True)
+            t = time.perf_counter()
+            torch.save(payload, folder / f"{kind}-{i}.pt")
+            if kind == "sync":
+                fd = os.open(folder / f"{kind}-{i}.pt", os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            out.append(time.perf_counter() - t)
+
     def timed(self: Any, step_end: bool = False) -> None:
+        """prep's save, and beside it (before it on every other save, so neither always follows the
+        other's writes) bare torch.save and torch.save + fsync of the same module and optimizer states;
+        the step-end checkpoint (no optimizer) is not counted."""
+        if step_end:
+            real_save(self, step_end)
+            return
+        first = len(times) % 2 == 1
+        if first:
+            bare_saves(self)
         t = time.perf_counter()
         real_save(self, step_end)
         times.append(time.perf_counter() - t)
+        if not first:
+            bare_saves(self)
 
     orch_mod._StepRun.save = timed  # type: ignore[method-assign]
     try:
@@ -270,47 +301,18 @@ def checkpoint_costs(folder: Path, repeats: int, quick: bool) -> dict[str, float
         ).run()
     finally:
         orch_mod._StepRun.save = real_save  # type: ignore[method-assign]
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    x, y = torch.randn(4, 6), torch.randn(4, 2)
-    ((m(x) - y) ** 2).mean().backward()
-    opt.step()
-    bare, bare_sync = [], []
-    for i in range(repeats):
-        payload = {"model": m.state_dict(), "optimizer": opt.state_dict()}
-        t = time.perf_counter()
-        torch.save(payload, folder / f"bare-{i % 2}.pt")
-        bare.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        with open(folder / f"sync-{i % 2}.pt", "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        bare_sync.append(time.perf_counter() - t)
-    size = (folder / "bare-0.pt").stat().st_size
+    size = max(p.stat().st_size for p in folder.glob("bare-*.pt"))
     return {
         "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
         "size_MB": size / 1e6,
-        "prep_s": statistics.median(times[:-1] or times),
+        "prep_s": statistics.median(times),
         "torch_save_s": statistics.median(bare),
         "torch_save_fsync_s": statistics.median(bare_sync),
     }
 
 
 # ------------------------------------------------------------------------------------------ main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--step-ms", type=float, default=20.0)
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    work = a.work or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}, 1 thread; scratch {work}"
-    )
-
-    # 1. overhead
+def overhead(a: argparse.Namespace, work: Path) -> None:
     data = work / "data"
     if not data.exists():
         make_shards(data, [2000] * 4, image_size=8, distinct_images=1)
@@ -327,7 +329,8 @@ def main() -> None:
         f"overhead {100 * (mo / mh - 1):+.2f}% ({(mo - mh) * 1e6:+.0f} us/step; target <= 2%)"
     )
 
-    # 2. resume time vs position
+
+def resume(a: argparse.Namespace, work: Path) -> None:
     big = work / "big"
     if not big.exists():
         make_shards(big, [16000] * 12, image_size=8, distinct_images=1)  # 192,000 samples
@@ -399,8 +402,9 @@ def main() -> None:
             f"({wmed / base[1]:.2f}x)"
         )
 
-    # 3. checkpoint write
-    c = checkpoint_costs(work, 4 if a.quick else 6, a.quick)
+
+def checkpoint(a: argparse.Namespace, work: Path) -> None:
+    c = checkpoint_costs(work, 4 if a.quick else 13, a.quick)
     print(
         f"\n3. checkpoint write, {c['params_M']:.1f}M parameters + AdamW state ({c['size_MB']:.0f} MB), "
         "median:"
@@ -410,6 +414,25 @@ def main() -> None:
         f"({c['prep_s'] / c['torch_save_s']:.2f}x); torch.save + fsync {c['torch_save_fsync_s']:.3f} s "
         f"({c['prep_s'] / c['torch_save_fsync_s']:.2f}x)"
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="1,2,3", help="which measurements to run, e.g. 3")
+    ap.add_argument("--step-ms", type=float, default=20.0)
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, 1 thread; scratch {work}"
+    )
+
+    parts = {"1": overhead, "2": resume, "3": checkpoint}
+    for part in a.parts.split(","):
+        parts[part.strip()](a, work)
 
 
 if __name__ == "__main__":
