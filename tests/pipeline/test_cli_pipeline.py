@@ -118,3 +118,32 @@ def test_cap_in_the_other_unit_is_checked_against_the_data(tmp_path, monkeypatch
         ],
     )
     assert res.exit_code == 0, res.output
+
+
+def test_run_trains_resumes_and_reports_a_bad_entry(tmp_path):
+    from prep.testing.loader_data import make_shards
+
+    make_shards(tmp_path / "d", [5, 4], image_size=8, distinct_images=1)
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"datasets: {{d: {{type: prep, path: {tmp_path / 'd'}, decode: raw, batch_size: 3}}}}\n"
+        "default_dataset: d\ndefaults: {workers: 0}\nsteps:\n  - {name: s, n_epochs: 2, "
+        "train: [reg], optimization: {optimizers: {dec: {type: SGD, lr: 0.1}}}}\n"
+    )
+    run = [
+        "pipeline",
+        "run",
+        str(config),
+        "--entry",
+        "prep.testing.pipeline_data:build",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--quiet",
+    ]
+    assert runner.invoke(app, [*run, "--stop-after", "2"]).exit_code == 0
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["ckpt-000000000002.pt"]
+    res = runner.invoke(app, run)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir())[-1] == "step-000-000000000006-s.pt"
+    res = runner.invoke(app, [*run[:3], "--entry", "prep.testing.pipeline_data:nope"])
+    assert res.exit_code == 1 and "cannot load the entry 'prep.testing.pipeline_data:nope'" in res.output

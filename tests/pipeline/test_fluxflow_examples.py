@@ -108,6 +108,9 @@ def test_fluxflow_examples_parse_unchanged(tmp_path, monkeypatch, text):
     plans = make_plan(cfg, build=False)
     assert [p.length.epochs for p in plans] == [float(s.n_epochs) for s in cfg.steps]
     assert SECRET not in json.dumps([p.to_json() for p in plans]) and SECRET not in repr(cfg)
+    if text is LOCAL_REMOTE:  # not opened: the plan counts webdataset_size, 1,000,000 at batch 8
+        assert (plans[0].samples_per_epoch, plans[0].batches_per_epoch) == (1_000_000, 125_000)
+        assert plans[0].length.batches == 50 * 125_000
 
 
 def test_domain_example_as_a_dict_freezes_and_selects_flow():

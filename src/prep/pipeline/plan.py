@@ -110,6 +110,21 @@ def _kwargs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
+def _declared_size(ds: Any) -> int | None:
+    """FluxFlow's `webdataset_size` (or samples per shard x shards in the URL pattern): the plan's
+    estimate when the data was not opened (`--no-data`); an opened source counts its own samples."""
+    from prep.loaders.sources import expand_braces
+    from prep.pipeline.config import WebDatasetConfig
+
+    if not isinstance(ds, WebDatasetConfig):
+        return None
+    if ds.webdataset_size is not None:
+        return ds.webdataset_size
+    if ds.webdataset_samples_per_shard is not None:
+        return ds.webdataset_samples_per_shard * len(expand_braces(ds.webdataset_url))
+    return None
+
+
 def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[str]:
     """A transition cap in the other unit than the step's length (max_epochs on a step counted in
     batches, or max_steps on one counted in epochs): compared once the epoch's size is known (caps in
@@ -177,6 +192,10 @@ def make_plan(
                     problems.append(err.line())
         bpe = built.batches_per_epoch if built else None
         spe = built.samples_per_epoch if built else None
+        sizes = resolve_batch_sizes(cfg, name, step=step, args=args) if name in cfg.datasets else []
+        if built is None and name in cfg.datasets and (guess := _declared_size(cfg.datasets[name])):
+            spe = guess
+            bpe = -(-guess // (sizes[0][1].value * world_size))
         length = step_length(step, bpe, spe)
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
@@ -207,7 +226,6 @@ def make_plan(
                     problems.append(
                         f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
                     )
-        sizes = resolve_batch_sizes(cfg, name, step=step, args=args) if name in cfg.datasets else []
         doc = step_doc(
             cfg,
             i,
