@@ -94,7 +94,8 @@ class StepContext:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of `loss / grad_accumulation`, through the fp16 grad scaler when there is one."""
-        loss = loss / self.step.grad_accumulation
+        if self.step.grad_accumulation > 1:
+            loss = loss / self.step.grad_accumulation
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def optimizer_step(self, name: str) -> bool:
@@ -135,11 +136,16 @@ class StepSummary:
 
 # ------------------------------------------------------------------------------------------ helpers
 def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch moved to `device` (loaders give CPU tensors: nothing to do on CPU; lists of
+    keys, captions or bytes are left as they are)."""
+    if device.type == "cpu":
+        return batch
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
+    nested = torch.Tensor | dict | list | tuple
+    if isinstance(batch, list | tuple) and any(isinstance(v, nested) for v in batch):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
 
