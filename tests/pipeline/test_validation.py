@@ -378,3 +378,9 @@ def test_set_override_and_env_interpolation(tmp_path, monkeypatch):
     (tmp_path / "p.yaml").write_text(text)
     cfg = parse_pipeline_config(tmp_path / "p.yaml")
     assert cfg.steps[0].dataset == "a" and str(cfg.steps[0].duration) == "3ep"
+
+
+def test_a_bad_set_value_is_placed_at_the_set(tmp_path):
+    text = HEAD + "      - name: s\n        n_epochs: 2\n"
+    errors = _errors(tmp_path, text, overrides=["training.pipeline.steps.0.n_epochs=zero"])
+    assert errors[0].where == "--set" and "training.pipeline.steps.0.n_epochs:" in errors[0].what

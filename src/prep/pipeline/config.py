@@ -319,14 +319,22 @@ def _vocabulary() -> set[str]:
 class _Collector:
     """Problems gathered across the whole config, each placed at `file:line` and named by key path."""
 
-    def __init__(self, where: str, lines: Mapping[tuple[str, ...], int], root: tuple[str, ...]) -> None:
-        self.where, self.lines, self.root = where, lines, root
+    def __init__(
+        self,
+        where: str,
+        lines: Mapping[tuple[str, ...], int],
+        root: tuple[str, ...],
+        overridden: frozenset[tuple[str, ...]] = frozenset(),
+    ) -> None:
+        self.where, self.lines, self.root, self.overridden = where, lines, root, overridden
         self.errors: list[PrepError] = []
 
     def add(self, path: Sequence[str], what: str, fix: str) -> None:
         full = (*self.root, *map(str, path))
         key = ".".join(full) or "(top level)"
-        self.errors.append(PrepError(f"{key}: {what}", place_of(self.where, self.lines, full), fix))
+        by_set = any(full[:n] in self.overridden for n in range(1, len(full) + 1))
+        place = "--set" if by_set else place_of(self.where, self.lines, full)
+        self.errors.append(PrepError(f"{key}: {what}", place, fix))
 
     def pydantic(self, err: ValidationError, prefix: Sequence[str], known: set[str]) -> None:
         for e in err.errors():
@@ -357,7 +365,9 @@ class _Collector:
                 self.add(path, f"{e['msg']}{shown}", "correct the value")
 
 
-def _read(source: Any, overrides: Sequence[str]) -> tuple[dict[str, Any], str, dict[tuple[str, ...], int]]:
+def _read(
+    source: Any, overrides: Sequence[str]
+) -> tuple[dict[str, Any], str, dict[tuple[str, ...], int], frozenset[tuple[str, ...]]]:
     if isinstance(source, Mapping):
         data: Any = _plain(source)
         where, lines = "pipeline config", {}
@@ -376,9 +386,8 @@ def _read(source: Any, overrides: Sequence[str]) -> tuple[dict[str, Any], str, d
             raise PrepError(
                 "the pipeline config must be a mapping", where, "start from `prep pipeline example`"
             )
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return interpolate(data, where, lines), where, lines
+    overridden = frozenset(apply_override(data, assignment) for assignment in overrides)
+    return interpolate(data, where, lines), where, lines, overridden
 
 
 def _plain(value: Any) -> Any:
@@ -411,10 +420,10 @@ def parse_pipeline_config(
     Raises `PrepErrorGroup` with every problem, each naming its key path and line."""
     from prep.pipeline.checks import check_config
 
-    data, where, lines = _read(source, overrides)
+    data, where, lines, overridden = _read(source, overrides)
     root = pipeline_root(data)
     section = data["training"]["pipeline"] if root else data
-    out = _Collector(where, lines, root)
+    out = _Collector(where, lines, root, overridden)
     known = _vocabulary()
     top = {k: v for k, v in section.items() if k not in ("datasets", "steps")}
     try:
