@@ -80,7 +80,8 @@ def test_missing_data_is_a_problem_at_the_dataset_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA_ROOT", str(tmp_path / "nothing-here"))
     res = runner.invoke(app, ["pipeline", "validate", "configs/pipelines/example.yaml"])
     assert res.exit_code == 1
-    assert "configs/pipelines/example.yaml:12: dataset 'lowres': image folder not found" in res.output
+    line = next(i for i, t in enumerate(example_yaml().splitlines(), 1) if t.strip().startswith("lowres:"))
+    assert f"configs/pipelines/example.yaml:{line}: dataset 'lowres': image folder not found" in res.output
     assert (
         runner.invoke(app, ["pipeline", "validate", "configs/pipelines/example.yaml", "--no-data"]).exit_code
         == 0
