@@ -324,3 +324,27 @@ def test_ema_reset_policy_starts_a_new_average(data, tmp_path):
     steps[1]["ema"]["policy"] = "keep"
     _run(_config(data, steps), tmp_path / "keep")
     assert int(_step_end(tmp_path / "keep", 1)["ema"]["dec"]["n_averaged"]) == 8
+
+
+def test_validation_every_epoch_and_history_kept_per_step(data, tmp_path):
+    steps = [
+        {
+            "name": "a",
+            "n_epochs": 3,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "validation": {"dataset": "v", "every": "1ep"},
+        },
+        {
+            "name": "b",
+            "n_epochs": 2,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "validation": {"dataset": "v", "every": "2ep"},
+        },
+    ]
+    orch, _, _ = _run(_config(data, steps), tmp_path / "ck")
+    a, b = orch.state.completed
+    assert [h["batch"] for h in a["history"] if h["kind"] == "val"] == [6, 12, 18]
+    assert [h["batch"] for h in b["history"] if h["kind"] == "val"] == [12]
+    assert a["val_metrics"]["loss"] > 0 and [h["kind"] for h in a["history"]].count("epoch") == 3

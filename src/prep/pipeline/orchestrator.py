@@ -576,7 +576,7 @@ class TrainingPipelineOrchestrator:
             dict(metrics.val),
         )
         self.summaries.append(summary)
-        st.completed.append(asdict(summary))
+        st.completed.append({**asdict(summary), "history": metrics.history})  # kept for the whole run
         nxt = self.cfg.steps[index + 1] if index + 1 < len(self.cfg.steps) else None
         self._carry = self._collect_carry(optimizers) if nxt is not None and nxt.carry_optimizer else {}
         st.step_index += 1
@@ -802,7 +802,7 @@ class _StepRun:
         return reason
 
     def _after_epoch(self) -> str | None:
-        if self.val_loader is not None and self.val_every is None:
+        if self.val_loader is not None and (self.val_every is None or self._due_epoch(self.val_every, False)):
             self.validate()
         self.metrics.record("epoch", self.o.state.step_batches, self.metrics.averages())
         if self.check_every is None or self._due_epoch(self.check_every, default=False):
