@@ -348,3 +348,22 @@ def test_validation_every_epoch_and_history_kept_per_step(data, tmp_path):
     assert [h["batch"] for h in a["history"] if h["kind"] == "val"] == [6, 12, 18]
     assert [h["batch"] for h in b["history"] if h["kind"] == "val"] == [12]
     assert a["val_metrics"]["loss"] > 0 and [h["kind"] for h in a["history"]].count("epoch") == 3
+
+
+def test_carry_optimizer_keeps_the_state_of_parameters_that_stay_trained(data, tmp_path):
+    carried = copy.deepcopy(TWO_STEPS)  # step 1: AdamW on dec; step 2: AdamW on enc + dec, carry on
+    _run(_config(data, carried), tmp_path / "carry", max_batches=13)
+    end = _step_end(tmp_path / "carry", 0)
+    assert set(end["carry"]) == {"dec.weight", "dec.bias"}
+    assert end["carry"]["dec.weight"]["optimizer"] == "AdamW"
+    assert int(end["carry"]["dec.weight"]["state"]["step"]) == 12
+    _, with_carry, _ = _run(_config(data, carried), tmp_path / "carry")  # resumed inside step 2
+    fresh = copy.deepcopy(TWO_STEPS)
+    fresh[1]["carry_optimizer"] = False
+    _, without, _ = _run(_config(data, fresh), tmp_path / "fresh")
+    assert not torch.equal(with_carry["dec"].weight, without["dec"].weight)
+    _, again, _ = _run(_config(data, carried), tmp_path / "uninterrupted")
+    assert torch.equal(with_carry["dec"].weight, again["dec"].weight)  # the carry survives a resume
+    _run(_config(data, carried), tmp_path / "edge", max_batches=12)  # stopped on step 1's last batch
+    _, at_edge, _ = _run(_config(data, carried), tmp_path / "edge")
+    assert torch.equal(at_edge["dec"].weight, again["dec"].weight)

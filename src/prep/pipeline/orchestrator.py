@@ -262,7 +262,7 @@ class TrainingPipelineOrchestrator:
         self.state = RunState()
         self.summaries: list[StepSummary] = []
         self.ema: dict[str, Any] = {}
-        self._carry: dict[str, dict[str, dict[str, Any]]] = {}
+        self._carry: dict[str, dict[str, Any]] = {}
         self._requires_grad = {
             name: {n: p.requires_grad for n, p in m.named_parameters()} for name, m in self.modules.items()
         }
@@ -328,21 +328,28 @@ class TrainingPipelineOrchestrator:
         return {id(p): f"{m}.{n}" for m, mod in self.modules.items() for n, p in mod.named_parameters()}
 
     def _apply_carry(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Give each parameter the state the previous step's optimizer left it, when the new optimizer
+        is of the same class (AdamW moments into AdamW; SGD momentum would not fit AdamW)."""
         names = self._param_names()
-        for opt_name, opt in optimizers.items():
-            saved = self._carry.get(opt_name, {})
+        for opt in optimizers.values():
             for g in opt.param_groups:
                 for p in g["params"]:
-                    st = saved.get(names[id(p)])
-                    if st is not None:
+                    saved = self._carry.get(names[id(p)])
+                    if saved is not None and saved["optimizer"] == type(opt).__name__:
                         opt.state[p] = {
-                            k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()
+                            k: v.clone() if isinstance(v, torch.Tensor) else v
+                            for k, v in saved["state"].items()
                         }
         self._carry = {}
 
     def _collect_carry(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, dict[str, Any]]:
+        """Per parameter (by module.parameter name): its optimizer's class and state."""
         names = self._param_names()
-        return {n: {names[id(p)]: dict(s) for p, s in opt.state.items()} for n, opt in optimizers.items()}
+        return {
+            names[id(p)]: {"optimizer": type(opt).__name__, "state": dict(st)}
+            for opt in optimizers.values()
+            for p, st in opt.state.items()
+        }
 
     def _schedulers(
         self, step: StepConfig, optimizers: dict[str, torch.optim.Optimizer], optimizer_steps: int | None
