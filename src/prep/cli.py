@@ -276,6 +276,119 @@ def config_cmd(
                       markup=False)
 
 
+pipeline_app = typer.Typer(help="Training pipelines: validate a pipeline YAML and show its plan, write a "
+                           "starter, run it.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("validate")
+def pipeline_validate_cmd(
+    config: Path = typer.Argument(..., help="a pipeline YAML (`training.pipeline`, or the section alone)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set training.pipeline.defaults."
+                                   "batch_size=8 (repeatable; values typed as YAML)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
+    no_data: bool = typer.Option(False, "--no-data", help="check the config only; do not open the datasets"),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the plan assumes (batch sizes are "
+                                   "per rank)"),
+) -> None:
+    """Check a pipeline (every problem at once, with its YAML line) and print its plan: per step the data
+    tree, batch size and workers (and where each came from), sizes, length, modules, optimizers,
+    transition and cadences. Exit 1 on any problem."""
+    from prep.pipeline import parse_pipeline_config
+    from prep.pipeline.plan import make_plan, render_plan
+
+    try:
+        cfg = parse_pipeline_config(config, overrides=set_)
+        plans = make_plan(cfg, build=not no_data, world_size=world_size)
+    except PrepError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+    problems = [p for plan in plans for p in plan.problems]
+    if as_json:
+        doc = {"config": str(config), "ok": not problems, "steps": [p.to_json() for p in plans]}
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+    else:
+        render_plan(plans, out_console, title=f"pipeline plan: {config}")
+    for line in problems:
+        _print_error(line)
+    if problems:
+        raise typer.Exit(1)
+    if not as_json:
+        err_console.print(f"[green]{config}: {len(plans)} steps, no problems[/]")
+
+
+@pipeline_app.command("example")
+def pipeline_example_cmd(
+    path: Path | None = typer.Argument(None, help="where to write it (stdout when left out)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+) -> None:
+    """Write a commented starter pipeline YAML (configs/pipelines/example.yaml)."""
+    from prep.formats.atomic import write_bytes_atomic
+    from prep.pipeline import example_yaml
+
+    text = example_yaml()
+    if path is None:
+        sys.stdout.write(text)
+        return
+    if path.exists() and not force:
+        _fail(PrepError("file exists", str(path), "pass --force to overwrite it, or name another file"))
+    write_bytes_atomic(path, text.encode())
+    err_console.print(f"wrote {path}; check it with: prep pipeline validate {path}")
+
+
+@pipeline_app.command("run")
+def pipeline_run_cmd(
+    config: Path = typer.Argument(..., help="a pipeline YAML"),
+    entry: str = typer.Option(..., "--entry", help="module:build — your function build(config) -> (modules, "
+                              "trainers)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key (repeatable; values typed as YAML)"),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="where checkpoints go "
+                                               "(default: runs/CONFIG-NAME)"),
+    resume: str = typer.Option("auto", "--resume", help="auto (the newest checkpoint there), never, or a "
+                               "checkpoint path"),
+    allow_config_change: bool = typer.Option(False, "--allow-config-change", help="resume even though the "
+                                             "current or a finished step changed"),
+    stop_after: int | None = typer.Option(None, "--stop-after", min=1, help="train at most N batches in this "
+                                          "run, then checkpoint and exit (jobs with a time limit)"),
+    device: str | None = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available; "
+                                      "under torchrun, cuda:LOCAL_RANK)"),
+    keep_last: int = typer.Option(3, "--keep-last", min=1, help="regular checkpoints kept (step ends are "
+                                  "always kept)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
+) -> None:
+    """Run a pipeline with your modules and trainers (resuming from the newest checkpoint); works the same
+    under torchrun. Exit 0 when every step finished (or --stop-after stopped it with a checkpoint)."""
+    import importlib
+    import os
+
+    from prep.pipeline import parse_pipeline_config
+    from prep.pipeline.orchestrator import TrainingPipelineOrchestrator
+
+    try:
+        module_name, _, attr = entry.partition(":")
+        try:
+            build = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise PrepError(f"cannot load the entry {entry!r} ({err})", "--entry",
+                            "pass module:function, importable from here (PYTHONPATH)") from None
+        cfg = parse_pipeline_config(config, overrides=set_)
+        modules, trainers = build(cfg)
+        if device is None and "LOCAL_RANK" in os.environ:
+            import torch
+
+            device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+        orch = TrainingPipelineOrchestrator(
+            cfg, modules, trainers, checkpoint_dir or Path("runs") / config.stem, device=device,
+            resume=resume, allow_config_change=allow_config_change, keep_last=keep_last, progress=not quiet,
+            console=err_console)
+        orch.run(max_batches=stop_after)
+    except PrepError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+
+
 def _print_error(line: str) -> None:
     err_console.print(Text("error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
 

@@ -104,16 +104,28 @@ def apply_override(data: dict[str, Any], assignment: str) -> tuple[str, ...]:
     parts = [p for p in key.split(".") if p]
     if not parts:
         raise PrepError(f"{assignment!r} has an empty key", "--set", "write --set key.path=value")
-    node = data
+    node: Any = data
     for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
+        if isinstance(node, list):  # a list item by index: steps.0.n_epochs
+            nxt = node[int(p)] if p.isdigit() and int(p) < len(node) else None
+            if nxt is None:
+                raise PrepError(f"the list has no item {p}", f"--set {key}",
+                                f"use an index below {len(node)}")
+        else:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+        if not isinstance(nxt, dict | list):
             raise PrepError(f"{p!r} is a value, not a section", f"--set {key}",
                             "set the value itself, not a key below it")
         node = nxt
-    node[parts[-1]] = parse_scalar(value)
+    if isinstance(node, list):
+        if not (parts[-1].isdigit() and int(parts[-1]) < len(node)):
+            raise PrepError(f"the list has no item {parts[-1]}", f"--set {key}",
+                            f"use an index below {len(node)}")
+        node[int(parts[-1])] = parse_scalar(value)
+    else:
+        node[parts[-1]] = parse_scalar(value)
     return tuple(parts)
 
 

@@ -1,83 +1,14 @@
 """Remote shards: served by a loopback HTTP server (Range requests, bearer token), read through URLs."""
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
 import pytest
 
 from prep.errors import PrepError
 from prep.loaders import DataLoader, ShardDataset
 from prep.testing.loader_data import make_shards, planned_keys
+from prep.testing.servers import serve_files
 
 TOKEN = "s3cr3t-token-for-tests"
 SIZES = [6, 4, 5]
-
-
-class _Files(BaseHTTPRequestHandler):
-    """Static files with single-range support; every request must carry the bearer token."""
-
-    protocol_version = "HTTP/1.1"
-    root: Path
-    seen: list[dict[str, str]]
-    ranges = True  # False: a server that ignores Range and sends whole files
-
-    def log_message(self, format, *args):
-        pass
-
-    def _reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, head: bool = False):
-        self.send_response(code)
-        for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def _serve(self, head: bool) -> None:
-        self.seen.append({"path": self.path, "auth": self.headers.get("Authorization", "")})
-        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            self._reply(401, b"unauthorized", head=head)
-            return
-        path = (self.root / self.path.lstrip("/")).resolve()
-        if self.root.resolve() not in path.parents or not path.is_file():
-            self._reply(404, b"not found", head=head)
-            return
-        data = path.read_bytes()
-        rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes=") and self.ranges:
-            a, _, b = rng[6:].partition("-")
-            start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
-            self._reply(
-                206,
-                data[start : end + 1],
-                {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
-                head,
-            )
-            return
-        self._reply(200, data, {"Accept-Ranges": "bytes"}, head)
-
-    def do_GET(self):
-        self._serve(False)
-
-    def do_HEAD(self):
-        self._serve(True)
-
-
-@contextmanager
-def _serving(root: Path, ranges: bool = True) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    seen: list[dict[str, str]] = []
-    handler = type("H", (_Files,), {"root": root, "seen": seen, "ranges": ranges})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -85,8 +16,8 @@ def served(tmp_path_factory):  # a server per test: no keep-alive connection out
     root = tmp_path_factory.mktemp("remote")
     keys = make_shards(root / "ds", SIZES, image_size=8)
     make_shards(root / "noidx", SIZES[:1], image_size=8, index=False, manifest=False)
-    with _serving(root) as (url, seen):
-        yield url, seen, keys
+    with serve_files(root, token=TOKEN) as srv:
+        yield srv.url, srv, keys
 
 
 def test_brace_pattern_of_urls_reads_like_local(served):
@@ -97,7 +28,7 @@ def test_brace_pattern_of_urls_reads_like_local(served):
     )
     assert ds.total == sum(SIZES)
     assert planned_keys(ds) == keys
-    assert seen and all(r["auth"] == f"Bearer {TOKEN}" for r in seen)
+    assert seen.requests and all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in seen.requests)
 
 
 def test_remote_folder_manifest_and_shuffled_workers(served):
@@ -139,7 +70,8 @@ def test_a_server_without_range_support_fails_in_one_line_from_a_worker(tmp_path
     """The worker's PrepError reaches the user as its one line (not a worker traceback, and no
     `AssertionError: can only test a child process` from a torch iterator collected in a worker)."""
     make_shards(tmp_path / "ds", SIZES, image_size=8)
-    with _serving(tmp_path, ranges=False) as (url, _):
+    with serve_files(tmp_path, token=TOKEN, ranges=False) as srv:
+        url = srv.url
         ds = ShardDataset(f"{url}/ds", batch_size=4, token=TOKEN, rank=0, world_size=1)
         with pytest.raises(PrepError) as err:
             list(DataLoader(ds, num_workers=1))

@@ -4,7 +4,9 @@
 formats, 404s, a corrupt image, a response slower than any sane timeout, a redirect, an image whose
 `X-Robots-Tag` forbids AI use, and "flaky" URLs that fail until healed (for `--retry-failed`).
 `serve_hub` speaks the part of the HuggingFace hub HTTP API that `huggingface_hub` uses to list and
-download a dataset repo, so `HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client. Both record
+download a dataset repo, so `HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client.
+`serve_files` serves a folder (shards, `.idx`, manifests) with Range requests and an optional bearer
+token, as object stores and hub mirrors do. All record
 every request (method, path, headers) so tests can assert what was fetched and which auth was sent.
 """
 
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from socketserver import BaseServer
 from typing import Any, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -96,6 +99,59 @@ def _serving(handler_cls: type[_Handler], port: int = 0) -> Iterator[_Server]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------------ files
+@dataclass
+class FileServer:
+    url: str
+    log: _Log
+
+    @property
+    def requests(self) -> list[Request]:
+        with self.log.lock:
+            return list(self.log.requests)
+
+
+@contextmanager
+def serve_files(root: str | Path, *, token: str | None = None, port: int = 0,
+                ranges: bool = True) -> Iterator[FileServer]:
+    """Static files under `root` with single-range support (206 + Content-Range); with `token`, every
+    request must carry `Authorization: Bearer TOKEN` (else 401); `ranges=False` is a server that ignores
+    Range and sends whole files."""
+    log = _Log()
+    base = Path(root).resolve()
+
+    class Handler(_Handler):
+        disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
+
+        def _serve(self, head: bool) -> None:
+            log.add(Request.of("HEAD" if head else "GET", self.path, self))
+            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                self._send(401, b"unauthorized", head=head)
+                return
+            path = (base / unquote(urlsplit(self.path).path).lstrip("/")).resolve()
+            if base not in path.parents or not path.is_file():
+                self._send(404, b"not found", head=head)
+                return
+            data = path.read_bytes()
+            rng = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+            if rng and ranges:
+                start = int(rng.group(1))
+                end = min(int(rng.group(2)) if rng.group(2) else len(data) - 1, len(data) - 1)
+                self._send(206, data[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}",
+                                                         "Accept-Ranges": "bytes"}, head=head)
+                return
+            self._send(200, data, {"Accept-Ranges": "bytes"}, head=head)
+
+        def do_GET(self) -> None:
+            self._serve(False)
+
+        def do_HEAD(self) -> None:
+            self._serve(True)
+
+    with _serving(Handler, port) as server:
+        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", log)
 
 
 # ------------------------------------------------------------------------------------------------ images

@@ -1,0 +1,116 @@
+"""Pipeline checkpoints: one file each, written atomically, read without unpickling arbitrary objects.
+
+A checkpoint is a `torch.save` of plain containers, tensors and numbers only (module, optimizer,
+scheduler, scaler, EMA and trainer states; RNG states converted to tensors and lists), plus two JSON
+strings: the run's metadata and the loader states. Loading uses `torch.load(weights_only=True)`, so a
+file carrying a crafted pickle (a `__reduce__` that runs code) is refused before anything executes.
+
+Names: `ckpt-<batches trained, 12 digits>.pt`; the last one of each step is also kept as
+`step-<index>-<batches>-<name>.pt`. Writing goes to a temp name in the same folder, fsync, rename: a
+kill at any moment leaves the previous checkpoints intact and, at worst, a temp file that the next run
+removes.
+Only the newest `keep_last` regular checkpoints are kept (step ends are never pruned).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prep.errors import PrepError
+
+FORMAT = "prep.pipeline/1"
+_CKPT = re.compile(r"^ckpt-(\d{12})\.pt$")
+_STEP_END = re.compile(r"^step-(\d{3})-(\d{12})-.*\.pt$")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(folder: Path, name: str, payload: dict[str, Any]) -> Path:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)  # by path: torch's own writer (a Python file object is slower)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    return folder / name
+
+
+def regular_name(batches: int) -> str:
+    return f"ckpt-{batches:012d}.pt"
+
+
+def step_end_name(index: int, batches: int, step: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", step)[:60]
+    return f"step-{index:03d}-{batches:012d}-{safe}.pt"
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    regular = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))
+    for p in regular[: max(0, len(regular) - keep_last)]:
+        p.unlink(missing_ok=True)
+
+
+def remove_temps(folder: Path) -> None:
+    """Temp files left by a run killed while writing (never a checkpoint: those are renamed whole)."""
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def newest(folder: Path) -> Path | None:
+    """The checkpoint with the most batches trained (a step end beats a regular one of the same count)."""
+    if not folder.is_dir():
+        return None
+    found: list[tuple[int, int, str]] = []
+    for p in folder.iterdir():
+        if m := _CKPT.match(p.name):
+            found.append((int(m.group(1)), 0, p.name))
+        elif m := _STEP_END.match(p.name):
+            found.append((int(m.group(2)), 1, p.name))
+    return folder / max(found)[2] if found else None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely (`weights_only=True`); anything else is refused, naming the file."""
+    import pickle
+
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PrepError("checkpoint not found", str(path), "check the --resume path") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PrepError(
+            f"not a safe pipeline checkpoint; it was not loaded ({first})",
+            str(path),
+            "delete or move the file (it may have been tampered with), or pass --resume "
+            "with another checkpoint",
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise PrepError(
+            "not a prep pipeline checkpoint", str(path), "pass a file written by prep pipeline run"
+        )
+    return payload

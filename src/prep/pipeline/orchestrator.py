@@ -1,0 +1,991 @@
+"""`TrainingPipelineOrchestrator`: run a pipeline's steps, checkpoint, resume on the exact next batch.
+
+Per step: build the step's loader (prep.loaders: O(1) exact resume) and call `set_epoch` every epoch;
+freeze / unfreeze modules; build `torch.optim` optimizers over the named modules' trainable parameters
+and schedulers (`auto` = the step's length in optimizer steps); wrap trained modules in DDP under
+torchrun; train with the step's trainers; keep moving averages of every metric; validate on its
+cadence (or after every train chunk); check the transition rule on its cadence; checkpoint; at the
+end free the step's optimizers and record why the step ended.
+
+A trainer is any object with `train_step(batch, ctx) -> dict[str, float | Tensor]` and optionally
+`val_step(batch, ctx)`, `metrics`, `state_dict()` / `load_state_dict()`. It calls `ctx.backward(loss)`;
+optimizers step on their own at accumulation boundaries unless the trainer steps them itself with
+`ctx.optimizer_step(name)` (a GAN's two optimizers, say).
+
+Exactness: a checkpoint holds every state that decides the next batch (modules, optimizers,
+schedulers, scaler, EMA, trainers, RNGs of every rank, loader cursors, metric windows, patience
+counters, counters), taken after a whole batch; a resumed run continues with the batch that would have
+come next, bitwise, on CPU. Iterating the loader never moves torch's global RNG (the orchestrator
+restores it around the loader's start), so the trainer's random stream is the same with or without
+a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prep.errors import PrepError
+from prep.pipeline import checkpoint as ckpt
+from prep.pipeline.checks import AUTO_KWARGS, optimizer_class, scheduler_class
+from prep.pipeline.config import PipelineConfig, StepConfig
+from prep.pipeline.data import build_loader, resolve_batch_sizes
+from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, wrap
+from prep.pipeline.durations import Duration
+from prep.pipeline.fingerprint import changes, step_doc
+from prep.pipeline.plan import step_length
+from prep.pipeline.transitions import Metrics, Transition
+
+
+# ------------------------------------------------------------------------------------------ state
+@dataclass
+class RunState:
+    """Where the run is: JSON in every checkpoint."""
+
+    step_index: int = 0
+    step_epoch: int = 0
+    batch_in_epoch: int = 0
+    step_batches: int = 0
+    step_samples: int = 0
+    global_batches: int = 0
+    optimizer_steps: int = 0
+    samples_seen: int = 0
+    step_seconds: float = 0.0
+    val_epoch: int = 0
+    completed: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepContext:
+    """What a trainer sees. `modules` are DDP-wrapped where a step trains them under torchrun (call
+    them, not the raw ones, for gradients to be averaged); `raw_modules` are the modules themselves."""
+
+    step: StepConfig
+    index: int
+    modules: dict[str, torch.nn.Module]
+    raw_modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    device: torch.device
+    rank: int
+    world_size: int
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    scaler: Any = None
+    boundary: bool = True  # this batch ends an accumulation window: optimizers step after it
+    _stepped: set[str] = field(default_factory=set)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision for the step's `precision` (a no-op for fp32)."""
+        if self.step.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.step.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss / grad_accumulation`, through the fp16 grad scaler when there is one."""
+        if self.step.grad_accumulation > 1:
+            loss = loss / self.step.grad_accumulation
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optimizer_step(self, name: str) -> bool:
+        """Step optimizer `name` (unscale, clip, step, zero grads, its scheduler) if this batch ends an
+        accumulation window; returns whether it stepped."""
+        if not self.boundary or name in self._stepped:
+            return False
+        opt = self.optimizers[name]
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if self.step.grad_clip_norm is not None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.step.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = self.schedulers.get(name)
+        if sched is not None and not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step()
+        self._stepped.add(name)
+        return True
+
+
+@dataclass
+class StepSummary:
+    index: int
+    name: str
+    batches: int
+    samples: int
+    epochs: float
+    seconds: float
+    reason: str
+    metrics: dict[str, float]
+    val_metrics: dict[str, float]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch moved to `device` (loaders give CPU tensors: nothing to do on CPU; lists of
+    keys, captions or bytes are left as they are)."""
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    nested = torch.Tensor | dict | list | tuple
+    if isinstance(batch, list | tuple) and any(isinstance(v, nested) for v in batch):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, dict):
+        if "__key__" in batch:
+            return len(batch["__key__"])
+        for v in batch.values():
+            if hasattr(v, "__len__"):
+                return len(v)
+    return len(batch) if hasattr(batch, "__len__") else 1
+
+
+def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+        for k, v in metrics.items()
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            *[float(x) for x in np_state[2:]],
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loader_batches(loader: Any) -> Iterator[Any]:
+    """Iterate a loader without letting its start draw from torch's global generator (torch's own
+    DataLoader takes a base seed from it at every `iter()`)."""
+    saved = torch.get_rng_state()
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    finally:
+        torch.set_rng_state(saved)
+    yield first
+    yield from it
+
+
+def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
+    """A cadence as ('ep', k) or ('ba', k); samples become whole batches."""
+    if d is None:
+        return None
+    if d.unit == "sp":
+        return ("ba", max(1, -(-d.value // global_batch)))
+    return (d.unit, d.value)
+
+
+# ---------------------------------------------------------------------------------------- orchestrator
+class TrainingPipelineOrchestrator:
+    """Run `config`'s steps over `modules` with `trainers`, checkpointing into `checkpoint_dir`.
+
+    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never', or a checkpoint path.
+    `allow_config_change`: resume even if the current or a finished step's fingerprint changed.
+    `args`: the caller's fallback batch_size / workers (see `prep.pipeline.resolve`).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        modules: Mapping[str, torch.nn.Module],
+        trainers: Mapping[str, Any],
+        checkpoint_dir: str | Path,
+        *,
+        args: Mapping[str, int | None] | None = None,
+        device: str | torch.device | None = None,
+        resume: str | Path = "auto",
+        allow_config_change: bool = False,
+        keep_last: int = 3,
+        progress: bool = True,
+        console: Any = None,
+    ) -> None:
+        self.cfg = config
+        self.modules = dict(modules)
+        self.trainers = dict(trainers)
+        self.dir = Path(checkpoint_dir)
+        self.args = dict(args or {})
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.resume = resume
+        self.allow_config_change = allow_config_change
+        self.keep_last = keep_last
+        self.progress = progress
+        self.console = console
+        self._check_declarations()
+        self.dist: Dist = Dist(0, 1)
+        self.state = RunState()
+        self.summaries: list[StepSummary] = []
+        self.ema: dict[str, Any] = {}
+        self._carry: dict[str, dict[str, Any]] = {}
+        self._requires_grad = {
+            name: {n: p.requires_grad for n, p in m.named_parameters()} for name, m in self.modules.items()
+        }
+
+    # ------------------------------------------------------------------------------- set-up
+    def _check_declarations(self) -> None:
+        """The config's module/trainer checks against what the caller really passed (a trainer's
+        metrics are checked when every trainer declares `metrics`)."""
+        from prep.errors import PrepErrorGroup
+        from prep.pipeline.checks import check_config
+
+        cfg = self.cfg
+        declared = {n: list(getattr(t, "metrics", None) or []) for n, t in self.trainers.items()}
+        problems = check_config(cfg, cfg.datasets, cfg.steps, list(self.modules), declared)
+        if not all(getattr(t, "metrics", None) for t in self.trainers.values()):
+            problems = [p for p in problems if " reports " not in p[1]]
+        if problems:
+            raise PrepErrorGroup(
+                [PrepError(f"{cfg.dotted(p)}: {w}", cfg.place(p), f) for p, w, f in problems]
+            )
+
+    def _frozen_at(self, index: int) -> set[str]:
+        """Modules frozen during step `index`: `freeze` adds, `unfreeze` and training remove; the set
+        carries over from step to step (a pure function of the config, so a resume gets it directly)."""
+        frozen: set[str] = set()
+        for step in self.cfg.steps[: index + 1]:
+            trained = {m for n, o in step.optimization.optimizers.items() for m in (o.params or [n])}
+            frozen = (frozen | set(step.freeze)) - set(step.unfreeze) - trained
+        return frozen
+
+    def _configure_modules(self, step: StepConfig, frozen: set[str]) -> None:
+        for name, module in self.modules.items():
+            if name not in frozen:
+                flags = self._requires_grad[name]
+                for n, p in module.named_parameters():
+                    p.requires_grad_(flags[n])
+                module.train()
+        for name in frozen:
+            module = self.modules[name]
+            module.requires_grad_(False)
+            module.train(not step.frozen_eval)
+
+    def _optimizers(self, step: StepConfig) -> dict[str, torch.optim.Optimizer]:
+        out: dict[str, torch.optim.Optimizer] = {}
+        for name, o in step.optimization.optimizers.items():
+            seen: set[int] = set()
+            params = []
+            for m in o.params or [name]:
+                for p in self.modules[m].parameters():
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+            if not params:
+                raise PrepError(
+                    f"optimizer {name!r} has no trainable parameters",
+                    step.name,
+                    "check params and freeze for this step",
+                )
+            out[name] = optimizer_class(o.type)(params, **o.kwargs)  # type: ignore[misc]
+        return out
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): f"{m}.{n}" for m, mod in self.modules.items() for n, p in mod.named_parameters()}
+
+    def _apply_carry(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Give each parameter the state the previous step's optimizer left it, when the new optimizer
+        is of the same class (AdamW moments into AdamW; SGD momentum would not fit AdamW)."""
+        names = self._param_names()
+        for opt in optimizers.values():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    saved = self._carry.get(names[id(p)])
+                    if saved is not None and saved["optimizer"] == type(opt).__name__:
+                        opt.state[p] = {
+                            k: v.clone() if isinstance(v, torch.Tensor) else v
+                            for k, v in saved["state"].items()
+                        }
+        self._carry = {}
+
+    def _collect_carry(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, dict[str, Any]]:
+        """Per parameter (by module.parameter name): its optimizer's class and state."""
+        names = self._param_names()
+        return {
+            names[id(p)]: {"optimizer": type(opt).__name__, "state": dict(st)}
+            for opt in optimizers.values()
+            for p, st in opt.state.items()
+        }
+
+    def _schedulers(
+        self, step: StepConfig, optimizers: dict[str, torch.optim.Optimizer], optimizer_steps: int | None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, s in step.optimization.schedulers.items():
+            kwargs = dict(s.kwargs)
+            for k in AUTO_KWARGS & {k for k, v in kwargs.items() if v == "auto"}:
+                if optimizer_steps is None:
+                    raise PrepError(
+                        f"{k}: auto needs the step's length, which is unknown (an endless "
+                        "dataset counted in epochs)",
+                        self.cfg.place(
+                            ("steps", str(self.state.step_index), "optimization", "schedulers", name)
+                        ),
+                        f"write {k} as a number",
+                    )
+                kwargs[k] = optimizer_steps
+            out[name] = scheduler_class(s.type)(optimizers[name], **kwargs)  # type: ignore[misc]
+        return out
+
+    # ------------------------------------------------------------------------------- resume
+    def _docs(self, index: int, loader_fp: dict[str, Any] | None) -> dict[str, Any]:
+        name = self.cfg.step_dataset(index)
+        sizes = (
+            resolve_batch_sizes(self.cfg, name, step=self.cfg.steps[index], args=self.args) if name else []
+        )
+        return step_doc(
+            self.cfg, index, batch_sizes={n: r.value * self.dist.world for n, r in sizes}, loader=loader_fp
+        )
+
+    def _find_checkpoint(self) -> Path | None:
+        if self.resume == "never":
+            return None
+        if self.resume == "auto":
+            path = ckpt.newest(self.dir) if self.dist.main else None
+            return broadcast(path, self.dist)
+        return Path(self.resume)
+
+    def _check_fingerprints(self, meta: dict[str, Any], upto: int, current: dict[str, Any] | None) -> None:
+        """Refuse a resume when a step this checkpoint ran differs from the config: steps before `upto`
+        by their config, step `upto` (when `current` is given: the step it stopped inside) with its
+        loader too. Steps not yet started may change freely."""
+        saved: list[dict[str, Any]] = meta["fingerprints"]
+        problems: list[str] = []
+        last = upto if current is not None else upto - 1
+        for i in range(min(last + 1, len(saved))):
+            if i >= len(self.cfg.steps):
+                problems.append(f"step {i} ({saved[i]['name']}) was removed")
+                continue
+            doc = current if i == upto and current is not None else self._docs(i, None)
+            diff = changes(saved[i], doc, loader=doc is current and "loader" in saved[i])
+            if diff:
+                what = "current" if doc is current else "finished"
+                problems.append(f"{what} step {i} ({self.cfg.steps[i].name}): " + "; ".join(diff[:6]))
+        if problems and not self.allow_config_change:
+            raise PrepError(
+                "the config changed for steps this checkpoint already ran: " + " | ".join(problems),
+                self.cfg.source,
+                "undo the change, or pass --allow-config-change (later, "
+                "not yet started steps may change freely)",
+            )
+
+    # ---------------------------------------------------------------------------------- run
+    def run(self, *, max_batches: int | None = None) -> list[StepSummary]:
+        """Run (or resume) the pipeline. `max_batches`: stop after training this many batches in this
+        call, with a checkpoint (a job with a time limit resumes from it)."""
+        self.dist = init(self.device)
+        for m in self.modules.values():
+            m.to(self.device)
+        if self.dist.main:
+            ckpt.remove_temps(self.dir)
+        path = self._find_checkpoint()
+        payload = ckpt.load(path) if path is not None else None
+        meta = json.loads(payload["meta"]) if payload is not None else None
+        if meta is not None:
+            self.state = RunState(**meta["state"])
+            index = self.state.step_index
+            self._check_fingerprints(meta, index, None)  # the finished steps; the current one once built
+            for name, sd in payload["modules"].items():  # type: ignore[index]
+                if name in self.modules:
+                    self.modules[name].load_state_dict(sd)
+            self._carry = payload.get("carry") or {}  # type: ignore[union-attr]
+        elif self.cfg.defaults.seed is not None:  # a fresh run: every RNG from the pipeline's seed
+            seed = self.cfg.defaults.seed + self.dist.rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        trained_here = 0
+        n = len(self.cfg.steps)
+        while self.state.step_index < n:
+            done, trained = self._run_step(self.state.step_index, payload, meta, max_batches, trained_here)
+            trained_here += trained
+            payload = meta = None
+            if not done:
+                return self.summaries
+        if self.dist.main and self.progress:
+            self.print_summary()
+        barrier(self.dist)
+        return self.summaries
+
+    def _run_step(
+        self,
+        index: int,
+        payload: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+        max_batches: int | None,
+        trained_before: int,
+    ) -> tuple[bool, int]:
+        step = self.cfg.steps[index]
+        st = self.state
+        frozen = self._frozen_at(index)
+        self._configure_modules(step, frozen)
+        loader, built, _ = build_loader(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
+        val_loader = val_initial = None
+        if step.validation is not None:
+            val_loader, _, _ = build_loader(
+                self.cfg, step.validation.dataset, args=self.args, batch_size=step.validation.batch_size
+            )
+            val_initial = val_loader.state_dict()
+        doc = self._docs(index, built.node.fingerprint())
+        if meta is not None and meta["in_step"]:
+            self._check_fingerprints(meta, index, doc)
+        bpe = built.batches_per_epoch
+        length = step_length(step, bpe, built.samples_per_epoch)
+        global_batch = (
+            max(1, round(built.samples_per_epoch / bpe))
+            if built.samples_per_epoch and bpe
+            else ((built.batch_size.value if built.batch_size else 1) * self.dist.world)
+        )
+        by_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
+            step.duration is not None and step.duration.unit == "ep"
+        )
+        epochs_target = int(length.epochs) if by_epochs and length.epochs is not None else None
+        if by_epochs and bpe is None:
+            raise PrepError(
+                f"step {step.name!r} counts epochs of a dataset that has none (it repeats)",
+                self.cfg.place(("steps", str(index))),
+                "give the dataset epoch_length, or the step max_steps / a duration in ba or sp",
+            )
+        limit = step.validation.limit_train_batches if step.validation else None
+        chunk = self._chunking(step, bpe, val_loader)
+        epoch_batches = bpe
+        if limit is not None and not chunk and bpe is not None:
+            epoch_batches = int(limit) if isinstance(limit, int) else int(limit * bpe)
+        batches_target = None if by_epochs else length.batches
+        total_batches = (
+            epochs_target * epoch_batches if epochs_target is not None and epoch_batches else batches_target
+        )
+        opt_steps = -(-total_batches // step.grad_accumulation) if total_batches else None
+        optimizers = self._optimizers(step)
+        schedulers = self._schedulers(step, optimizers, opt_steps)
+        scaler = torch.amp.GradScaler(self.device.type) if step.precision == "fp16" else None
+        self._setup_ema(step, frozen)
+        transition = Transition(step.transition_on)
+        metrics = Metrics(step.metrics_window)
+        if payload is not None and meta is not None and meta["in_step"]:
+            for n_, o in optimizers.items():
+                o.load_state_dict(payload["optimizers"][n_])
+            for n_, s in schedulers.items():
+                s.load_state_dict(payload["schedulers"][n_])
+            if scaler is not None and payload.get("scaler"):
+                scaler.load_state_dict(payload["scaler"])
+            transition.load_state_dict(meta["transition"])
+            metrics = Metrics.from_state(meta["metrics"])
+            loader.load_state_dict(json.loads(payload["loader"]))
+            if val_loader is not None and payload.get("val_loader"):
+                val_loader.load_state_dict(json.loads(payload["val_loader"]))
+        else:
+            if step.carry_optimizer:
+                self._apply_carry(optimizers)
+            self._carry = {}
+            st.step_epoch = st.batch_in_epoch = st.step_batches = st.step_samples = st.val_epoch = 0
+            st.step_seconds = 0.0
+        if payload is not None:
+            for name, sd in (payload.get("trainers") or {}).items():
+                if name in self.trainers and hasattr(self.trainers[name], "load_state_dict"):
+                    self.trainers[name].load_state_dict(sd)
+            keep = meta is not None and (
+                meta["in_step"] or (step.ema is not None and step.ema.policy == "keep")
+            )
+            for name, sd in (payload.get("ema") or {}).items() if keep else ():
+                if name in self.ema:
+                    self.ema[name].load_state_dict(sd)
+            rngs = payload["rng"]
+            _set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        wrapped = {
+            n: wrap(m, self.dist, self.device) if n not in frozen else m for n, m in self.modules.items()
+        }
+        ctx = StepContext(
+            step,
+            index,
+            wrapped,
+            self.modules,
+            optimizers,
+            schedulers,
+            self.device,
+            self.dist.rank,
+            self.dist.world,
+            scaler=scaler,
+        )
+        run = _StepRun(
+            self,
+            index,
+            step,
+            loader,
+            val_loader,
+            val_initial,
+            ctx,
+            metrics,
+            transition,
+            doc,
+            epochs_target,
+            batches_target,
+            epoch_batches,
+            chunk,
+            global_batch,
+        )
+        finished, trained, reason = run.loop(None if max_batches is None else max_batches - trained_before)
+        if not finished:
+            return False, trained
+        summary = StepSummary(
+            index,
+            step.name,
+            st.step_batches,
+            st.step_samples,
+            st.step_epoch + (st.batch_in_epoch / epoch_batches if epoch_batches else 0.0),
+            st.step_seconds,
+            reason,
+            metrics.averages(),
+            dict(metrics.val),
+        )
+        self.summaries.append(summary)
+        st.completed.append({**asdict(summary), "history": metrics.history})  # kept for the whole run
+        nxt = self.cfg.steps[index + 1] if index + 1 < len(self.cfg.steps) else None
+        self._carry = self._collect_carry(optimizers) if nxt is not None and nxt.carry_optimizer else {}
+        st.step_index += 1
+        st.step_epoch = st.batch_in_epoch = st.step_batches = st.step_samples = st.val_epoch = 0
+        st.step_seconds = 0.0
+        run.save(step_end=True)
+        for o in optimizers.values():
+            o.zero_grad(set_to_none=True)
+        del optimizers, schedulers, ctx, run
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True, trained
+
+    def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
+        from prep.loaders import resolve_chunk_config
+
+        v = step.validation
+        if v is None or (v.train_chunk_size is None and v.val_chunk_size is None):
+            return None
+        val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None
+        plan = resolve_chunk_config(
+            train_chunk_size=v.train_chunk_size,
+            val_chunk_size=v.val_chunk_size,
+            limit_train_batches=v.limit_train_batches,
+            limit_val_batches=v.limit_val_batches,
+            train_batches=bpe,
+            val_batches=val_bpe,
+        )
+        return plan.train_chunk_size, plan.val_chunk_size  # type: ignore[return-value]
+
+    def _setup_ema(self, step: StepConfig, frozen: set[str]) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        if step.ema is None:
+            self.ema = {}
+            return
+        names = step.ema.modules or sorted(
+            {m for n, o in step.optimization.optimizers.items() for m in (o.params or [n])} - frozen
+        )
+        keep = step.ema.policy == "keep"
+        self.ema = {
+            n: (
+                self.ema[n]
+                if keep and n in self.ema
+                else AveragedModel(self.modules[n], multi_avg_fn=get_ema_multi_avg_fn(step.ema.decay))
+            )
+            for n in names
+        }
+
+    def print_summary(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="pipeline summary", header_style="bold")
+        for col in ("#", "step", "batches", "samples", "epochs", "time", "final metrics", "ended because"):
+            table.add_column(col)
+        for s in self.state.completed:
+            shown = {**s["metrics"], **{f"val/{k}": v for k, v in s["val_metrics"].items()}}
+            table.add_row(
+                str(s["index"] + 1),
+                s["name"],
+                f"{s['batches']:,}",
+                f"{s['samples']:,}",
+                f"{s['epochs']:.2f}",
+                f"{s['seconds']:.1f}s",
+                ", ".join(f"{k} {v:.4g}" for k, v in shown.items()),
+                s["reason"],
+            )
+        (self.console or Console(stderr=True)).print(table)
+
+
+class _StepRun:
+    """One step's training loop and its checkpoints."""
+
+    def __init__(
+        self,
+        orch: TrainingPipelineOrchestrator,
+        index: int,
+        step: StepConfig,
+        loader: Any,
+        val_loader: Any,
+        val_initial: Any,
+        ctx: StepContext,
+        metrics: Metrics,
+        transition: Transition,
+        doc: dict[str, Any],
+        epochs_target: int | None,
+        batches_target: int | None,
+        epoch_batches: int | None,
+        chunk: tuple[int, int] | None,
+        global_batch: int,
+    ) -> None:
+        self.o, self.index, self.step = orch, index, step
+        self.loader, self.val_loader, self.val_initial = loader, val_loader, val_initial
+        self.ctx, self.metrics, self.transition, self.doc = ctx, metrics, transition, doc
+        self.epochs_target, self.batches_target, self.epoch_batches = (
+            epochs_target,
+            batches_target,
+            epoch_batches,
+        )
+        self.chunk = chunk
+        v = step.validation
+        self.val_every = ("ba", chunk[0]) if chunk else _every(v.every if v else None, global_batch)
+        self.check_every = _every(step.transition_on.check_every, global_batch)
+        self.ckpt_every = _every(step.checkpoint_every, global_batch)
+        self.trainers = [orch.trainers[t] for t in step.trainers]
+
+    # ---------------------------------------------------------------------------- cadences
+    def _due_batch(self, every: tuple[str, int] | None) -> bool:
+        return every is not None and every[0] == "ba" and self.o.state.step_batches % every[1] == 0
+
+    def _due_epoch(self, every: tuple[str, int] | None, default: bool) -> bool:
+        if every is None:
+            return default
+        return every[0] == "ep" and self.o.state.step_epoch % every[1] == 0
+
+    # -------------------------------------------------------------------------------- loop
+    def loop(self, budget: int | None) -> tuple[bool, int, str]:
+        st = self.o.state
+        trained = 0
+        started = time.perf_counter() - st.step_seconds
+        done_epochs = f"epoch: n_epochs {self.epochs_target} done"
+        progress = _Progress(
+            self.o, self.index, self.step, self.epochs_target, self.batches_target, self.epoch_batches
+        )
+        want_save = False
+        with progress:
+            while True:
+                if self.epochs_target is not None and st.step_epoch >= self.epochs_target:
+                    return True, trained, done_epochs
+                if self.epoch_batches is None or st.batch_in_epoch < self.epoch_batches:
+                    self.loader.set_epoch(st.step_epoch)
+                    for batch in _loader_batches(self.loader):
+                        self._train(batch)
+                        trained += 1
+                        st.step_seconds = time.perf_counter() - started
+                        progress.update(self.metrics)
+                        reason = self._after_batch()
+                        if reason is not None:
+                            return True, trained, reason
+                        # checkpoints wait for the end of an accumulation window: gradients half
+                        # accumulated (and, under DDP, not yet averaged) are never saved
+                        want_save = want_save or self._due_batch(self.ckpt_every)
+                        if budget is not None and trained >= budget and self.ctx.boundary:
+                            self.save()
+                            return False, trained, "stopped: max_batches"
+                        if want_save and self.ctx.boundary:
+                            self.save()
+                            want_save = False
+                        if self.epoch_batches is not None and st.batch_in_epoch >= self.epoch_batches:
+                            break
+                if st.batch_in_epoch == 0:
+                    raise PrepError(
+                        f"step {self.step.name!r}: epoch {st.step_epoch} of its dataset has no batches",
+                        self.o.cfg.place(("steps", str(self.index))),
+                        "check the dataset",
+                    )
+                st.step_epoch += 1
+                st.batch_in_epoch = 0
+                reason = self._after_epoch()
+                if reason is not None:
+                    return True, trained, reason
+                if self.epochs_target is not None and st.step_epoch >= self.epochs_target:
+                    return True, trained, done_epochs
+                if self._due_epoch(self.ckpt_every, default=True) or want_save:
+                    want_save = not self.ctx.boundary
+                    if not want_save:
+                        self.save()
+
+    def _train(self, batch: Any) -> None:
+        st, ctx, step = self.o.state, self.ctx, self.step
+        n = _batch_len(batch) * self.o.dist.world
+        k = step.grad_accumulation
+        last = self.batches_target is not None and st.step_batches + 1 >= self.batches_target
+        ctx.boundary = (
+            (st.step_batches + 1) % k == 0
+            or last
+            or (
+                self.epochs_target is not None
+                and self.epoch_batches is not None
+                and st.step_epoch + 1 >= self.epochs_target
+                and st.batch_in_epoch + 1 >= self.epoch_batches
+            )
+        )
+        ctx.global_step, ctx.epoch, ctx.batch_in_epoch = st.global_batches, st.step_epoch, st.batch_in_epoch
+        ctx._stepped = set()
+        batch = _to_device(batch, self.o.device)
+        values: dict[str, float] = {}
+        with contextlib.ExitStack() as stack:
+            if not ctx.boundary:
+                for m in ctx.modules.values():
+                    if hasattr(m, "no_sync"):
+                        stack.enter_context(m.no_sync())
+            for trainer in self.trainers:
+                values.update(_floats(trainer.train_step(batch, ctx) or {}))
+        if ctx.boundary:
+            for name in ctx.optimizers:
+                ctx.optimizer_step(name)
+            if ctx.scaler is not None:
+                ctx.scaler.update()
+            for name, ema in self.o.ema.items():
+                ema.update_parameters(self.o.modules[name])
+            st.optimizer_steps += 1
+        self.metrics.add(average(values, self.o.dist))
+        st.batch_in_epoch += 1
+        st.step_batches += 1
+        st.global_batches += 1
+        st.step_samples += n
+        st.samples_seen += n
+
+    def _after_batch(self) -> str | None:
+        st = self.o.state
+        if self._due_batch(self.val_every):
+            self.validate()
+        reason = self.transition.check(self.metrics) if self._due_batch(self.check_every) else None
+        if reason is None and self.batches_target is not None and st.step_batches >= self.batches_target:
+            reason = (
+                f"{'max_steps' if self.step.transition_on.mode == 'max_steps' else 'length'}: "
+                f"{self.batches_target} batches done"
+            )
+        if reason is not None or self._due_batch(self.check_every):
+            self._plateau_schedulers()
+        return reason
+
+    def _after_epoch(self) -> str | None:
+        if self.val_loader is not None and (self.val_every is None or self._due_epoch(self.val_every, False)):
+            self.validate()
+        self.metrics.record("epoch", self.o.state.step_batches, self.metrics.averages())
+        if self.check_every is None or self._due_epoch(self.check_every, default=False):
+            self._plateau_schedulers()
+            return self.transition.check(self.metrics)
+        return None
+
+    def _plateau_schedulers(self) -> None:
+        for name, sched in self.ctx.schedulers.items():
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor = self.step.optimization.schedulers[name].monitor
+                value = self.metrics.val.get(monitor, self.metrics.averages().get(monitor))  # type: ignore[arg-type]
+                if value is not None:
+                    sched.step(value)
+
+    # -------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        trainers = [t for t in self.trainers if hasattr(t, "val_step")]
+        if self.val_loader is None or not trainers:
+            return
+        limit = self.chunk[1] if self.chunk else None
+        if not self.chunk:  # the whole validation set (or its limit), from its start, every time
+            self.val_loader.load_state_dict(self.val_initial)
+            lim = self.step.validation.limit_val_batches if self.step.validation else None
+            if lim is not None:
+                bpe = self.val_loader.dataset.batches_per_epoch()
+                limit = int(lim) if isinstance(lim, int) else int(lim * (bpe or 0))
+        modes = {n: m.training for n, m in self.o.modules.items()}
+        for m in self.o.modules.values():
+            m.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        st = self.o.state
+        if not self.chunk:
+            st.val_epoch = 0
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            empty = 0
+            while limit is None or count < limit:
+                self.val_loader.set_epoch(st.val_epoch)
+                got = 0
+                for batch in _loader_batches(self.val_loader):
+                    batch = _to_device(batch, self.o.device)
+                    for t in trainers:
+                        for k, v in _floats(t.val_step(batch, self.ctx) or {}).items():
+                            sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    got += 1
+                    if limit is not None and count >= limit:
+                        break
+                if limit is not None and count >= limit:
+                    break
+                st.val_epoch += 1  # this pass over the validation set ended
+                empty = empty + 1 if got == 0 else 0
+                if limit is None or empty >= 2:
+                    break
+        for n, m in self.o.modules.items():
+            m.train(modes[n])
+        values = average({k: v / max(count, 1) for k, v in sums.items()}, self.o.dist)
+        self.metrics.val = values
+        self.metrics.record("val", self.o.state.step_batches, values)
+
+    # ------------------------------------------------------------------------------ saving
+    def save(self, step_end: bool = False) -> None:
+        o, st = self.o, self.o.state
+        rngs = gather(_rng_state(), o.dist)
+        if not o.dist.main:
+            barrier(o.dist)
+            return
+        in_step = not step_end
+        fingerprints = list(self._saved_fingerprints())
+        meta = {
+            "state": asdict(st),
+            "in_step": in_step,
+            "step_name": self.step.name,
+            "fingerprints": fingerprints,
+            "transition": self.transition.state_dict(),
+            "metrics": self.metrics.state_dict(),
+            "world_size": o.dist.world,
+            "prep_version": _version(),
+        }
+        payload: dict[str, Any] = {
+            "format": ckpt.FORMAT,
+            "meta": json.dumps(meta),
+            "modules": {n: m.state_dict() for n, m in o.modules.items()},
+            "trainers": {n: t.state_dict() for n, t in o.trainers.items() if hasattr(t, "state_dict")},
+            "ema": {n: e.state_dict() for n, e in o.ema.items()},
+            "rng": rngs,
+            "carry": o._carry,
+        }
+        if in_step:
+            payload["optimizers"] = {n: opt.state_dict() for n, opt in self.ctx.optimizers.items()}
+            payload["schedulers"] = {n: s.state_dict() for n, s in self.ctx.schedulers.items()}
+            payload["scaler"] = self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None
+            payload["loader"] = json.dumps(self.loader.state_dict())
+            payload["val_loader"] = json.dumps(self.val_loader.state_dict()) if self.val_loader else None
+        if step_end:
+            ckpt.write(o.dir, ckpt.step_end_name(self.index, st.global_batches, self.step.name), payload)
+        else:
+            ckpt.write(o.dir, ckpt.regular_name(st.global_batches), payload)
+            ckpt.prune(o.dir, o.keep_last)
+        barrier(o.dist)
+
+    def _saved_fingerprints(self) -> Iterator[dict[str, Any]]:
+        """Fingerprint documents of the steps run so far (this one with its loader's fingerprint)."""
+        for i in range(self.index):
+            yield self.o._docs(i, None)
+        yield self.doc
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prep")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Progress:
+    """A rich progress bar on rank 0 (step k/n, epoch, batch, samples/s, metrics); silent otherwise."""
+
+    def __init__(
+        self,
+        orch: TrainingPipelineOrchestrator,
+        index: int,
+        step: StepConfig,
+        epochs: int | None,
+        batches: int | None,
+        epoch_batches: int | None,
+    ) -> None:
+        self.o, self.index, self.step = orch, index, step
+        self.total = (
+            batches if batches is not None else (epochs * epoch_batches if epochs and epoch_batches else None)
+        )
+        self.enabled = orch.progress and orch.dist.main
+        self._bar: Any = None
+        self._task: Any = None
+        self._t0 = time.perf_counter()
+        self._s0 = orch.state.step_samples
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.o.console or Console(stderr=True),
+                transient=False,
+            )
+            self._bar.__enter__()
+            n = len(self.o.cfg.steps)
+            self._task = self._bar.add_task(
+                f"step {self.index + 1}/{n} {self.step.name}",
+                total=self.total,
+                completed=self.o.state.step_batches,
+                info="",
+            )
+        return self
+
+    def update(self, metrics: Metrics) -> None:
+        if self._bar is None:
+            return
+        st = self.o.state
+        rate = (st.step_samples - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in list(metrics.averages().items())[:4])
+        self._bar.update(
+            self._task,
+            completed=st.step_batches,
+            info=f"ep {st.step_epoch} b {st.batch_in_epoch} {rate:,.0f} sp/s {shown}",
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,320 @@
+"""The plan of a pipeline: what each step will do, computed before any GPU hour is spent.
+
+`make_plan` builds each step's loader tree (reading manifests and `.idx` files, not samples), resolves
+batch size and workers with where each came from, and derives sizes, lengths, cadences and the step's
+fingerprint. It is pure apart from that reading; `render_plan` prints it as a rich table and
+`StepPlan.to_json` gives the same for machines. `step_length` is the one place a step's length in
+epochs, batches and samples is computed (the orchestrator stops and sizes `T_max: auto` by it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prep.errors import PrepError
+from prep.pipeline.config import PipelineConfig, StepConfig
+from prep.pipeline.durations import Duration
+from prep.pipeline.fingerprint import doc_hash, step_doc
+from prep.pipeline.resolve import Resolved
+
+
+@dataclass(frozen=True)
+class Length:
+    """A step's planned length; None where it needs a size that is unknown. `rule` says which key set it."""
+
+    epochs: float | None
+    batches: int | None
+    samples: int | None
+    rule: str
+
+
+def step_length(step: StepConfig, batches_per_epoch: int | None, samples_per_epoch: int | None) -> Length:
+    """The length from `n_epochs` / `max_steps` / `duration`, else from the transition's cap."""
+    tr = step.transition_on
+    if step.n_epochs is not None:
+        d, rule = Duration(step.n_epochs, "ep"), f"n_epochs {step.n_epochs}"
+    elif step.max_steps is not None:
+        d, rule = Duration(step.max_steps, "ba"), f"max_steps {step.max_steps}"
+    elif step.duration is not None:
+        d, rule = step.duration, f"duration {step.duration}"
+    elif tr.max_epochs is not None:
+        d, rule = Duration(tr.max_epochs, "ep"), f"transition_on.max_epochs {tr.max_epochs}"
+    else:
+        assert tr.max_steps is not None  # validated: a step has a length
+        d, rule = Duration(tr.max_steps, "ba"), f"transition_on.max_steps {tr.max_steps}"
+    per_batch = samples_per_epoch / batches_per_epoch if samples_per_epoch and batches_per_epoch else None
+    if d.unit == "ep":
+        batches = d.value * batches_per_epoch if batches_per_epoch is not None else None
+        samples = d.value * samples_per_epoch if samples_per_epoch is not None else None
+        return Length(float(d.value), batches, samples, rule)
+    batches = d.value if d.unit == "ba" else (-(-d.value // round(per_batch)) if per_batch else None)
+    epochs = batches / batches_per_epoch if batches is not None and batches_per_epoch else None
+    samples = (
+        round(batches * per_batch)
+        if batches is not None and per_batch
+        else (d.value if d.unit == "sp" else None)
+    )
+    return Length(epochs, batches, samples, rule)
+
+
+@dataclass
+class StepPlan:
+    index: int
+    name: str
+    dataset: str | None
+    tree: str | None
+    batch_size: list[tuple[str, Resolved]]
+    workers: Resolved | None
+    world_size: int
+    samples_per_epoch: int | None
+    batches_per_epoch: int | None
+    length: Length | None
+    trainers: list[str]
+    freeze: list[str]
+    unfreeze: list[str]
+    optimizers: list[str]
+    schedulers: list[str]
+    transition: str
+    validation: str | None
+    checkpoint_every: str | None
+    chunking: str | None
+    fingerprint: str | None
+    fingerprint_doc: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["batch_size"] = [{"dataset": n, "value": r.value, "from": r.source} for n, r in self.batch_size]
+        doc["workers"] = {"value": self.workers.value, "from": self.workers.source} if self.workers else None
+        doc.pop("fingerprint_doc")
+        return doc
+
+
+def _transition(step: StepConfig) -> str:
+    tr = step.transition_on
+    caps = ", ".join(f"{k} {getattr(tr, k)}" for k in ("max_epochs", "max_steps") if getattr(tr, k))
+    every = f", checked every {tr.check_every}" if tr.check_every else ", checked at epoch ends"
+    if tr.mode == "loss_threshold":
+        op = "<" if tr.direction == "min" else ">"
+        text = f"{tr.source} {tr.metric} {op} {tr.threshold} for {tr.patience} checks{every}"
+    elif tr.mode == "plateau":
+        text = f"{tr.source} {tr.metric} plateau (min_delta {tr.min_delta}, patience {tr.patience}){every}"
+    else:
+        text = f"{tr.mode} (the step's length)"
+    return f"{text}; cap {caps}" if caps else text
+
+
+def _kwargs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _declared_size(ds: Any) -> int | None:
+    """FluxFlow's `webdataset_size` (or samples per shard x shards in the URL pattern): the plan's
+    estimate when the data was not opened (`--no-data`); an opened source counts its own samples."""
+    from prep.loaders.io.sources import expand_braces
+    from prep.pipeline.config import WebDatasetConfig
+
+    if not isinstance(ds, WebDatasetConfig):
+        return None
+    if ds.webdataset_size is not None:
+        return ds.webdataset_size
+    if ds.webdataset_samples_per_shard is not None:
+        return ds.webdataset_samples_per_shard * len(expand_braces(ds.webdataset_url))
+    return None
+
+
+def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[str]:
+    """A transition cap in the other unit than the step's length (max_epochs on a step counted in
+    batches, or max_steps on one counted in epochs): compared once the epoch's size is known (caps in
+    the same unit are checked with the config)."""
+    tr = cfg.steps[index].transition_on
+    out: list[str] = []
+    if not bpe or length.batches is None:
+        return out
+    for cap, per in (("max_epochs", bpe), ("max_steps", 1)):
+        value = getattr(tr, cap)
+        if value is None or length.rule.startswith(f"transition_on.{cap}") or value * per == length.batches:
+            continue
+        counted_in_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
+            length.rule.startswith("duration") and length.rule.endswith("ep")
+        )
+        if counted_in_epochs == (cap == "max_epochs"):
+            continue  # same unit: the config check reported it
+        side = "above" if value * per > length.batches else "below"
+        effect = (
+            "the step ends first, so the cap never applies"
+            if side == "above"
+            else ("the cap stops the step before its length")
+        )
+        out.append(
+            f"{cfg.place(('steps', str(index), 'transition_on', cap))}: "
+            f"{cfg.dotted(('steps', str(index), 'transition_on', cap))}: {cap}={value} "
+            f"({value * per:,} batches) is {side} the step's length ({length.rule} = "
+            f"{length.batches:,} batches): {effect} — fix: make them agree"
+        )
+    return out
+
+
+def make_plan(
+    cfg: PipelineConfig,
+    *,
+    args: Mapping[str, int | None] | None = None,
+    build: bool = True,
+    world_size: int = 1,
+) -> list[StepPlan]:
+    """One StepPlan per step. `build=False` skips the data (no sizes, no loader fingerprint)."""
+    from prep.loaders import resolve_chunk_config
+    from prep.pipeline.data import build_dataset, resolve_batch_sizes, resolve_workers
+
+    plans: list[StepPlan] = []
+    for i, step in enumerate(cfg.steps):
+        name = cfg.step_dataset(i)
+        problems: list[str] = []
+        built = val = None
+        if build and name is not None:
+            try:
+                built = build_dataset(cfg, name, step=step, args=args, rank=0, world_size=world_size)
+            except PrepError as err:
+                problems.append(err.line())
+            if step.validation is not None:
+                try:
+                    val = build_dataset(
+                        cfg,
+                        step.validation.dataset,
+                        args=args,
+                        rank=0,
+                        world_size=world_size,
+                        batch_size=step.validation.batch_size,
+                    )
+                except PrepError as err:
+                    problems.append(err.line())
+        bpe = built.batches_per_epoch if built else None
+        spe = built.samples_per_epoch if built else None
+        sizes = resolve_batch_sizes(cfg, name, step=step, args=args) if name in cfg.datasets else []
+        if built is None and name in cfg.datasets and (guess := _declared_size(cfg.datasets[name])):
+            spe = guess
+            bpe = -(-guess // (sizes[0][1].value * world_size))
+        length = step_length(step, bpe, spe)
+        if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
+            problems.append(
+                f"{cfg.place(('steps', str(i)))}: step {step.name!r}: dataset {name!r} has no epoch "
+                f"(it repeats endlessly), so {length.rule} cannot end — fix: give the dataset "
+                "epoch_length, or give the step max_steps / a duration in ba or sp"
+            )
+        problems += _cap_problems(cfg, i, bpe, length)
+        chunking = None
+        v = step.validation
+        if v is not None:
+            try:
+                chunk = resolve_chunk_config(
+                    train_chunk_size=v.train_chunk_size,
+                    val_chunk_size=v.val_chunk_size,
+                    limit_train_batches=v.limit_train_batches,
+                    limit_val_batches=v.limit_val_batches,
+                    train_batches=bpe,
+                    val_batches=val.batches_per_epoch if val else None,
+                )
+                if chunk.chunked:
+                    chunking = (
+                        f"chunks of {chunk.train_chunk_size} train / {chunk.val_chunk_size} val batches"
+                        + (f" ({'; '.join(chunk.notes)})" if chunk.notes else "")
+                    )
+            except PrepError as err:
+                if built is not None:  # without the data, the partition sizes are unknown
+                    problems.append(
+                        f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
+                    )
+        doc = step_doc(
+            cfg,
+            i,
+            batch_sizes={n: r.value * world_size for n, r in sizes},
+            loader=built.node.fingerprint() if built else None,
+        )
+        opt = step.optimization
+        plans.append(
+            StepPlan(
+                index=i,
+                name=step.name,
+                dataset=name,
+                tree=built.description if built else None,
+                batch_size=sizes,
+                workers=resolve_workers(cfg, name, step, args) if name in cfg.datasets else None,
+                world_size=world_size,
+                samples_per_epoch=spe,
+                batches_per_epoch=bpe,
+                length=length,
+                trainers=step.trainers,
+                freeze=list(step.freeze),
+                unfreeze=list(step.unfreeze),
+                optimizers=[
+                    f"{n}: {o.type}({_kwargs(o.kwargs)}) on {', '.join(o.params or [n])}"
+                    for n, o in opt.optimizers.items()
+                ],
+                schedulers=[f"{n}: {s.type}({_kwargs(s.kwargs)})" for n, s in opt.schedulers.items()],
+                transition=_transition(step),
+                validation=(f"{v.dataset} every {v.every or 'epoch'}" if v is not None else None),
+                checkpoint_every=str(step.checkpoint_every) if step.checkpoint_every else None,
+                chunking=chunking,
+                fingerprint=doc_hash(doc),
+                fingerprint_doc=doc,
+                problems=problems,
+            )
+        )
+    return plans
+
+
+def _n(x: float | int | None) -> str:
+    if x is None:
+        return "?"
+    return f"{x:,.2f}".rstrip("0").rstrip(".") if isinstance(x, float) else f"{x:,}"
+
+
+def render_plan(plans: list[StepPlan], console: Any, title: str = "pipeline plan") -> None:
+    """One two-column table per step (a wide table of ten columns wraps beyond reading)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(Text(title, style="bold"))
+    for p in plans:
+        table = Table(
+            title=f"step {p.index + 1}/{len(plans)}: {p.name}",
+            title_justify="left",
+            show_header=False,
+            header_style="bold",
+        )
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        if len(p.batch_size) == 1:
+            bs = str(p.batch_size[0][1])
+        else:
+            bs = "; ".join(f"{n} {r}" for n, r in p.batch_size) or "?"
+        length = p.length
+        rows = [
+            ("data", p.tree or p.dataset or "-"),
+            ("batch size", f"{bs} per rank, {p.world_size} rank(s)"),
+            ("workers", str(p.workers) if p.workers else "?"),
+            ("per epoch", f"{_n(p.samples_per_epoch)} samples, {_n(p.batches_per_epoch)} batches"),
+            (
+                "length",
+                f"{_n(length.epochs)} ep = {_n(length.batches)} ba = {_n(length.samples)} sp ({length.rule})"
+                if length
+                else "?",
+            ),
+            ("train", ", ".join(p.trainers) or "-"),
+            ("freeze", ", ".join(p.freeze) or "-"),
+        ]
+        if p.unfreeze:
+            rows.append(("unfreeze", ", ".join(p.unfreeze)))
+        rows += [
+            ("optimizers", "\n".join(p.optimizers) or "-"),
+            ("schedulers", "\n".join(p.schedulers) or "-"),
+            ("transition", p.transition),
+            ("validation", (p.validation or "-") + (f"; {p.chunking}" if p.chunking else "")),
+            ("checkpoints", f"every {p.checkpoint_every or 'epoch'}"),
+            ("fingerprint", p.fingerprint or "-"),
+        ]
+        for key, value in rows:
+            table.add_row(key, Text(value))
+        console.print(table)

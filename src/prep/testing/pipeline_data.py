@@ -1,0 +1,112 @@
+"""Data and tiny training parts for pipeline tests, benchmarks and the example: the folders
+`configs/pipelines/example.yaml` reads under DATA_ROOT (image folders with captions, WebDataset tars,
+prep shard folders), two small torch modules, and a trainer that learns from shard keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prep.testing.loader_data import jpeg_bytes, make_shards
+
+
+def image_folder(folder: str | Path, n: int, *, size: int = 8, prefix: str = "im") -> tuple[Path, Path]:
+    """`n` JPEGs in `folder/images` and `folder/captions.txt` (NAME<TAB>CAPTION); returns both paths."""
+    root = Path(folder)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        name = f"{prefix}{i:04d}.jpg"
+        (images / name).write_bytes(jpeg_bytes(i, size))
+        lines.append(f"{name}\ta picture number {i}")
+    captions = root / "captions.txt"
+    captions.write_text("\n".join(lines) + "\n", "utf-8")
+    return images, captions
+
+
+def example_data(root: str | Path) -> Path:
+    """Everything the example pipeline names, under `root` (pass it as DATA_ROOT)."""
+    out = Path(root)
+    image_folder(out / "256", 12)
+    image_folder(out / "1024", 6)
+    make_shards(out / "laion", [5, 5, 4], image_size=8, distinct_images=2)
+    make_shards(out / "art", [6, 6], image_size=8, distinct_images=2)
+    make_shards(out / "val", [4], image_size=8, distinct_images=1)
+    return out
+
+
+# ------------------------------------------------------------------------------- tiny training
+def key_features(keys: list[str]) -> tuple[Any, Any]:
+    """(inputs, targets) for a batch of make_shards keys (`sSSSSS_RRRRRR`), computed from the key alone:
+    pipeline tests train on real batches without decoding images."""
+    import torch
+
+    nums = torch.tensor([[int(k[1:6]), int(k[7:13])] for k in keys], dtype=torch.float32)
+    x = torch.cat([nums / 10.0, torch.sin(nums), torch.cos(nums)], dim=1)
+    y = torch.stack([torch.sin(nums[:, 0] + nums[:, 1]), torch.cos(nums[:, 1] * 0.3)], dim=1)
+    return x, y
+
+
+def tiny_modules(seed: int = 0) -> dict[str, Any]:
+    """Two small real torch modules (an encoder and a decoder), randomly initialised from `seed`."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    enc, dec = torch.nn.Linear(6, 8), torch.nn.Linear(8, 2)
+    with torch.no_grad():
+        for p in [*enc.parameters(), *dec.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return {"enc": enc, "dec": dec}
+
+
+class RegressionTrainer:
+    """A trainer as the orchestrator expects one: regress key features through enc -> dec, with a
+    little noise from torch's global RNG (so a resume must restore it), and remember every batch's keys
+    in its state (so a test can compare the stream a run really trained on)."""
+
+    metrics = ("loss",)
+
+    def __init__(self, log: str | Path | None = None) -> None:
+        self.keys: list[list[str]] = []
+        self.log = Path(log) if log is not None else None
+
+    def _loss(self, batch: dict[str, Any], ctx: Any) -> Any:
+        import torch
+
+        x, y = key_features(list(batch["__key__"]))
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with ctx.autocast():
+            out = ctx.modules["dec"](torch.tanh(ctx.modules["enc"](x)))
+        return ((out.float() + 0.01 * torch.randn_like(out.float()) - y) ** 2).mean()
+
+    def train_step(self, batch: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        loss = self._loss(batch, ctx)
+        ctx.backward(loss)
+        self.keys.append(list(batch["__key__"]))
+        if self.log is not None:
+            import json
+
+            with open(self.log, "a") as f:
+                doc = {"rank": ctx.rank, "batch": ctx.global_step, "keys": self.keys[-1]}
+                f.write(json.dumps(doc) + "\n")
+        return {"loss": loss.detach()}
+
+    def val_step(self, batch: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {"loss": self._loss(batch, ctx)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": self.keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys = [list(k) for k in state["keys"]]
+
+
+def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `--entry` for `prep pipeline run`: tiny modules and a regression trainer called `reg` (its key
+    log goes to $PREP_TEST_KEY_LOG when set, one file per rank)."""
+    import os
+
+    log = os.environ.get("PREP_TEST_KEY_LOG")
+    rank = os.environ.get("RANK", "0")
+    return tiny_modules(0), {"reg": RegressionTrainer(f"{log}.rank{rank}" if log else None)}

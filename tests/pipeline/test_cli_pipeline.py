@@ -1,0 +1,150 @@
+"""`prep pipeline validate|example` in-process: the example validates (exit 0), the plan and --json
+hold what a user needs, problems exit 1 with one line each, and the CLI imports no torch to start."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from prep import cli
+from prep.cli import app
+from prep.pipeline import example_yaml
+from prep.testing.pipeline_data import example_data
+
+runner = CliRunner()
+
+
+def test_example_written_and_validated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(example_data(tmp_path / "data")))
+    out = tmp_path / "train.yaml"
+    res = runner.invoke(app, ["pipeline", "example", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text() == example_yaml()
+    assert runner.invoke(app, ["pipeline", "example", str(out)]).exit_code == 1  # no silent overwrite
+    monkeypatch.setattr(cli.out_console, "width", 250)
+    res = runner.invoke(app, ["pipeline", "validate", str(out)])
+    assert res.exit_code == 0, res.output
+    for needle in (
+        "vae_lowres",
+        "web_and_art = blend smooth",
+        "0.7 × laion = webdataset",
+        "0.3 × art = prep",
+        "8 (dataset lowres)",
+        "2 (defaults)",
+        "CosineAnnealingLR",
+        "flow_loss < 0.05 for 3 checks",
+        "no problems",
+    ):
+        assert needle in res.output, needle
+
+
+def test_json_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(example_data(tmp_path / "data")))
+    res = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "validate",
+            "configs/pipelines/example.yaml",
+            "--json",
+            "--set",
+            "training.pipeline.steps.0.batch_size=3",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    s0, s1, s2 = doc["steps"]
+    assert s0["batch_size"] == [{"dataset": "lowres", "value": 3, "from": "step"}]
+    assert s0["samples_per_epoch"] == 12 and s0["batches_per_epoch"] == 4
+    assert s0["length"] == {"epochs": 2.0, "batches": 8, "samples": 24, "rule": "n_epochs 2"}
+    assert s1["workers"] == {"value": 2, "from": "defaults"}
+    assert s2["samples_per_epoch"] == 26 and s2["length"]["rule"] == "transition_on.max_epochs 5"
+    assert len({s["fingerprint"] for s in doc["steps"]}) == 3
+
+
+def test_problems_exit_1_one_line_each(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - name: a\n    n_epoch: 1\n  - name: b\n    dataset: x\n    n_epochs: 1\n")
+    res = runner.invoke(app, ["pipeline", "validate", str(bad)])
+    assert res.exit_code == 1
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert any(f"{bad}:3: steps.0.n_epoch: unknown key (did you mean n_epochs?)" in ln for ln in lines), (
+        res.output
+    )
+    assert any(f"{bad}:5: steps.1.dataset: names no dataset" in ln for ln in lines), res.output
+    assert "Traceback" not in res.output
+
+
+def test_missing_data_is_a_problem_at_the_dataset_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "nothing-here"))
+    res = runner.invoke(app, ["pipeline", "validate", "configs/pipelines/example.yaml"])
+    assert res.exit_code == 1
+    line = next(i for i, t in enumerate(example_yaml().splitlines(), 1) if t.strip().startswith("lowres:"))
+    assert f"configs/pipelines/example.yaml:{line}: dataset 'lowres': image folder not found" in res.output
+    assert (
+        runner.invoke(app, ["pipeline", "validate", "configs/pipelines/example.yaml", "--no-data"]).exit_code
+        == 0
+    )
+
+
+def test_cli_start_imports_no_torch():
+    code = "import sys, prep.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cap_in_the_other_unit_is_checked_against_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(example_data(tmp_path / "data")))
+    # step 1 is n_epochs 2 of 2 batches = 4 batches: a max_steps cap of 5 is above it, 4 agrees
+    res = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "validate",
+            "configs/pipelines/example.yaml",
+            "--set",
+            "training.pipeline.steps.0.transition_on.max_steps=5",
+        ],
+    )
+    assert res.exit_code == 1
+    assert "steps.0.transition_on.max_steps: max_steps=5 (5 batches) is above the step's length" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "validate",
+            "configs/pipelines/example.yaml",
+            "--set",
+            "training.pipeline.steps.0.transition_on.max_steps=4",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+
+
+def test_run_trains_resumes_and_reports_a_bad_entry(tmp_path):
+    from prep.testing.loader_data import make_shards
+
+    make_shards(tmp_path / "d", [5, 4], image_size=8, distinct_images=1)
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"datasets: {{d: {{type: prep, path: {tmp_path / 'd'}, decode: raw, batch_size: 3}}}}\n"
+        "default_dataset: d\ndefaults: {workers: 0}\nsteps:\n  - {name: s, n_epochs: 2, "
+        "train: [reg], optimization: {optimizers: {dec: {type: SGD, lr: 0.1}}}}\n"
+    )
+    run = [
+        "pipeline",
+        "run",
+        str(config),
+        "--entry",
+        "prep.testing.pipeline_data:build",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--quiet",
+    ]
+    assert runner.invoke(app, [*run, "--stop-after", "2"]).exit_code == 0
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["ckpt-000000000002.pt"]
+    res = runner.invoke(app, run)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir())[-1] == "step-000-000000000006-s.pt"
+    res = runner.invoke(app, [*run[:3], "--entry", "prep.testing.pipeline_data:nope"])
+    assert res.exit_code == 1 and "cannot load the entry 'prep.testing.pipeline_data:nope'" in res.output

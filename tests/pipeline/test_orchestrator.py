@@ -1,0 +1,368 @@
+"""The orchestrator on CPU with tiny real torch models and real shards: freezing, transitions, lengths,
+epochs, exact resume at many points (in-process), config changes on resume, unsafe checkpoints."""
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from prep.errors import PrepError, PrepErrorGroup
+from prep.pipeline import checkpoint as ckpt
+from prep.pipeline import parse_pipeline_config
+from prep.pipeline.orchestrator import TrainingPipelineOrchestrator, _loader_batches
+from prep.testing.loader_data import make_shards
+from prep.testing.pipeline_data import RegressionTrainer, tiny_modules
+
+SIZES = [7, 6, 8]  # 21 samples: 6 batches of 4 per epoch (the last one short)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orch")
+    make_shards(root / "d", SIZES, image_size=8, distinct_images=1)
+    make_shards(root / "v", [5], image_size=8, distinct_images=1, prefix="val")
+    return root
+
+
+def _config(root: Path, steps: list[dict], **extra) -> object:
+    return parse_pipeline_config(
+        {
+            "datasets": {
+                "d": {"type": "prep", "path": str(root / "d"), "decode": "raw", "batch_size": 4},
+                "v": {"type": "prep", "path": str(root / "v"), "decode": "raw", "shuffle": False},
+            },
+            "default_dataset": "d",
+            "defaults": {"workers": 0, "seed": 7},
+            "steps": steps,
+            **extra,
+        }
+    )
+
+
+OPT_DEC = {"optimizers": {"dec": {"type": "AdamW", "lr": 0.01}}}
+OPT_BOTH = {"optimizers": {"all": {"type": "AdamW", "lr": 0.01, "params": ["enc", "dec"]}}}
+TWO_STEPS = [
+    {
+        "name": "dec_only",
+        "n_epochs": 2,
+        "train": ["reg"],
+        "freeze": ["enc"],
+        "optimization": {**OPT_DEC, "schedulers": {"dec": {"type": "CosineAnnealingLR", "T_max": "auto"}}},
+        "validation": {"dataset": "v", "every": "4ba"},
+        "checkpoint_every": "3ba",
+    },
+    {
+        "name": "both",
+        "max_steps": 9,
+        "train": ["reg"],
+        "unfreeze": ["enc"],
+        "optimization": OPT_BOTH,
+        "carry_optimizer": True,
+        "ema": {"decay": 0.9},
+        "checkpoint_every": "2ba",
+    },
+]
+
+
+def _run(cfg, folder, **kw):
+    modules, trainer = tiny_modules(0), RegressionTrainer()
+    run_kw = {"max_batches": kw.pop("max_batches")} if "max_batches" in kw else {}
+    orch = TrainingPipelineOrchestrator(cfg, modules, {"reg": trainer}, folder, progress=False, **kw)
+    orch.run(**run_kw)
+    return orch, modules, trainer
+
+
+def _weights(modules) -> dict[str, torch.Tensor]:
+    return {f"{m}.{k}": v.clone() for m, mod in modules.items() for k, v in mod.state_dict().items()}
+
+
+def _step_end(folder: Path, index: int) -> dict:
+    [path] = folder.glob(f"step-{index:03d}-*.pt")
+    return ckpt.load(path)
+
+
+def test_freeze_is_bitwise_and_unfreeze_trains(data, tmp_path):
+    cfg = _config(data, TWO_STEPS)
+    initial = _weights(tiny_modules(0))
+    orch, modules, _ = _run(cfg, tmp_path / "ck")
+    after0 = _step_end(tmp_path / "ck", 0)["modules"]
+    for k, v in after0["enc"].items():
+        assert torch.equal(v, initial[f"enc.{k}"])  # frozen: not one bit moved
+    assert not torch.equal(after0["dec"]["weight"], initial["dec.weight"])
+    assert not torch.equal(modules["enc"].weight, initial["enc.weight"])  # unfrozen in step 2: trained
+    assert all(p.requires_grad for p in modules["enc"].parameters()) and modules["enc"].training
+    assert [s.reason for s in orch.summaries] == ["epoch: n_epochs 2 done", "length: 9 batches done"]
+    ema = _step_end(tmp_path / "ck", 1)["ema"]
+    assert set(ema) == {"enc", "dec"} and not torch.equal(ema["dec"]["module.weight"], modules["dec"].weight)
+
+
+def test_lengths_epochs_and_keys(data, tmp_path):
+    cfg = _config(data, TWO_STEPS)
+    orch, _, trainer = _run(cfg, tmp_path / "ck")
+    keys = trainer.keys
+    assert len(keys) == 2 * 6 + 9  # n_epochs 2 of 6 batches, then max_steps 9
+    epoch1, epoch2 = keys[:6], keys[6:12]
+    flat1, flat2 = sorted(k for b in epoch1 for k in b), sorted(k for b in epoch2 for k in b)
+    assert len(flat1) == 21 and flat1 == flat2  # epoch 2 has batches: every sample again
+    assert [k for b in epoch1 for k in b] != [k for b in epoch2 for k in b]  # reshuffled by set_epoch
+    s0, s1 = orch.summaries
+    assert (s0.batches, s0.samples, s0.epochs) == (12, 42, 2.0) and (s1.batches, s1.epochs) == (9, 1.5)
+    assert orch.state.global_batches == 21 and orch.state.samples_seen == 42 + 21 + 12
+
+
+def test_loss_threshold_moves_on_early_and_a_cap_stops_it(data, tmp_path):
+    early = {
+        "name": "early",
+        "train": ["reg"],
+        "optimization": OPT_DEC,
+        "transition_on": {
+            "mode": "loss_threshold",
+            "metric": "loss",
+            "threshold": 100.0,
+            "patience": 3,
+            "check_every": "2ba",
+            "max_epochs": 5,
+        },
+    }
+    never = {**early, "name": "never", "transition_on": {**early["transition_on"], "threshold": -1.0}}
+    orch, _, trainer = _run(_config(data, [early, never]), tmp_path / "ck")
+    s0, s1 = orch.summaries
+    assert s0.batches == 6 and s0.reason.startswith("loss_threshold: train loss")  # 3 checks, 2 batches apart
+    assert s1.batches == 30 and s1.reason == "epoch: n_epochs 5 done"
+    assert len(trainer.keys) == 36
+    history = _step_end(tmp_path / "ck", 1)
+    assert "loss" in __import__("json").loads(history["meta"])["metrics"]["recent"]
+
+
+def test_plateau_and_validation_metric(data, tmp_path):
+    step = {
+        "name": "p",
+        "n_epochs": 6,
+        "train": ["reg"],
+        "optimization": {
+            "optimizers": {"dec": {"type": "SGD", "lr": 0.0}}
+        },  # lr 0: the validation loss cannot improve
+        "validation": {"dataset": "v", "every": "2ba"},
+        "transition_on": {
+            "mode": "plateau",
+            "metric": "loss",
+            "source": "val",
+            "patience": 2,
+            "check_every": "2ba",
+            "max_epochs": 6,
+        },
+    }
+    orch, _, _ = _run(_config(data, [step]), tmp_path / "ck")
+    [s] = orch.summaries
+    assert s.batches == 6 and s.reason.startswith("plateau: val loss did not improve")
+
+
+def _resume_matches(cfg, folder: Path, stops: list[int], ref_weights, ref_keys, **resume_kw) -> None:
+    trained = 0
+    for stop in stops:
+        _run(cfg, folder, max_batches=stop - trained, **resume_kw)
+        trained = stop
+    _, modules, trainer = _run(cfg, folder, **resume_kw)
+    got = _weights(modules)
+    assert all(torch.equal(got[k], ref_weights[k]) for k in ref_weights)
+    assert trainer.keys == ref_keys
+
+
+def test_resume_anywhere_is_exact(data, tmp_path):
+    """Stopped mid-epoch, at an epoch end, right after validation, at a step boundary, after the
+    unfreeze, then resumed each time in a fresh orchestrator: bitwise the uninterrupted result."""
+    cfg = _config(data, TWO_STEPS)
+    _, modules, trainer = _run(cfg, tmp_path / "ref")
+    ref_weights, ref_keys = _weights(modules), trainer.keys
+    _resume_matches(cfg, tmp_path / "a", [1, 4, 6, 7, 12, 13, 17], ref_weights, ref_keys)
+
+
+def test_resume_with_other_workers_chunks_and_accumulation(data, tmp_path):
+    steps = [
+        {
+            "name": "chunked",
+            "n_epochs": 2,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "grad_accumulation": 2,
+            "validation": {"dataset": "v", "train_chunk_size": 4, "val_chunk_size": 2},
+            "checkpoint_every": "1ba",
+        }
+    ]
+    cfg = _config(data, steps)
+    _, modules, trainer = _run(cfg, tmp_path / "ref")
+    ref = _weights(modules)
+    cfg1 = parse_pipeline_config(
+        {
+            **cfg.model_dump(include={"default_dataset"}),
+            "datasets": {k: v.model_dump(exclude_none=True) for k, v in cfg.datasets.items()},
+            "defaults": {"workers": 1, "seed": 7},
+            "steps": steps,
+        }
+    )
+    _resume_matches(cfg1, tmp_path / "a", [3, 5, 9], ref, trainer.keys)
+
+
+def test_changed_current_step_refused_later_step_accepted(data, tmp_path):
+    cfg = _config(data, TWO_STEPS)
+    _run(cfg, tmp_path / "ck", max_batches=5)  # stopped inside step 1
+    later = copy.deepcopy(TWO_STEPS)
+    later[1]["optimization"] = {"optimizers": {"all": {"type": "SGD", "lr": 0.1, "params": ["enc", "dec"]}}}
+    later.append({"name": "extra", "max_steps": 2, "train": ["reg"], "optimization": OPT_DEC})
+    current = copy.deepcopy(TWO_STEPS)
+    current[0]["optimization"]["optimizers"]["dec"]["lr"] = 0.5
+    with pytest.raises(PrepError) as err:
+        _run(_config(data, current), tmp_path / "ck")
+    assert (
+        "current step 0 (dec_only)" in err.value.what and "optimization.optimizers.dec.lr" in err.value.what
+    )
+    assert "--allow-config-change" in err.value.fix
+    bigger = copy.deepcopy(TWO_STEPS)
+    bigger[0]["batch_size"] = 5
+    with pytest.raises(PrepError, match=r"batch_size\.d: 4 -> 5"):
+        _run(_config(data, bigger), tmp_path / "ck")
+    orch, _, _ = _run(_config(data, later), tmp_path / "ck")  # steps not yet started may change
+    assert [s.name for s in orch.summaries] == ["dec_only", "both", "extra"]
+    with pytest.raises(PrepError, match="finished step 0"):
+        _run(_config(data, current), tmp_path / "ck")
+    orch, _, _ = _run(_config(data, current), tmp_path / "ck", allow_config_change=True)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_crafted_pickle_checkpoint_refused_without_running_it(data, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    with open(folder / ckpt.regular_name(999), "wb") as f:
+        pickle.dump({"format": ckpt.FORMAT, "meta": "{}", "x": Evil()}, f)
+    with pytest.raises(PrepError) as err:
+        _run(_config(data, TWO_STEPS), folder)
+    assert "not a safe pipeline checkpoint" in err.value.what and err.value.where.endswith(
+        "ckpt-000000000999.pt"
+    )
+    assert not marker.exists()
+    torch.save({"format": ckpt.FORMAT, "meta": "{}", "x": Evil()}, folder / ckpt.regular_name(999))
+    with pytest.raises(PrepError, match="not a safe pipeline checkpoint"):
+        _run(_config(data, TWO_STEPS), folder, resume=folder / ckpt.regular_name(999))
+    assert not marker.exists()
+
+
+def test_loader_start_leaves_torch_rng_alone(data):
+    from prep.pipeline.data import build_loader
+
+    cfg = _config(data, TWO_STEPS)
+    loader, _, _ = build_loader(cfg, "d", step=cfg.steps[0])
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    assert len(list(_loader_batches(loader))) == 6
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_trainers_and_modules_checked_against_what_was_passed(data, tmp_path):
+    cfg = _config(
+        data,
+        [
+            {
+                "name": "s",
+                "max_steps": 1,
+                "train": ["reg", "gan"],
+                "freeze": ["encoder"],
+                "optimization": OPT_DEC,
+            }
+        ],
+    )
+    with pytest.raises(PrepErrorGroup) as err:
+        TrainingPipelineOrchestrator(
+            cfg, tiny_modules(0), {"reg": RegressionTrainer()}, tmp_path, progress=False
+        )
+    text = " ".join(e.what for e in err.value.errors)
+    assert "trainer 'gan' is not declared" in text and "names no module: 'encoder'" in text
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_clipping_and_accumulation_trains(data, tmp_path, precision):
+    step = {
+        "name": "amp",
+        "max_steps": 6,
+        "train": ["reg"],
+        "precision": precision,
+        "grad_clip_norm": 0.5,
+        "grad_accumulation": 3,
+        "optimization": OPT_BOTH,
+    }
+    before = _weights(tiny_modules(0))
+    orch, modules, trainer = _run(_config(data, [step]), tmp_path / "ck")
+    after = _weights(modules)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(after["enc.weight"], before["enc.weight"])
+    assert orch.state.optimizer_steps == 2 and len(trainer.keys) == 6
+
+
+def test_ema_reset_policy_starts_a_new_average(data, tmp_path):
+    steps = [
+        {"name": "a", "max_steps": 4, "train": ["reg"], "optimization": OPT_DEC, "ema": {"decay": 0.5}},
+        {
+            "name": "b",
+            "max_steps": 4,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "ema": {"decay": 0.5, "policy": "reset"},
+        },
+    ]
+    _run(_config(data, steps), tmp_path / "ck")
+    a, b = _step_end(tmp_path / "ck", 0)["ema"]["dec"], _step_end(tmp_path / "ck", 1)["ema"]["dec"]
+    assert int(a["n_averaged"]) == 4 and int(b["n_averaged"]) == 4  # reset: counted from the new step
+    steps[1]["ema"]["policy"] = "keep"
+    _run(_config(data, steps), tmp_path / "keep")
+    assert int(_step_end(tmp_path / "keep", 1)["ema"]["dec"]["n_averaged"]) == 8
+
+
+def test_validation_every_epoch_and_history_kept_per_step(data, tmp_path):
+    steps = [
+        {
+            "name": "a",
+            "n_epochs": 3,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "validation": {"dataset": "v", "every": "1ep"},
+        },
+        {
+            "name": "b",
+            "n_epochs": 2,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "validation": {"dataset": "v", "every": "2ep"},
+        },
+    ]
+    orch, _, _ = _run(_config(data, steps), tmp_path / "ck")
+    a, b = orch.state.completed
+    assert [h["batch"] for h in a["history"] if h["kind"] == "val"] == [6, 12, 18]
+    assert [h["batch"] for h in b["history"] if h["kind"] == "val"] == [12]
+    assert a["val_metrics"]["loss"] > 0 and [h["kind"] for h in a["history"]].count("epoch") == 3
+
+
+def test_carry_optimizer_keeps_the_state_of_parameters_that_stay_trained(data, tmp_path):
+    carried = copy.deepcopy(TWO_STEPS)  # step 1: AdamW on dec; step 2: AdamW on enc + dec, carry on
+    _run(_config(data, carried), tmp_path / "carry", max_batches=13)
+    end = _step_end(tmp_path / "carry", 0)
+    assert set(end["carry"]) == {"dec.weight", "dec.bias"}
+    assert end["carry"]["dec.weight"]["optimizer"] == "AdamW"
+    assert int(end["carry"]["dec.weight"]["state"]["step"]) == 12
+    _, with_carry, _ = _run(_config(data, carried), tmp_path / "carry")  # resumed inside step 2
+    fresh = copy.deepcopy(TWO_STEPS)
+    fresh[1]["carry_optimizer"] = False
+    _, without, _ = _run(_config(data, fresh), tmp_path / "fresh")
+    assert not torch.equal(with_carry["dec"].weight, without["dec"].weight)
+    _, again, _ = _run(_config(data, carried), tmp_path / "uninterrupted")
+    assert torch.equal(with_carry["dec"].weight, again["dec"].weight)  # the carry survives a resume
+    _run(_config(data, carried), tmp_path / "edge", max_batches=12)  # stopped on step 1's last batch
+    _, at_edge, _ = _run(_config(data, carried), tmp_path / "edge")
+    assert torch.equal(at_edge["dec"].weight, again["dec"].weight)
