@@ -223,7 +223,8 @@ def known_sizes(sizes: Sequence[int | None]) -> list[int] | None:
 
 
 def sum_of_sizes(sizes: Sequence[int | None]) -> int | None:
-    """Batches per epoch of a node that plays its children one after another; None when any is endless."""
+    """The sum of the children's sizes per epoch (batches of a node that plays them one after another,
+    samples of a concat); None when any is unknown or endless."""
     known = known_sizes(sizes)
     return None if known is None else sum(known)
 

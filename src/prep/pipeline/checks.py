@@ -369,7 +369,7 @@ def _names(module: Any, accept: Any) -> list[str]:
 
 
 def _signature_problems(cls: type, kwargs: Mapping[str, Any], skip: set[str]) -> Iterator[Problem]:
-    params = dict(inspect.signature(cls.__init__).parameters)
+    params = dict(inspect.signature(cls).parameters)
     accepted = [
         n for n, p in params.items() if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]

@@ -71,8 +71,8 @@ class _DatasetBase(_Model):
     workers: NonNegInt = Field(None, description="DataLoader worker processes")  # type: ignore[assignment]
     seed: Int = Field(None, description="seed of this dataset's order")  # type: ignore[assignment]
     shuffle: StrictBool = Field(None, description="shuffle samples (leaves) each epoch")  # type: ignore[assignment]
-    decode: Literal["raw", "pil", "uint8", "float"] = Field(  # type: ignore[assignment]
-        None, description="how images are decoded"
+    decode: Literal["raw", "pil", "uint8", "float"] = Field(
+        None, description="how images are decoded"  # type: ignore[arg-type]
     )
     image_size: PosInt | Annotated[list[PosInt], Field(min_length=2, max_length=2)] = Field(  # type: ignore[assignment]
         None, description="resize to cover then crop to this size (int or [H, W])"
@@ -118,14 +118,14 @@ class SourceRef(_Model):
 class BlendDatasetConfig(_DatasetBase):
     type: Literal["blend"]
     sources: Annotated[list[SourceRef], Field(min_length=1)]
-    schedule: Literal["random", "smooth"] = Field(None)  # type: ignore[assignment]
+    schedule: Literal["random", "smooth"] = Field(None)  # type: ignore[arg-type]
     repeat: StrictBool = Field(None)  # type: ignore[assignment]
 
 
 class MixDatasetConfig(_DatasetBase):
     type: Literal["mix"]
     sources: Annotated[list[SourceRef], Field(min_length=1)]
-    counts: Literal["multinomial", "stratified"] = Field(None)  # type: ignore[assignment]
+    counts: Literal["multinomial", "stratified"] = Field(None)  # type: ignore[arg-type]
     repeat: StrictBool = Field(None)  # type: ignore[assignment]
 
 
@@ -370,7 +370,8 @@ def _read(
 ) -> tuple[dict[str, Any], str, dict[tuple[str, ...], int], frozenset[tuple[str, ...]]]:
     if isinstance(source, Mapping):
         data: Any = _plain(source)
-        where, lines = "pipeline config", {}
+        where = "pipeline config"
+        lines: dict[tuple[str, ...], int] = {}
     else:
         where = os.fspath(source)
         try:
@@ -436,7 +437,7 @@ def parse_pipeline_config(
     if not isinstance(raw_sets, dict):
         out.add(("datasets",), "must be a mapping of names to datasets", "write name: {type: ..., ...}")
         raw_sets = {}
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[DatasetConfig, Field(discriminator="type")])  # type: ignore[arg-type]
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[DatasetConfig, Field(discriminator="type")])
     for name, raw in raw_sets.items():
         if not isinstance(raw, dict):
             out.add(("datasets", name), "must be a mapping with a type", "write {type: local, ...}")
@@ -471,16 +472,17 @@ def parse_pipeline_config(
             out.add(path, what, fix)
     if out.errors:
         raise PrepErrorGroup(out.errors)
+    assert base is not None  # a section that failed validation left an error above
     return base.model_copy(
-        update={  # type: ignore[union-attr]
+        update={
             "datasets": datasets,
             "steps": steps,
             "source": where,
             "root": root,
             "lines": lines,
-            "modules": list(modules) if modules is not None else base.modules,  # type: ignore[union-attr]
+            "modules": list(modules) if modules is not None else base.modules,
             "trainers": (
                 {k: list(v) for k, v in trainers.items()} if trainers is not None else base.trainers
-            ),  # type: ignore[union-attr]
+            ),
         }
     )

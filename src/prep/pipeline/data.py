@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.errors import PrepError
+from prep.loaders.base import sum_of_sizes
 from prep.pipeline.checks import import_callable
 from prep.pipeline.config import (
     BlendDatasetConfig,
@@ -180,24 +181,25 @@ def _build(
         if isinstance(ds, LocalDatasetConfig | WebDatasetConfig | PrepDatasetConfig):
             bs = resolve_batch_size(cfg, chain, step, args, step_bs)
             kwargs = _leaf_kwargs(cfg, chain, bs, rank, world_size)
+            leaf: LocalDataset | ShardDataset
             if isinstance(ds, LocalDatasetConfig):
-                node = LocalDataset(ds.image_folder, ds.captions_file, **kwargs)
-                desc = f"local {ds.image_folder}: {node.total:,} images"
+                leaf = LocalDataset(ds.image_folder, ds.captions_file, **kwargs)
+                desc = f"local {ds.image_folder}: {leaf.total:,} images"
             elif isinstance(ds, PrepDatasetConfig):
                 path = Path(ds.path)
-                node = ShardDataset(path.parent if path.name == "manifest.json" else path, **kwargs)
-                desc = f"prep {ds.path}: {len(node.shards)} shards, {node.total:,} samples"
+                leaf = ShardDataset(path.parent if path.name == "manifest.json" else path, **kwargs)
+                desc = f"prep {ds.path}: {len(leaf.shards)} shards, {leaf.total:,} samples"
             else:
                 fields = [ds.webdataset_image_key, ds.webdataset_caption_key]
                 if "webdataset_label_key" in ds.model_fields_set:
                     fields.append(ds.webdataset_label_key)
                 token = ds.webdataset_token.get_secret_value() if ds.webdataset_token is not None else None
-                node = ShardDataset(
+                leaf = ShardDataset(
                     ds.webdataset_url, fields=fields, token=token, allow_pipe=ds.allow_pipe, **kwargs
                 )
                 url = redact_url(ds.webdataset_url)
-                desc = f"webdataset {url}: {len(node.shards)} shards, {node.total:,} samples"
-            built = Built(node, desc, node.total, node.batches_per_epoch(), bs, [(name, bs)])
+                desc = f"webdataset {url}: {len(leaf.shards)} shards, {leaf.total:,} samples"
+            built = Built(leaf, desc, leaf.total, leaf.batches_per_epoch(), bs, [(name, bs)])
         elif isinstance(ds, BlendDatasetConfig | MixDatasetConfig):
             parts = [_build(cfg, s.dataset, chain, step, args, step_bs, rank, world_size) for s in ds.sources]
             sources = [
@@ -211,6 +213,7 @@ def _build(
                 for s, p in zip(ds.sources, parts, strict=True)
             )
             bs = None
+            node: BlendDataset | MixBatchDataset
             if isinstance(ds, BlendDatasetConfig):
                 kwargs.update(
                     {k: getattr(ds, k) for k in ("schedule", "repeat") if getattr(ds, k) is not None}
@@ -225,11 +228,8 @@ def _build(
                 node = MixBatchDataset(*sources, batch_size=bs.value, **kwargs)
                 desc = f"mix{' ' + ds.counts if ds.counts else ''} inside each batch of {bs.value}:{shares}"
             endless = isinstance(ds, MixDatasetConfig) or ds.repeat
-            samples = (
-                None
-                if endless or any(p.samples_per_epoch is None for p in parts)
-                else sum(p.samples_per_epoch for p in parts)
-            )  # type: ignore[misc]
+            sizes = [p.samples_per_epoch for p in parts]
+            samples = None if endless else sum_of_sizes(sizes)
             built = Built(
                 node,
                 desc,
@@ -241,22 +241,21 @@ def _build(
         else:
             assert isinstance(ds, ConcatDatasetConfig)
             parts = [_build(cfg, n, chain, step, args, step_bs, rank, world_size) for n in ds.datasets]
-            node = ConcatDataset(*[p.node for p in parts])
-            known = all(p.samples_per_epoch is not None for p in parts)
+            concat = ConcatDataset(*[p.node for p in parts])
             built = Built(
-                node,
+                concat,
                 "concat:" + "".join("\n  " + p.description.replace("\n", "\n  ") for p in parts),
-                sum(p.samples_per_epoch for p in parts) if known else None,  # type: ignore[misc]
-                node.batches_per_epoch(),
+                sum_of_sizes([p.samples_per_epoch for p in parts]),
+                concat.batches_per_epoch(),
                 None,
                 [b for p in parts for b in p.batch_sizes],
             )
         built.description = f"{name} = {built.description}"
         if ds.epoch_length is not None:
-            node = EpochizeDataset(built.node, ds.epoch_length)
+            epochized = EpochizeDataset(built.node, ds.epoch_length)
             per = built.batch_size.value if built.batch_size else None
             built = Built(
-                node,
+                epochized,
                 f"{built.description}, epochs of {ds.epoch_length} batches",
                 ds.epoch_length * per * (world_size or 1) if per else None,
                 ds.epoch_length,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from prep.errors import PrepError
 from prep.pipeline import checkpoint as ckpt
@@ -169,7 +170,8 @@ def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def _rng_state() -> dict[str, Any]:
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: ("MT19937", keys, pos, has_gauss, cached_gaussian)
     out: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [
@@ -192,21 +194,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _loader_batches(loader: Any) -> Iterator[Any]:
-    """Iterate a loader without letting its start draw from torch's global generator (torch's own
-    DataLoader takes a base seed from it at every `iter()`)."""
-    saved = torch.get_rng_state()
-    it = iter(loader)
-    try:
-        first = next(it)
-    except StopIteration:
-        return
-    finally:
-        torch.set_rng_state(saved)
-    yield first
-    yield from it
 
 
 def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
@@ -716,7 +703,7 @@ class _StepRun:
                     return True, trained, done_epochs
                 if self.epoch_batches is None or st.batch_in_epoch < self.epoch_batches:
                     self.loader.set_epoch(st.step_epoch)
-                    for batch in _loader_batches(self.loader):
+                    for batch in self.loader:
                         self._train(batch)
                         trained += 1
                         st.step_seconds = time.perf_counter() - started
@@ -775,7 +762,7 @@ class _StepRun:
         with contextlib.ExitStack() as stack:
             if not ctx.boundary:
                 for m in ctx.modules.values():
-                    if hasattr(m, "no_sync"):
+                    if isinstance(m, DistributedDataParallel):
                         stack.enter_context(m.no_sync())
             for trainer in self.trainers:
                 values.update(_floats(trainer.train_step(batch, ctx) or {}))
@@ -850,7 +837,7 @@ class _StepRun:
             while limit is None or count < limit:
                 self.val_loader.set_epoch(st.val_epoch)
                 got = 0
-                for batch in _loader_batches(self.val_loader):
+                for batch in self.val_loader:
                     batch = _to_device(batch, self.o.device)
                     for t in trainers:
                         for k, v in _floats(t.val_step(batch, self.ctx) or {}).items():
