@@ -223,6 +223,34 @@ def test_keys_lists_every_config_field_with_its_description():
     assert bad.exit_code == 1 and "unknown stage" in bad.output
 
 
+def test_keys_at_80_columns_cut_nothing():
+    from prep.stages import get_stage
+    from prep.stages.base import key_docs
+
+    result = CliRunner().invoke(app, ["keys"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "pydantic" not in result.output
+    lines = {line.strip() for line in result.output.splitlines()}
+    for name in STAGE_ORDER:
+        for k in key_docs(get_stage(name).Config):
+            assert f"{name}.{k.key}  {k.type} = {k.default}" in lines, (name, k.key)
+    assert "download_parquet.hf_token  SecretStr | None = None" in lines
+
+
+@pytest.mark.parametrize("stage", STAGE_ORDER)
+def test_run_stage_help_lists_that_stages_keys(stage: str):
+    from prep.stages import get_stage
+
+    result = CliRunner().invoke(app, ["run", stage, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert f"prep keys {stage}" in flat
+    for key in get_stage(stage).Config.model_fields:
+        assert key in flat
+    generic = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "80"})
+    assert "prep keys STAGE" in " ".join(generic.output.split())
+
+
 @pytest.mark.slow  # real img2dataset
 def test_minimal_configs_run_all_without_folder_keys(tmp_path: Path) -> None:
     import pyarrow.parquet as pq

@@ -11,8 +11,11 @@ import re
 import sys
 from pathlib import Path
 
+import click
 import typer
+import typer.core
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -68,7 +71,28 @@ def stages_cmd() -> None:
     out_console.print(table)
 
 
-@app.command("run")
+class _RunCommand(typer.core.TyperCommand):
+    """`prep run STAGE --help` ends with that stage's keys (the generic help alone would not say them)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["prep_run_args"] = list(args)  # --help is handled while parsing, before `stage` is set
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_help(ctx, formatter)
+        from prep.stages import STAGE_ORDER, get_stage
+        from prep.stages.base import key_docs
+
+        stage = next((a for a in ctx.meta.get("prep_run_args", []) if a in STAGE_ORDER), None)
+        if stage is not None:
+            keys = ", ".join(k.key for k in key_docs(get_stage(stage).Config))
+            out_console.print(f"{stage} keys (set with --set {stage}.KEY=VALUE or in the config's "
+                              f"{stage}: section): {keys}.\nTypes, defaults and what each does: "
+                              f"prep keys {stage}", highlight=False, markup=False)
+
+
+@app.command("run", cls=_RunCommand,
+             epilog="Every key of a stage, with its type, default and what it does: prep keys STAGE")
 def run_cmd(
     stage: str = typer.Argument(..., help="a stage name (see `prep stages`) or `all` for every enabled stage "
                                 "in order"),
@@ -229,9 +253,8 @@ def keys_cmd(
     stage: str | None = typer.Argument(None, help="a stage name; all stages when left out"),
 ) -> None:
     """List every config key of a stage (or of all stages): type, default and what it does."""
-    from typing import get_args
-
     from prep.stages import STAGE_ORDER, get_stage
+    from prep.stages.base import key_docs
 
     try:
         names = [stage] if stage else list(STAGE_ORDER)
@@ -240,20 +263,14 @@ def keys_cmd(
         if _state["debug"]:
             raise
         _fail(err)
-    for name, mod in modules:
-        table = Table(title=f"{name}: {mod.TITLE}", header_style="bold", title_justify="left")
-        table.add_column("key", no_wrap=True)
-        table.add_column("type")
-        table.add_column("default")
-        table.add_column("what it does")
-        for key, field in mod.Config.model_fields.items():
-            default = ("required" if field.is_required()
-                       else repr(field.get_default(call_default_factory=True)))
-            ann = field.annotation
-            kind = ann.__name__ if isinstance(ann, type) and not get_args(ann) else str(ann)
-            kind = kind.replace("typing.", "").replace("pathlib.", "")
-            table.add_row(key, Text(kind), Text(default[:40]), Text(field.description or ""))
-        out_console.print(table)
+    for name, mod in modules:  # one block per key: nothing is cut, whatever the terminal's width
+        out_console.print(Text(f"{name}: {mod.TITLE}", style="bold"), soft_wrap=True)
+        for k in key_docs(mod.Config):
+            out_console.print(Text("  ") + Text(f"{name}.{k.key}", style="bold cyan")
+                              + Text(f"  {k.type} = {k.default}"), soft_wrap=True, highlight=False)
+            if k.description:
+                out_console.print(Padding(Text(k.description), (0, 0, 0, 6)), highlight=False)
+        out_console.print()
 
 
 @app.command("config")

@@ -191,6 +191,23 @@ def killed_then_resumed(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_summary_names_each_failure_once(killed_then_resumed):
+    from rich.console import Console
+
+    from prep.runtime.summary import print_summary
+
+    run = killed_then_resumed["run"]
+    console = Console(record=True, width=200)
+    print_summary(run, console)
+    text = console.export_text()
+    doc = run.to_json()
+    assert not [k for k in doc["counts"] if k.startswith("failed")], "img2dataset's buckets repeat reasons"
+    for reason, n in EXPECTED_FAILS.items():
+        assert text.count(reason) == 1, f"{reason} is listed {text.count(reason)} times"
+        assert f"dropped: {reason}" in text and f"{n:,} ({100 * n / 24:.1f}%)" in text
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_with_exact_counts_and_no_duplicates(killed_then_resumed):
     k = killed_then_resumed
     doc = k["run"].to_json()

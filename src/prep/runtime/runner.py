@@ -20,7 +20,15 @@ from rich.console import Console
 
 from prep.errors import PrepError
 from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name
-from prep.runtime.markers import describe_outputs, read_valid_marker, write_marker
+from prep.runtime.markers import (
+    describe_outputs,
+    finalize_digest,
+    finalized_already,
+    folder_listing,
+    read_valid_marker,
+    write_finalized,
+    write_marker,
+)
 from prep.runtime.progress import task_progress
 from prep.stages import get_stage
 from prep.stages.base import RunOptions, Task, TaskResult, marker_dir, slice_tasks, torchrun_slice
@@ -38,6 +46,13 @@ class StageRun:
     waiting_for_other_slices: bool = False
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    finalize_skipped: bool = False  # finalize had run for this very plan and its files are unchanged
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Every task was done already and finalize had nothing to add: the run did no work."""
+        return bool(self.results) and all(r.status == "skipped" for r in self.results) and (
+            self.finalize_skipped or self.waiting_for_other_slices)
 
     @property
     def failed(self) -> list[TaskResult]:
@@ -75,7 +90,7 @@ class StageRun:
             "tasks_in_slice": len(self.results), "done": by_status["done"], "skipped": by_status["skipped"],
             "failed": by_status["failed"], "counts": self.counts(), "dropped": self.dropped(),
             "seconds": round(self.seconds, 3), "finalized": self.finalized,
-            "waiting_for_other_slices": self.waiting_for_other_slices,
+            "waiting_for_other_slices": self.waiting_for_other_slices, "nothing_to_do": self.nothing_to_do,
             "notes": [n for r in self.results for n in r.notes] + self.finalize_notes,
             "errors": [f"{r.task_id}: {r.error}" for r in self.failed] + self.errors,
         }
@@ -183,7 +198,6 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         return run
     outputs = stage.output_dirs(cfg)
     markers = marker_dir(outputs[0], name)
-    check_output_folder(outputs[0], name)
     version = stage.VERSION
     results: dict[str, TaskResult] = {}
     todo: list[Task] = []
@@ -194,6 +208,11 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
             results[t.id] = prior
         else:
             todo.append(t)
+    if todo:
+        prepare = getattr(stage, "prepare", None)  # the optional costly checks: only when there is work
+        if prepare is not None:
+            prepare(cfg, opts)
+    check_output_folder(outputs[0], name)
     if todo:
         cfg_json = cfg.model_dump(mode="json")
         executor = make_executor(opts, len(todo))
@@ -212,6 +231,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         finally:
             executor.shutdown()
     run.results = [results[t.id] for t in mine]
+    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks])
     if run.ok:
         everything: list[TaskResult] = []
         for t in tasks:
@@ -219,15 +239,19 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
             if found is None:
                 break
             everything.append(found)
-        if len(everything) == len(tasks):
+        if len(everything) != len(tasks):
+            run.waiting_for_other_slices = True
+        elif not todo and finalized_already(markers, digest):
+            run.finalized = run.finalize_skipped = True
+        else:
+            before = folder_listing(outputs)
             try:
                 run.finalize_notes = stage.finalize(cfg, everything, opts)
                 run.finalized = True
+                write_finalized(markers, digest, before, folder_listing(outputs))
             except PrepError as err:
                 run.errors.append(err.line())
-        else:
-            run.waiting_for_other_slices = True
-    if run.ok and not run.waiting_for_other_slices:  # the stage is complete: once, not in every slice
+    if run.ok and not run.waiting_for_other_slices and not run.finalize_skipped:  # once, not per slice
         for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
             remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start

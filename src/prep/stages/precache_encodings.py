@@ -125,13 +125,19 @@ def output_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
+def prepare(root: PrepConfig, opts: RunOptions) -> None:
+    """Check the whole encoder list before any shard is read. It imports the model classes (seconds for
+    diffusers and transformers), so the runner calls it only when some task has work to do."""
     from prep.encoders.validate import validate_encoders
+
+    validate_encoders(root.precache_encodings.encoders)
+
+
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     from prep.formats.tar import shard_folder
 
     cfg: Config = root.precache_encodings
     in_dir, out_dir = _dirs(cfg)
-    validate_encoders(cfg.encoders)
     shards = shard_folder(in_dir, "run reorganize_tar first or fix precache_encodings.input_dir",
                           recursive=cfg.recursive)
     if not shards:
