@@ -88,6 +88,25 @@ def test_inspect_prints_samples_and_captions(tmp_path: Path) -> None:
     assert "[bold]x[/bold]" in shown and "[red]caption[/red]" in shown, "keys and captions are not markup"
 
 
+def test_inspect_a_folder_prints_its_shard_table(tmp_path: Path) -> None:
+    shards(tmp_path, 3)
+    (tmp_path / "sub").mkdir()
+    write_shard(tmp_path / "sub" / "x.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2", "txt": b"t"})])
+    runner.invoke(app, ["run", "generate_wdinfo", "--set", f"generate_wdinfo.input_dir={tmp_path}", "-q"])
+    (tmp_path / "shard-1.tar.idx").unlink()
+    result = runner.invoke(app, ["inspect", str(tmp_path)], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in result.output.splitlines() if line.count("│") == 6}
+    size = (tmp_path / "shard-0.tar").stat().st_size
+    assert rows["shard-0.tar"] == ["3", f"{size:,}", "jpg, txt", "yes"]
+    assert rows["shard-1.tar"][3] == "missing"
+    assert rows["sub/x.tar"][:1] + rows["sub/x.tar"][2:] == ["2", "jpg, txt (1)", "yes"]
+    assert "4 shards" in result.output and "11 samples" in result.output
+    one = runner.invoke(app, ["inspect", str(tmp_path), "-n", "1"], terminal_width=250)
+    assert "3 more shards" in one.output and "shard-1.tar" not in one.output
+
+
 def test_run_json_summary_parses(tmp_path: Path) -> None:
     shards(tmp_path)
     result = runner.invoke(

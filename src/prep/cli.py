@@ -10,8 +10,8 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
 import typer.core
 from rich.console import Console
@@ -74,11 +74,11 @@ def stages_cmd() -> None:
 class _RunCommand(typer.core.TyperCommand):
     """`prep run STAGE --help` ends with that stage's keys (the generic help alone would not say them)."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
         ctx.meta["prep_run_args"] = list(args)  # --help is handled while parsing, before `stage` is set
         return super().parse_args(ctx, args)
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx: Any, formatter: Any) -> None:
         super().format_help(ctx, formatter)
         from prep.stages import STAGE_ORDER, get_stage
         from prep.stages.base import key_docs
@@ -210,13 +210,17 @@ def verify_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    shard: Path = typer.Argument(..., help="a .tar shard"),
-    limit: int = typer.Option(10, "--limit", "-n", help="samples to show (0 = all)"),
+    shard: Path = typer.Argument(..., help="a .tar shard, or a shard folder (one line per shard)"),
+    limit: int = typer.Option(10, "--limit", "-n", help="samples (or shards, for a folder) to show; 0 = all"),
 ) -> None:
     """Print a shard's samples: key, members with sizes and offsets, and the caption when there is one.
-    A damaged shard shows the samples before the damage, then the error (exit 1)."""
+    A damaged shard shows the samples before the damage, then the error (exit 1). A folder prints its
+    shard table: samples, bytes, member types and whether the .idx is there."""
     from prep.formats.tar import read_member, scan_tar
 
+    if shard.is_dir():
+        _inspect_folder(shard, limit)
+        return
     try:
         scan = scan_tar(shard, tolerate_damage=True)
         if scan.error is not None and not scan.samples:
@@ -245,6 +249,47 @@ def inspect_cmd(
         out_console.print(f"skipped member {name!r}: {why}", highlight=False, markup=False)
     if scan.error is not None:
         _print_error(f"{scan.error.line()} (the samples above come before the damage)")
+        raise typer.Exit(1)
+
+
+def _inspect_folder(folder: Path, limit: int) -> None:
+    """One row per shard, from a header walk of each shown shard (no member is read)."""
+    from prep.formats.index import index_path
+    from prep.formats.tar import scan_tar, shard_files
+
+    tars = shard_files(folder)
+    if not tars:
+        _fail(PrepError("no .tar shards found", str(folder), "point prep inspect at a shard or shard folder"))
+    shown = tars if limit == 0 else tars[:limit]
+    table = Table(title=Text(f"{folder} — {len(tars):,} shards"), header_style="bold")
+    table.add_column("shard")
+    table.add_column("samples", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("members")
+    table.add_column(".idx")
+    damaged = []
+    total = 0
+    for tar in shown:
+        scan = scan_tar(tar, tolerate_damage=True)
+        exts: dict[str, int] = {}
+        for sample in scan.samples:
+            for ext in sample.members:
+                exts[ext] = exts.get(ext, 0) + 1
+        total += len(scan.samples)
+        rel = tar.relative_to(folder).as_posix()
+        if scan.error is not None:
+            damaged.append(f"{rel}: {scan.error.line()}")
+        members = ", ".join(ext if n == len(scan.samples) else f"{ext} ({n})"
+                            for ext, n in sorted(exts.items()))
+        table.add_row(Text(rel), f"{len(scan.samples):,}", f"{tar.stat().st_size:,}", Text(members),
+                      "yes" if index_path(tar).exists() else "missing")
+    out_console.print(table)
+    more = f"; {len(tars) - len(shown):,} more shards (--limit 0 shows all)" if len(shown) < len(tars) else ""
+    out_console.print(f"{total:,} samples in the {len(shown):,} shards shown{more}. "
+                      f"One shard's samples: prep inspect {shown[0]}", highlight=False, markup=False)
+    for line in damaged:
+        _print_error(line)
+    if damaged:
         raise typer.Exit(1)
 
 
