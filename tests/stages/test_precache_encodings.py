@@ -228,6 +228,17 @@ def test_rerun_skips_every_shard(encoded: tuple) -> None:
     assert again.nothing_to_do
 
 
+def test_model_loading_draws_no_progress_bars(tmp_path: Path, models: Path, capfd) -> None:
+    make_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    cfg = config(tmp_path, models, [vae(models), clip(models)])
+    from prep.stages.precache_encodings import _LOADED
+
+    _LOADED.clear()  # load the models in this test
+    assert run_stage(STAGE, cfg, RunOptions(quiet=True)).ok
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s]" not in err, err
+
+
 def test_rerun_with_every_shard_done_loads_no_model(tmp_path: Path, models: Path) -> None:
     """The encoder checks import the model classes (seconds): a re-run with nothing to do skips them, so
     even a model folder removed since does not stop it."""

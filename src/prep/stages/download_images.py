@@ -14,6 +14,7 @@ shards, keys unchanged.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -327,16 +328,38 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
 # ----------------------------------------------------------------------------------------------- running
 
 
+_BAR = re.compile(r"(?:it/s|s/it)\]|\d+it \[")  # tqdm's "0it [00:00, ?it/s]" and "1it [00:33, 33.54s/it]"
+
+
+class _BarsTo(io.TextIOBase):
+    """A stderr that sends progress bars (tqdm's carriage-return lines and the newline that ends them)
+    to img2dataset's log and lets everything else, its warnings, through to prep's stderr."""
+
+    def __init__(self, log: io.TextIOBase, stream: Any) -> None:
+        self.log, self.stream, self.in_bar = log, stream, False
+
+    def write(self, s: str) -> int:
+        self.in_bar = "\r" in s or bool(_BAR.search(s)) or (self.in_bar and not s.strip())
+        (self.log if self.in_bar else self.stream).write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+
 @contextmanager
 def _stdout_to(log: Path) -> Iterator[None]:
-    """img2dataset and its processes print progress to stdout; keep it out of `--json` output."""
+    """img2dataset and its processes print progress to stdout, and its tqdm bar goes to stderr: both to
+    img2dataset's log, out of prep's own progress and `--json` output; its warnings still reach stderr."""
     sys.stdout.flush()
     saved = os.dup(1)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         os.dup2(f.fileno(), 1)
     try:
-        yield
+        with open(log, "a", encoding="utf-8") as text, redirect_stderr(_BarsTo(text, sys.stderr)):
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
