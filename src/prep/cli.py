@@ -293,6 +293,25 @@ def _inspect_folder(folder: Path, limit: int) -> None:
         raise typer.Exit(1)
 
 
+@app.command("report")
+def report_cmd(
+    folder: Path = typer.Argument(..., help="a run folder (dataset_output_root) or a shard folder"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="where the page goes (default: FOLDER/report)"),
+) -> None:
+    """Write an HTML page with charts (PNG) of a run or shard folder: samples and bytes per shard, download
+    outcomes by reason, caption and image size histograms, stage timings, latent statistics."""
+    from prep.report import write_report
+
+    try:
+        page = write_report(folder, out)
+    except PrepError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+    err_console.print(f"wrote {page} (the numbers behind each chart: {page.parent / 'report.json'})",
+                      highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("keys")
 def keys_cmd(
     stage: str | None = typer.Argument(None, help="a stage name; all stages when left out"),

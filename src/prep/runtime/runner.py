@@ -7,6 +7,7 @@ Ray with `--runner ray`. Every task's outcome is recorded; a failure never hides
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing as mp
 import time
 import traceback
@@ -19,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from prep.errors import PrepError
-from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name
+from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name, write_text_atomic
 from prep.runtime.markers import (
     describe_outputs,
     finalize_digest,
@@ -255,4 +256,24 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
             remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start
+    if not run.nothing_to_do:
+        write_summary(outputs[0], run, opts)
     return run
+
+
+SUMMARY_DIR = ".prep/summary"
+
+
+def summary_path(folder: Path, stage: str, opts: RunOptions) -> Path:
+    """Where a run's summary is kept: `<first output folder>/.prep/summary/<stage>.json` (one per slice
+    under Slurm arrays), read by `prep report` for stage timings and throughput."""
+    part = f".slice-{opts.task_index}-of-{opts.num_tasks}" if opts.num_tasks is not None else ""
+    return folder / SUMMARY_DIR / f"{stage}{part}.json"
+
+
+def write_summary(folder: Path, run: StageRun, opts: RunOptions) -> None:
+    doc = {**run.to_json(), "workers": opts.workers, "runner": opts.runner,
+           "task_seconds": round(sum(r.seconds for r in run.results if r.status == "done"), 3)}
+    path = summary_path(folder, run.stage, opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(doc, indent=1))
