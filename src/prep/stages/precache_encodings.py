@@ -3,7 +3,8 @@
 Work is split by shard, never by sample: one task per shard (or per `shards_per_task` shards), so
 every shard is read by exactly one process. Tasks are sliced across Slurm array jobs
 (`--task-index/--num-tasks`), Ray, and `torchrun` ranks (RANK/WORLD_SIZE, each rank on
-cuda:LOCAL_RANK). The whole encoder list is validated in `plan()`, before any shard is read.
+cuda:LOCAL_RANK). The whole encoder list is validated in `prepare()`, before any shard is read (and
+only when some task has work: a re-run with every shard done imports no model).
 
 Outputs: `<output_dir>/<relative name of the input shard>` holding `KEY.<key>.npy` next to the
 source members (`keep_source: true`), or only the `.npy` members (`keep_source: false`, joined later
