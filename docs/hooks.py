@@ -20,7 +20,8 @@ def keys_table(stage: str) -> str:
 
     rows = ["| key | type | default | what it does |", "|---|---|---|---|"]
     for k in key_docs(get_stage(stage).Config):
-        rows.append(f"| `{stage}.{k.key}` | `{_cell(k.type)}` | `{_cell(k.default)}` | {_cell(k.description)} |")
+        # a pipe inside a code span does not split the cell; in plain text it is escaped
+        rows.append(f"| `{stage}.{k.key}` | `{k.type}` | `{k.default}` | {_cell(k.description)} |")
     return "\n".join(rows)
 
 
