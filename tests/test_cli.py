@@ -17,7 +17,7 @@ from prep.formats.tar_write import write_shard
 from prep.stages import STAGE_ORDER
 
 runner = CliRunner()
-COMMANDS = ["run", "stages", "verify", "inspect", "config"]
+COMMANDS = ["run", "stages", "verify", "inspect", "report", "keys", "config"]
 ONLY_WDINFO = [a for s in STAGE_ORDER if s != "generate_wdinfo" for a in ("--set", f"{s}.enable=false")]
 
 

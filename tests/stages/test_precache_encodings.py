@@ -252,6 +252,8 @@ def test_rerun_with_every_shard_done_loads_no_model(tmp_path: Path, models: Path
     assert again.ok and again.nothing_to_do
     with pytest.raises(PrepErrorGroup, match="does not exist"):  # with work to do, the checks run
         run_stage(STAGE, cfg, RunOptions(quiet=True, force=True))
+    with pytest.raises(PrepErrorGroup, match="does not exist"):  # a dry run checks the whole config
+        run_stage(STAGE, cfg, RunOptions(quiet=True, dry_run=True))
 
 
 @pytest.mark.slow

@@ -194,7 +194,10 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
     if stage.TORCHRUN_RANKS:  # each rank of a torchrun launch takes every WORLD_SIZE-th task of its slice
         mine = slice_tasks(mine, *torchrun_slice())
     run = StageRun(name, len(tasks))
+    prepare = getattr(stage, "prepare", None)  # optional costly checks: only with work, or a dry run
     if opts.dry_run:
+        if prepare is not None:  # a dry run is how a config is checked: check all of it
+            prepare(cfg, opts)
         run.results = [TaskResult(t.id, "planned", data={"payload": t.payload}) for t in mine]
         return run
     outputs = stage.output_dirs(cfg)
@@ -209,10 +212,8 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
             results[t.id] = prior
         else:
             todo.append(t)
-    if todo:
-        prepare = getattr(stage, "prepare", None)  # the optional costly checks: only when there is work
-        if prepare is not None:
-            prepare(cfg, opts)
+    if todo and prepare is not None:
+        prepare(cfg, opts)
     check_output_folder(outputs[0], name)
     if todo:
         cfg_json = cfg.model_dump(mode="json")

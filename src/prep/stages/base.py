@@ -8,10 +8,10 @@ opts)`, which runs once every task of the whole plan is done and returns lines f
 `output_dirs(root)`: every place it writes (folders, or files whose siblings are swept), the first
 being the folder that holds its done-markers (`marker_dir`). A stage may also define
 `prepare(root, opts)`: checks that cost time (precache imports its model classes), which the runner
-calls only when some task has work to do, so a re-run with every task done stays instant. The runner
-checks that folder can be written before any task and sweeps dead writers' temp files from every
-place when the stage completes. `root` is the whole validated config (`prep.config.PrepConfig`).
-Stage modules import no torch at import time.
+calls only when some task has work to do (and on --dry-run), so a re-run with every task done stays
+instant. The runner checks that folder can be written before any task and sweeps dead writers' temp
+files from every place when the stage completes. `root` is the whole validated config
+(`prep.config.PrepConfig`). Stage modules import no torch at import time.
 """
 
 from __future__ import annotations
