@@ -253,7 +253,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                 write_finalized(markers, digest, before, folder_listing(outputs))
             except PrepError as err:
                 run.errors.append(err.line())
-    if run.ok and not run.waiting_for_other_slices and not run.finalize_skipped:  # once, not per slice
+    if run.ok and not run.waiting_for_other_slices:  # the stage is complete: once, not in every slice
         for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
             remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start
