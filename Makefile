@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: install install-bench test test-fast lint shards bench clean
+.PHONY: install install-bench test test-fast lint docs shards bench clean
 
 install:  ## torch first (pinned: a looser spec would pull a CUDA build), then prep with every extra + dev tools
 	$(PIP) install "torch==$(TORCH_VERSION)"
@@ -29,6 +29,9 @@ lint:  ## ruff, the layer contract (import-linter, see [tool.importlinter]) and 
 	lint-imports
 	$(PYTHON) -m mypy
 
+docs:  ## the documentation site into site/ (mkdocs + mkdocstrings); any warning fails the build
+	$(PYTHON) -m mkdocs build --strict
+
 shards:  ## the main job: all stages on the embedded offline demo (local HTTP images, tiny encoders)
 	$(PYTHON) -m prep.demo --out $(DEMO_OUT)
 
@@ -36,4 +39,4 @@ bench:  ## every benchmark with its peers (run `make install-bench` once first)
 	$(BENCH_VENV)/bin/python -m bench
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .torch-constraint.txt
+	rm -rf $(DEMO_OUT) site .pytest_cache .ruff_cache .torch-constraint.txt
