@@ -1,12 +1,14 @@
 """`Decoder`: sample bytes to training values, in DataLoader workers (its pieces live beside it:
 `members` parses tar members, `images` decodes, `shm` holds batch buffers, `collate` stacks).
 
-A sample arrives as one contiguous byte string (its tar members, read with a
-single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default
-dependency: libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
-target), or by Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. When a
-decoded JPEG already has the target size it is written straight into the batch tensor, which lives in
-a recycled shared-memory slot, so handing it to the main process copies nothing and faults no new pages.
+A sample arrives as one contiguous byte string (its tar members, read with a single positioned read)
+and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default dependency:
+libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the target), or by
+Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. An image batch
+is one HxWx3 array per row of a batch tensor that lives in a recycled shared-memory slot: a JPEG whose
+decoded size is already the wanted one (native, or reached by DCT scaling) is decoded straight into its
+row, and the batch is handed out as a Bx3xHxW channels_last view of it, so nothing is transposed,
+handing it to the main process copies nothing and faults no new pages.
 """
 
 from __future__ import annotations
