@@ -18,9 +18,10 @@ loader runs with 2 workers, batch 32, shuffling on, in a fresh process per measu
   16x16 JPEG + txt + json) so K=30,000 batches lies inside one epoch.
 Throughput and first-batch times are medians of `--repeats` runs, taken round robin over everything
 measured (a load change on a shared machine hits all of them), after a warm-up of a few batches; CPU
-time per sample (main process + workers) is reported beside samples/s: on a shared machine it is the
-steadier figure. Replaying loaders (torchdata over webdataset, energon) resume at `--replay-k` (their
-cost grows with K by design); the others at `--resume-k`.
+time per sample (main process + workers) is reported beside samples/s, and the share of the ceiling
+by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. Replaying loaders
+(torchdata over webdataset, energon) resume at `--replay-k` (their cost grows with K by design); the
+others at `--resume-k`.
 
 Run: `python bench/loaders.py` (peers come with `make install-bench`, a venv of their own: they pin
 older numpy/transformers; a peer that is not installed is reported as such). `--quick` is a smoke run
@@ -720,7 +721,7 @@ def _table(
     results: dict[str, dict[str, Any]], ceilings: dict[str, Any], names: list[str], big: int, wall: float
 ) -> None:
     """Decode against the ceilings, raw throughput, then first-batch times."""
-    print("\n| what | samples/s | CPU us/sample (main + workers) | share of its ceiling |")
+    print("\n| what | samples/s | CPU us/sample (main + workers) | share of its ceiling: samples/s, CPU |")
     print("|---|---:|---:|---:|")
     labels = {
         "decode": 'prep, decode="uint8" (default call: native size, channels_last)',
@@ -731,16 +732,19 @@ def _table(
         ceil = ceilings.get(c, {}).get("value")
         if ceil is None:
             continue
-        print(f"| {what}, {WORKERS} processes, bytes in memory | {_fmt(ceil)} | "
-              f"{_fmt(ceilings[c].get('cpu_us', '?'))} | 1.00 |")
+        ceil_cpu = ceilings[c].get("cpu_us")
+        print(f"| {what}, {WORKERS} processes, bytes in memory | {_fmt(ceil)} | {_fmt(ceil_cpu)} "
+              "| 1.00, 1.00 |")
         rows = [("prep", labels[mode], mode)]
         if mode == "pil":
             rows += [(n, f"{n} with PIL", "decode") for n in names if n != "prep"]
         for n, label, m in rows:
             v = results.get(n, {}).get(m)
             if isinstance(v, float) and isinstance(ceil, float):
-                cpu = _fmt(results[n].get(f"{m}_cpu_us", "?"))
-                print(f"| {label} | {_fmt(v)} | {cpu} | {v / ceil:.2f} |")
+                cpu = results[n].get(f"{m}_cpu_us")
+                both = isinstance(cpu, float) and isinstance(ceil_cpu, float)
+                by_cpu = f"{ceil_cpu / cpu:.2f}" if both else "?"
+                print(f"| {label} | {_fmt(v)} | {_fmt(cpu)} | {v / ceil:.2f}, {by_cpu} |")
             elif v is not None:
                 print(f"| {label} | {v} | | |")
     print("\n| loader | raw samples/s | raw CPU us/sample |")
