@@ -420,3 +420,107 @@ def serve_hub(repo_id: str, revisions: dict[str, dict[str, bytes]], *, token: st
 
     with _serving(Handler) as server:
         yield HubServer(base_url(server), repo_id, commits, log)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+class _Link:
+    """A shared link of `bandwidth` bytes/s: senders take turns, each chunk waits for the link to be free,
+    so the total over all connections stays at the rate (as one network path to a store would)."""
+
+    def __init__(self, bandwidth: float | None) -> None:
+        self.bandwidth = bandwidth
+        self.free_at = 0.0
+        self.lock = threading.Lock()
+
+    def send(self, write: Any, data: memoryview) -> None:
+        import time
+
+        step = 1 << 16
+        for a in range(0, len(data), step):
+            chunk = data[a : a + step]
+            if self.bandwidth:
+                with self.lock:
+                    now = time.monotonic()
+                    self.free_at = max(self.free_at, now) + len(chunk) / self.bandwidth
+                    wait = self.free_at - now
+                if wait > 0:
+                    time.sleep(wait)
+            write(chunk)
+
+
+@dataclass
+class FileServer:
+    """What `serve_files` yields: the base URL and the request log."""
+
+    url: str
+    log: _Log
+
+    @property
+    def requests(self) -> list[Request]:
+        with self.log.lock:
+            return list(self.log.requests)
+
+    def gets(self, suffix: str = "") -> list[Request]:
+        """GET requests whose path ends with `suffix`."""
+        return [r for r in self.requests if r.method == "GET" and r.path.split("?")[0].endswith(suffix)]
+
+
+@contextmanager
+def serve_files(root: str, *, token: str | None = None, latency: float = 0.0,
+                bandwidth: float | None = None, port: int = 0) -> Iterator[FileServer]:
+    """Serve the files under `root` as a static store does: single byte ranges (206), HEAD, 404 outside
+    `root`; with `token`, 401 without `Authorization: Bearer <token>`. `latency` seconds pass before each
+    response, and all responses share a link of `bandwidth` bytes/s (None: unlimited), to stand in for
+    an object store or the hub at a distance."""
+    from pathlib import Path
+
+    base = Path(root).resolve()
+    log = _Log()
+    link = _Link(bandwidth)
+
+    class Handler(_Handler):
+        def _serve(self, head: bool) -> None:
+            import time
+
+            log.add(Request.of(self.command, self.path, self))
+            if latency:
+                time.sleep(latency)
+            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                self._send(401, b"unauthorized", head=head)
+                return
+            path = (base / unquote(urlsplit(self.path).path).lstrip("/")).resolve()
+            if base not in path.parents or not path.is_file():
+                self._send(404, b"not found", head=head)
+                return
+            size = path.stat().st_size
+            start, end, code = 0, size, 200
+            rng = self.headers.get("Range", "")
+            if rng.startswith("bytes="):
+                a, _, b = rng[6:].partition("-")
+                start, end, code = int(a), min(int(b) + 1 if b else size, size), 206
+            self.send_response(code)
+            self.send_header("Content-Length", str(max(0, end - start)))
+            self.send_header("Accept-Ranges", "bytes")
+            if code == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.end_headers()
+            if head or end <= start:
+                return
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            try:
+                link.send(self.wfile.write, memoryview(data))
+            except ConnectionError:
+                pass  # the client went away (a killed reader)
+
+        def do_GET(self) -> None:
+            self._serve(False)
+
+        def do_HEAD(self) -> None:
+            self._serve(True)
+
+    with _serving(Handler, port) as server:
+        yield FileServer(base_url(server), log)
