@@ -46,14 +46,42 @@ def entry_name(identity: str, size: int, checksum: str | None) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + ENTRY_SUFFIX
 
 
+# Descriptors this process holds on cache files. A flock belongs to the open file, which a fork shares:
+# a DataLoader forking its workers while a thread holds a lock would leave the lock held by children that
+# never release it. So a child closes its copies at once (the parent's close then releases the lock).
+_HELD: set[int] = set()
+
+
+def _open(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    _HELD.add(fd)
+    return fd
+
+
+def release(fd: int) -> None:
+    """Close a descriptor from `ShardCache.open` (its shared lock goes with it)."""
+    _HELD.discard(fd)
+    os.close(fd)
+
+
+def _close_inherited() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
 @contextlib.contextmanager
 def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, mode)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        release(fd)  # closing releases the lock
 
 
 class ShardCache:
@@ -80,12 +108,12 @@ class ShardCache:
         is not evicted while read), its mtime touched (LRU); None when it is not cached."""
         path = self.folder / name
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
         if os.fstat(fd).st_nlink == 0:  # evicted between open and lock: gone
-            os.close(fd)
+            release(fd)
             return None
         with contextlib.suppress(OSError):
             os.utime(path)
@@ -120,8 +148,10 @@ class ShardCache:
 
     # --------------------------------------------------------------------------------- accounting
     def used_bytes(self) -> int:
-        """Bytes of entries and reserved temps (what the limit bounds)."""
-        return sum(size for _, size, _ in self._files())
+        """Bytes of entries and reserved temps (what the limit bounds), read under the accounting lock so
+        no reservation or eviction is half seen."""
+        with _flock(self.folder / _LOCK_NAME):
+            return sum(size for _, size, _ in self._files())
 
     def _files(self) -> list[tuple[Path, int, float]]:
         out = []
@@ -166,18 +196,18 @@ class ShardCache:
 def _evict(path: Path) -> bool:
     """Delete an entry no reader holds (an exclusive lock is refused while any shared one is held)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
+        release(fd)
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            os.close(fd)
             return False
         raise
     try:
         path.unlink(missing_ok=True)
         return True
     finally:
-        os.close(fd)
+        release(fd)

@@ -34,7 +34,7 @@ from prep.formats.index import IDX_SUFFIX, index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from prep.formats.tar import iter_samples, scan_tar, shard_files
 from prep.formats.wdinfo import read_wdinfo
-from prep.loaders.io.cache import ShardCache, entry_name
+from prep.loaders.io.cache import ShardCache, entry_name, release
 
 _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
@@ -484,7 +484,7 @@ class ShardReader:
             except Exception:  # the reading path meets the same error and reports it
                 continue
             if fd is not None:
-                os.close(fd)
+                release(fd)
 
     def _filesystem(self, url: str) -> Any:
         """This process and thread's filesystem for the URL's scheme (never one opened before a fork)."""
@@ -565,7 +565,7 @@ class ShardReader:
         finally:
             for fd in held.values():
                 if fd is not None:
-                    os.close(fd)
+                    release(fd)
         if remote:
             blobs: list[bytes | None] = [None] * len(plan)
             self._read_remote(remote, blobs)
