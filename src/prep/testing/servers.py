@@ -3,9 +3,11 @@
 `serve_images` stands in for the web that img2dataset crawls: generated images of several sizes and
 formats, 404s, a corrupt image, a response slower than any sane timeout, a redirect, an image whose
 `X-Robots-Tag` forbids AI use, and "flaky" URLs that fail until healed (for `--retry-failed`).
-`serve_hub` speaks the part of the HuggingFace hub HTTP API that `huggingface_hub` uses to list and
-download a dataset repo, so `HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client. Both record
-every request (method, path, headers) so tests can assert what was fetched and which auth was sent.
+`serve_files` is a static file store (byte ranges, bearer token) with injected latency and a bandwidth
+limit, for remote shard reading and the shard cache. `serve_hub` speaks the part of the HuggingFace hub
+HTTP API that `huggingface_hub` uses to list and download a dataset repo, so
+`HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client. All record every request (method, path,
+headers) so tests can assert what was fetched and which auth was sent.
 """
 
 from __future__ import annotations
@@ -481,6 +483,8 @@ def serve_files(root: str, *, token: str | None = None, latency: float = 0.0,
     link = _Link(bandwidth)
 
     class Handler(_Handler):
+        disable_nagle_algorithm = True  # headers and body go out at once (no delayed-ACK wait per request)
+
         def _serve(self, head: bool) -> None:
             import time
 

@@ -37,6 +37,7 @@ from prep.formats.atomic import dead_writer, temp_name
 
 ENTRY_SUFFIX = ".shard"
 _LOCK_NAME = ".cache.lock"
+_TOUCH_SECONDS = 1.0
 
 
 def entry_name(identity: str, size: int, checksum: str | None) -> str:
@@ -112,11 +113,13 @@ class ShardCache:
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.fstat(fd).st_nlink == 0:  # evicted between open and lock: gone
+        st = os.fstat(fd)
+        if st.st_nlink == 0:  # evicted between open and lock: gone
             release(fd)
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)
+        if time.time() - st.st_mtime > _TOUCH_SECONDS:  # LRU order to the second: one write per second
+            with contextlib.suppress(OSError):
+                os.utime(path)
         return fd
 
     def fill(self, name: str, size: int, write: Callable[[BinaryIO], None]) -> int | None:

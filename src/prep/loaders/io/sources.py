@@ -15,6 +15,7 @@ repr is `***`, and URLs are redacted (no user info, no query string) in every er
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
 import re
@@ -22,6 +23,7 @@ import subprocess
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
 _CHUNK = 8 << 20  # bytes per ranged request of a whole-shard download
 _CHUNKS_AT_ONCE = 4  # requests of one download in flight together (32 MiB of memory at most)
+_AHEAD_THREADS = 2  # downloads of the read-ahead in flight per worker
+_BATCH_THREADS = 8  # requests a batch makes together (index reads, downloads of its missing shards)
 _BRACE_RE = re.compile(r"\{[^{}]*\}")
 
 
@@ -125,14 +129,35 @@ def storage_options_for(url: str, token: Secret | None, options: dict[str, Any] 
     return opts
 
 
-def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None):
-    """A filesystem of our own (never fsspec's shared instance): its pooled keep-alive connections are
-    never shared with another dataset, nor with a process forked after they were opened."""
+# Filesystems by (process, scheme, options): made once per process and kept for good. fsspec's instances
+# sit in reference cycles, so the cyclic GC frees them, possibly in a forked worker, where closing one
+# waits a whole second for the parent's event loop (which does not run there). Kept, never freed, they
+# are never closed in a child; keyed by pid, a child never uses its parent's (nor its connections).
+_FILESYSTEMS: dict[tuple[int, str, str], Any] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _fresh_fs_lock() -> None:
+    global _FS_LOCK
+    _FS_LOCK = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_fresh_fs_lock)
+
+
+def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None) -> Any:
+    """This process's fsspec filesystem for the URL's scheme and options (see `_FILESYSTEMS`)."""
     import fsspec
 
     scheme = url.split("://", 1)[0]
+    opts = storage_options_for(url, token, options)
+    key = (os.getpid(), scheme, json.dumps(opts, sort_keys=True, default=repr))  # held in memory only
     try:
-        return fsspec.filesystem(scheme, skip_instance_cache=True, **storage_options_for(url, token, options))
+        with _FS_LOCK:
+            fs = _FILESYSTEMS.get(key)
+            if fs is None:
+                fs = _FILESYSTEMS[key] = fsspec.filesystem(scheme, skip_instance_cache=True, **opts)
+        return fs
     except (ImportError, ValueError) as err:
         raise PrepError(
             f"no fsspec filesystem for {scheme}:// ({type(err).__name__}: {err})",
@@ -348,10 +373,11 @@ class ShardReader:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
         self._pipes: OrderedDict[int, bytes] = OrderedDict()
-        self._fs: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()  # offsets and filesystems are shared with the read-ahead thread
         self._ahead: queue.SimpleQueue[int] | None = None
         self._queued: OrderedDict[int, None] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None  # this process's concurrent requests for a batch
+        self._entries: dict[int, tuple[str, int]] = {}  # cache entry (name, size) per shard
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -409,10 +435,13 @@ class ShardReader:
 
     def _entry(self, i: int) -> tuple[str, int]:
         """(cache entry name, size): the shard's bytes up to the end of its last sample."""
-        spec = self.shards[i]
-        identity = spec.url if spec.url.startswith("pipe:") else redact_url(spec.url)  # hashed, never shown
-        size = int(self.offsets(i)[-1])
-        return entry_name(identity, size, spec.checksum), size
+        got = self._entries.get(i)
+        if got is None:
+            spec = self.shards[i]
+            identity = spec.url if spec.url.startswith("pipe:") else redact_url(spec.url)  # hashed only
+            size = int(self.offsets(i)[-1])
+            got = self._entries[i] = (entry_name(identity, size, spec.checksum), size)
+        return got
 
     def _cache_fd(self, i: int) -> int | None:
         """A descriptor of shard i's cache entry (downloaded now when absent), or None: no room."""
@@ -468,13 +497,31 @@ class ShardReader:
             return
         if self._ahead is None:
             self._ahead = queue.SimpleQueue()
-            threading.Thread(target=self._read_ahead, args=(self._ahead,), daemon=True,
-                             name="prep-read-ahead").start()
+            for _ in range(_AHEAD_THREADS):
+                threading.Thread(target=self._read_ahead, args=(self._ahead,), daemon=True,
+                                 name="prep-read-ahead").start()
         for i in wanted:
             self._queued[i] = None
             self._ahead.put(i)
         while len(self._queued) > 4 * len(wanted) + 64:  # forgotten, so a later epoch queues it again
             self._queued.popitem(last=False)
+
+    def _at_once(self, fn: Callable[[int], Any], shards: list[int]) -> list[Any]:
+        """fn over the shards, in threads when there are several (each is a request or a download); the
+        first error is raised after all have ended, so no result (an open descriptor) is lost."""
+        if len(shards) <= 1:
+            return [fn(i) for i in shards]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_BATCH_THREADS, thread_name_prefix="prep-read")
+        futures = [self._pool.submit(fn, i) for i in shards]
+        wait(futures)
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            for f in futures:
+                if f.exception() is None and isinstance(f.result(), int):
+                    release(f.result())
+            raise failed
+        return [f.result() for f in futures]
 
     def _read_ahead(self, todo: queue.SimpleQueue[int]) -> None:
         while True:
@@ -487,15 +534,9 @@ class ShardReader:
                 release(fd)
 
     def _filesystem(self, url: str) -> Any:
-        """This process and thread's filesystem for the URL's scheme (never one opened before a fork)."""
-        key = (url.split("://", 1)[0], threading.get_ident())
-        with self._lock:
-            fs = self._fs.get(key)
-        if fs is None:
-            fs = _filesystem(url, self.token, self.storage_options)
-            with self._lock:
-                self._fs[key] = fs
-        return fs
+        """This process's filesystem for the URL, shared by its threads (fsspec runs every request of it
+        on one event loop)."""
+        return _filesystem(url, self.token, self.storage_options)
 
     def _fd(self, i: int) -> int:
         fd = self._fds.get(i)
@@ -529,6 +570,8 @@ class ShardReader:
         read straight into the buffer (`os.preadv`), so the bytes are copied once, by the kernel."""
         if self._pid != os.getpid():  # forked after files were opened: never share descriptors
             self._reset()
+        distinct = list(dict.fromkeys(i for i, _ in refs))
+        self._at_once(self.offsets, [i for i in distinct if i not in self._offsets])  # remote .idx reads
         plan: list[tuple[int, int, int, int]] = []
         spans: list[tuple[int, int]] = []
         total = 0
@@ -541,12 +584,17 @@ class ShardReader:
         buf = alloc(total)
         mv = buf.data
         remote: list[tuple[int, int, int, int]] = []
-        held: dict[int, int | None] = {}  # cache entries read by this batch (shared-locked until done)
+        # cache entries read by this batch (shared-locked until done), missing ones downloaded together
+        held: dict[int, int | None] = {}
+        if self.cache is not None:
+            for i in distinct:  # entries already there: opened here, no thread hop
+                if self.cached(i):
+                    held[i] = self.cache.open(self._entry(i)[0])
+            missing = [i for i, fd in held.items() if fd is None]
+            held.update(zip(missing, self._at_once(self._cache_fd, missing), strict=True))
         try:
             for k, ((i, j, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
                 url = self.shards[i].url
-                if self.cached(i) and i not in held:
-                    held[i] = self._cache_fd(i)
                 fd = held.get(i)
                 if fd is not None:
                     os.preadv(fd, [mv[a:b]], start)  # the entry is complete: its size was checked
