@@ -8,7 +8,9 @@ trainer received: restoring it is O(1), exact, and independent of the worker cou
 
 Batches are *global*: a node plans `global_batch_size` samples per batch (per-rank batch size x world
 size), and `fetch(desc, rank, world)` loads only that rank's slice. The global stream never depends on
-the world size, so a run saved on W ranks resumes on W' ranks (same global batch) exactly.
+the world size, so a run saved on W ranks resumes on W' ranks (same global batch) exactly. A leaf's
+descriptor is a `Span` (a range of its epoch positions), not a list of references: planning a step
+costs the same at 1 rank or 4,096, and each worker computes the references of its rank's slice only.
 
 The two kinds of node share their machinery here: `SampleLeaf` (a leaf whose epoch is a sequence of
 positions: shard, local and sequence datasets) and `Combinator` (a node over child nodes). A combinator
@@ -29,7 +31,7 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,11 +104,61 @@ def check_state_version(version: Any, where: str) -> None:
 @dataclass(frozen=True, slots=True)
 class BatchDesc:
     """A planned global batch. `node` is the path of the node whose `fetch` loads it; `items` are that
-    node's picklable sample references in global order; `info` is small metadata carried to the batch."""
+    node's picklable sample references in global order — a `Span` (a range, whatever the world size)
+    for a leaf's batch; `info` is small metadata carried to the batch."""
 
     node: str
-    items: tuple[Any, ...]
+    items: Sequence[Any]
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class Span(Sequence[Any]):
+    """A leaf's planned batch as a range, not a list: positions [start, stop) of its `epoch` (or, with
+    `batch` >= 0, items [start, stop) of that planned batch of a bucketed leaf). Planning stays O(1) in
+    the world size: a worker computes only its rank's references (`SampleLeaf.span_refs`). In the
+    planning process the span also reads as the sequence of references (tests and tools iterate it);
+    it pickles as the bare range, so a descriptor sent to a worker never carries the leaf."""
+
+    __slots__ = ("_leaf", "batch", "epoch", "start", "stop")
+
+    def __init__(self, epoch: int, start: int, stop: int, batch: int = -1,
+                 leaf: Node | None = None) -> None:
+        self.epoch, self.start, self.stop, self.batch = epoch, start, stop, batch
+        self._leaf = leaf
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: Any) -> Any:
+        if self._leaf is None:
+            raise PrepError("a span sent to another process holds no leaf to read references from",
+                            "Span", "resolve it with SampleLeaf.span_refs on the leaf that planned it")
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            refs = self._leaf.span_refs(self, lo, max(lo, hi))
+            return refs[::step] if step != 1 else refs
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(index)
+        return self._leaf.span_refs(self, i, i + 1)[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self[:])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Span) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def key(self) -> tuple[int, int, int, int]:
+        return (self.epoch, self.start, self.stop, self.batch)
+
+    def __repr__(self) -> str:
+        return f"Span(epoch={self.epoch}, start={self.start}, stop={self.stop}, batch={self.batch})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Span, self.key())
 
 
 def rank_slice(n: int, rank: int, world: int) -> slice:
@@ -115,6 +167,15 @@ def rank_slice(n: int, rank: int, world: int) -> slice:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def slice_refs(leaf: Node, items: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """Rank's part of a planned batch's references: computed from the range for a `Span` (only this
+    slice, whatever the world size), sliced from the list otherwise."""
+    part = rank_slice(len(items), rank, world)
+    if isinstance(items, Span):
+        return leaf.span_refs(items, part.start, part.stop)
+    return list(items[part])
 
 
 class Node(ABC):
@@ -156,7 +217,8 @@ class Node(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """This node's cursor plus its children's, as JSON-able data."""
+        """This node's cursor plus its children's, as JSON-able data in fresh containers (the loader keeps
+        each batch's state as a snapshot without copying it, so none may be shared with the node)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -173,6 +235,11 @@ class Node(ABC):
     @abstractmethod
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         """Load and collate rank's slice of a batch this node planned (runs in a worker)."""
+
+    def span_refs(self, span: Span, lo: int, hi: int) -> list[Any]:
+        """References of items [lo, hi) of a span this leaf planned (a rank's slice, in its worker)."""
+        raise PrepError(f"{type(self).__name__} plans no spans", self.path or "loader",
+                        "load batches with the loader tree that planned them")
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         """Load samples (decoded and transformed, not collated) for the given references: one entry per
@@ -276,6 +343,9 @@ class SampleLeaf(Node):
     def refs(self, epoch: int, start: int, stop: int) -> list[tuple[Any, ...]]:
         """Picklable references of the samples at epoch positions [start, stop)."""
 
+    def span_refs(self, span: Span, lo: int, hi: int) -> list[Any]:
+        return self.refs(span.epoch, span.start + lo, span.start + hi)
+
     def _end_epoch(self) -> StopIteration:
         self.epoch, self.pos = self.epoch + 1, 0
         return StopIteration()
@@ -285,9 +355,9 @@ class SampleLeaf(Node):
         if left <= 0 or (self.drop_last and left < self.global_batch):
             raise self._end_epoch()
         start, stop = self.pos, min(self.total, self.pos + self.global_batch)
-        items = tuple(self.refs(self.epoch, start, stop))
         self.pos = stop
-        return BatchDesc(self.path, items, {"epoch": self.epoch, "start": start})
+        span = Span(self.epoch, start, stop, leaf=self)
+        return BatchDesc(self.path, span, {"epoch": self.epoch, "start": start})
 
     def next_samples(self, n: int) -> list[Any]:
         """The next n sample references (for mixing). When fewer than n are left, the epoch ends like
@@ -336,7 +406,7 @@ class SampleLeaf(Node):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         self._check_world(world)
         with skips.leaf(self.path):
-            return self.load_batch(desc.items[rank_slice(len(desc.items), rank, world)])
+            return self.load_batch(slice_refs(self, desc.items, rank, world))
 
     @abstractmethod
     def load_batch(self, refs: Sequence[Any]) -> Any:
@@ -361,7 +431,7 @@ def _walk(node: Node) -> Iterable[Node]:
 
 def is_wrapped(desc: BatchDesc) -> bool:
     """True for a descriptor whose items are child descriptors (blend, map), not sample references."""
-    return any(isinstance(x, BatchDesc) for x in desc.items[:2])
+    return not isinstance(desc.items, Span) and any(isinstance(x, BatchDesc) for x in desc.items[:2])
 
 
 class Combinator(Node):
@@ -449,7 +519,7 @@ def load_samples(node: Node, desc: BatchDesc, rank: int, world: int) -> list[dic
             node.path or "loader",
             "apply per-sample work below blends and batch-level maps (on each source)",
         )
-    loaded = node.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)])
+    loaded = node.fetch_samples(slice_refs(node, desc.items, rank, world))
     return [s for s in loaded if s is not None]  # None: a bad sample, skipped
 
 

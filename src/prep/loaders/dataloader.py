@@ -58,13 +58,14 @@ class _PlanSampler(tud.Sampler):
             try:
                 desc = root.next_batch()
             except StopIteration:
-                loader._epoch_end_state = root.state_dict()
-                loader._left = copy.deepcopy(loader._epoch_end_state)
+                loader._epoch_end_state = loader._left = root.state_dict()
                 if group:
                     yield tuple(group)
                 return
-            loader._pending.append(copy.deepcopy(root.state_dict()))
-            loader._left = loader._pending[-1]
+            # state_dict() builds fresh containers, so the snapshot needs no copy: its cost is the tree's
+            # size (a few small dicts), never the world size's
+            loader._left = root.state_dict()
+            loader._pending.append(loader._left)
             group.append(desc)
             if len(group) == (1 if singles > 0 else loader.batches_per_fetch):
                 singles -= 1

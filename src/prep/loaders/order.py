@@ -110,3 +110,17 @@ class EpochOrder:
         return shards, samples
 
 
+
+    def upcoming(self, epoch: int, pos: int, step: int, count: int) -> list[int]:
+        """Up to `count` shards in the order a reader of positions pos, pos + step, pos + 2 step, ... (a
+        rank's slices of successive global batches) first needs them: every shard of the window of pos
+        (its samples are spread over all of them), then of the next window that reader reaches. What a
+        cache reads ahead."""
+        self._load_epoch(epoch)
+        out: dict[int, None] = {}
+        while 0 <= pos < self.total and len(out) < count:
+            w = int(np.searchsorted(self._window_starts, pos, side="right")) - 1
+            out.update((int(s), None) for s in self._windows[w] if self.counts[s])
+            w_end = int(self._window_starts[w + 1])
+            pos += max(1, -(-(w_end - pos) // step)) * step
+        return list(out)[:count]

@@ -3,11 +3,11 @@
 `serve_images` stands in for the web that img2dataset crawls: generated images of several sizes and
 formats, 404s, a corrupt image, a response slower than any sane timeout, a redirect, an image whose
 `X-Robots-Tag` forbids AI use, and "flaky" URLs that fail until healed (for `--retry-failed`).
-`serve_hub` speaks the part of the HuggingFace hub HTTP API that `huggingface_hub` uses to list and
-download a dataset repo, so `HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client.
-`serve_files` serves a folder (shards, `.idx`, manifests) with Range requests and an optional bearer
-token, as object stores and hub mirrors do. All record
-every request (method, path, headers) so tests can assert what was fetched and which auth was sent.
+`serve_files` is a static file store (byte ranges, bearer token) with injected latency and a bandwidth
+limit, for remote shard reading and the shard cache. `serve_hub` speaks the part of the HuggingFace hub
+HTTP API that `huggingface_hub` uses to list and download a dataset repo, so
+`HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client. All record every request (method, path,
+headers) so tests can assert what was fetched and which auth was sent.
 """
 
 from __future__ import annotations
@@ -99,59 +99,6 @@ def _serving(handler_cls: type[_Handler], port: int = 0) -> Iterator[_Server]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-
-
-# ------------------------------------------------------------------------------------------------ files
-@dataclass
-class FileServer:
-    url: str
-    log: _Log
-
-    @property
-    def requests(self) -> list[Request]:
-        with self.log.lock:
-            return list(self.log.requests)
-
-
-@contextmanager
-def serve_files(root: str | Path, *, token: str | None = None, port: int = 0,
-                ranges: bool = True) -> Iterator[FileServer]:
-    """Static files under `root` with single-range support (206 + Content-Range); with `token`, every
-    request must carry `Authorization: Bearer TOKEN` (else 401); `ranges=False` is a server that ignores
-    Range and sends whole files."""
-    log = _Log()
-    base = Path(root).resolve()
-
-    class Handler(_Handler):
-        disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
-
-        def _serve(self, head: bool) -> None:
-            log.add(Request.of("HEAD" if head else "GET", self.path, self))
-            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
-                self._send(401, b"unauthorized", head=head)
-                return
-            path = (base / unquote(urlsplit(self.path).path).lstrip("/")).resolve()
-            if base not in path.parents or not path.is_file():
-                self._send(404, b"not found", head=head)
-                return
-            data = path.read_bytes()
-            rng = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
-            if rng and ranges:
-                start = int(rng.group(1))
-                end = min(int(rng.group(2)) if rng.group(2) else len(data) - 1, len(data) - 1)
-                self._send(206, data[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}",
-                                                         "Accept-Ranges": "bytes"}, head=head)
-                return
-            self._send(200, data, {"Accept-Ranges": "bytes"}, head=head)
-
-        def do_GET(self) -> None:
-            self._serve(False)
-
-        def do_HEAD(self) -> None:
-            self._serve(True)
-
-    with _serving(Handler, port) as server:
-        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", log)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -476,3 +423,108 @@ def serve_hub(repo_id: str, revisions: dict[str, dict[str, bytes]], *, token: st
 
     with _serving(Handler) as server:
         yield HubServer(base_url(server), repo_id, commits, log)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+class _Link:
+    """A shared link of `bandwidth` bytes/s: senders take turns, each chunk waits for the link to be free,
+    so the total over all connections stays at the rate (as one network path to a store would)."""
+
+    def __init__(self, bandwidth: float | None) -> None:
+        self.bandwidth = bandwidth
+        self.free_at = 0.0
+        self.lock = threading.Lock()
+
+    def send(self, write: Any, data: memoryview) -> None:
+        import time
+
+        step = 1 << 16
+        for a in range(0, len(data), step):
+            chunk = data[a : a + step]
+            if self.bandwidth:
+                with self.lock:
+                    now = time.monotonic()
+                    self.free_at = max(self.free_at, now) + len(chunk) / self.bandwidth
+                    wait = self.free_at - now
+                if wait > 0:
+                    time.sleep(wait)
+            write(chunk)
+
+
+@dataclass
+class FileServer:
+    """What `serve_files` yields: the base URL and the request log."""
+
+    url: str
+    log: _Log
+
+    @property
+    def requests(self) -> list[Request]:
+        with self.log.lock:
+            return list(self.log.requests)
+
+    def gets(self, suffix: str = "") -> list[Request]:
+        """GET requests whose path ends with `suffix`."""
+        return [r for r in self.requests if r.method == "GET" and r.path.split("?")[0].endswith(suffix)]
+
+
+@contextmanager
+def serve_files(root: str | Path, *, token: str | None = None, latency: float = 0.0,
+                bandwidth: float | None = None, port: int = 0, ranges: bool = True) -> Iterator[FileServer]:
+    """Serve the files under `root` as a static store does: single byte ranges (206), HEAD, 404 outside
+    `root`; with `token`, 401 without `Authorization: Bearer <token>`. `latency` seconds pass before each
+    response, and all responses share a link of `bandwidth` bytes/s (None: unlimited), to stand in for
+    an object store or the hub at a distance. `ranges=False` is a server that ignores Range and sends
+    whole files."""
+    base = Path(root).resolve()
+    log = _Log()
+    link = _Link(bandwidth)
+
+    class Handler(_Handler):
+        disable_nagle_algorithm = True  # headers and body go out at once (no delayed-ACK wait per request)
+
+        def _serve(self, head: bool) -> None:
+            import time
+
+            log.add(Request.of(self.command, self.path, self))
+            if latency:
+                time.sleep(latency)
+            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                self._send(401, b"unauthorized", head=head)
+                return
+            path = (base / unquote(urlsplit(self.path).path).lstrip("/")).resolve()
+            if base not in path.parents or not path.is_file():
+                self._send(404, b"not found", head=head)
+                return
+            size = path.stat().st_size
+            start, end, code = 0, size, 200
+            rng = self.headers.get("Range", "")
+            if ranges and rng.startswith("bytes="):
+                a, _, b = rng[6:].partition("-")
+                start, end, code = int(a), min(int(b) + 1 if b else size, size), 206
+            self.send_response(code)
+            self.send_header("Content-Length", str(max(0, end - start)))
+            self.send_header("Accept-Ranges", "bytes")
+            if code == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.end_headers()
+            if head or end <= start:
+                return
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            try:
+                link.send(self.wfile.write, memoryview(data))
+            except ConnectionError:
+                pass  # the client went away (a killed reader)
+
+        def do_GET(self) -> None:
+            self._serve(False)
+
+        def do_HEAD(self) -> None:
+            self._serve(True)
+
+    with _serving(Handler, port) as server:
+        yield FileServer(base_url(server), log)

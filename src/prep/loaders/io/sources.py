@@ -4,7 +4,9 @@
 `pipe:` commands) into `ShardSpec`s with their sample counts; that runs once, in the main process.
 `ShardReader` runs in each DataLoader worker: it keeps files open and parsed `.idx` offsets cached, so a
 sample costs one positioned read (`os.pread`) locally, or one ranged request remotely (ranges of a
-batch are fetched concurrently through fsspec's `cat_ranges`).
+batch are fetched concurrently through fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:`
+shard is instead downloaded whole into the node's cache (a thread reads ahead in the planned order) and
+read locally; ranged reads remain the fallback when the cache has no room.
 
 Secrets: an HTTP token travels only in request headers (fsspec `storage_options`), is wrapped so its
 repr is `***`, and URLs are redacted (no user info, no query string) in every error message.
@@ -13,11 +15,15 @@ repr is `***`, and URLs are redacted (no user info, no query string) in every er
 from __future__ import annotations
 
 import io
+import json
 import os
+import queue
 import re
 import subprocess
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +36,14 @@ from prep.formats.index import IDX_SUFFIX, index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from prep.formats.tar import iter_samples, scan_tar, shard_files
 from prep.formats.wdinfo import read_wdinfo
+from prep.loaders.io.cache import ShardCache, entry_name, release
 
 _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
+_CHUNK = 8 << 20  # bytes per ranged request of a whole-shard download
+_CHUNKS_AT_ONCE = 4  # requests of one download in flight together (32 MiB of memory at most)
+_AHEAD_THREADS = 2  # downloads of the read-ahead in flight per worker
+_BATCH_THREADS = 8  # requests a batch makes together (index reads, downloads of its missing shards)
 _BRACE_RE = re.compile(r"\{[^{}]*\}")
 
 
@@ -118,14 +129,35 @@ def storage_options_for(url: str, token: Secret | None, options: dict[str, Any] 
     return opts
 
 
-def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None):
-    """A filesystem of our own (never fsspec's shared instance): its pooled keep-alive connections are
-    never shared with another dataset, nor with a process forked after they were opened."""
+# Filesystems by (process, scheme, options): made once per process and kept for good. fsspec's instances
+# sit in reference cycles, so the cyclic GC frees them, possibly in a forked worker, where closing one
+# waits a whole second for the parent's event loop (which does not run there). Kept, never freed, they
+# are never closed in a child; keyed by pid, a child never uses its parent's (nor its connections).
+_FILESYSTEMS: dict[tuple[int, str, str], Any] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _fresh_fs_lock() -> None:
+    global _FS_LOCK
+    _FS_LOCK = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_fresh_fs_lock)
+
+
+def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None) -> Any:
+    """This process's fsspec filesystem for the URL's scheme and options (see `_FILESYSTEMS`)."""
     import fsspec
 
     scheme = url.split("://", 1)[0]
+    opts = storage_options_for(url, token, options)
+    key = (os.getpid(), scheme, json.dumps(opts, sort_keys=True, default=repr))  # held in memory only
     try:
-        return fsspec.filesystem(scheme, skip_instance_cache=True, **storage_options_for(url, token, options))
+        with _FS_LOCK:
+            fs = _FILESYSTEMS.get(key)
+            if fs is None:
+                fs = _FILESYSTEMS[key] = fsspec.filesystem(scheme, skip_instance_cache=True, **opts)
+        return fs
     except (ImportError, ValueError) as err:
         raise PrepError(
             f"no fsspec filesystem for {scheme}:// ({type(err).__name__}: {err})",
@@ -327,11 +359,13 @@ class ShardReader:
         token: Secret | None = None,
         storage_options: dict[str, Any] | None = None,
         pipe_cache: int = 2,
+        cache: ShardCache | None = None,
     ) -> None:
         self.shards = list(shards)
         self.token = token
         self.storage_options = storage_options
         self.pipe_cache = max(1, pipe_cache)
+        self.cache = cache
         self._reset()
 
     def _reset(self) -> None:
@@ -339,7 +373,11 @@ class ShardReader:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
         self._pipes: OrderedDict[int, bytes] = OrderedDict()
-        self._fs: dict[str, Any] = {}
+        self._lock = threading.Lock()  # offsets and filesystems are shared with the read-ahead thread
+        self._ahead: queue.SimpleQueue[int] | None = None
+        self._queued: OrderedDict[int, None] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None  # this process's concurrent requests for a batch
+        self._entries: dict[int, tuple[str, int]] = {}  # cache entry (name, size) per shard
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -347,6 +385,7 @@ class ShardReader:
             "token": self.token,
             "storage_options": self.storage_options,
             "pipe_cache": self.pipe_cache,
+            "cache": self.cache,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -363,7 +402,8 @@ class ShardReader:
             self.close()
 
     def offsets(self, i: int) -> np.ndarray:
-        cached = self._offsets.get(i)
+        with self._lock:
+            cached = self._offsets.get(i)
         if cached is not None:
             return cached
         spec = self.shards[i]
@@ -381,10 +421,122 @@ class ShardReader:
                 redact_url(spec.url),
                 "regenerate manifest.json and .idx with `prep run generate_wdinfo`",
             )
-        self._offsets[i] = off
-        while len(self._offsets) > _OFFSETS_CACHE:
-            self._offsets.popitem(last=False)
+        with self._lock:
+            self._offsets[i] = off
+            while len(self._offsets) > _OFFSETS_CACHE:
+                self._offsets.popitem(last=False)
         return off
+
+    # ------------------------------------------------------------------------------------ caching
+    def cached(self, i: int) -> bool:
+        """Whether shard i is read through the cache (remote and `pipe:` shards, when there is one)."""
+        url = self.shards[i].url
+        return self.cache is not None and (is_remote(url) or url.startswith("pipe:"))
+
+    def _entry(self, i: int) -> tuple[str, int]:
+        """(cache entry name, size): the shard's bytes up to the end of its last sample."""
+        got = self._entries.get(i)
+        if got is None:
+            spec = self.shards[i]
+            identity = spec.url if spec.url.startswith("pipe:") else redact_url(spec.url)  # hashed only
+            size = int(self.offsets(i)[-1])
+            got = self._entries[i] = (entry_name(identity, size, spec.checksum), size)
+        return got
+
+    def _cache_fd(self, i: int) -> int | None:
+        """A descriptor of shard i's cache entry (downloaded now when absent), or None: no room."""
+        assert self.cache is not None
+        name, size = self._entry(i)
+        url = self.shards[i].url
+        try:
+            return self.cache.fill(name, size, lambda f: self._download(i, size, f))
+        except PrepError:
+            raise
+        except OSError as err:
+            raise PrepError(f"cannot write the shard cache ({err.strerror or err})", str(self.cache.folder),
+                            "free disk space or pass another cache_dir") from None
+        except Exception as err:
+            raise _remote_error(err, url, "download the shard") from None
+
+    def _download(self, i: int, size: int, f: Any) -> None:
+        """Write shard i's first `size` bytes to f: a remote shard in ranged chunks, several in flight; a
+        `pipe:` command's output as it streams (never held whole in memory)."""
+        url = self.shards[i].url
+        if url.startswith("pipe:"):
+            with subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL) as proc:
+                assert proc.stdout is not None
+                left = size
+                while chunk := proc.stdout.read(1 << 20):
+                    if left > 0:
+                        f.write(chunk[:left])
+                        left -= len(chunk)
+            if proc.returncode != 0:
+                raise PrepError(f"pipe command exited with {proc.returncode}", redact_url(url),
+                                "run the command by hand to see why it fails")
+            return
+        fs = self._filesystem(url)
+        starts = list(range(0, size, _CHUNK))
+        for k in range(0, len(starts), _CHUNKS_AT_ONCE):
+            group = starts[k : k + _CHUNKS_AT_ONCE]
+            ends = [min(size, a + _CHUNK) for a in group]
+            for blob, a, e in zip(fs.cat_ranges([url] * len(group), group, ends), group, ends, strict=True):
+                if isinstance(blob, Exception):
+                    raise blob
+                if len(blob) != e - a:
+                    raise PrepError(f"server sent {len(blob)} bytes for a {e - a}-byte range",
+                                    redact_url(url), "serve the shards with HTTP Range support")
+                f.write(blob)
+
+    def prefetch(self, shards: Sequence[int]) -> None:
+        """Queue shards for the read-ahead thread (in the order given: the order they will be read)."""
+        if self._pid != os.getpid():
+            self._reset()
+        wanted = [i for i in shards if self.cached(i) and i not in self._queued]
+        if not wanted:
+            return
+        if self._ahead is None:
+            self._ahead = queue.SimpleQueue()
+            for _ in range(_AHEAD_THREADS):
+                threading.Thread(target=self._read_ahead, args=(self._ahead,), daemon=True,
+                                 name="prep-read-ahead").start()
+        for i in wanted:
+            self._queued[i] = None
+            self._ahead.put(i)
+        while len(self._queued) > 4 * len(wanted) + 64:  # forgotten, so a later epoch queues it again
+            self._queued.popitem(last=False)
+
+    def _at_once(self, fn: Callable[[int], Any], shards: list[int]) -> list[Any]:
+        """fn over the shards, in threads when there are several (each is a request or a download); the
+        first error is raised after all have ended, so no result (an open descriptor) is lost."""
+        if len(shards) <= 1:
+            return [fn(i) for i in shards]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_BATCH_THREADS, thread_name_prefix="prep-read")
+        futures = [self._pool.submit(fn, i) for i in shards]
+        wait(futures)
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            for f in futures:
+                if f.exception() is None and isinstance(f.result(), int):
+                    release(f.result())
+            raise failed
+        return [f.result() for f in futures]
+
+    def _read_ahead(self, todo: queue.SimpleQueue[int]) -> None:
+        while True:
+            i = todo.get()
+            try:
+                fd = self._cache_fd(i)
+            except Exception:  # the reading path meets the same error and reports it
+                continue
+            if fd is not None:
+                release(fd)
+
+    def _filesystem(self, url: str) -> Any:
+        """This process's filesystem for the URL, shared by its threads (fsspec runs every request of it
+        on one event loop)."""
+        return _filesystem(url, self.token, self.storage_options)
 
     def _fd(self, i: int) -> int:
         fd = self._fds.get(i)
@@ -418,6 +570,8 @@ class ShardReader:
         read straight into the buffer (`os.preadv`), so the bytes are copied once, by the kernel."""
         if self._pid != os.getpid():  # forked after files were opened: never share descriptors
             self._reset()
+        distinct = list(dict.fromkeys(i for i, _ in refs))
+        self._at_once(self.offsets, [i for i in distinct if i not in self._offsets])  # remote .idx reads
         plan: list[tuple[int, int, int, int]] = []
         spans: list[tuple[int, int]] = []
         total = 0
@@ -430,20 +584,36 @@ class ShardReader:
         buf = alloc(total)
         mv = buf.data
         remote: list[tuple[int, int, int, int]] = []
-        for k, ((i, j, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
-            url = self.shards[i].url
-            if url.startswith("pipe:"):
-                mv[a:b] = self._pipe(i)[start:end]
-            elif is_remote(url):
-                remote.append((k, i, start, end))
-            else:
-                got = os.preadv(self._fd(i), [mv[a:b]], start)
-                if got != end - start:
-                    raise PrepError(
-                        f"shard ends at byte {start + got}, sample {j} needs bytes up to {end}",
-                        url,
-                        "the shard is truncated: re-create it, or rebuild its .idx",
-                    )
+        # cache entries read by this batch (shared-locked until done), missing ones downloaded together
+        held: dict[int, int | None] = {}
+        if self.cache is not None:
+            for i in distinct:  # entries already there: opened here, no thread hop
+                if self.cached(i):
+                    held[i] = self.cache.open(self._entry(i)[0])
+            missing = [i for i, fd in held.items() if fd is None]
+            held.update(zip(missing, self._at_once(self._cache_fd, missing), strict=True))
+        try:
+            for k, ((i, j, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
+                url = self.shards[i].url
+                fd = held.get(i)
+                if fd is not None:
+                    os.preadv(fd, [mv[a:b]], start)  # the entry is complete: its size was checked
+                elif url.startswith("pipe:"):
+                    mv[a:b] = self._pipe(i)[start:end]
+                elif is_remote(url):
+                    remote.append((k, i, start, end))
+                else:
+                    got = os.preadv(self._fd(i), [mv[a:b]], start)
+                    if got != end - start:
+                        raise PrepError(
+                            f"shard ends at byte {start + got}, sample {j} needs bytes up to {end}",
+                            url,
+                            "the shard is truncated: re-create it, or rebuild its .idx",
+                        )
+        finally:
+            for fd in held.values():
+                if fd is not None:
+                    release(fd)
         if remote:
             blobs: list[bytes | None] = [None] * len(plan)
             self._read_remote(remote, blobs)
@@ -456,13 +626,8 @@ class ShardReader:
         by_scheme: dict[str, list[tuple[int, int, int, int]]] = {}
         for w in wanted:
             by_scheme.setdefault(self.shards[w[1]].url.split("://", 1)[0], []).append(w)
-        for scheme, group in by_scheme.items():
-            key = f"{os.getpid()}:{scheme}"  # a forked worker opens its own, never the parent's
-            fs = self._fs.get(key)
-            if fs is None:
-                fs = self._fs[key] = _filesystem(
-                    self.shards[group[0][1]].url, self.token, self.storage_options
-                )
+        for group in by_scheme.values():
+            fs = self._filesystem(self.shards[group[0][1]].url)
             urls = [self.shards[i].url for _, i, _, _ in group]
             try:
                 blobs = fs.cat_ranges(urls, [s for *_, s, _ in group], [e for *_, e in group])

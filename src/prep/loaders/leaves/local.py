@@ -28,6 +28,7 @@ from prep.loaders.base import (
     BatchDesc,
     Collate,
     SampleLeaf,
+    Span,
     Transform,
     batches_per_epoch,
     counter_rng,
@@ -276,11 +277,19 @@ class LocalDataset(SampleLeaf):
         bucket = int(self.bucket_of[rows[0]])  # type: ignore[index]
         desc = BatchDesc(
             self.path,
-            tuple((r, self.epoch, bucket) for r in rows.tolist()),
+            Span(self.epoch, 0, len(rows), batch=self.pos, leaf=self),
             {"epoch": self.epoch, "batch": self.pos, "bucket": self.buckets[bucket]},
         )
         self.pos += 1
         return desc
+
+    def span_refs(self, span: Span, lo: int, hi: int) -> list[Any]:
+        """(row, epoch, bucket) of items [lo, hi) of a planned batch (bucketed: one batch of the plan)."""
+        if span.batch < 0:
+            return super().span_refs(span, lo, hi)
+        rows = self.epoch_plan(span.epoch)[span.batch]
+        bucket = int(self.bucket_of[rows[0]])  # type: ignore[index]
+        return [(r, span.epoch, bucket) for r in rows[lo:hi].tolist()]
 
     def next_samples(self, n: int) -> list[Any]:
         if self.buckets is not None:

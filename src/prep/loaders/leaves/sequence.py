@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import default_collate
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node, counter_rng, dist_info, rank_slice
+from prep.loaders.base import BatchDesc, Node, Span, counter_rng, dist_info, slice_refs
 
 Sample = dict[str, Any]
 
@@ -88,12 +88,12 @@ class SequenceDataset(Node):
     def dropped_per_epoch(self) -> int:
         return len(self.samples) - self.usable
 
-    def _epoch_order(self) -> np.ndarray:
-        tag = (self.path, self.epoch)
+    def _epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        tag = (self.path, self.epoch if epoch is None else epoch)
         if self._order is None or self._order[0] != tag:
             n = len(self.samples)
             order = (
-                counter_rng(self.seed, self.path, "order", self.epoch).permutation(n)
+                counter_rng(self.seed, self.path, "order", tag[1]).permutation(n)
                 if self.shuffle
                 else np.arange(n)
             )
@@ -114,8 +114,12 @@ class SequenceDataset(Node):
         if self.pos >= self.usable:
             self._end_epoch()
             raise StopIteration
-        refs = self._take(min(self.global_batch_size, self.usable - self.pos))
-        return BatchDesc(self.path, tuple(refs), {"epoch": self.epoch})
+        start = self.pos
+        self.pos = min(self.usable, start + self.global_batch_size)
+        return BatchDesc(self.path, Span(self.epoch, start, self.pos, leaf=self), {"epoch": self.epoch})
+
+    def span_refs(self, span: Span, lo: int, hi: int) -> list[int]:
+        return self._epoch_order(span.epoch)[span.start + lo : span.start + hi].tolist()
 
     def next_samples(self, n: int) -> list[int]:
         if self.pos + n > len(self.samples):
@@ -156,4 +160,4 @@ class SequenceDataset(Node):
         return list(self._load(refs))  # no None: samples held in memory are never bad
 
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
-        return self.collate_fn(self._load(desc.items[rank_slice(len(desc.items), rank, world)]))
+        return self.collate_fn(self._load(slice_refs(self, desc.items, rank, world)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,13 +27,25 @@ import torch
 
 from prep.errors import PrepError
 from prep.loaders import skips
-from prep.loaders.base import DEFAULT_MAX_SKIP_FRACTION, Collate, SampleLeaf, Transform, resolve_global_batch
+from prep.loaders.base import (
+    DEFAULT_MAX_SKIP_FRACTION,
+    BatchDesc,
+    Collate,
+    SampleLeaf,
+    Span,
+    Transform,
+    rank_slice,
+    resolve_global_batch,
+)
+from prep.loaders.io.cache import ShardCache
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
 from prep.loaders.io.members import member_spans, parse_sample
 from prep.loaders.io.shm import bytes_list, shared_empty
 from prep.loaders.io.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
 from prep.loaders.order import EpochOrder
 from prep.loaders.skips import BadSample, OnError
+
+DEFAULT_CACHE_BYTES = 32 << 30  # a shard cache's default limit: 32 GiB
 
 
 def _empty_bytes(n: int) -> np.ndarray:
@@ -63,6 +76,10 @@ class ShardDataset(SampleLeaf):
         transform: per-sample function on the decoded dict (runs in workers); collate: replaces collation.
         drop_last: see the module docstring for the exact-once policy.
         token: HTTP bearer token / hf token, sent only in headers; storage_options: passed to fsspec.
+        cache_dir, cache_bytes: read remote and `pipe:` shards through a shard cache in this folder, shared
+            by every worker and rank of the node, holding at most `cache_bytes` (see docs/loaders.md). Each
+            worker downloads whole shards ahead of use, `read_ahead` of them (default: two windows) in the
+            order its rank will read them. Without cache_dir, remote samples are ranged reads.
         on_error: 'skip' (default) drops a bad sample (corrupt image, missing or malformed member,
             unreadable record) from its batch and counts it (`DataLoader.stats()`, a warning at most once a
             minute); 'raise' stops at the first. max_skip_fraction: with 'skip', more distinct bad samples
@@ -92,6 +109,9 @@ class ShardDataset(SampleLeaf):
         storage_options: dict[str, Any] | None = None,
         on_error: OnError = "skip",
         max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        read_ahead: int | None = None,
     ) -> None:
         skips.check_policy(on_error, max_skip_fraction, "ShardDataset")
         self.on_error: OnError = on_error
@@ -112,8 +132,11 @@ class ShardDataset(SampleLeaf):
         self.decoder = Decoder.make(decode, image_size, crop, fields, self.seed, on_error)
         self.transform = transform
         self.collate = collate
+        cache = ShardCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        self.read_ahead = 2 * self.window_shards if read_ahead is None else max(0, int(read_ahead))
         self.reader = ShardReader(
-            self.shards, token=secret, storage_options=storage_options, pipe_cache=self.window_shards + 1
+            self.shards, token=secret, storage_options=storage_options, pipe_cache=self.window_shards + 1,
+            cache=cache,
         )
         self._order: EpochOrder | None = None
         self._names: list[str] | None = None
@@ -233,6 +256,14 @@ class ShardDataset(SampleLeaf):
         for f in fields or ():
             out[f] = bytes_list(slot[0], out[f], where_from[f])
         return out
+
+    def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
+        """Load rank's slice; with a cache, first queue the shards this rank reads next for download."""
+        span = desc.items
+        if self.reader.cache is not None and self.read_ahead and isinstance(span, Span):
+            at = span.start + rank_slice(len(span), rank, world).start
+            self.reader.prefetch(self.order.upcoming(span.epoch, at, self.global_batch, self.read_ahead))
+        return super().fetch(desc, rank, world)
 
     def load_batch(self, refs: Sequence[Any]) -> Any:
         if self.decoder.mode == "raw" and self.transform is None and self.collate is None and refs:

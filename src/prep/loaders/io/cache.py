@@ -1,0 +1,216 @@
+"""`ShardCache`: a bounded on-disk cache of whole remote (and `pipe:`) shards, shared by every worker
+and rank of a node.
+
+Why: one ranged request per sample pays the store's latency per sample and meets its rate limits; a
+whole shard is one stream at the link's bandwidth, after which every sample is a local `pread`.
+
+Layout: one flat folder. An entry is `<hash>.shard`, the shard's bytes up to the end of its last sample;
+the hash is of the shard's redacted URL (no user info, no query string: no token ever reaches a file
+name) or of its whole `pipe:` command, its size and its checksum, so a changed shard is a new entry.
+An entry only ever appears by rename of a complete temp (`formats.atomic.temp_name`), so a reader killed
+mid-download leaves a temp, never a short entry; the next fill sweeps temps of dead writers.
+
+Locks (`fcntl.flock`, so processes of one node agree, and a killed holder releases):
+- `.<entry>.lock`: one download per entry; a second reader waits and then reads the finished entry;
+- `.cache.lock`: accounting. The byte limit covers entries and temps; a temp is created at its full
+  size when it is reserved, so the sum of file sizes never exceeds `max_bytes`. Room is made by deleting
+  least recently used entries (mtime, touched on every open) that no reader holds;
+- readers hold a shared lock on each entry they read, so eviction skips entries in use. When no room can
+  be made, `fill` returns None and the caller reads the shard without the cache (ranged reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from prep.errors import PrepError
+from prep.formats.atomic import dead_writer, temp_name
+
+ENTRY_SUFFIX = ".shard"
+_LOCK_NAME = ".cache.lock"
+_TOUCH_SECONDS = 1.0
+
+
+def entry_name(identity: str, size: int, checksum: str | None) -> str:
+    """The file name of a shard's entry: a hash of where it comes from (redacted by the caller), its size
+    and checksum. Nothing of the URL is readable in it."""
+    text = json.dumps([identity, int(size), checksum or ""])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + ENTRY_SUFFIX
+
+
+# Descriptors this process holds on cache files. A flock belongs to the open file, which a fork shares:
+# a DataLoader forking its workers while a thread holds a lock would leave the lock held by children that
+# never release it. So a child closes its copies at once (the parent's close then releases the lock).
+_HELD: set[int] = set()
+
+
+def _open(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    _HELD.add(fd)
+    return fd
+
+
+def release(fd: int) -> None:
+    """Close a descriptor from `ShardCache.open` (its shared lock goes with it)."""
+    _HELD.discard(fd)
+    os.close(fd)
+
+
+def _close_inherited() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
+    fd = _open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        release(fd)  # closing releases the lock
+
+
+class ShardCache:
+    """A cache folder with a byte limit. Holds no open state, so it pickles to workers as two values."""
+
+    def __init__(self, folder: str | os.PathLike[str], max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise PrepError(f"cache_bytes={max_bytes!r} is not a positive number of bytes", "cache_bytes",
+                            "pass the most disk the shard cache may use, e.g. 50 * 2**30")
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PrepError(f"cannot create the cache folder ({err.strerror})", str(self.folder),
+                            "pass a writable cache_dir") from None
+
+    def __repr__(self) -> str:
+        return f"ShardCache({str(self.folder)!r}, max_bytes={self.max_bytes})"
+
+    # ------------------------------------------------------------------------------------ reading
+    def open(self, name: str) -> int | None:
+        """A read-only descriptor of a complete entry, with a shared lock held until it is closed (so it
+        is not evicted while read), its mtime touched (LRU); None when it is not cached."""
+        path = self.folder / name
+        try:
+            fd = _open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        st = os.fstat(fd)
+        if st.st_nlink == 0:  # evicted between open and lock: gone
+            release(fd)
+            return None
+        if time.time() - st.st_mtime > _TOUCH_SECONDS:  # LRU order to the second: one write per second
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        return fd
+
+    def fill(self, name: str, size: int, write: Callable[[BinaryIO], None]) -> int | None:
+        """`open(name)`, downloading the entry first when absent: `write(f)` writes exactly `size` bytes
+        into a reserved temp, renamed into place when complete. None when the byte limit leaves no room
+        (every other entry in use, or one shard larger than the limit): the caller reads around the cache."""
+        fd = self.open(name)
+        if fd is not None:
+            return fd
+        with _flock(self.folder / f".{name}.lock"):
+            fd = self.open(name)  # another process finished it while this one waited
+            if fd is not None:
+                return fd
+            tmp = self._reserve(name, size)
+            if tmp is None:
+                return None
+            try:
+                with open(tmp, "r+b") as f:
+                    write(f)
+                    got = f.tell()
+                if got != size:
+                    raise PrepError(f"the download wrote {got} bytes, the shard's samples end at byte {size}",
+                                    name, "check that the shard did not change since it was listed")
+                os.replace(tmp, self.folder / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return self.open(name)
+
+    # --------------------------------------------------------------------------------- accounting
+    def used_bytes(self) -> int:
+        """Bytes of entries and reserved temps (what the limit bounds), read under the accounting lock so
+        no reservation or eviction is half seen."""
+        with _flock(self.folder / _LOCK_NAME):
+            return sum(size for _, size, _ in self._files())
+
+    def _files(self) -> list[tuple[Path, int, float]]:
+        out = []
+        for entry in os.scandir(self.folder):
+            if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            out.append((Path(entry.path), st.st_size, st.st_mtime))
+        return out
+
+    def _reserve(self, name: str, size: int) -> Path | None:
+        """A temp of `size` bytes for entry `name`, made under the accounting lock once LRU eviction has
+        made room; None when it cannot."""
+        if size > self.max_bytes:
+            return None
+        with _flock(self.folder / _LOCK_NAME):
+            now = time.time()
+            files = []
+            for path, fsize, mtime in self._files():
+                if not path.name.endswith(ENTRY_SUFFIX) and dead_writer(path.name, mtime, now):
+                    path.unlink(missing_ok=True)  # a killed reader's download
+                    continue
+                files.append((path, fsize, mtime))
+            used = sum(f[1] for f in files)
+            for path, fsize, _ in sorted((f for f in files if f[0].name.endswith(ENTRY_SUFFIX)),
+                                         key=lambda f: f[2]):
+                if used + size <= self.max_bytes:
+                    break
+                if _evict(path):
+                    used -= fsize
+            if used + size > self.max_bytes:
+                return None
+            tmp = temp_name(self.folder / name)
+            with open(tmp, "wb") as f:
+                f.truncate(size)  # counted at its full size from now on
+            return tmp
+
+
+def _evict(path: Path) -> bool:
+    """Delete an entry no reader holds (an exclusive lock is refused while any shared one is held)."""
+    try:
+        fd = _open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        release(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    try:
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        release(fd)

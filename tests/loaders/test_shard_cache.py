@@ -1,0 +1,147 @@
+"""The shard cache: remote and pipe: shards read whole into a bounded folder shared by a node's ranks and
+workers. Real loopback HTTP server (Range, bearer token, latency, bandwidth), real worker processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from prep.loaders import DataLoader, ShardDataset
+from prep.loaders.io.cache import ENTRY_SUFFIX, ShardCache
+from prep.testing.loader_data import make_shards, planned_keys
+from prep.testing.servers import serve_files
+
+TOKEN = "tok-5ecret-0f-the-cache-tests"
+SIZES = [40] * 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_src")
+    make_shards(root / "ds", SIZES, image_size=8)
+    return root
+
+
+def _ds(source, cache_dir, *, rank=0, world=1, **kw):
+    kw.setdefault("cache_bytes", 10**9)
+    return ShardDataset(source, batch_size=8, seed=2, decode="raw", window_shards=2, rank=rank,
+                        world_size=world, cache_dir=cache_dir, **kw)
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(ENTRY_SUFFIX))
+
+
+@pytest.mark.slow
+def test_byte_limit_holds_with_two_ranks_of_two_workers_reading_at_once(data, tmp_path):
+    shard_bytes = max(int(p.stat().st_size) for p in (data / "ds").glob("*.tar"))
+    limit = 3 * shard_bytes  # far less than the 8 shards, and than what read-ahead asks for
+    cache_dir = tmp_path / "cache"
+    seen, stop = [], threading.Event()
+    got: dict[int, list[str]] = {}
+
+    def poll():
+        cache = ShardCache(cache_dir, limit)
+        while not stop.is_set():
+            seen.append(cache.used_bytes())
+            time.sleep(0.002)
+
+    with serve_files(str(data), token=TOKEN, latency=0.002) as srv:
+        def rank(r):
+            loader = DataLoader(_ds(srv.url + "/ds", cache_dir, rank=r, world=2, token=TOKEN,
+                                    cache_bytes=limit), num_workers=2, rank=r, world_size=2)
+            got[r] = [k for _ in range(2) for b in loader for k in b["__key__"]]  # two epochs
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        ranks = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
+        stop.set()
+        poller.join()
+        downloads = len(srv.gets(".tar"))
+    for r in (0, 1):
+        ref = _ds(data / "ds", None, rank=r, world=2)
+        want = planned_keys(ref, r, 2)
+        ref.set_epoch(1)
+        assert got[r] == want + planned_keys(ref, r, 2)
+    assert max(seen) <= limit
+    assert max(seen) > shard_bytes  # the cache was in use, several entries at once
+    assert len(_entries(cache_dir)) <= 3
+    assert downloads > len(SIZES)  # entries were evicted and fetched again (two epochs, room for three)
+
+
+@pytest.mark.slow
+def test_a_killed_reader_leaves_no_entry_and_the_next_one_reads_true_bytes(data, tmp_path):
+    cache_dir = tmp_path / "cache"
+    with serve_files(str(data), bandwidth=20_000) as srv:  # a shard takes seconds to arrive
+        script = (
+            "import sys; from prep.loaders import ShardDataset\n"
+            f"ds = ShardDataset({srv.url + '/ds'!r}, batch_size=4, decode='raw', rank=0, "
+            f"world_size=1, cache_dir={str(cache_dir)!r}, read_ahead=0)\n"
+            "ds.bind(''); ds.fetch(ds.next_batch(), 0, 1)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
+        try:
+            deadline = time.monotonic() + 60
+            while not srv.gets(".tar") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)  # mid-download
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    names = os.listdir(cache_dir)
+    assert not _entries(cache_dir)  # no entry: the half-written bytes sit in a temp only
+    assert any(".tmp-" in n for n in names)
+    port = int(srv.url.rsplit(":", 1)[1])
+    with serve_files(str(data), port=port) as fast:  # the same URLs, so the same entries, now fast
+        ds = _ds(fast.url + "/ds", cache_dir, read_ahead=0)  # sweeps the dead temp, reads true bytes
+        assert planned_keys(ds) == planned_keys(_ds(data / "ds", None))
+    assert not any(".tmp-" in n for n in os.listdir(cache_dir))
+    local = [p.read_bytes() for p in (data / "ds").glob("*.tar")]
+    cached = [(cache_dir / e).read_bytes() for e in _entries(cache_dir)]
+    assert len(cached) == len(local)  # one entry per shard: the killed one's name was filled anew
+    assert all(any(w.startswith(c) and len(c) > len(w) // 2 for w in local) for c in cached)
+
+
+def test_a_resumed_loader_reuses_the_cached_shards(data, tmp_path):
+    cache_dir = tmp_path / "cache"
+    with serve_files(str(data), token=TOKEN) as srv:
+        url = srv.url + "/ds"
+        first = DataLoader(_ds(url, cache_dir, token=TOKEN), num_workers=2)
+        list(first)  # epoch 0 caches every shard
+        first.set_epoch(1)
+        it = iter(first)
+        [next(it) for _ in range(3)]
+        state = first.state_dict()
+        rest = [k for b in it for k in b["__key__"]]
+        del it, first
+        before = len(srv.gets(".tar"))
+        assert before >= len(SIZES)
+        resumed = DataLoader(_ds(url, cache_dir, token=TOKEN), num_workers=2)
+        resumed.load_state_dict(state)
+        assert [k for b in resumed for k in b["__key__"]] == rest
+        assert len(srv.gets(".tar")) == before  # nothing downloaded again
+
+
+def test_no_secret_reaches_a_cache_file_name(data, tmp_path):
+    cache_dir = tmp_path / "cache"
+    with serve_files(str(data), token=TOKEN) as srv:
+        planned_keys(_ds(srv.url + "/ds", cache_dir, token=TOKEN))
+    pipes = [f"pipe:PREP_SECRET={TOKEN} cat {data / 'ds' / f'shard-{i:05d}.tar'}" for i in range(2)]
+    ds = _ds(pipes, cache_dir, allow_pipe=True)
+    local = [str(data / "ds" / f"shard-{i:05d}.tar") for i in range(2)]
+    assert planned_keys(ds) == planned_keys(_ds(local, None))
+    assert len(_entries(cache_dir)) == len(SIZES) + 2  # every remote and pipe: shard went through the cache
+    for path in cache_dir.rglob("*"):
+        assert TOKEN not in str(path) and "PREP_SECRET" not in str(path)
+        if path.is_file() and not path.name.endswith(ENTRY_SUFFIX):
+            assert TOKEN.encode() not in path.read_bytes()
