@@ -281,7 +281,8 @@ class FlowTrainer:
         """(scaling, shift, latent_mode) for the step: options > the manifest > the VAE's config."""
         if ctx.index not in self._factors:
             name = self.cfg.step_dataset(ctx.index)
-            found = _manifest_factors(self.cfg, name, self.o.latent_key) if name else None
+            given = self.o.scaling_factor is not None and self.o.shift_factor is not None
+            found = _manifest_factors(self.cfg, name, self.o.latent_key) if name and not given else None
             vae_cfg = getattr(ctx.raw_modules.get(self.o.vae), "config", None)
             scale = float(getattr(vae_cfg, "scaling_factor", 1.0) or 1.0)
             shift = float(getattr(vae_cfg, "shift_factor", 0.0) or 0.0)
