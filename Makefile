@@ -13,7 +13,12 @@ install:  ## torch first (pinned: a looser spec would pull a CUDA build), then p
 
 BENCH_VENV ?= .bench-venv
 
-install-bench:  ## the benchmarks' peers in their own venv (they pin older numpy/transformers), torch kept pinned
+install-.PHONY: train
+train:  ## `make shards` if its output is missing, then the demo training pipeline (runs/demo: checkpoints, samples/)
+	@test -f $(DEMO_OUT)/tarfiles_merged/manifest.json || $(MAKE) shards
+	PREP_DEMO_OUT=$(DEMO_OUT) $(PYTHON) -m prep.cli pipeline run configs/pipelines/demo.yaml --checkpoint-dir runs/demo
+
+bench:  ## the benchmarks' peers in their own venv (they pin older numpy/transformers), torch kept pinned
 	$(PYTHON) -m venv --system-site-packages $(BENCH_VENV)
 	printf 'torch==%s\n' "$(TORCH_VERSION)" > .torch-constraint.txt
 	$(BENCH_VENV)/bin/python -m pip install -c .torch-constraint.txt -e ".[all,bench]"
@@ -31,6 +36,11 @@ lint:  ## ruff, the layer contract (import-linter, see [tool.importlinter]) and 
 
 shards:  ## the main job: all stages on the embedded offline demo (local HTTP images, tiny encoders)
 	$(PYTHON) -m prep.demo --out $(DEMO_OUT)
+
+.PHONY: train
+train:  ## `make shards` if its output is missing, then the demo training pipeline (runs/demo: checkpoints, samples/)
+	@test -f $(DEMO_OUT)/tarfiles_merged/manifest.json || $(MAKE) shards
+	PREP_DEMO_OUT=$(DEMO_OUT) $(PYTHON) -m prep.cli pipeline run configs/pipelines/demo.yaml --checkpoint-dir runs/demo
 
 bench:  ## every benchmark with its peers (run `make install-bench` once first)
 	$(BENCH_VENV)/bin/python -m bench

@@ -56,7 +56,7 @@ def _lightning(workers: int):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_lightning_resumes_mid_epoch_on_the_exact_next_batch(data, tmp_path, workers):
-    L, Model, trainer = _lightning(workers)
+    _, Model, trainer = _lightning(workers)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     full: list[str] = []

@@ -223,7 +223,8 @@ def test_reduced_demo_runs_end_to_end_and_resumes(shards, tmp_path, monkeypatch)
         sizes[name.split("-")[1]] = img.size
     assert sizes == {"vae_32px": (4 * 32, 2 * 32), "vae_64px": (4 * 32, 2 * 32), "flow": (2 * 32, 32)}
     # 16 samples / 4 = 4 batches: step 0 ends at 5, step 1 at 9; flow samples after its 3rd and at its end
-    assert sorted(n for n in pngs if "-flow-" in n) == ["02-flow-0000012-flow.png", "02-flow-0000013-flow.png"]
+    flow = sorted(n for n in pngs if "-flow-" in n)
+    assert flow == ["02-flow-0000012-flow.png", "02-flow-0000013-flow.png"]
     # stopped twice (inside step 1, inside the flow step) and resumed: the same weights, the same pictures
     for stop in (3, 8, None):  # stops at global batches 3 and 11
         _run(["pipeline", "run", str(DEMO), "--checkpoint-dir", str(split), "--quiet", *sets,
@@ -238,3 +239,15 @@ def test_reduced_demo_runs_end_to_end_and_resumes(shards, tmp_path, monkeypatch)
     for name, p in pngs.items():
         assert (split / "samples" / name).read_bytes() == p.read_bytes(), name
     assert np.asarray(Image.open(pngs[max(n for n in pngs if "-flow-" in n)])).std() > 0
+
+
+@pytest.mark.slow
+def test_example_with_custom_trainers_runs_the_demo(shards, tmp_path, monkeypatch):
+    """examples/train_pipeline.py: the --entry path over the same YAML, with its own trainers."""
+    monkeypatch.setenv("PREP_DEMO_OUT", str(shards.parent))
+    monkeypatch.syspath_prepend(str(DEMO.parents[2] / "examples"))
+    sets = [x for s in REDUCE for x in ("--set", s)]
+    _run(["pipeline", "run", str(DEMO), "--entry", "train_pipeline:build", "--checkpoint-dir", str(tmp_path),
+          "--quiet", *sets])
+    assert len(list(tmp_path.glob("step-*.pt"))) == 3
+    assert not (tmp_path / "samples").exists()  # its trainers have no sample()

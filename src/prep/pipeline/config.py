@@ -107,7 +107,7 @@ class WebDatasetConfig(_DatasetBase):
 class PrepDatasetConfig(_DatasetBase):
     type: Literal["prep"]
     path: str = Field(description="a prep shard folder, or its manifest.json")
-    fields: Annotated[list[str], Field(min_length=1)] = Field(  # type: ignore[assignment]
+    fields: Annotated[list[str], Field(min_length=1)] | None = Field(
         None, description="member extensions to read (`jpg|png`: whichever exists); default: all"
     )
 

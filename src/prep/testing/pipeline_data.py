@@ -113,7 +113,9 @@ def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------- precached demo shards
-def precached_shards(root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32) -> Path:
+def precached_shards(
+    root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32
+) -> Path:
     """A small `make shards` result without the HTTP and download stages: tiny models in `root/models`,
     and in `root/tarfiles_merged` shards 000000.tar... of `size` px JPEGs + captions with the
     precached `vae.npy` (moments) and `clip.npy` (+ mask) members, `.idx` files and a manifest: what
