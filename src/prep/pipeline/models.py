@@ -32,10 +32,10 @@ def build_model(cfg: PipelineConfig, name: str) -> torch.nn.Module:
     """Module `name` of `models:`."""
     from prep.encoders.models import load_model
 
+    from prep.encoders.spec import model_kind
+
     spec: ModelConfig = cfg.models[name]  # type: ignore[index]
-    if spec.pretrained is None and spec.config is None and ":" in spec.class_ and spec.class_.split(":")[
-        0
-    ] in ("diffusers", "transformers"):
+    if spec.pretrained is None and spec.config is None and model_kind(spec.class_) in ("vae", "hf_text"):
         raise PrepError(
             f"{cfg.dotted(('models', name))}: {spec.class_} needs `pretrained` or `config`",
             _where(cfg, name),
