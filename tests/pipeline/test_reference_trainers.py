@@ -251,3 +251,22 @@ def test_example_with_custom_trainers_runs_the_demo(shards, tmp_path, monkeypatc
           "--quiet", *sets])
     assert len(list(tmp_path.glob("step-*.pt"))) == 3
     assert not (tmp_path / "samples").exists()  # its trainers have no sample()
+
+
+def test_run_without_entry_names_what_is_missing():
+    from prep.pipeline.trainers import build_trainers
+
+    cfg = _cfg({"disc": {"class": "prep.pipeline.trainers:PatchDiscriminator"}})
+    with pytest.raises(PrepError, match=r"the vae trainer needs module\(s\) 'vae'"):
+        build_trainers(cfg, build_models(cfg))
+    disc = {"disc": {"class": "prep.pipeline.trainers:PatchDiscriminator"}}
+    mine = parse_pipeline_config({**NO_DATA, "models": disc,
+                                  "steps": [{"name": "s", "n_epochs": 1, "train": ["mine"]}]})
+    with pytest.raises(PrepError, match=r"no reference trainer for 'mine'.*--entry"):
+        build_trainers(mine, {})
+    bad = _cfg({"vae": {"class": "diffusers:AutoencoderKL", "config": TINY_VAE}},
+               trainer_options={"vae": {"loss": "l3", "kl_wieght": 1}})
+    with pytest.raises(PrepErrorGroup) as err:
+        build_trainers(bad, build_models(bad))
+    assert {e.what.split(":")[0] for e in err.value.errors} == {"trainer_options.vae.loss",
+                                                               "trainer_options.vae.kl_wieght"}
