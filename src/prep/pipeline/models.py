@@ -31,7 +31,6 @@ def _where(cfg: PipelineConfig, name: str) -> str:
 def build_model(cfg: PipelineConfig, name: str) -> torch.nn.Module:
     """Module `name` of `models:`."""
     from prep.encoders.models import load_model
-
     from prep.encoders.spec import model_kind
 
     spec: ModelConfig = cfg.models[name]  # type: ignore[index]

@@ -4,13 +4,14 @@ Per step: build the step's loader (prep.loaders: O(1) exact resume) and call `se
 freeze / unfreeze modules; build `torch.optim` optimizers over the named modules' trainable parameters
 and schedulers (`auto` = the step's length in optimizer steps); wrap trained modules in DDP under
 torchrun; train with the step's trainers; keep moving averages of every metric; validate on its
-cadence (or after every train chunk); check the transition rule on its cadence; checkpoint; at the
-end free the step's optimizers and record why the step ended.
+cadence (or after every train chunk); check the transition rule on its cadence; checkpoint; write the
+trainers' sample pictures (every `sample_every` and at the end); at the end free the step's optimizers
+and record why the step ended.
 
 A trainer is any object with `train_step(batch, ctx) -> dict[str, float | Tensor]` and optionally
-`val_step(batch, ctx)`, `metrics`, `state_dict()` / `load_state_dict()`. It calls `ctx.backward(loss)`;
-optimizers step on their own at accumulation boundaries unless the trainer steps them itself with
-`ctx.optimizer_step(name)` (a GAN's two optimizers, say).
+`val_step(batch, ctx)`, `metrics`, `state_dict()` / `load_state_dict()`, `sample(ctx)`. It calls
+`ctx.backward(loss)`; optimizers step on their own at accumulation boundaries unless the trainer steps
+them itself with `ctx.optimizer_step(name)` (a GAN's two optimizers, say).
 
 Exactness: a checkpoint holds every state that decides the next batch (modules, optimizers,
 schedulers, scaler, EMA, trainers, RNGs of every rank, loader cursors, metric windows, patience
