@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: install install-bench test test-fast lint shards bench clean
+.PHONY: install install-bench test test-fast lint docs shards bench clean
 
 install:  ## torch first (pinned: a looser spec would pull a CUDA build), then prep with every extra + dev tools
 	$(PIP) install "torch==$(TORCH_VERSION)"
@@ -13,12 +13,7 @@ install:  ## torch first (pinned: a looser spec would pull a CUDA build), then p
 
 BENCH_VENV ?= .bench-venv
 
-install-.PHONY: train
-train:  ## `make shards` if its output is missing, then the demo training pipeline (runs/demo: checkpoints, samples/)
-	@test -f $(DEMO_OUT)/tarfiles_merged/manifest.json || $(MAKE) shards
-	PREP_DEMO_OUT=$(DEMO_OUT) $(PYTHON) -m prep.cli pipeline run configs/pipelines/demo.yaml --checkpoint-dir runs/demo
-
-bench:  ## the benchmarks' peers in their own venv (they pin older numpy/transformers), torch kept pinned
+install-bench:  ## the benchmarks' peers in their own venv (they pin older numpy/transformers), torch kept pinned
 	$(PYTHON) -m venv --system-site-packages $(BENCH_VENV)
 	printf 'torch==%s\n' "$(TORCH_VERSION)" > .torch-constraint.txt
 	$(BENCH_VENV)/bin/python -m pip install -c .torch-constraint.txt -e ".[all,bench]"
@@ -34,6 +29,9 @@ lint:  ## ruff, the layer contract (import-linter, see [tool.importlinter]) and 
 	lint-imports
 	$(PYTHON) -m mypy
 
+docs:  ## the documentation site into site/ (mkdocs + mkdocstrings); any warning fails the build
+	$(PYTHON) -m mkdocs build --strict
+
 shards:  ## the main job: all stages on the embedded offline demo (local HTTP images, tiny encoders)
 	$(PYTHON) -m prep.demo --out $(DEMO_OUT)
 
@@ -46,4 +44,4 @@ bench:  ## every benchmark with its peers (run `make install-bench` once first)
 	$(BENCH_VENV)/bin/python -m bench
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .torch-constraint.txt
+	rm -rf $(DEMO_OUT) site .pytest_cache .ruff_cache .torch-constraint.txt

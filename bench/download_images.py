@@ -25,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _report import Measure, record  # bench/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -126,6 +128,12 @@ def main() -> None:
     print(f"ratio prep / img2dataset: {rate['prep'] / rate['img2dataset']:.3f} (target >= 0.95)")
     paired = [(counts["prep"] / p) / (counts["img2dataset"] / i)
               for p, i in zip(times["prep"], times["img2dataset"], strict=True)]
+    record("download_images", "Downloading images: prep download_images vs img2dataset.download",
+           f"{a.images} URLs on 127.0.0.1, {a.size}x{a.size} JPEG (~{nbytes / 1024:.0f} KiB), "
+           f"{a.processes} processes x {a.threads} threads, {a.per_shard} per shard, {a.repeats} runs each",
+           [Measure("download a part", who, "images/s", [counts[who] / t for t in times[who]], True)
+            for who in ("prep", "img2dataset")],
+           [f"paired ratios prep / img2dataset: {', '.join(f'{r:.3f}' for r in paired)} (target >= 0.95)"])
     print(f"paired ratios (each repeat's two runs are back to back, so load drift cancels): "
           f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
 

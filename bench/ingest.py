@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import Measure, record  # bench/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -117,6 +119,12 @@ def main() -> None:
                   f"{', '.join(f'{v:.1f}' for v in values)})")
         print(f"prep / img2dataset (re-encoding), per pair: median {statistics.median(ratios):.2f} "
               f"({', '.join(f'{x:.2f}' for x in ratios)})")
+        record("ingest", "Local images into tars: prep ingest_local vs img2dataset on file:// URLs",
+               f"{a.images} images of {a.size}x{a.size} ({mb:.0f} MB), {a.processes} processes, "
+               f"{a.repeats} runs each",
+               [Measure("ingest a folder", name, "images/s", values, True) for name, values in rates.items()],
+               ["img2dataset decodes and re-encodes every image; img2dataset_copy copies the bytes unchecked "
+                "(disable_all_reencoding, the floor); prep keeps the bytes after a full decode check"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

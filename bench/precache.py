@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import Measure, record  # bench/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -208,6 +210,8 @@ def main() -> None:
         f"dtype={args.dtype}, batch={args.batch_size}, workers={args.num_workers}; data: {args.images} JPEGs "
         f"in shards of {args.per_shard}; medians of {args.repeats}"
     )
+    measures: list[Measure] = []
+    sizes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="prep-bench-precache-") as tmp:
         vae_dir = write_vae(Path(tmp) / "vae", args.sd_size)
         for res in args.resolution:
@@ -241,11 +245,20 @@ def main() -> None:
                 pipes.append(pipe_once())
             bare, piped = statistics.median(bares), statistics.median(p[0] for p in pipes)
             util = sorted(pipes)[len(pipes) // 2][1]
+            task = f"VAE encode, {res} px"
+            measures += [Measure(task, "prep", "images/s", [q[0] for q in pipes], True),
+                         Measure(task, "bare model forward (pre-decoded)", "images/s", bares, True)]
+            sizes.append(f"{res} px: {mb:.1f} MB of JPEG")
             print(
                 f"{res:>4} px ({mb:.1f} MB of JPEG): peer = bare model forward on pre-decoded tensors "
                 f"{bare:8.1f} img/s | prep pipeline {piped:8.1f} img/s | ratio {piped / bare:.2f} "
                 f"(target >= 0.9) | GPU util {util}"
             )
+    record("precache", "precache_encodings: the whole pipeline vs the bare model on pre-decoded tensors",
+           f"{args.images} JPEGs in shards of {args.per_shard} ({'; '.join(sizes)}), AutoencoderKL "
+           f"{'SD-size' if args.sd_size else 'reduced-width'} (random weights), {args.dtype}, batch "
+           f"{args.batch_size}, device {args.device} ({gpu}); {args.repeats} runs each", measures,
+           ["target: the pipeline >= 0.9 of the bare model"])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from prep.formats.tar_write import write_shard
 from prep.stages import STAGE_ORDER
 
 runner = CliRunner()
-COMMANDS = ["run", "stages", "verify", "inspect", "config"]
+COMMANDS = ["run", "stages", "verify", "inspect", "report", "keys", "config"]
 ONLY_WDINFO = [a for s in STAGE_ORDER if s != "generate_wdinfo" for a in ("--set", f"{s}.enable=false")]
 
 
@@ -86,6 +86,25 @@ def test_inspect_prints_samples_and_captions(tmp_path: Path) -> None:
     write_shard(weird, [("[bold]x[/bold]", {"txt": b"[red]caption[/red]"})])
     shown = runner.invoke(app, ["inspect", str(weird)], terminal_width=250).output
     assert "[bold]x[/bold]" in shown and "[red]caption[/red]" in shown, "keys and captions are not markup"
+
+
+def test_inspect_a_folder_prints_its_shard_table(tmp_path: Path) -> None:
+    shards(tmp_path, 3)
+    (tmp_path / "sub").mkdir()
+    write_shard(tmp_path / "sub" / "x.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2", "txt": b"t"})])
+    runner.invoke(app, ["run", "generate_wdinfo", "--set", f"generate_wdinfo.input_dir={tmp_path}", "-q"])
+    (tmp_path / "shard-1.tar.idx").unlink()
+    result = runner.invoke(app, ["inspect", str(tmp_path)], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in result.output.splitlines() if line.count("│") == 6}
+    size = (tmp_path / "shard-0.tar").stat().st_size
+    assert rows["shard-0.tar"] == ["3", f"{size:,}", "jpg, txt", "yes"]
+    assert rows["shard-1.tar"][3] == "missing"
+    assert rows["sub/x.tar"][:1] + rows["sub/x.tar"][2:] == ["2", "jpg, txt (1)", "yes"]
+    assert "4 shards" in result.output and "11 samples" in result.output
+    one = runner.invoke(app, ["inspect", str(tmp_path), "-n", "1"], terminal_width=250)
+    assert "3 more shards" in one.output and "shard-1.tar" not in one.output
 
 
 def test_run_json_summary_parses(tmp_path: Path) -> None:
@@ -221,6 +240,34 @@ def test_keys_lists_every_config_field_with_its_description():
         assert field.description.split()[0] in result.output
     bad = CliRunner().invoke(app, ["keys", "no_such_stage"])
     assert bad.exit_code == 1 and "unknown stage" in bad.output
+
+
+def test_keys_at_80_columns_cut_nothing():
+    from prep.stages import get_stage
+    from prep.stages.base import key_docs
+
+    result = CliRunner().invoke(app, ["keys"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "pydantic" not in result.output
+    lines = {line.strip() for line in result.output.splitlines()}
+    for name in STAGE_ORDER:
+        for k in key_docs(get_stage(name).Config):
+            assert f"{name}.{k.key}  {k.type} = {k.default}" in lines, (name, k.key)
+    assert "download_parquet.hf_token  SecretStr | None = None" in lines
+
+
+@pytest.mark.parametrize("stage", STAGE_ORDER)
+def test_run_stage_help_lists_that_stages_keys(stage: str):
+    from prep.stages import get_stage
+
+    result = CliRunner().invoke(app, ["run", stage, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert f"prep keys {stage}" in flat
+    for key in get_stage(stage).Config.model_fields:
+        assert key in flat
+    generic = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "80"})
+    assert "prep keys STAGE" in " ".join(generic.output.split())
 
 
 @pytest.mark.slow  # real img2dataset

@@ -64,6 +64,25 @@ def test_demo_runs_all_six_stages_and_a_rerun_skips_with_identical_bytes(tmp_pat
     before = {name: _digests(out / name) for name in stages_out}
     assert all(before.values())
 
+    report = json.loads((out / "report" / "report.json").read_text())["charts"]  # `make shards` ends with it
+    assert {"shards", "downloads", "timings", "captions", "image_sizes", "aspect", "latents"} <= set(report)
+    assert all((out / "report" / c["png"]).read_bytes()[:4] == b"\x89PNG" for c in report.values())
+    assert report["shards"]["data"]["samples"] == [s.samples for s in manifest.shards]
+    from prep.stages.download_images import reasons
+
+    downloads = report["downloads"]["data"]
+    for i, part in enumerate(downloads["parts"]):  # the numbers behind the chart are img2dataset's stats
+        stats = [json.loads(p.read_text()) for p in (out / "tarfiles_raw" / part).glob("*_stats.json")]
+        expected = {"success": sum(st["successes"] for st in stats)}
+        for st in stats:
+            for reason, n in reasons(st["status_dict"]).items():
+                expected[reason] = expected.get(reason, 0) + n
+        shown = {r: c[i] for r, c in downloads["reasons"].items() if c[i]}
+        assert shown == {r: n for r, n in expected.items() if n}
+    assert report["timings"]["data"]["stages"][-1] == "generate_wdinfo"
+
     second = _demo(out, port)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert {name: _digests(out / name) for name in before} == before
+    said = " ".join((second.stdout + second.stderr).split())
+    assert said.count("nothing to do") == 6 and "samples/s" not in said  # no work, no rates

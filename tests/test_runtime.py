@@ -49,7 +49,7 @@ def test_markers_skip_finished_tasks(tmp_path: Path) -> None:
     make_shards(tmp_path, 4)
     first = run(tmp_path)
     assert first.ok and first.finalized and [r.status for r in first.results] == ["done"] * 4
-    markers = sorted((tmp_path / ".prep/done/generate_wdinfo").iterdir())
+    markers = sorted((tmp_path / ".prep/done/generate_wdinfo").glob("*.json"))
     assert len(markers) == 4
     doc = json.loads(markers[0].read_text())
     out = doc["outputs"][str((tmp_path / "shard-000.tar.idx").resolve())]
@@ -60,6 +60,24 @@ def test_markers_skip_finished_tasks(tmp_path: Path) -> None:
     assert second.finalized
     forced = run(tmp_path, force=True)
     assert [r.status for r in forced.results] == ["done"] * 4
+
+
+def test_a_rerun_with_every_task_done_does_no_work_and_says_so(tmp_path: Path) -> None:
+    make_shards(tmp_path, 3)
+    run(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    again = run(tmp_path)
+    assert again.nothing_to_do and again.finalized and again.finalize_notes == []
+    assert manifest.stat().st_mtime_ns == stamp, "finalize ran again although nothing changed"
+    console = Console(record=True, width=200)
+    print_summary(again, console)
+    text = console.export_text()
+    assert "nothing to do" in text and "samples/s" not in text and "wrote" not in text
+    manifest.unlink()  # a file finalize wrote is gone: finalize runs again, the tasks stay skipped
+    repaired = run(tmp_path)
+    assert not repaired.nothing_to_do and manifest.exists()
+    assert {r.status for r in repaired.results} == {"skipped"} and repaired.finalize_notes
 
 
 def test_changed_input_or_damaged_output_reruns(tmp_path: Path) -> None:
@@ -236,7 +254,7 @@ def test_errors_survive_process_pools() -> None:
 def test_corrupt_or_foreign_markers_mean_rerun(tmp_path: Path) -> None:
     make_shards(tmp_path, 3)
     run(tmp_path)
-    markers = sorted((tmp_path / ".prep/done/generate_wdinfo").iterdir())
+    markers = sorted((tmp_path / ".prep/done/generate_wdinfo").glob("*.json"))
     markers[0].write_text("[1, 2]")
     doc = json.loads(markers[1].read_text())
     del doc["result"]

@@ -74,7 +74,8 @@ def test_stale_index_missing_index_and_truncation(folder: Path) -> None:
     (folder / "shard-2.tar").write_bytes(data[: len(data) - 10240])  # lost its last record
     found = problems(folder)
     assert found["shard-0.tar"][0].startswith(".idx offset 4 is ")
-    assert found["shard-1.tar"] == [".idx is missing"]
+    assert found["shard-1.tar"] == [f".idx is missing: write the indexes with prep run generate_wdinfo --set "
+                                    f"generate_wdinfo.input_dir={folder}"]
     assert any("bytes" in p for p in found["shard-2.tar"])
 
 
@@ -104,7 +105,8 @@ def test_without_manifest_checks_indexes_only(folder: Path) -> None:
     (folder / "manifest.json").unlink()
     assert problems(folder) == {}
     (folder / "shard-1.tar.idx").unlink()
-    assert problems(folder) == {"shard-1.tar": [".idx is missing"]}
+    fix = f"prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"
+    assert problems(folder) == {"shard-1.tar": [f".idx is missing: write the indexes with {fix}"]}
 
 
 def test_stale_loader_metadata_is_caught(folder: Path) -> None:

@@ -10,9 +10,12 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -68,7 +71,28 @@ def stages_cmd() -> None:
     out_console.print(table)
 
 
-@app.command("run")
+class _RunCommand(typer.core.TyperCommand):
+    """`prep run STAGE --help` ends with that stage's keys (the generic help alone would not say them)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
+        ctx.meta["prep_run_args"] = list(args)  # --help is handled while parsing, before `stage` is set
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        from prep.stages import STAGE_ORDER, get_stage
+        from prep.stages.base import key_docs
+
+        stage = next((a for a in ctx.meta.get("prep_run_args", []) if a in STAGE_ORDER), None)
+        if stage is not None:
+            keys = ", ".join(k.key for k in key_docs(get_stage(stage).Config))
+            out_console.print(f"{stage} keys (set with --set {stage}.KEY=VALUE or in the config's "
+                              f"{stage}: section): {keys}.\nTypes, defaults and what each does: "
+                              f"prep keys {stage}", highlight=False, markup=False)
+
+
+@app.command("run", cls=_RunCommand,
+             epilog="Every key of a stage, with its type, default and what it does: prep keys STAGE")
 def run_cmd(
     stage: str = typer.Argument(..., help="a stage name (see `prep stages`) or `all` for every enabled stage "
                                 "in order"),
@@ -186,13 +210,17 @@ def verify_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    shard: Path = typer.Argument(..., help="a .tar shard"),
-    limit: int = typer.Option(10, "--limit", "-n", help="samples to show (0 = all)"),
+    shard: Path = typer.Argument(..., help="a .tar shard, or a shard folder (one line per shard)"),
+    limit: int = typer.Option(10, "--limit", "-n", help="samples (or shards, for a folder) to show; 0 = all"),
 ) -> None:
     """Print a shard's samples: key, members with sizes and offsets, and the caption when there is one.
-    A damaged shard shows the samples before the damage, then the error (exit 1)."""
+    A damaged shard shows the samples before the damage, then the error (exit 1). A folder prints its
+    shard table: samples, bytes, member types and whether the .idx is there."""
     from prep.formats.tar import read_member, scan_tar
 
+    if shard.is_dir():
+        _inspect_folder(shard, limit)
+        return
     try:
         scan = scan_tar(shard, tolerate_damage=True)
         if scan.error is not None and not scan.samples:
@@ -224,14 +252,73 @@ def inspect_cmd(
         raise typer.Exit(1)
 
 
+def _inspect_folder(folder: Path, limit: int) -> None:
+    """One row per shard, from a header walk of each shown shard (no member is read)."""
+    from prep.formats.index import index_path
+    from prep.formats.tar import scan_tar, shard_files
+
+    tars = shard_files(folder)
+    if not tars:
+        _fail(PrepError("no .tar shards found", str(folder), "point prep inspect at a shard or shard folder"))
+    shown = tars if limit == 0 else tars[:limit]
+    table = Table(title=Text(f"{folder} — {len(tars):,} shards"), header_style="bold")
+    table.add_column("shard")
+    table.add_column("samples", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("members")
+    table.add_column(".idx")
+    damaged = []
+    total = 0
+    for tar in shown:
+        scan = scan_tar(tar, tolerate_damage=True)
+        exts: dict[str, int] = {}
+        for sample in scan.samples:
+            for ext in sample.members:
+                exts[ext] = exts.get(ext, 0) + 1
+        total += len(scan.samples)
+        rel = tar.relative_to(folder).as_posix()
+        if scan.error is not None:
+            damaged.append(f"{rel}: {scan.error.line()}")
+        members = ", ".join(ext if n == len(scan.samples) else f"{ext} ({n})"
+                            for ext, n in sorted(exts.items()))
+        table.add_row(Text(rel), f"{len(scan.samples):,}", f"{tar.stat().st_size:,}", Text(members),
+                      "yes" if index_path(tar).exists() else "missing")
+    out_console.print(table)
+    more = f"; {len(tars) - len(shown):,} more shards (--limit 0 shows all)" if len(shown) < len(tars) else ""
+    out_console.print(f"{total:,} samples in the {len(shown):,} shards shown{more}. "
+                      f"One shard's samples: prep inspect {shown[0]}", highlight=False, markup=False)
+    for line in damaged:
+        _print_error(line)
+    if damaged:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(
+    folder: Path = typer.Argument(..., help="a run folder (dataset_output_root) or a shard folder"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="where the page goes (default: FOLDER/report)"),
+) -> None:
+    """Write an HTML page with charts (PNG) of a run or shard folder: samples and bytes per shard, download
+    outcomes by reason, caption and image size histograms, stage timings, latent statistics."""
+    from prep.report import write_report
+
+    try:
+        page = write_report(folder, out)
+    except PrepError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+    err_console.print(f"wrote {page} (the numbers behind each chart: {page.parent / 'report.json'})",
+                      highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("keys")
 def keys_cmd(
     stage: str | None = typer.Argument(None, help="a stage name; all stages when left out"),
 ) -> None:
     """List every config key of a stage (or of all stages): type, default and what it does."""
-    from typing import get_args
-
     from prep.stages import STAGE_ORDER, get_stage
+    from prep.stages.base import key_docs
 
     try:
         names = [stage] if stage else list(STAGE_ORDER)
@@ -240,20 +327,14 @@ def keys_cmd(
         if _state["debug"]:
             raise
         _fail(err)
-    for name, mod in modules:
-        table = Table(title=f"{name}: {mod.TITLE}", header_style="bold", title_justify="left")
-        table.add_column("key", no_wrap=True)
-        table.add_column("type")
-        table.add_column("default")
-        table.add_column("what it does")
-        for key, field in mod.Config.model_fields.items():
-            default = ("required" if field.is_required()
-                       else repr(field.get_default(call_default_factory=True)))
-            ann = field.annotation
-            kind = ann.__name__ if isinstance(ann, type) and not get_args(ann) else str(ann)
-            kind = kind.replace("typing.", "").replace("pathlib.", "")
-            table.add_row(key, Text(kind), Text(default[:40]), Text(field.description or ""))
-        out_console.print(table)
+    for name, mod in modules:  # one block per key: nothing is cut, whatever the terminal's width
+        out_console.print(Text(f"{name}: {mod.TITLE}", style="bold"), soft_wrap=True)
+        for k in key_docs(mod.Config):
+            out_console.print(Text("  ") + Text(f"{name}.{k.key}", style="bold cyan")
+                              + Text(f"  {k.type} = {k.default}"), soft_wrap=True, highlight=False)
+            if k.description:
+                out_console.print(Padding(Text(k.description), (0, 0, 0, 6)), highlight=False)
+        out_console.print()
 
 
 @app.command("config")

@@ -3,7 +3,8 @@
 It serves generated images on a loopback HTTP server (a few URLs fail on purpose: 404s, a corrupt
 image, redirects), writes a LAION-style parquet table of their URLs and captions, saves tiny randomly
 initialised encoders (a real AutoencoderKL and CLIPTextModel), then runs `prep run all` with
-`configs/demo.yaml` — every stage but ingest_local — and `prep verify` on the result.
+`configs/demo.yaml` — every stage but ingest_local — then `prep verify` on the result and `prep report`
+on the run folder (`demo_out/report/index.html`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ def run(out: Path, good: int, config: Path, port: int) -> int:
     final = out / "tarfiles_merged"
     rc = subprocess.call([*prep, "verify", str(final)])
     if rc == 0:
+        rc = subprocess.call([*prep, "report", str(out)])
+    if rc == 0:
         print(f"\nshards, manifest.json, wdinfo.pkl and .nv-meta/ are in {final}")
-        print(f"try: prep inspect {final}/000000.tar")
+        print(f"the run's charts: {out / 'report' / 'index.html'}")
+        print(f"try: prep inspect {final}   (then a shard: prep inspect {final}/000000.tar)")
     return rc
 
 

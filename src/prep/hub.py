@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,31 @@ def _hub_error(err: Exception, what: str, where: str, token: str | None) -> Prep
                          "check the network, HF_ENDPOINT and the token, then re-run (finished files "
                          "are kept)")
     return PrepError(f"{what}: {type(err).__name__}: {first}", where,
-                     "check the network and HF_ENDPOINT, then re-run (finished files are kept)")
+                     f"check the network and HF_ENDPOINT, then re-run (finished files are kept); {LOCAL_FIX}")
+
+
+CONNECT_SECONDS = 5.0
+LOCAL_FIX = "for parquet files you already have, set download_parquet.source_path (the hub is then not used)"
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def require_reachable(where: str) -> None:
+    """Fail at once when the hub cannot be reached (offline, a wrong HF_ENDPOINT), instead of after the
+    client's retries (about 24 s). Behind a proxy the client's own connection decides."""
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise PrepError("HF_HUB_OFFLINE is set, so the hub cannot be listed", where,
+                        f"unset HF_HUB_OFFLINE, or {LOCAL_FIX}")
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return
+    url = urlsplit(endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise PrepError(f"cannot reach the hub at {endpoint()} ({err.strerror or err})", where,
+                        f"check the network and HF_ENDPOINT; {LOCAL_FIX}") from None
 
 
 def list_parquet(repo_id: str, revision: str, pattern: str, token: str | None) -> list[RemoteFile]:
@@ -75,8 +100,9 @@ def list_parquet(repo_id: str, revision: str, pattern: str, token: str | None) -
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
-    api = HfApi(endpoint=endpoint(), token=token)
     where = f"hub dataset {repo_id}@{revision}"
+    require_reachable(where)
+    api = HfApi(endpoint=endpoint(), token=token)
     try:
         entries = list(api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True))
     except Exception as err:  # HTTP errors, and the transport's own (its HTTP client varies by version)

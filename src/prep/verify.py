@@ -16,6 +16,8 @@ from prep.formats.index import index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, read_manifest
 from prep.formats.tar import scan_tar, shard_files
 
+MISSING_INDEX = ".idx is missing"
+
 
 @dataclass
 class ShardCheck:
@@ -47,7 +49,7 @@ def check_shard(tar: Path, expected: tuple[int, int, str] | None) -> ShardCheck:
         except PrepError as err:
             problems.append(err.what)
     else:
-        problems.append(".idx is missing")
+        problems.append(MISSING_INDEX)
     if expected is not None:
         samples, size, checksum = expected
         if len(scan.samples) != samples:
@@ -115,6 +117,8 @@ def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) ->
     for rel in sorted(set(on_disk) | set(expected)):
         path = on_disk.get(rel, folder / rel)
         c = check_shard(path, expected.get(rel))
+        c.problems = [f"{p}: write the indexes with prep run generate_wdinfo --set "
+                      f"generate_wdinfo.input_dir={folder}" if p == MISSING_INDEX else p for p in c.problems]
         if has_manifest and rel not in expected:
             c.problems.append("not listed in manifest.json")
         checks.append(c)

@@ -191,6 +191,39 @@ def killed_then_resumed(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_img2dataset_progress_bars_stay_out_of_prep_output(tmp_path, capfd):
+    inp = tmp_path / "parquet"
+    inp.mkdir()
+    with serve_images(slow_seconds=0) as srv:
+        rows = [(srv.good(16, 16, i), f"good {i}") for i in range(3)] + [(srv.missing(0), "gone")]
+        pq.write_table(url_table(rows), inp / "p.part0.parquet")
+        cfg = load_config(None, _settings(tmp_path, inp))
+        run = run_stage("download_images", cfg, RunOptions(quiet=True))
+    assert run.ok and run.counts()["samples_out"] == 3
+    out, err = capfd.readouterr()
+    assert not di._BAR.search(out + err), f"a tqdm bar reached prep's output: {err!r}"
+    log = (tmp_path / "tarfiles_raw" / ".prep" / "img2dataset" / "p.part0.log").read_text()
+    assert di._BAR.search(log), "the bar goes to img2dataset's log"
+
+
+@pytest.mark.slow
+def test_summary_names_each_failure_once(killed_then_resumed):
+    from rich.console import Console
+
+    from prep.runtime.summary import print_summary
+
+    run = killed_then_resumed["run"]
+    console = Console(record=True, width=200)
+    print_summary(run, console)
+    text = console.export_text()
+    doc = run.to_json()
+    assert not [k for k in doc["counts"] if k.startswith("failed")], "img2dataset's buckets repeat reasons"
+    for reason, n in EXPECTED_FAILS.items():
+        assert text.count(reason) == 1, f"{reason} is listed {text.count(reason)} times"
+        assert f"dropped: {reason}" in text and f"{n:,} ({100 * n / 24:.1f}%)" in text
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_with_exact_counts_and_no_duplicates(killed_then_resumed):
     k = killed_then_resumed
     doc = k["run"].to_json()

@@ -117,6 +117,27 @@ def test_private_repo_without_token_is_one_clear_error(hub, tmp_path):
     assert all("authorization" not in r.headers for r in hub.requests)
 
 
+@pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
+def test_offline_fails_at_once_and_names_source_path(tmp_path, monkeypatch, capfd, how):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(None, _sets(tmp_path))
+    with pytest.raises(PrepError) as err:
+        run_stage("download_parquet", cfg, RunOptions(quiet=True))
+    assert "download_parquet.source_path" in err.value.line()
+    assert ("cannot reach the hub" if how == "unreachable" else "HF_HUB_OFFLINE") in err.value.line()
+    out, errs = capfd.readouterr()
+    assert "Retrying" not in out + errs, "the hub client's retries ran before the error"
+
+
 def test_pattern_matching_nothing_and_missing_columns_name_what_exists(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     cfg = load_config(None, _sets(tmp_path, "download_parquet.parquet_pattern=*.arrow"))

@@ -225,6 +225,35 @@ def test_rerun_skips_every_shard(encoded: tuple) -> None:
     assert again.ok and {r.status for r in again.results} == {"skipped"}
     assert {p: p.read_bytes() for p in before} == before
     assert not [p for p in (tmp / "out" / "part").iterdir() if p.name.startswith(".")]  # no spool/temp left
+    assert again.nothing_to_do
+
+
+def test_model_loading_draws_no_progress_bars(tmp_path: Path, models: Path, capfd) -> None:
+    make_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    cfg = config(tmp_path, models, [vae(models), clip(models)])
+    from prep.stages.precache_encodings import _LOADED
+
+    _LOADED.clear()  # load the models in this test
+    assert run_stage(STAGE, cfg, RunOptions(quiet=True)).ok
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s]" not in err, err
+
+
+def test_rerun_with_every_shard_done_loads_no_model(tmp_path: Path, models: Path) -> None:
+    """The encoder checks import the model classes (seconds): a re-run with nothing to do skips them, so
+    even a model folder removed since does not stop it."""
+    make_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    local = tmp_path / "models"
+    local.symlink_to(models, target_is_directory=True)
+    cfg = config(tmp_path, local, [vae(local)])
+    assert run_stage(STAGE, cfg, RunOptions(quiet=True)).ok
+    local.unlink()
+    again = run_stage(STAGE, cfg, RunOptions(quiet=True))
+    assert again.ok and again.nothing_to_do
+    with pytest.raises(PrepErrorGroup, match="does not exist"):  # with work to do, the checks run
+        run_stage(STAGE, cfg, RunOptions(quiet=True, force=True))
+    with pytest.raises(PrepErrorGroup, match="does not exist"):  # a dry run checks the whole config
+        run_stage(STAGE, cfg, RunOptions(quiet=True, dry_run=True))
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
@@ -408,9 +409,21 @@ def _finish(model: Any, cfg: EncoderConfig, device: torch.device) -> Any:
     return model
 
 
+def quiet_library_progress() -> None:
+    """Switch off the progress bars diffusers, transformers and the hub draw while loading ("Loading
+    weights 36/36"): they would cut through prep's own progress. Their warnings and errors still show."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    for name in ("diffusers", "transformers"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
+
+
 def load_encoder(cfg: EncoderConfig, device: torch.device, seed: int = 0) -> Encoder:
     """Load one configured encoder with from_pretrained (or the user's callable) onto `device`."""
     where = where_of(cfg)
+    quiet_library_progress()
     try:
         if cfg.kind == "open_clip":
             return _load_open_clip(cfg, device)

@@ -11,6 +11,14 @@ from prep.loaders.dataloader import DataLoader
 from prep.loaders.io.collate import collate_samples
 from prep.loaders.io.decode import Decoder
 from prep.loaders.io.images import jpeg_backend
+from prep.loaders.latents import (
+    LatentScaling,
+    LatentTransform,
+    sample_moments,
+    scale_latents,
+    split_moments,
+    unscale_latents,
+)
 from prep.loaders.leaves.local import LocalDataset
 from prep.loaders.leaves.sequence import SequenceDataset
 from prep.loaders.leaves.shard import ShardDataset
@@ -20,3 +28,5 @@ __all__ += ["Decoder", "LocalDataset", "ShardDataset", "collate_samples", "jpeg_
 __all__ += ["BlendDataset", "ChunkPlan", "ChunkedDataLoader", "ChunkedSampler", "ConcatDataset",
             "EpochizeDataset", "MapDataset", "MixBatchDataset", "SequenceDataset", "Source", "concat_pad",
             "homogeneous_concat_mix", "resolve_chunk_config"]
+__all__ += ["LatentScaling", "LatentTransform", "sample_moments", "scale_latents", "split_moments",
+            "unscale_latents"]

@@ -47,10 +47,13 @@ class _PlanSampler(tud.Sampler):
 
     def __iter__(self) -> Iterator[tuple[BatchDesc, ...]]:
         """Groups of up to `batches_per_fetch` consecutive batches: one worker round trip carries them
-        all, which divides torch's per-request overhead in the main process."""
+        all, which divides torch's per-request overhead in the main process. Each worker's first
+        request of an iteration carries one batch, so the first batches arrive as soon as one batch is
+        loaded (fresh start and resume alike)."""
         loader = self.loader
         root = loader.dataset
         group: list[BatchDesc] = []
+        singles = loader.num_workers  # requests left that carry one batch
         while True:
             try:
                 desc = root.next_batch()
@@ -63,7 +66,8 @@ class _PlanSampler(tud.Sampler):
             loader._pending.append(copy.deepcopy(root.state_dict()))
             loader._left = loader._pending[-1]
             group.append(desc)
-            if len(group) == loader.batches_per_fetch:
+            if len(group) == (1 if singles > 0 else loader.batches_per_fetch):
+                singles -= 1
                 yield tuple(group)
                 group = []
 
@@ -74,7 +78,8 @@ class _PlanSampler(tud.Sampler):
         n = self.loader.dataset.batches_per_epoch()
         if n is None:
             raise TypeError("this dataset has no fixed length")
-        return -(-n // self.loader.batches_per_fetch)
+        singles = min(n, self.loader.num_workers)
+        return singles + -(-(n - singles) // self.loader.batches_per_fetch)
 
 
 class WorkerError:

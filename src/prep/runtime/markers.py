@@ -67,3 +67,49 @@ def read_valid_marker(marker_dir: Path, task: Task, fingerprint: str, *,
         return None
     result.status = "skipped"
     return result
+
+
+
+FINALIZED = ".finalized"  # no `.json` suffix, so no task id can name it
+
+
+def folder_listing(places: list[Path]) -> dict[str, tuple[int, int]]:
+    """{path: (bytes, mtime_ns)} of the files directly in `places` (what finalize writes lives there:
+    manifest.json, wdinfo.pkl, ...), or of a place that is itself a file."""
+    out: dict[str, tuple[int, int]] = {}
+    for place in places:
+        try:
+            entries = [os.stat(place)] if os.path.isfile(place) else None
+            if entries is not None:
+                out[str(place)] = (entries[0].st_size, entries[0].st_mtime_ns)
+                continue
+            for e in os.scandir(place):
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out[e.path] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            continue
+    return out
+
+
+def finalize_digest(fingerprints: list[tuple[str, str]]) -> str:
+    """What a finalize depends on: every task of the whole plan and its fingerprint."""
+    return hashlib.sha256(json.dumps(sorted(fingerprints)).encode()).hexdigest()
+
+
+def write_finalized(marker_dir: Path, digest: str, before: dict[str, tuple[int, int]],
+                    after: dict[str, tuple[int, int]]) -> None:
+    """Record that finalize ran for this plan, and the files it wrote (new or changed between the two
+    listings). A later stage may rewrite them (generate_wdinfo extends a manifest): only their
+    presence is checked."""
+    wrote = sorted(p for p, st in after.items() if before.get(p) != st)
+    write_text_atomic(marker_dir / FINALIZED, json.dumps({"digest": digest, "wrote": wrote}, indent=1))
+
+
+def finalized_already(marker_dir: Path, digest: str) -> bool:
+    """True when finalize ran for exactly this plan and every file it wrote is still there."""
+    try:
+        doc = json.loads((marker_dir / FINALIZED).read_text("utf-8"))
+        return doc["digest"] == digest and all(os.path.isfile(p) for p in doc["wrote"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return False

@@ -7,6 +7,7 @@ Ray with `--runner ray`. Every task's outcome is recorded; a failure never hides
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing as mp
 import time
 import traceback
@@ -19,8 +20,16 @@ from typing import Any
 from rich.console import Console
 
 from prep.errors import PrepError
-from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name
-from prep.runtime.markers import describe_outputs, read_valid_marker, write_marker
+from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name, write_text_atomic
+from prep.runtime.markers import (
+    describe_outputs,
+    finalize_digest,
+    finalized_already,
+    folder_listing,
+    read_valid_marker,
+    write_finalized,
+    write_marker,
+)
 from prep.runtime.progress import task_progress
 from prep.stages import get_stage
 from prep.stages.base import RunOptions, Task, TaskResult, marker_dir, slice_tasks, torchrun_slice
@@ -38,6 +47,13 @@ class StageRun:
     waiting_for_other_slices: bool = False
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    finalize_skipped: bool = False  # finalize had run for this very plan and its files are unchanged
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Every task was done already and finalize had nothing to add: the run did no work."""
+        return bool(self.results) and all(r.status == "skipped" for r in self.results) and (
+            self.finalize_skipped or self.waiting_for_other_slices)
 
     @property
     def failed(self) -> list[TaskResult]:
@@ -75,7 +91,7 @@ class StageRun:
             "tasks_in_slice": len(self.results), "done": by_status["done"], "skipped": by_status["skipped"],
             "failed": by_status["failed"], "counts": self.counts(), "dropped": self.dropped(),
             "seconds": round(self.seconds, 3), "finalized": self.finalized,
-            "waiting_for_other_slices": self.waiting_for_other_slices,
+            "waiting_for_other_slices": self.waiting_for_other_slices, "nothing_to_do": self.nothing_to_do,
             "notes": [n for r in self.results for n in r.notes] + self.finalize_notes,
             "errors": [f"{r.task_id}: {r.error}" for r in self.failed] + self.errors,
         }
@@ -178,12 +194,14 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
     if stage.TORCHRUN_RANKS:  # each rank of a torchrun launch takes every WORLD_SIZE-th task of its slice
         mine = slice_tasks(mine, *torchrun_slice())
     run = StageRun(name, len(tasks))
+    prepare = getattr(stage, "prepare", None)  # optional costly checks: only with work, or a dry run
     if opts.dry_run:
+        if prepare is not None:  # a dry run is how a config is checked: check all of it
+            prepare(cfg, opts)
         run.results = [TaskResult(t.id, "planned", data={"payload": t.payload}) for t in mine]
         return run
     outputs = stage.output_dirs(cfg)
     markers = marker_dir(outputs[0], name)
-    check_output_folder(outputs[0], name)
     version = stage.VERSION
     results: dict[str, TaskResult] = {}
     todo: list[Task] = []
@@ -194,6 +212,9 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
             results[t.id] = prior
         else:
             todo.append(t)
+    if todo and prepare is not None:
+        prepare(cfg, opts)
+    check_output_folder(outputs[0], name)
     if todo:
         cfg_json = cfg.model_dump(mode="json")
         executor = make_executor(opts, len(todo))
@@ -212,6 +233,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         finally:
             executor.shutdown()
     run.results = [results[t.id] for t in mine]
+    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks])
     if run.ok:
         everything: list[TaskResult] = []
         for t in tasks:
@@ -219,16 +241,40 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
             if found is None:
                 break
             everything.append(found)
-        if len(everything) == len(tasks):
+        if len(everything) != len(tasks):
+            run.waiting_for_other_slices = True
+        elif not todo and finalized_already(markers, digest):
+            run.finalized = run.finalize_skipped = True
+        else:
+            before = folder_listing(outputs)
             try:
                 run.finalize_notes = stage.finalize(cfg, everything, opts)
                 run.finalized = True
+                write_finalized(markers, digest, before, folder_listing(outputs))
             except PrepError as err:
                 run.errors.append(err.line())
-        else:
-            run.waiting_for_other_slices = True
     if run.ok and not run.waiting_for_other_slices:  # the stage is complete: once, not in every slice
         for folder in outputs:  # temps of killed writers (markers, manifest, ...); live writers' stay
             remove_dead_temps(folder)
     run.seconds = time.perf_counter() - start
+    if not run.nothing_to_do:
+        write_summary(outputs[0], run, opts)
     return run
+
+
+SUMMARY_DIR = ".prep/summary"
+
+
+def summary_path(folder: Path, stage: str, opts: RunOptions) -> Path:
+    """Where a run's summary is kept: `<first output folder>/.prep/summary/<stage>.json` (one per slice
+    under Slurm arrays), read by `prep report` for stage timings and throughput."""
+    part = f".slice-{opts.task_index}-of-{opts.num_tasks}" if opts.num_tasks is not None else ""
+    return folder / SUMMARY_DIR / f"{stage}{part}.json"
+
+
+def write_summary(folder: Path, run: StageRun, opts: RunOptions) -> None:
+    doc = {**run.to_json(), "workers": opts.workers, "runner": opts.runner,
+           "task_seconds": round(sum(r.seconds for r in run.results if r.status == "done"), 3)}
+    path = summary_path(folder, run.stage, opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(doc, indent=1))

@@ -13,6 +13,11 @@ MAX_NOTES = 20
 
 def print_summary(run: StageRun, console: Console) -> None:
     doc = run.to_json()
+    if run.nothing_to_do:  # no counts or rates: they would describe work an earlier run did
+        n = doc["tasks_in_slice"]
+        console.print(f"prep run {run.stage}: nothing to do — all {n:,} task(s) were done already and "
+                      "their outputs are intact (--force redoes them)", highlight=False, markup=False)
+        return
     table = Table(title=f"prep run {run.stage}", show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -22,8 +27,10 @@ def print_summary(run: StageRun, console: Console) -> None:
                   f"{doc['done']} / {doc['skipped']} / {doc['failed']}")
     for k, v in sorted(doc["counts"].items()):
         table.add_row(k.replace("_", " "), f"{v:,}")
-    for reason, n in sorted(doc["dropped"].items()):
-        table.add_row(f"dropped: {reason}", f"{n:,}")
+    seen = doc["counts"].get("samples_in")
+    for reason, n in sorted(doc["dropped"].items(), key=lambda kv: (-kv[1], kv[0])):  # each failure once
+        share = f" ({100 * n / seen:.1f}%)" if seen else ""
+        table.add_row(f"dropped: {reason}", f"{n:,}{share}")
     samples = doc["counts"].get("samples_out") or doc["counts"].get("samples")
     if samples and run.seconds > 0:
         table.add_row("samples/s", f"{samples / run.seconds:,.0f}")

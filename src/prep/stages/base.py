@@ -6,10 +6,12 @@ A stage is a module that satisfies `StageModule` (mypy checks each one, see `pre
 `plan(root, opts) -> list[Task]`, `run_task(task, root, opts) -> TaskResult`, `finalize(root, results,
 opts)`, which runs once every task of the whole plan is done and returns lines for the summary, and
 `output_dirs(root)`: every place it writes (folders, or files whose siblings are swept), the first
-being the folder that holds its done-markers (`marker_dir`). The runner checks that folder can be
-written before any task and sweeps dead writers' temp files from every place when the stage
-completes. `root` is the whole validated config (`prep.config.PrepConfig`). Stage modules import no
-torch at import time.
+being the folder that holds its done-markers (`marker_dir`). A stage may also define
+`prepare(root, opts)`: checks that cost time (precache imports its model classes), which the runner
+calls only when some task has work to do (and on --dry-run), so a re-run with every task done stays
+instant. The runner checks that folder can be written before any task and sweeps dead writers' temp
+files from every place when the stage completes. `root` is the whole validated config
+(`prep.config.PrepConfig`). Stage modules import no torch at import time.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +36,36 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enable: bool = Field(True, description="run this stage in `prep run all`")
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as users read it (`prep keys`, the generated stage guides)."""
+
+    key: str
+    type: str
+    default: str
+    description: str
+
+
+_QUALIFIED = re.compile(r"\b(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])")
+
+
+def type_name(annotation: Any) -> str:
+    """`SecretStr | None`, not `pydantic.types.SecretStr | None`: the annotation without module paths."""
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return _QUALIFIED.sub("", str(annotation))
+
+
+def key_docs(model: type[BaseModel]) -> list[KeyDoc]:
+    """Every key of a config model with its type, default (`required` when it has none) and description:
+    the one home of that listing, so the docs generated from it never drift from the code."""
+    out = []
+    for key, field_ in model.model_fields.items():
+        default = "required" if field_.is_required() else repr(field_.get_default(call_default_factory=True))
+        out.append(KeyDoc(key, type_name(field_.annotation), default, field_.description or ""))
+    return out
 
 
 @dataclass(frozen=True)

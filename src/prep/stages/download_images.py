@@ -14,6 +14,7 @@ shards, keys unchanged.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,7 +58,6 @@ TORCHRUN_RANKS = False
 STAGING = ".prep/img2dataset"
 RESERVED = ("url_list", "output_folder", "input_format", "output_format")  # prep decides these
 _ARG_OF = {"download_num_processes": "processes_count", "download_num_threads": "thread_count"}
-MAX_REASONS = 12
 
 
 class Config(StageConfig):
@@ -328,16 +328,38 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
 # ----------------------------------------------------------------------------------------------- running
 
 
+_BAR = re.compile(r"(?:it/s|s/it)\]|\d+it \[")  # tqdm's "0it [00:00, ?it/s]" and "1it [00:33, 33.54s/it]"
+
+
+class _BarsTo(io.TextIOBase):
+    """A stderr that sends progress bars (tqdm's carriage-return lines and the newline that ends them)
+    to img2dataset's log and lets everything else, its warnings, through to prep's stderr."""
+
+    def __init__(self, log: io.TextIOBase, stream: Any) -> None:
+        self.log, self.stream, self.in_bar = log, stream, False
+
+    def write(self, s: str) -> int:
+        self.in_bar = "\r" in s or bool(_BAR.search(s)) or (self.in_bar and not s.strip())
+        (self.log if self.in_bar else self.stream).write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+
 @contextmanager
 def _stdout_to(log: Path) -> Iterator[None]:
-    """img2dataset and its processes print progress to stdout; keep it out of `--json` output."""
+    """img2dataset and its processes print progress to stdout, and its tqdm bar goes to stderr: both to
+    img2dataset's log, out of prep's own progress and `--json` output; its warnings still reach stderr."""
     sys.stdout.flush()
     saved = os.dup(1)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         os.dup2(f.fileno(), 1)
     try:
-        yield
+        with open(log, "a", encoding="utf-8") as text, redirect_stderr(_BarsTo(text, sys.stderr)):
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
@@ -655,9 +677,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     spans: list[tuple[float, float]] = []
     for n in names:
         st = _read_stats(final / f"{n}_stats.json")
-        totals.update({"samples_in": st["count"], "samples_out": st["successes"],
-                       "failed_to_download": st["failed_to_download"],
-                       "failed_to_resize": st["failed_to_resize"]})
+        totals.update({"samples_in": st["count"], "samples_out": st["successes"]})  # failures: by reason
         dropped.update(reasons(st["status_dict"]))
         shards[f"{n}.tar"] = st["successes"]
         if n in published:
@@ -682,10 +702,8 @@ def _span(spans: list[tuple[float, float]]) -> float:
 
 def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
     total: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
     for r in results:
         total.update(r.counts)
-        dropped.update(r.dropped)
     tried, ok = total["samples_in"], total["samples_out"]
     notes = [f"{len(results)} part(s): {ok:,} of {tried:,} images downloaded "
              f"(success rate {100 * ok / tried if tried else 0:.1f}%), {total['shards']} shard(s) under "
@@ -703,9 +721,7 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
     if total["retried"]:
         notes.append(f"--retry-failed: re-fetched {total['retried']:,} failed row(s), "
                      f"recovered {total['recovered']:,}")
-    for reason, n in dropped.most_common(MAX_REASONS):
-        notes.append(f"failed: {reason}: {n:,} ({100 * n / tried if tried else 0:.1f}%)")
     if ok == 0 and tried:
         notes.append("WARNING: no image was downloaded; check url_col, the network and the failure "
-                     "reasons above")
+                     "reasons (the dropped rows)")
     return notes

@@ -3,7 +3,8 @@
 Work is split by shard, never by sample: one task per shard (or per `shards_per_task` shards), so
 every shard is read by exactly one process. Tasks are sliced across Slurm array jobs
 (`--task-index/--num-tasks`), Ray, and `torchrun` ranks (RANK/WORLD_SIZE, each rank on
-cuda:LOCAL_RANK). The whole encoder list is validated in `plan()`, before any shard is read.
+cuda:LOCAL_RANK). The whole encoder list is validated in `prepare()`, before any shard is read (and
+only when some task has work: a re-run with every shard done imports no model).
 
 Outputs: `<output_dir>/<relative name of the input shard>` holding `KEY.<key>.npy` next to the
 source members (`keep_source: true`), or only the `.npy` members (`keep_source: false`, joined later
@@ -125,13 +126,19 @@ def output_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
+def prepare(root: PrepConfig, opts: RunOptions) -> None:
+    """Check the whole encoder list before any shard is read. It imports the model classes (seconds for
+    diffusers and transformers), so the runner calls it only when some task has work to do."""
     from prep.encoders.validate import validate_encoders
+
+    validate_encoders(root.precache_encodings.encoders)
+
+
+def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     from prep.formats.tar import shard_folder
 
     cfg: Config = root.precache_encodings
     in_dir, out_dir = _dirs(cfg)
-    validate_encoders(cfg.encoders)
     shards = shard_folder(in_dir, "run reorganize_tar first or fix precache_encodings.input_dir",
                           recursive=cfg.recursive)
     if not shards:

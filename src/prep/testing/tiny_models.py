@@ -169,6 +169,9 @@ def write_tiny_models(root: str | Path) -> dict[str, Path]:
 
     Idempotent: a part whose folder already holds a config is left as it is.
     """
+    from prep.encoders.models import quiet_library_progress
+
+    quiet_library_progress()  # "Writing model shards" bars would cut through `make shards`' output
     root = Path(root)
     parts = {
         "vae": root / "vae",

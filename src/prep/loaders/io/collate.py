@@ -1,4 +1,5 @@
-"""Samples to a batch: stack what stacks (into a shared-memory slot in a worker), list the rest."""
+"""Samples to a batch: stack what stacks (into a shared-memory slot in a worker; decoded images as a
+channels_last batch), list the rest."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError
-from prep.loaders.io.shm import shared_empty
+from prep.loaders.io.shm import pooled_like, shared_empty
 
 
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -31,15 +32,29 @@ def _stack(name: str, values: list[Any]) -> Any:
         type(v) is type(first) and v.shape == first.shape and v.dtype == first.dtype for v in values
     ):
         tensors = [torch.as_tensor(v) for v in values]
+        if all(_hwc_view(t) for t in tensors):  # decoded images: stack the pixels as they lie
+            hwc = [t.permute(1, 2, 0) for t in tensors]
+            out = shared_empty((len(hwc), *hwc[0].shape), hwc[0].dtype)
+            return pooled_like(torch.stack(hwc, out=out).permute(0, 3, 1, 2), out)
         out = shared_empty((len(tensors), *tensors[0].shape), tensors[0].dtype)
         return torch.stack(tensors, out=out)
     if isinstance(first, torch.Tensor | np.ndarray):
-        shapes = sorted({tuple(v.shape) for v in values})
-        raise PrepError(
-            f"field {name!r} has different shapes in one batch: {shapes[:4]}",
-            "collate",
-            "set image_size=... (resize + crop), use aspect-ratio buckets, or pass collate=",
-        )
+        raise shape_error(name, [tuple(v.shape) for v in values])
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return torch.tensor(values)
     return values
+
+
+def _hwc_view(t: torch.Tensor) -> bool:
+    """A CxHxW view of HxWxC memory (what image decoding gives): stacked, it becomes a channels_last batch
+    without a transpose copy."""
+    return t.dim() == 3 and not t.is_contiguous() and t.permute(1, 2, 0).is_contiguous()
+
+
+def shape_error(name: str, shapes: Sequence[tuple[int, ...]]) -> PrepError:
+    """Values of one field that cannot be stacked into a batch because their shapes differ."""
+    return PrepError(
+        f"field {name!r} has different shapes in one batch: {sorted(set(shapes))[:4]}",
+        "collate",
+        "set image_size=... (resize + crop), use aspect-ratio buckets, or pass collate=",
+    )

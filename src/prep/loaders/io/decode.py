@@ -1,12 +1,14 @@
 """`Decoder`: sample bytes to training values, in DataLoader workers (its pieces live beside it:
 `members` parses tar members, `images` decodes, `shm` holds batch buffers, `collate` stacks).
 
-A sample arrives as one contiguous byte string (its tar members, read with a
-single positioned read) and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default
-dependency: libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the
-target), or by Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. When a
-decoded JPEG already has the target size it is written straight into the batch tensor, which lives in
-a recycled shared-memory slot, so handing it to the main process copies nothing and faults no new pages.
+A sample arrives as one contiguous byte string (its tar members, read with a single positioned read)
+and its members are parsed from memory. JPEGs are decoded by simplejpeg (a default dependency:
+libjpeg-turbo, with DCT-domain downscaling to the smallest size that still covers the target), or by
+Pillow with `draft()` (the same trick) where it is missing; PNG/WebP go through Pillow. An image batch
+is one HxWx3 array per row of a batch tensor that lives in a recycled shared-memory slot: a JPEG whose
+decoded size is already the wanted one (native, or reached by DCT scaling) is decoded straight into its
+row, and the batch is handed out as a Bx3xHxW channels_last view of it, so nothing is transposed,
+handing it to the main process copies nothing and faults no new pages.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 
 from prep.errors import PrepError
 from prep.loaders.base import stream_key
-from prep.loaders.io.collate import collate_samples
-from prep.loaders.io.images import decode_image, jpeg_backend, pil_rgb, to_pil
+from prep.loaders.io.collate import collate_samples, shape_error
+from prep.loaders.io.images import SizeMismatch, decode_image, jpeg_backend, pil_rgb, to_pil
 from prep.loaders.io.members import Buffer
 from prep.loaders.io.shm import pooled_like, shared_empty
 from prep.loaders.skips import BadSample, OnError, skip_or_raise
@@ -56,8 +58,9 @@ class Decoder:
     """How member bytes become sample values. Picklable; built once, used in every worker.
 
     mode: 'raw' keeps every member as bytes; 'pil' gives PIL images; 'uint8' gives CxHxW uint8 tensors
-    (batches are Bx3xHxW in channels_last memory, so no transpose copy); 'float' the same as float32 in
-    [0, 1]. Outside 'raw', text members become str, json dicts, cls ints, npy arrays (never pickle).
+    (batches are Bx3xHxW in channels_last memory: the decoder's HxWx3 pixels, no transpose copy); 'float'
+    the same as float32 in [0, 1]. Outside 'raw', text members become str, json dicts, cls ints, npy
+    arrays (never pickle).
     """
 
     mode: DecodeMode = "uint8"
@@ -175,10 +178,13 @@ class Decoder:
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
         collate: Callable[[list[dict[str, Any]]], Any] | None,
     ) -> Any:
-        """Decode and collate samples given as (key, members, where, epoch) (None: already skipped). Images
-        of a fixed `image_size` are decoded straight into one shared batch tensor when no per-sample
-        transform needs them first. A bad sample is dropped from the batch (and recorded) or raised, as
-        `on_error` says."""
+        """Decode and collate samples given as (key, members, where, epoch) (None: already skipped).
+
+        Without a per-sample transform, images are decoded straight into one shared batch tensor (a
+        shared-memory slot in a worker), allocated at `image_size`, or at the native size of the batch's
+        first image (every image of the batch must then have that size, as stacking would require). The
+        batch is Bx3xHxW in channels_last memory: the HxWx3 pixels as decoded, no transpose copy. A bad
+        sample is dropped from the batch (and recorded) or raised, as `on_error` says."""
         selected: list[Parsed] = []
         for item in parsed:
             if item is None:
@@ -188,25 +194,19 @@ class Decoder:
                 selected.append((k, self.select(k, m, where), where, e))
             except BadSample as err:
                 skip_or_raise(err, self.on_error, k)
-        if (
-            transform is not None
-            or collate is not None
-            or self.mode not in ("uint8", "float")
-            or self.image_size is None
-            or not selected
-        ):
+        hooks = transform is not None or collate is not None
+        if hooks or self.mode not in ("uint8", "float") or not selected:
             samples = [s for s in self.finish_all(selected, transform) if s is not None]
             return (collate or collate_samples)(samples)
-        first = selected[0][1]
-        image_exts = [e for e in first if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
-        h, w = self.image_size
-        shape = (len(selected), h, w, 3)
+        image_exts = [e for e in selected[0][1] if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
         # float batches decode into private memory and convert into the slot that travels
         private = self.mode == "float"
-        bufs = {
-            ext: torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
-            for ext in image_exts
-        }
+
+        def new_rows(h: int, w: int) -> torch.Tensor:
+            shape = (len(selected), h, w, 3)
+            return torch.empty(shape, dtype=torch.uint8) if private else shared_empty(shape, torch.uint8)
+
+        bufs = {ext: new_rows(*self.image_size) for ext in image_exts} if self.image_size else {}
         arrs = {ext: b.numpy() for ext, b in bufs.items()}
         rest: list[dict[str, Any]] = []
         for k, m, where, epoch in selected:
@@ -217,18 +217,27 @@ class Decoder:
                         raise BadSample(f"sample {k!r} lacks {ext!r}, which the batch's first sample has",
                                         where, "pass fields=[...] so every sample has the same members",
                                         reason="missing member")
-                    decode_image(m[ext], self.image_size, self.crop, self._rnd(k, epoch), where,
-                                 out=arrs[ext][row])
-                values = {x: self.value(x, d, k, epoch, where) for x, d in m.items() if x not in bufs}
+                    rnd = self._rnd(k, epoch)
+                    if ext in arrs:
+                        decode_image(m[ext], self.image_size, self.crop, rnd, where, out=arrs[ext][row])
+                    else:  # native size: the first good image sets the batch's shape
+                        first = decode_image(m[ext], None, self.crop, rnd, where)
+                        bufs[ext] = new_rows(*first.shape[:2])
+                        arrs[ext] = bufs[ext].numpy()
+                        arrs[ext][row] = first
+                values = {x: self.value(x, d, k, epoch, where) for x, d in m.items() if x not in image_exts}
             except BadSample as err:
                 skip_or_raise(err, self.on_error, k)
                 continue
+            except SizeMismatch as err:
+                have = arrs[ext].shape[1:3]
+                raise shape_error(ext, [(3, *have), (3, *err.got)]) from None
             rest.append({"__key__": k, **values})
         batch = collate_samples(rest)
         n = len(rest)
         for ext, buf in bufs.items():
             if private:
-                out = shared_empty((n, h, w, 3), torch.float32)
+                out = shared_empty((n, *buf.shape[1:]), torch.float32)
                 torch.div(buf[:n], 255, out=out)
                 buf = out
             batch[ext] = pooled_like(buf[:n].permute(0, 3, 1, 2), buf)

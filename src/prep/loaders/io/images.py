@@ -36,13 +36,14 @@ def crop_box(h: int, w: int, th: int, tw: int, how: str, rnd: int) -> tuple[int,
     return (h - th) // 2, (w - tw) // 2
 
 
-def pil_rgb(data: Buffer, cover: tuple[int, int, int, int] | None, where: str):
+def pil_rgb(data: Buffer, target: tuple[int, int] | None, where: str):
+    """A Pillow RGB image; a JPEG is DCT-downscaled by `draft()` towards covering `target` (H, W)."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data))
-        if cover is not None and img.format == "JPEG":
-            th, tw = _cover_size(img.height, img.width, cover[0], cover[1])
+        if target is not None and img.format == "JPEG":
+            th, tw = _cover_size(img.height, img.width, *target)
             img.draft("RGB", (tw, th))
         return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -62,41 +63,75 @@ def decode_reason(err: Exception) -> str:
     return _OBJECT_REPR.sub("the image bytes", str(err)) or type(err).__name__
 
 
+class SizeMismatch(Exception):
+    """An image whose native size differs from the batch row it was to be decoded into (`got`: H, W)."""
+
+    def __init__(self, got: tuple[int, int]) -> None:
+        super().__init__(got)
+        self.got = got
+
+
 def decode_image(
     data: Buffer, size: tuple[int, int] | None, crop: str, rnd: int, where: str, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """HxWx3 uint8 RGB; with `size`, resized to cover it and cropped to exactly (H, W). Writes into `out`
-    (an HxWx3 view) when given."""
-    from PIL import Image
+    """HxWx3 uint8 RGB; with `size`, resized to cover it and cropped to exactly (H, W).
 
+    With `out` (an HxWx3 view, e.g. a row of a shared-memory batch) the pixels are written there, and a
+    JPEG whose decoded size (native, or DCT-scaled towards `size`) is already the wanted one is decoded
+    straight into it, with no intermediate array. Without `size`, an image of another size than `out`
+    raises `SizeMismatch`."""
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            if size is None or (h, w) == size:
-                return (
-                    simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-                    if out is not None
-                    else simplejpeg.decode_jpeg(data, colorspace="RGB")
-                )
-            ch, cw = _cover_size(h, w, *size)
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=ch, min_width=cw)
-            img = Image.fromarray(arr)
-        except ValueError:
-            img = pil_rgb(
-                data, (*size, 0, 0) if size else None, where
-            )  # e.g. CMYK JPEGs: Pillow handles them
-    else:
-        img = pil_rgb(data, (*size, 0, 0) if size else None, where)
-    if size is not None and (img.height, img.width) != size:
-        ch, cw = _cover_size(img.height, img.width, *size)
-        if (img.height, img.width) != (ch, cw):
-            img = img.resize((cw, ch), Image.Resampling.BICUBIC, reducing_gap=None)
+        arr = _simplejpeg(data, size, crop, rnd, out)
+        if arr is not None:
+            return arr
+    return _fit(pil_rgb(data, size, where), size, crop, rnd, out)
+
+
+def _simplejpeg(
+    data: Buffer, size: tuple[int, int] | None, crop: str, rnd: int, out: np.ndarray | None
+) -> np.ndarray | None:
+    """`decode_image` by simplejpeg; None where it cannot decode these bytes (e.g. CMYK: Pillow can)."""
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        if size is None:
+            if out is not None and out.shape[:2] != (h, w):
+                raise SizeMismatch((h, w))
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+        ch, cw = _cover_size(h, w, *size)
+        dh, dw, _, _ = simplejpeg.decode_jpeg_header(data, min_height=ch, min_width=cw)
+        if (dh, dw) == size:  # the DCT scaling alone reaches the target (e.g. 256 -> 128, or 224 = 7/8)
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=ch, min_width=cw, buffer=out)
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=ch, min_width=cw)
+    except ValueError:
+        return None
+    return _fit(arr, size, crop, rnd, out)
+
+
+def _fit(pixels, size: tuple[int, int] | None, crop: str, rnd: int, out: np.ndarray | None) -> np.ndarray:
+    """A decoded image (HxWx3 array or Pillow RGB image) resized to cover `size` (Pillow bicubic, only
+    when its size differs) and cropped to it, written into `out` or returned as a new writable array."""
+    arr = pixels if isinstance(pixels, np.ndarray) else None
+    h, w = arr.shape[:2] if arr is not None else (pixels.height, pixels.width)
+    if size is not None:
+        from PIL import Image
+
+        ch, cw = _cover_size(h, w, *size)
+        if (h, w) != (ch, cw):
+            img = pixels if arr is None else Image.fromarray(arr)
+            arr = np.asarray(img.resize((cw, ch), Image.Resampling.BICUBIC, reducing_gap=None))
         top, left = crop_box(ch, cw, size[0], size[1], crop, rnd)
-        img = img.crop((left, top, left + size[1], top + size[0]))
-    if out is not None:
-        out[...] = np.asarray(img)
-        return out
-    return np.array(img)  # a writable copy: it becomes a tensor
+        h, w = size
+    else:
+        top = left = 0
+    if arr is None:
+        arr = np.asarray(pixels)
+    view = arr[top : top + h, left : left + w]
+    if out is None:
+        return np.array(view)  # a writable copy of its own: it becomes a tensor
+    if out.shape[:2] != (h, w):
+        raise SizeMismatch((h, w))
+    out[...] = view
+    return out
 
 
 def to_pil(arr: np.ndarray):

@@ -55,7 +55,8 @@ class ShardDataset(SampleLeaf):
         batch_size: samples per rank per step; the global batch is `batch_size * world_size` (or pass
             `global_batch_size`). Rank and world come from torch.distributed, else RANK/WORLD_SIZE.
         shuffle, seed: shuffle shard order and samples inside windows of `window_shards` shards.
-        decode: 'raw' (bytes), 'pil', 'uint8' (Bx3xHxW uint8) or 'float' (float32 in [0, 1]).
+        decode: 'uint8' (default: Bx3xHxW uint8 batches in channels_last memory, decoded straight into
+            shared memory), 'float' (the same as float32 in [0, 1]), 'pil' or 'raw' (bytes).
         image_size, crop: resize to cover (H, W) then crop 'center' or 'random' (seeded per sample/epoch).
         fields: member extensions to keep (`'jpg|png'` takes whichever exists, named 'jpg'); a sample
             missing one is an error that names it.

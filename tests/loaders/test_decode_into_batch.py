@@ -1,0 +1,173 @@
+"""Images are decoded straight into the batch (a shared-memory slot in a worker) with the same pixels as
+the reference decode: simplejpeg (= Pillow's libjpeg-turbo) at its DCT scale, Pillow bicubic resize to
+cover, crop; PNG/WebP through Pillow. Batches are Bx3xHxW in channels_last memory in every image mode."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+from prep.errors import PrepError
+from prep.formats.index import write_index
+from prep.formats.tar_write import write_shard
+from prep.loaders import DataLoader, ShardDataset
+from prep.loaders.io import images
+from prep.loaders.io.images import SizeMismatch, crop_box, decode_image
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(1, w - 1), yy * 255 // max(1, h - 1), np.full_like(xx, seed * 40)], -1)
+    return np.clip(base + rng.normal(0, 9, base.shape), 0, 255).astype(np.uint8)
+
+
+def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _cover(h: int, w: int, th: int, tw: int) -> tuple[int, int]:
+    s = max(th / h, tw / w)
+    return max(th, int(np.ceil(h * s - 1e-6))), max(tw, int(np.ceil(w * s - 1e-6)))
+
+
+def _reference(data: bytes, size: tuple[int, int] | None, crop: str, rnd: int) -> np.ndarray:
+    """The plain decode, step by step: JPEGs by simplejpeg at the DCT scale that still covers the target,
+    everything else by Pillow; Pillow bicubic resize to cover; Pillow crop."""
+    if data[:2] == b"\xff\xd8":
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        ch, cw = _cover(h, w, *size) if size else (0, 0)
+        img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=ch, min_width=cw))
+    else:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+    if size is None:
+        return np.asarray(img)
+    ch, cw = _cover(img.height, img.width, *size)
+    if (img.height, img.width) != (ch, cw):
+        img = img.resize((cw, ch), Image.Resampling.BICUBIC, reducing_gap=None)
+    top, left = crop_box(ch, cw, *size, crop, rnd)
+    return np.asarray(img.crop((left, top, left + size[1], top + size[0])))
+
+
+# (source H, W), target: native, same, DCT-exact 1/2 and 7/8, DCT then resize, crop only, upscale, non-square
+CASES = [
+    ((256, 256), None), ((256, 256), (256, 256)), ((256, 256), (128, 128)), ((256, 256), (224, 224)),
+    ((256, 256), (200, 200)), ((240, 320), (240, 240)), ((240, 320), (120, 100)), ((64, 48), (100, 90)),
+    ((256, 256), (96, 160)),
+]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize(("src", "size"), CASES)
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_decode_into_a_batch_row_equals_the_reference(src, size, crop, fmt):
+    data = _encode(_photo(*src, seed=1), fmt, **({"quality": 90} if fmt == "JPEG" else {"lossless": True}
+                                                 if fmt == "WEBP" else {}))
+    rnd = 987_654_321 if crop == "random" else 0
+    want = _reference(data, size, crop, rnd)
+    assert want.shape == ((*src, 3) if size is None else (*size, 3))
+    if fmt == "JPEG":  # simplejpeg and Pillow's libjpeg-turbo agree on a plain decode
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert np.array_equal(simplejpeg.decode_jpeg(data), pil)
+    assert np.array_equal(decode_image(data, size, crop, rnd, "x"), want)
+    rows = np.full((3, *want.shape), 7, dtype=np.uint8)
+    got = decode_image(data, size, crop, rnd, "x", out=rows[1])
+    assert np.shares_memory(got, rows[1]) and np.array_equal(rows[1], want)
+    assert (rows[0] == 7).all() and (rows[2] == 7).all()  # nothing written outside its row
+
+
+def test_a_jpeg_at_the_target_size_decodes_in_place_without_a_resize(monkeypatch):
+    data = _encode(_photo(256, 256, 2), "JPEG", quality=90)
+    want = _reference(data, (128, 128), "center", 0)
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("resized"))
+    monkeypatch.setattr(Image, "fromarray", lambda *a, **k: pytest.fail("went through Pillow"))
+    out = np.empty((128, 128, 3), np.uint8)
+    decode_image(data, (128, 128), "center", 0, "x", out=out)  # 1/2 DCT scale is exactly the target
+    decode_image(data, (224, 224), "center", 0, "x", out=np.empty((224, 224, 3), np.uint8))  # 7/8
+    assert np.array_equal(out, want)
+
+
+def test_native_size_into_a_row_of_another_size_says_so(monkeypatch):
+    data = _encode(_photo(32, 48, 3), "JPEG")
+    with pytest.raises(SizeMismatch) as err:
+        decode_image(data, None, "center", 0, "x", out=np.empty((32, 32, 3), np.uint8))
+    assert err.value.got == (32, 48)
+    monkeypatch.setattr(images, "simplejpeg", None)  # the Pillow path checks too
+    with pytest.raises(SizeMismatch):
+        decode_image(data, None, "center", 0, "x", out=np.empty((32, 32, 3), np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- batches
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """One shard of 12 samples: JPEG, PNG and WebP images of the same size, and one corrupt image."""
+    folder = tmp_path_factory.mktemp("mixed")
+    rows, pixels = [], {}
+    for i in range(12):
+        arr = _photo(40, 56, i)
+        fmt = ["JPEG", "PNG", "WEBP"][i % 3]
+        data = _encode(arr, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        if i == 4:  # the first of the second batch (in order)
+            data = b"\xff\xd8 not a jpeg"
+        rows.append((f"k{i:03d}", {"img": data, "txt": f"caption {i}".encode()}))
+        pixels[f"k{i:03d}"] = data
+    info = write_shard(folder / "a.tar", rows, fsync=False)
+    write_index(folder / "a.tar", info.offsets)
+    return folder, pixels
+
+
+def _mixed_dataset(folder, **kw) -> ShardDataset:
+    return ShardDataset(folder, batch_size=4, seed=1, max_skip_fraction=0.5, **kw)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("size", [None, 32])
+def test_batches_hold_the_reference_pixels_in_channels_last(mixed, workers, size):
+    folder, data = mixed
+    seen = 0
+    ds = _mixed_dataset(folder, shuffle=False, image_size=size)
+    for batch in DataLoader(ds, num_workers=workers):
+        x = batch["img"]
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert "k004" not in batch["__key__"]  # the corrupt image is skipped, even as a batch's first
+        for key, img, txt in zip(batch["__key__"], x, batch["txt"], strict=True):
+            want = _reference(data[key], (size, size) if size else None, "center", 0)
+            assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(np.array(want))), key
+            assert txt == f"caption {int(key[1:])}"
+            seen += 1
+    assert seen == 11
+
+
+def test_a_transform_keeps_the_channels_last_layout_and_the_pixels(mixed):
+    folder, _ = mixed
+    plain = list(DataLoader(_mixed_dataset(folder)))
+    hooked = list(DataLoader(_mixed_dataset(folder, transform=lambda s: s)))
+    for a, b in zip(plain, hooked, strict=True):
+        assert b["img"].is_contiguous(memory_format=torch.channels_last) and torch.equal(a["img"], b["img"])
+
+
+def test_native_sizes_that_differ_in_a_batch_are_an_error_naming_both(tmp_path):
+    rows = [(f"k{i}", {"jpg": _encode(_photo(16, 16 + 8 * (i == 2), i), "JPEG")}) for i in range(4)]
+    info = write_shard(tmp_path / "a.tar", rows, fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    shapes = r"\[\(3, 16, 16\), \(3, 16, 24\)\]"
+    with pytest.raises(PrepError, match=r"'jpg' has different shapes in one batch: " + shapes):
+        list(DataLoader(ShardDataset(tmp_path, batch_size=4, shuffle=False)))
+    ok = list(DataLoader(ShardDataset(tmp_path, batch_size=4, shuffle=False, image_size=16)))
+    assert ok[0]["jpg"].shape == (4, 3, 16, 16)
+
+
+def test_float_batches_are_the_uint8_pixels_over_255(mixed):
+    folder, _ = mixed
+    u8 = list(DataLoader(_mixed_dataset(folder), num_workers=1))
+    f32 = list(DataLoader(_mixed_dataset(folder, decode="float"), num_workers=1))
+    for a, b in zip(u8, f32, strict=True):
+        assert b["img"].dtype == torch.float32 and torch.equal(a["img"].float() / 255, b["img"])
