@@ -35,6 +35,11 @@ docs:  ## the documentation site into site/ (mkdocs + mkdocstrings); any warning
 shards:  ## the main job: all stages on the embedded offline demo (local HTTP images, tiny encoders)
 	$(PYTHON) -m prep.demo --out $(DEMO_OUT)
 
+.PHONY: train
+train:  ## `make shards` if its output is missing, then the demo training pipeline (runs/demo: checkpoints, samples/)
+	@test -f $(DEMO_OUT)/tarfiles_merged/manifest.json || $(MAKE) shards
+	PREP_DEMO_OUT=$(DEMO_OUT) $(PYTHON) -m prep.cli pipeline run configs/pipelines/demo.yaml --checkpoint-dir runs/demo
+
 bench:  ## every benchmark with its peers (run `make install-bench` once first)
 	$(BENCH_VENV)/bin/python -m bench
 

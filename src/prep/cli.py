@@ -421,8 +421,9 @@ def pipeline_example_cmd(
 @pipeline_app.command("run")
 def pipeline_run_cmd(
     config: Path = typer.Argument(..., help="a pipeline YAML"),
-    entry: str = typer.Option(..., "--entry", help="module:build — your function build(config) -> (modules, "
-                              "trainers)"),
+    entry: str | None = typer.Option(None, "--entry", help="module:build — your function build(config) -> "
+                                     "(modules, trainers); default: the config's models: and prep's "
+                                     "reference trainers (vae, flow)"),
     set_: list[str] = typer.Option([], "--set", help="override a key (repeatable; values typed as YAML)"),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="where checkpoints go "
                                                "(default: runs/CONFIG-NAME)"),
@@ -438,8 +439,9 @@ def pipeline_run_cmd(
                                   "always kept)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
 ) -> None:
-    """Run a pipeline with your modules and trainers (resuming from the newest checkpoint); works the same
-    under torchrun. Exit 0 when every step finished (or --stop-after stopped it with a checkpoint)."""
+    """Run a pipeline with your modules and trainers, or with its models: section and prep's reference
+    trainers (resuming from the newest checkpoint); works the same under torchrun. Exit 0 when every step
+    finished (or --stop-after stopped it with a checkpoint)."""
     import importlib
     import os
 
@@ -447,12 +449,17 @@ def pipeline_run_cmd(
     from prep.pipeline.orchestrator import TrainingPipelineOrchestrator
 
     try:
-        module_name, _, attr = entry.partition(":")
-        try:
-            build = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise PrepError(f"cannot load the entry {entry!r} ({err})", "--entry",
-                            "pass module:function, importable from here (PYTHONPATH)") from None
+        if entry is None:
+            from prep.pipeline.trainers import build_reference
+
+            build = build_reference
+        else:
+            module_name, _, attr = entry.partition(":")
+            try:
+                build = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as err:
+                raise PrepError(f"cannot load the entry {entry!r} ({err})", "--entry",
+                                "pass module:function, importable from here (PYTHONPATH)") from None
         cfg = parse_pipeline_config(config, overrides=set_)
         modules, trainers = build(cfg)
         if device is None and "LOCAL_RANK" in os.environ:

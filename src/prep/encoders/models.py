@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from prep.encoders.images import prepare_image
-from prep.encoders.spec import EncoderConfig
+from prep.encoders.spec import EncoderConfig, model_kind
 from prep.errors import PrepError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -335,13 +335,18 @@ class CallableEncoder(Encoder):
 # ------------------------------------------------------------------------------------------- loading
 
 
-def _hf_kwargs(cfg: EncoderConfig, subfolder: str | None) -> dict[str, Any]:
-    kw: dict[str, Any] = {"local_files_only": cfg.local_files_only}
+def hf_kwargs(subfolder: str | None, revision: str | None, local_files_only: bool) -> dict[str, Any]:
+    """from_pretrained's location keywords (only those that are set)."""
+    kw: dict[str, Any] = {"local_files_only": local_files_only}
     if subfolder:
         kw["subfolder"] = subfolder
-    if cfg.revision:
-        kw["revision"] = cfg.revision
+    if revision:
+        kw["revision"] = revision
     return kw
+
+
+def _hf_kwargs(cfg: EncoderConfig, subfolder: str | None) -> dict[str, Any]:
+    return hf_kwargs(subfolder, cfg.revision, cfg.local_files_only)
 
 
 def tokenizer_location(cfg: EncoderConfig) -> tuple[str, str | None]:
@@ -356,10 +361,44 @@ def tokenizer_location(cfg: EncoderConfig) -> tuple[str, str | None]:
     return cfg.tokenizer or cfg.pretrained or "", sub
 
 
+def load_tokenizer(path: str, subfolder: str | None, cfg: EncoderConfig) -> Any:
+    """The text encoder's tokenizer (`AutoTokenizer`), with the encoder's revision and offline flag."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, **_hf_kwargs(cfg, subfolder))
+
+
 def resolve_class(spec: str) -> Any:
     """`diffusers:AutoencoderKL` -> the class; `pkg.mod:fn` -> the callable (import errors propagate)."""
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def load_model(
+    spec: str,
+    pretrained: str | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """One model, the way every part of prep loads one: `diffusers:X` / `transformers:X` with
+    `from_pretrained(pretrained)` or, given `config` instead, randomly initialised from that config;
+    `module:callable` called with `options` (and `pretrained` when set). Import and loading errors
+    propagate (the caller knows where the spec came from)."""
+    target = resolve_class(spec)
+    if model_kind(spec) in ("vae", "hf_text"):
+        if config is not None:
+            if model_kind(spec) == "hf_text":  # transformers classes take a config object
+                return target(target.config_class(**config))
+            return target.from_config(config)
+        return target.from_pretrained(pretrained, **hf_kwargs(subfolder, revision, local_files_only))
+    kwargs = dict(options or {})
+    if pretrained:
+        kwargs["pretrained"] = pretrained
+    return target(**kwargs)
 
 
 def _finish(model: Any, cfg: EncoderConfig, device: torch.device) -> Any:
@@ -386,23 +425,17 @@ def load_encoder(cfg: EncoderConfig, device: torch.device, seed: int = 0) -> Enc
     where = where_of(cfg)
     quiet_library_progress()
     try:
-        if cfg.kind == "vae":
-            model = resolve_class(cfg.model).from_pretrained(cfg.pretrained, **_hf_kwargs(cfg, cfg.subfolder))
-            return VaeEncoder(cfg, _finish(model, cfg, device), device, seed)
-        if cfg.kind == "hf_text":
-            from transformers import AutoTokenizer
-
-            model = resolve_class(cfg.model).from_pretrained(cfg.pretrained, **_hf_kwargs(cfg, cfg.subfolder))
-            tok_path, tok_sub = tokenizer_location(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(tok_path, **_hf_kwargs(cfg, tok_sub))
-            return HFTextEncoder(cfg, _finish(model, cfg, device), tokenizer, device)
         if cfg.kind == "open_clip":
             return _load_open_clip(cfg, device)
-        fn = resolve_class(cfg.model)
-        kwargs = dict(cfg.options)
-        if cfg.pretrained:
-            kwargs["pretrained"] = cfg.pretrained
-        return CallableEncoder(cfg, _finish(fn(**kwargs), cfg, device), device)
+        model = load_model(cfg.model, cfg.pretrained, subfolder=cfg.subfolder, revision=cfg.revision,
+                           local_files_only=cfg.local_files_only, options=cfg.options)
+        if cfg.kind == "vae":
+            return VaeEncoder(cfg, _finish(model, cfg, device), device, seed)
+        if cfg.kind == "hf_text":
+            tok_path, tok_sub = tokenizer_location(cfg)
+            tokenizer = load_tokenizer(tok_path, tok_sub, cfg)
+            return HFTextEncoder(cfg, _finish(model, cfg, device), tokenizer, device)
+        return CallableEncoder(cfg, _finish(model, cfg, device), device)
     except PrepError:
         raise
     except (OSError, ValueError, ImportError, AttributeError, TypeError) as err:

@@ -72,6 +72,9 @@ class _PlanSampler(tud.Sampler):
                 yield tuple(group)
                 group = []
 
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
     def __len__(self) -> int:
         n = self.loader.dataset.batches_per_epoch()
         if n is None:
@@ -222,6 +225,13 @@ class DataLoader:
         if n is None:
             raise TypeError("this dataset has no fixed number of batches per epoch")
         return n
+
+    @property
+    def sampler(self) -> _PlanSampler:
+        """The planning sampler; its `set_epoch` is the loader's. Trainers that call
+        `dataloader.sampler.set_epoch(epoch)` at every epoch start (Lightning) thereby start each epoch
+        where the loader's order says, also after consuming exactly len() batches without exhausting it."""
+        return self._torch.sampler  # type: ignore[return-value]
 
     def set_epoch(self, epoch: int) -> None:
         if self._state is not None:  # workers may have planned ahead: start from what was consumed

@@ -49,13 +49,13 @@ PosFloat = Annotated[float, Field(gt=0)]
 DurationField = Annotated[Duration, PlainValidator(parse_duration), PlainSerializer(str, return_type=str)]
 Limit = NonNegInt | Annotated[float, Field(ge=0, le=1)]
 
-# FluxFlow's per-step booleans and the trainer names they select.
+# FluxFlow's per-step booleans and the trainer names they select. `train_diff_full` is the flow trainer
+# too (what "full" trains is the step's optimizers: a text_encoder optimizer trains the text encoder);
+# `gan_training` and `train_spade` are options of the vae trainer (it reads them from the step).
 TRAINER_ALIASES: dict[str, str] = {
     "train_vae": "vae",
     "train_diff": "flow",
-    "train_diff_full": "flow_full",
-    "train_spade": "spade",
-    "gan_training": "gan",
+    "train_diff_full": "flow",
 }
 
 
@@ -107,6 +107,9 @@ class WebDatasetConfig(_DatasetBase):
 class PrepDatasetConfig(_DatasetBase):
     type: Literal["prep"]
     path: str = Field(description="a prep shard folder, or its manifest.json")
+    fields: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="member extensions to read (`jpg|png`: whichever exists); default: all"
+    )
 
 
 class SourceRef(_Model):
@@ -244,6 +247,9 @@ class StepConfig(_Model):
     transition_on: TransitionConfig = Field(default_factory=TransitionConfig)
     validation: ValidationConfig | None = None
     checkpoint_every: DurationField | None = None
+    sample_every: DurationField | None = Field(
+        None, description="also write sample grids at this cadence (always at the step's end)"
+    )
     batch_size: PosInt = Field(None)  # type: ignore[assignment]
     workers: NonNegInt = Field(None)  # type: ignore[assignment]
     carry_optimizer: StrictBool = False
@@ -267,6 +273,25 @@ class Defaults(_Model):
     seed: Int = Field(None)  # type: ignore[assignment]
 
 
+class ModelConfig(_Model):
+    """One module of `models:`: `class` (`diffusers:X`, `transformers:X`, or `module:callable`) with
+    `pretrained` (hub id or local folder, `from_pretrained`) or `config` (random init from it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    class_: str = Field(
+        alias="class",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="diffusers:X, transformers:X, module:fn",
+    )
+    pretrained: str | None = Field(None, description="hub id or local folder for from_pretrained")
+    config: dict[str, Any] | None = Field(None, description="the class's config: random initialisation")
+    subfolder: str | None = None
+    revision: str | None = None
+    local_files_only: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a module:fn")
+    tokenizer: str | None = Field(None, description="a text encoder's tokenizer folder (default: beside it)")
+
+
 class PipelineConfig(_Model):
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
     default_dataset: str | None = None
@@ -274,10 +299,23 @@ class PipelineConfig(_Model):
     steps: list[StepConfig] = Field(default_factory=list)
     modules: list[str] | None = Field(None, description="module names the run will have (for checks)")
     trainers: dict[str, list[str]] | None = Field(None, description="trainer name -> metrics it reports")
+    models: dict[str, ModelConfig] | None = Field(
+        None, description="modules built by `prep pipeline run` without --entry (prep.pipeline.models)"
+    )
+    trainer_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of the reference trainers (prep.pipeline.trainers)"
+    )
     # where each key is, for errors raised after parsing (the orchestrator's, the plan's)
     source: str = Field("pipeline config", exclude=True)
     root: tuple[str, ...] = Field((), exclude=True)
     lines: dict[tuple[str, ...], int] = Field(default_factory=dict, exclude=True, repr=False)
+
+    @property
+    def module_names(self) -> list[str] | None:
+        """The declared modules: `modules:`, else the keys of `models:`."""
+        if self.modules is not None:
+            return self.modules
+        return list(self.models) if self.models is not None else None
 
     def step_dataset(self, index: int) -> str | None:
         step = self.steps[index]
@@ -310,6 +348,7 @@ def _vocabulary() -> set[str]:
         ValidationConfig,
         EmaConfig,
         StepConfig,
+        ModelConfig,
         Defaults,
         PipelineConfig,
     ]
@@ -464,7 +503,7 @@ def parse_pipeline_config(
             out.pydantic(err, ("steps", str(i)), known)
             steps.append(None)
     if base is not None:
-        declared_modules = list(modules) if modules is not None else base.modules
+        declared_modules = list(modules) if modules is not None else base.module_names
         declared_trainers = (
             {k: list(v) for k, v in trainers.items()} if trainers is not None else base.trainers
         )
@@ -480,7 +519,7 @@ def parse_pipeline_config(
             "source": where,
             "root": root,
             "lines": lines,
-            "modules": list(modules) if modules is not None else base.modules,
+            "modules": list(modules) if modules is not None else base.module_names,
             "trainers": (
                 {k: list(v) for k, v in trainers.items()} if trainers is not None else base.trainers
             ),

@@ -187,6 +187,8 @@ def _build(
                 desc = f"local {ds.image_folder}: {leaf.total:,} images"
             elif isinstance(ds, PrepDatasetConfig):
                 path = Path(ds.path)
+                if ds.fields is not None:
+                    kwargs["fields"] = ds.fields
                 leaf = ShardDataset(path.parent if path.name == "manifest.json" else path, **kwargs)
                 desc = f"prep {ds.path}: {len(leaf.shards)} shards, {leaf.total:,} samples"
             else:

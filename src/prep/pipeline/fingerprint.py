@@ -4,9 +4,9 @@ Part of it: the data tree (each dataset's config with references expanded, token
 left out, plus the built loader's own fingerprint when there is one), the resolved batch size, the
 length, trainers, freeze/unfreeze sets, optimizers, schedulers, the transition rule, validation,
 precision, accumulation, clipping and EMA. Not part of it: `workers`, `checkpoint_every`,
-`description` (they change no number the step computes), so a resume may change them. A checkpoint
-stores each step's document; resuming into a step whose document changed is refused with the keys
-that changed (`diff_fingerprints`), unless the caller allows it.
+`sample_every`, `description` (they change no number the step computes), so a resume may change
+them. A checkpoint stores each step's document; resuming into a step whose document changed is refused
+with the keys that changed (`diff_fingerprints`), unless the caller allows it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prep.loaders.base import diff_fingerprints
 from prep.pipeline.config import TRAINER_ALIASES, PipelineConfig, WebDatasetConfig, dataset_refs
 
 _NOT_DECIDING = {"workers"}
-_STEP_NOT_DECIDING = {"workers", "checkpoint_every", "description", "batch_size"}
+_STEP_NOT_DECIDING = {"workers", "checkpoint_every", "sample_every", "description", "batch_size"}
 
 
 def dataset_doc(cfg: PipelineConfig, name: str) -> dict[str, Any]:

@@ -4,13 +4,14 @@ Per step: build the step's loader (prep.loaders: O(1) exact resume) and call `se
 freeze / unfreeze modules; build `torch.optim` optimizers over the named modules' trainable parameters
 and schedulers (`auto` = the step's length in optimizer steps); wrap trained modules in DDP under
 torchrun; train with the step's trainers; keep moving averages of every metric; validate on its
-cadence (or after every train chunk); check the transition rule on its cadence; checkpoint; at the
-end free the step's optimizers and record why the step ended.
+cadence (or after every train chunk); check the transition rule on its cadence; checkpoint; write the
+trainers' sample pictures (every `sample_every` and at the end); at the end free the step's optimizers
+and record why the step ended.
 
 A trainer is any object with `train_step(batch, ctx) -> dict[str, float | Tensor]` and optionally
-`val_step(batch, ctx)`, `metrics`, `state_dict()` / `load_state_dict()`. It calls `ctx.backward(loss)`;
-optimizers step on their own at accumulation boundaries unless the trainer steps them itself with
-`ctx.optimizer_step(name)` (a GAN's two optimizers, say).
+`val_step(batch, ctx)`, `metrics`, `state_dict()` / `load_state_dict()`, `sample(ctx)`. It calls
+`ctx.backward(loss)`; optimizers step on their own at accumulation boundaries unless the trainer steps
+them itself with `ctx.optimizer_step(name)` (a GAN's two optimizers, say).
 
 Exactness: a checkpoint holds every state that decides the next batch (modules, optimizers,
 schedulers, scaler, EMA, trainers, RNGs of every rank, loader cursors, metric windows, patience
@@ -23,6 +24,7 @@ a resume.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import time
@@ -569,6 +571,7 @@ class TrainingPipelineOrchestrator:
             metrics.averages(),
             dict(metrics.val),
         )
+        run.sample()
         self.summaries.append(summary)
         st.completed.append({**asdict(summary), "history": metrics.history})  # kept for the whole run
         nxt = self.cfg.steps[index + 1] if index + 1 < len(self.cfg.steps) else None
@@ -676,6 +679,7 @@ class _StepRun:
         self.val_every = ("ba", chunk[0]) if chunk else _every(v.every if v else None, global_batch)
         self.check_every = _every(step.transition_on.check_every, global_batch)
         self.ckpt_every = _every(step.checkpoint_every, global_batch)
+        self.sample_every = _every(step.sample_every, global_batch)
         self.trainers = [orch.trainers[t] for t in step.trainers]
 
     # ---------------------------------------------------------------------------- cadences
@@ -783,6 +787,8 @@ class _StepRun:
 
     def _after_batch(self) -> str | None:
         st = self.o.state
+        if self._due_batch(self.sample_every):
+            self.sample()
         if self._due_batch(self.val_every):
             self.validate()
         reason = self.transition.check(self.metrics) if self._due_batch(self.check_every) else None
@@ -857,6 +863,39 @@ class _StepRun:
         values = average({k: v / max(count, 1) for k, v in sums.items()}, self.o.dist)
         self.metrics.val = values
         self.metrics.record("val", self.o.state.step_batches, values)
+
+    # ----------------------------------------------------------------------------- samples
+    def sample(self) -> None:
+        """Each trainer's `sample(ctx)` picture (H x W x 3 uint8) as a PNG in `samples/` of the run
+        folder, on rank 0, in eval mode, without gradients and with torch's RNG forked (training's
+        random stream is the same with or without samples)."""
+        pairs = zip(self.step.trainers, self.trainers, strict=True)
+        named = [(n, t) for n, t in pairs if hasattr(t, "sample")]
+        if not named or not self.o.dist.main:
+            return
+        from PIL import Image
+
+        from prep.formats.atomic import write_bytes_atomic
+
+        modes = {n: m.training for n, m in self.o.modules.items()}
+        for m in self.o.modules.values():
+            m.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                for name, trainer in named:
+                    picture = trainer.sample(self.ctx)
+                    if picture is None:
+                        continue
+                    buf = io.BytesIO()
+                    Image.fromarray(np.ascontiguousarray(picture)).save(buf, format="PNG")
+                    st = self.o.state
+                    file = f"{self.index:02d}-{self.step.name}-{st.global_batches:07d}-{name}.png"
+                    path = self.o.dir / "samples" / file
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_bytes_atomic(path, buf.getvalue())
+        finally:
+            for n, m in self.o.modules.items():
+                m.train(modes[n])
 
     # ------------------------------------------------------------------------------ saving
     def save(self, step_end: bool = False) -> None:

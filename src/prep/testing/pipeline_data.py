@@ -110,3 +110,44 @@ def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     log = os.environ.get("PREP_TEST_KEY_LOG")
     rank = os.environ.get("RANK", "0")
     return tiny_modules(0), {"reg": RegressionTrainer(f"{log}.rank{rank}" if log else None)}
+
+
+# ------------------------------------------------------------------------- precached demo shards
+def precached_shards(
+    root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32
+) -> Path:
+    """A small `make shards` result without the HTTP and download stages: tiny models in `root/models`,
+    and in `root/tarfiles_merged` shards 000000.tar... of `size` px JPEGs + captions with the
+    precached `vae.npy` (moments) and `clip.npy` (+ mask) members, `.idx` files and a manifest: what
+    `configs/pipelines/demo.yaml` reads with PREP_DEMO_OUT=root."""
+    from prep.config import PrepConfig
+    from prep.formats.tar_write import write_shard
+    from prep.runtime.runner import run_stage
+    from prep.stages.base import RunOptions
+    from prep.testing.tiny_models import write_tiny_models
+
+    out = Path(root)
+    models = out / "models"
+    write_tiny_models(models)
+    raw = out / "raw"
+    words = ["red", "blue", "cat", "dog", "photo", "sample"]
+    n = 0
+    for s, count in enumerate(per_shard):
+        samples = []
+        for _ in range(count):
+            caption = f"a {words[n % 6]} {words[(n // 6) % 6]} number {n}"
+            samples.append((f"{n:06d}", {"jpg": jpeg_bytes(n, size), "txt": caption.encode()}))
+            n += 1
+        write_shard(raw / f"{s:06d}.tar", samples)
+    encoders = [
+        {"key": "vae", "modality": "image", "source": "jpg", "model": "diffusers:AutoencoderKL",
+         "pretrained": str(models), "subfolder": "vae", "resolution": size, "latent_mode": "moments"},
+        {"key": "clip", "modality": "text", "source": "txt", "model": "transformers:CLIPTextModel",
+         "pretrained": str(models), "subfolder": "text_encoder", "max_length": 32, "padding": "max_length",
+         "attention_mask": True},
+    ]
+    section = {"input_dir": str(raw), "output_dir": str(out / "tarfiles_merged"), "keep_source": True,
+               "batch_size": 8, "num_workers": 0, "device": "cpu", "encoders": encoders}
+    run_stage("precache_encodings", PrepConfig.model_validate({"precache_encodings": section}),
+              RunOptions(quiet=True))
+    return out / "tarfiles_merged"

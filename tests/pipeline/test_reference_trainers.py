@@ -1,0 +1,272 @@
+"""The reference trainers (`vae`, `flow`) and `models:` on tiny real diffusers/transformers classes: each
+loss is the direct computation on a fixed batch, latents read from shards equal what precache wrote and
+what the flow trainer encodes on the fly, and the reduced demo pipeline runs end to end, writes sample
+PNGs of the configured size, and resumes from its checkpoints to the same weights."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from prep.cli import app
+from prep.errors import PrepError, PrepErrorGroup
+from prep.pipeline import parse_pipeline_config
+from prep.pipeline.config import StepConfig
+from prep.pipeline.models import build_models, init_seed
+from prep.pipeline.orchestrator import StepContext
+from prep.pipeline.trainers import FlowOptions, FlowTrainer, PatchDiscriminator, VAEOptions, VAETrainer
+from prep.testing.pipeline_data import precached_shards
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "pipelines" / "demo.yaml"
+TINY_VAE = {
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "scaling_factor": 0.5,
+}
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+    "norm_num_groups": 4,
+}
+
+
+NO_DATA = {"datasets": {"d": {"type": "prep", "path": "/no/such/folder"}}, "default_dataset": "d"}
+
+
+def _cfg(models: dict, **extra):
+    return parse_pipeline_config(
+        {"models": models, "steps": [{"name": "s", "n_epochs": 1, "train": ["vae"]}], **NO_DATA, **extra}
+    )
+
+
+def _ctx(step: StepConfig, modules: dict, optimizers: dict | None = None) -> StepContext:
+    return StepContext(step, 0, modules, modules, optimizers or {}, {}, torch.device("cpu"), 0, 1)
+
+
+def test_models_section_random_init_is_seeded_per_name_and_leaves_the_rng():
+    models = {"vae": {"class": "diffusers:AutoencoderKL", "config": TINY_VAE},
+              "disc": {"class": "prep.pipeline.trainers:PatchDiscriminator", "options": {"channels": 4}}}
+    cfg = _cfg(models, defaults={"seed": 5})
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = build_models(cfg)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = build_models(_cfg({"vae": models["vae"]}, defaults={"seed": 5}))  # another module list, same vae
+    assert type(a["vae"]).__name__ == "AutoencoderKL" and isinstance(a["disc"], PatchDiscriminator)
+    assert all(torch.equal(p, q) for p, q in zip(a["vae"].parameters(), b["vae"].parameters(), strict=True))
+    c = build_models(_cfg({"vae": models["vae"]}, defaults={"seed": 6}))
+    assert not torch.equal(next(a["vae"].parameters()), next(c["vae"].parameters()))
+    assert init_seed(5, "vae") != init_seed(5, "disc")
+
+
+def test_models_section_errors_name_the_module():
+    with pytest.raises(PrepErrorGroup) as err:
+        build_models(_cfg({"vae": {"class": "diffusers:AutoencoderKL"},
+                           "enc": {"class": "diffusers:NoSuchModel", "config": {}}}))
+    text = "\n".join(e.what for e in err.value.errors)
+    assert "models.vae: diffusers:AutoencoderKL needs `pretrained` or `config`" in text
+    assert "models.enc: could not build diffusers:NoSuchModel" in text
+    with pytest.raises(PrepErrorGroup) as err2:  # the schema: unknown keys, the class pattern
+        _cfg({"vae": {"class": "AutoencoderKL", "pretrainde": "x"}})
+    assert {e.what.split(":")[0] for e in err2.value.errors} == {"models.vae.class", "models.vae.pretrainde"}
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_vae_loss_is_the_direct_computation(gan):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE)
+    disc = PatchDiscriminator(channels=4, layers=2)
+    d_opt = torch.optim.SGD(disc.parameters(), lr=0.0)  # stepped by the trainer; lr 0 keeps D as it was
+    step = StepConfig(name="s", n_epochs=1, train_vae=True, gan_training=gan)
+    trainer = VAETrainer(VAEOptions(loss="l2", kl_weight=0.01, gan_weight=0.5, discriminator="disc"))
+    images = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(7)
+    got = trainer.train_step({"jpg": images}, _ctx(step, {"vae": vae, "disc": disc}, {"disc": d_opt}))
+    grads = [p.grad for p in vae.parameters()]
+    assert all(g is not None for g in grads)
+    torch.manual_seed(7)
+    x = images * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        want = F.mse_loss(rec, x) + 0.01 * post.kl().mean()
+        if gan:
+            d_want = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec)).mean()
+            g_want = -disc(rec).mean()
+            want = want + 0.5 * g_want
+            assert torch.allclose(got["d_loss"], d_want, atol=1e-6)
+            assert torch.allclose(got["g_loss"], g_want, atol=1e-6)
+            assert all(p.requires_grad for p in disc.parameters())  # restored after the generator pass
+    assert torch.allclose(got["vae_loss"], want, atol=1e-6), (got["vae_loss"], want)
+    assert got["vae_loss"].item() > 0
+
+
+def test_vae_refuses_spade_on_autoencoderkl():
+    from diffusers import AutoencoderKL
+
+    step = StepConfig(name="s", n_epochs=1, train_vae=True, train_spade=True)
+    with pytest.raises(PrepError, match="no SPADE layers"):
+        VAETrainer(VAEOptions()).train_step({"jpg": torch.rand(1, 3, 8, 8)},
+                                            _ctx(step, {"vae": AutoencoderKL(**TINY_VAE)}))
+
+
+def test_flow_loss_is_the_direct_computation():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    cfg = parse_pipeline_config({"steps": [{"name": "s", "n_epochs": 1, "train_diff": True}], **NO_DATA})
+    opts = FlowOptions(denoiser="unet", text_encoder=None, scaling_factor=0.7, shift_factor=0.1,
+                       cfg_dropout=0.5)
+    trainer = FlowTrainer(cfg, opts)
+    moments = torch.randn(4, 8, 8, 8)
+    emb = torch.randn(4, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 4, dtype=torch.bool)
+    batch = {"vae.npy": moments, "clip.npy": emb, "clip_mask.npy": mask, "__key__": list("abcd")}
+    torch.manual_seed(11)
+    got = trainer.train_step(batch, _ctx(cfg.steps[0], {"unet": unet}))["flow_loss"]
+    torch.manual_seed(11)
+    mean, logvar = moments.chunk(2, dim=1)
+    z = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape) - 0.1) * 0.7
+    keep = (torch.rand(4) >= 0.5).float().view(4, 1, 1)
+    noise = torch.randn(z.shape)
+    t = torch.rand(4)
+    tt = t.view(4, 1, 1, 1)
+    with torch.no_grad():
+        pred = unet((1 - tt) * z + tt * noise, t * 1000, encoder_hidden_states=emb * keep,
+                    encoder_attention_mask=mask).sample
+    want = F.mse_loss(pred, noise - z)
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return precached_shards(tmp_path_factory.mktemp("demo"))
+
+
+def test_latents_read_from_shards_equal_precache_and_on_the_fly(shards):
+    """vae.npy read by the loader == the precache stage's VaeEncoder on the shard's own jpg, and the flow
+    trainer's on-the-fly road (raw jpg bytes through the frozen VAE) gives the same moments."""
+    from diffusers import AutoencoderKL
+
+    from prep.loaders import DataLoader, ShardDataset
+
+    vae = AutoencoderKL.from_pretrained(str(shards.parent / "models"), subfolder="vae").eval()
+    cached = DataLoader(ShardDataset(shards, batch_size=5, shuffle=False, fields=["vae.npy"]), num_workers=0)
+    raw = DataLoader(ShardDataset(shards, batch_size=5, shuffle=False, fields=["jpg"], decode="raw"),
+                     num_workers=0)
+    cfg = parse_pipeline_config({"steps": [{"name": "s", "n_epochs": 1, "train_diff": True}], **NO_DATA})
+    trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None, resolution=32))
+    ctx = _ctx(cfg.steps[0], {"vae": vae})
+    n = 0
+    for a, b in zip(cached, raw, strict=True):
+        assert a["__key__"] == b["__key__"]
+        from_shard = trainer.moments(a, ctx)
+        on_the_fly = trainer.moments(b, ctx)
+        assert from_shard.shape == (5, 8, 16, 16)
+        assert torch.allclose(from_shard, on_the_fly, atol=1e-5), (from_shard - on_the_fly).abs().max()
+        n += 1
+    assert n == 4
+
+
+def _run(args: list[str]) -> None:
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+
+
+REDUCE = [
+    "training.pipeline.defaults.batch_size=4",
+    "training.pipeline.datasets.images64.image_size=32",
+    "training.pipeline.datasets.val64.image_size=32",
+    "training.pipeline.steps.0.transition_on.threshold=10.0",  # fires at its first check (5 batches)
+    "training.pipeline.steps.2.n_epochs=1",
+    "training.pipeline.steps.2.sample_every=3ba",
+    "training.pipeline.trainer_options.flow.sample_images=2",
+]
+
+
+@pytest.mark.slow
+def test_reduced_demo_runs_end_to_end_and_resumes(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREP_DEMO_OUT", str(shards.parent))
+    sets = [x for s in REDUCE for x in ("--set", s)]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run(["pipeline", "run", str(DEMO), "--checkpoint-dir", str(whole), "--quiet", *sets])
+    ends = sorted(p.name for p in whole.glob("step-*.pt"))
+    assert [e.split("-", 3)[3] for e in ends] == ["vae_32px.pt", "vae_64px.pt", "flow.pt"]
+    assert ends[0].startswith("step-000-000000000005-")  # the loss_threshold transition fired at 5 batches
+    pngs = {p.name: p for p in (whole / "samples").glob("*.png")}
+    sizes = {}
+    for name, p in pngs.items():
+        img = Image.open(io.BytesIO(p.read_bytes()))
+        img.verify()
+        sizes[name.split("-")[1]] = img.size
+    assert sizes == {"vae_32px": (4 * 32, 2 * 32), "vae_64px": (4 * 32, 2 * 32), "flow": (2 * 32, 32)}
+    # 16 samples / 4 = 4 batches: step 0 ends at 5, step 1 at 9; flow samples after its 3rd and at its end
+    flow = sorted(n for n in pngs if "-flow-" in n)
+    assert flow == ["02-flow-0000012-flow.png", "02-flow-0000013-flow.png"]
+    # stopped twice (inside step 1, inside the flow step) and resumed: the same weights, the same pictures
+    for stop in (3, 8, None):  # stops at global batches 3 and 11
+        _run(["pipeline", "run", str(DEMO), "--checkpoint-dir", str(split), "--quiet", *sets,
+              *(["--stop-after", str(stop)] if stop else [])])
+    from prep.pipeline import checkpoint as ckpt
+
+    a = ckpt.load(next(whole.glob("step-002-*.pt")))["modules"]
+    b = ckpt.load(next(split.glob("step-002-*.pt")))["modules"]
+    for m in a:
+        for k in a[m]:
+            assert torch.equal(a[m][k], b[m][k]), (m, k)
+    for name, p in pngs.items():
+        assert (split / "samples" / name).read_bytes() == p.read_bytes(), name
+    assert np.asarray(Image.open(pngs[max(n for n in pngs if "-flow-" in n)])).std() > 0
+
+
+@pytest.mark.slow
+def test_example_with_custom_trainers_runs_the_demo(shards, tmp_path, monkeypatch):
+    """examples/train_pipeline.py: the --entry path over the same YAML, with its own trainers."""
+    monkeypatch.setenv("PREP_DEMO_OUT", str(shards.parent))
+    monkeypatch.syspath_prepend(str(DEMO.parents[2] / "examples"))
+    sets = [x for s in REDUCE for x in ("--set", s)]
+    _run(["pipeline", "run", str(DEMO), "--entry", "train_pipeline:build", "--checkpoint-dir", str(tmp_path),
+          "--quiet", *sets])
+    assert len(list(tmp_path.glob("step-*.pt"))) == 3
+    assert not (tmp_path / "samples").exists()  # its trainers have no sample()
+
+
+def test_run_without_entry_names_what_is_missing():
+    from prep.pipeline.trainers import build_trainers
+
+    cfg = _cfg({"disc": {"class": "prep.pipeline.trainers:PatchDiscriminator"}})
+    with pytest.raises(PrepError, match=r"the vae trainer needs module\(s\) 'vae'"):
+        build_trainers(cfg, build_models(cfg))
+    disc = {"disc": {"class": "prep.pipeline.trainers:PatchDiscriminator"}}
+    mine = parse_pipeline_config({**NO_DATA, "models": disc,
+                                  "steps": [{"name": "s", "n_epochs": 1, "train": ["mine"]}]})
+    with pytest.raises(PrepError, match=r"no reference trainer for 'mine'.*--entry"):
+        build_trainers(mine, {})
+    bad = _cfg({"vae": {"class": "diffusers:AutoencoderKL", "config": TINY_VAE}},
+               trainer_options={"vae": {"loss": "l3", "kl_wieght": 1}})
+    with pytest.raises(PrepErrorGroup) as err:
+        build_trainers(bad, build_models(bad))
+    assert {e.what.split(":")[0] for e in err.value.errors} == {"trainer_options.vae.loss",
+                                                               "trainer_options.vae.kl_wieght"}
