@@ -45,7 +45,7 @@ from prep.pipeline.data import build_loader, resolve_batch_sizes
 from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, wrap
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
-from prep.pipeline.plan import step_length
+from prep.pipeline.plan import step_chunks, step_length
 from prep.pipeline.transitions import Metrics, Transition
 
 
@@ -588,21 +588,11 @@ class TrainingPipelineOrchestrator:
         return True, trained
 
     def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
-        from prep.loaders import resolve_chunk_config
-
-        v = step.validation
-        if v is None or (v.train_chunk_size is None and v.val_chunk_size is None):
-            return None
         val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None
-        plan = resolve_chunk_config(
-            train_chunk_size=v.train_chunk_size,
-            val_chunk_size=v.val_chunk_size,
-            limit_train_batches=v.limit_train_batches,
-            limit_val_batches=v.limit_val_batches,
-            train_batches=bpe,
-            val_batches=val_bpe,
-        )
-        return plan.train_chunk_size, plan.val_chunk_size  # type: ignore[return-value]
+        plan = step_chunks(step, bpe, val_bpe)
+        if not plan.chunked or plan.train_chunk_size is None or plan.val_chunk_size is None:
+            return None
+        return plan.train_chunk_size, plan.val_chunk_size
 
     def _setup_ema(self, step: StepConfig, frozen: set[str]) -> None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prep.errors import PrepError
 from prep.pipeline.config import PipelineConfig, StepConfig
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import doc_hash, step_doc
 from prep.pipeline.resolve import Resolved
+
+if TYPE_CHECKING:
+    from prep.loaders import ChunkPlan
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,24 @@ def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Leng
     return out
 
 
+def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | None) -> ChunkPlan:
+    """A step's chunked-training plan: `resolve_chunk_config` over its validation keys (a chunk size beats
+    its limit, the missing one is inferred); not chunked when the step sets no chunk size."""
+    from prep.loaders import resolve_chunk_config
+
+    v = step.validation
+    if v is None:
+        return resolve_chunk_config(train_batches=train_batches, val_batches=val_batches)
+    return resolve_chunk_config(
+        train_chunk_size=v.train_chunk_size,
+        val_chunk_size=v.val_chunk_size,
+        limit_train_batches=v.limit_train_batches,
+        limit_val_batches=v.limit_val_batches,
+        train_batches=train_batches,
+        val_batches=val_batches,
+    )
+
+
 def make_plan(
     cfg: PipelineConfig,
     *,
@@ -165,7 +186,6 @@ def make_plan(
     world_size: int = 1,
 ) -> list[StepPlan]:
     """One StepPlan per step. `build=False` skips the data (no sizes, no loader fingerprint)."""
-    from prep.loaders import resolve_chunk_config
     from prep.pipeline.data import build_dataset, resolve_batch_sizes, resolve_workers
 
     plans: list[StepPlan] = []
@@ -208,14 +228,7 @@ def make_plan(
         v = step.validation
         if v is not None:
             try:
-                chunk = resolve_chunk_config(
-                    train_chunk_size=v.train_chunk_size,
-                    val_chunk_size=v.val_chunk_size,
-                    limit_train_batches=v.limit_train_batches,
-                    limit_val_batches=v.limit_val_batches,
-                    train_batches=bpe,
-                    val_batches=val.batches_per_epoch if val else None,
-                )
+                chunk = step_chunks(step, bpe, val.batches_per_epoch if val else None)
                 if chunk.chunked:
                     chunking = (
                         f"chunks of {chunk.train_chunk_size} train / {chunk.val_chunk_size} val batches"
