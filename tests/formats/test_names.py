@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from prep.formats.names import UnsafeMemberError, member_name, member_parts
@@ -40,6 +40,8 @@ def _read_everywhere(path: Path) -> list[list[tuple[str, list[str]]]]:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(key=_KEYS, exts=st.lists(_EXTS, min_size=1, max_size=3, unique=True))
+@example(key="d.ir/__é x", exts=["jpg", "t.x"])  # the unusual classes, every run: `__`, a dotted folder,
+@example(key="a__b", exts=["jpg"])  # non-ASCII, a space (random draws alone may miss them)
 def test_what_the_writer_accepts_every_reader_reads_identically(key, exts):
     try:
         for ext in exts:
