@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
-from prep.loaders import BlendDataset, ShardDataset, base
+from prep.loaders import BlendDataset, MixBatchDataset, ShardDataset, base
 from prep.loaders.base import Node, rank_slice
 
 slice_refs = getattr(base, "slice_refs", None)
@@ -44,7 +44,11 @@ def build(root: Path, kind: str, world: int) -> Node:
 
     if kind == "shard":
         return leaf(0)
-    return BlendDataset((leaf(0), 0.7), (leaf(1), 0.3), seed=0)
+    if kind == "blend":
+        return BlendDataset((leaf(0), 0.7), (leaf(1), 0.3), seed=0)
+    counts = "stratified" if kind == "mix-strat" else "multinomial"
+    return MixBatchDataset((leaf(0), 0.5), (leaf(1), 0.3), (leaf(2), 0.2), batch_size=PER_RANK,
+                           counts=counts, seed=0, world_size=world)
 
 
 def step_costs(root: Path, kind: str, world: int, steps: int) -> tuple[float, float, int]:
@@ -81,14 +85,17 @@ def step_costs(root: Path, kind: str, world: int, steps: int) -> tuple[float, fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--trees", default="shard,blend,mix,mix-strat",
+                    help="comma-separated: shard, blend, mix (multinomial), mix-strat (stratified)")
+    ap.add_argument("--worlds", default=",".join(map(str, WORLDS)))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = make_manifest(Path(tmp), 4096, 1000)
-        print(f"{'tree':<6} {'world':>6} {'plan+state+pickle ms':>21} {'resolve ms':>11} {'desc bytes':>11}")
-        for kind in ("shard", "blend"):
-            for world in WORLDS:
+        print(f"{'tree':<9} {'world':>6} {'plan+state+pickle ms':>21} {'resolve ms':>11} {'desc bytes':>11}")
+        for kind in args.trees.split(","):
+            for world in map(int, args.worlds.split(",")):
                 plan, resolve, size = step_costs(root, kind, world, args.steps)
-                print(f"{kind:<6} {world:>6} {plan:>21.3f} {resolve:>11.3f} {size:>11}", flush=True)
+                print(f"{kind:<9} {world:>6} {plan:>21.3f} {resolve:>11.3f} {size:>11}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """MixBatchDataset: stratified counts exact per batch (and over time), multinomial statistics, rank slices,
-exhaustion and repeat without losing tails, batch_mix_fn helpers, sample weights."""
+exhaustion and repeat without losing tails, batch_mix_fn helpers, sample weights; the interleave
+computed by windows (the same as the whole batch's, uniform, a rank's share, O(window) tree nodes) and
+the refusal of states saved by the planner before it."""
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 import runpy
 from collections import Counter
 from fractions import Fraction
@@ -12,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from prep.errors import PrepError
 from prep.loaders import (
@@ -22,8 +28,16 @@ from prep.loaders import (
     concat_pad,
     homogeneous_concat_mix,
 )
+from prep.loaders.base import counter_rng, fingerprint_hash, slice_refs
 from prep.loaders.combinators.blend import exact_weights
-from prep.loaders.combinators.mix import spread, stratified_counts
+from prep.loaders.combinators.mix import (
+    LEAF_POSITIONS,
+    PLANNER,
+    shuffled_window,
+    spread,
+    spread_window,
+    stratified_counts,
+)
 from prep.testing.loader_data import keyed_sequence
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -232,3 +246,102 @@ def test_final_tail_shorter_than_the_world_is_dropped() -> None:
         while True:
             sizes.append(len(mix.next_batch().items))
     assert sizes == [4, 4] and mix.epoch == 1  # 9 samples: two batches of 4, the last one dropped
+
+
+# ------------------------------------------------------------------------------ windows of a batch
+def _rng(v: int) -> np.random.Generator:
+    return counter_rng(0, "", "mix-order", 0, 0, v)
+
+
+@given(
+    st.lists(st.integers(0, 700), min_size=1, max_size=4).filter(lambda c: sum(c) > 0),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_a_window_is_that_part_of_the_whole_arrangement(counts: list[int], x: float, y: float) -> None:
+    n = sum(counts)
+    lo, hi = sorted((int(x * n), int(y * n)))
+    windows = (lambda a, b: shuffled_window(counts, a, b, _rng), lambda a, b: spread_window(counts, a, b))
+    for window in windows:
+        _, whole = window(0, n)
+        assert np.bincount(whole, minlength=len(counts)).tolist() == counts
+        before, labels = window(lo, hi)
+        assert labels == whole[lo:hi]
+        assert before == np.bincount(np.asarray(whole[:lo], dtype=np.int64), minlength=len(counts)).tolist()
+    assert spread_window(counts, 0, n)[1] == spread(counts)
+
+
+def test_a_window_draws_only_the_tree_nodes_it_overlaps() -> None:
+    """A rank's slice of a 2**20 batch costs O(log n) draws, not O(n): the two root-to-leaf paths."""
+    drawn: list[int] = []
+
+    def rng(v: int) -> np.random.Generator:
+        drawn.append(v)
+        return _rng(v)
+
+    n = 2**20
+    _, labels = shuffled_window([n // 2, n // 3, n - n // 2 - n // 3], 700_000, 700_032, rng)
+    assert len(labels) == 32
+    assert len(drawn) <= 2 * (math.log2(n / LEAF_POSITIONS) + 1)
+
+
+def _batches(counts: str, world: int, per_rank: int, batches: int, weights=(1, 2, 1)):
+    """(descriptor, each source's count) of `batches` planned batches of a mix of in-memory sources."""
+    mix = MixBatchDataset(*[(seq(str(i), 5000, seed=i), w) for i, w in enumerate(weights)],
+                          batch_size=per_rank, counts=counts, seed=11, world_size=world)
+    mix.bind("")
+    return mix, [mix.next_batch() for _ in range(batches)]
+
+
+def test_random_interleave_is_uniform_over_positions_and_ranks_get_their_share() -> None:
+    world, per_rank = 64, 32
+    n = world * per_rank  # 2,048 positions: 8 tree leaves
+    _, descs = _batches("multinomial", world, per_rank, 150)
+    labels = np.asarray([[i for i, _ in d.items] for d in descs])
+    # each source spread evenly over 16 buckets of positions (chi-square, 15 dof, p = 0.001: 37.70)
+    for i in range(3):
+        hist = (labels == i).reshape(len(descs), 16, -1).sum(axis=(0, 2))
+        expected = hist.sum() / 16
+        assert float(((hist - expected) ** 2 / expected).sum()) < 37.70, (i, hist.tolist())
+    # a rank's count of source 1 is hypergeometric around its share: z-scores of mean 0 and variance 1
+    c = (labels == 1).sum(axis=1, keepdims=True)
+    got = (labels == 1).reshape(len(descs), world, per_rank).sum(axis=2)
+    p = c / n
+    z = (got - per_rank * p) / np.sqrt(per_rank * p * (1 - p) * (n - per_rank) / (n - 1))
+    assert abs(z.mean()) < 0.05 and abs(z.var() - 1) < 0.1, (z.mean(), z.var())
+
+
+def test_stratified_rank_slices_hold_their_share_within_two_and_a_worker_computes_them() -> None:
+    world, per_rank = 64, 7
+    mix, descs = _batches("stratified", world, per_rank, 10, weights=(0.5, 0.3, 0.2))
+    n = world * per_rank
+    for d in descs:
+        whole = list(d.items)
+        sent = pickle.loads(pickle.dumps(d))  # what a worker gets: counts and ranges, no tree
+        for rank in range(world):
+            part = slice_refs(mix, sent.items, rank, world)
+            assert part == whole[rank * per_rank : (rank + 1) * per_rank]
+            for i, c in enumerate(d.info["mix_counts"]):
+                assert abs(sum(s == i for s, _ in part) - per_rank * c / n) < 2
+    with pytest.raises(PrepError, match="no node"):
+        pickle.loads(pickle.dumps(descs[0])).items[0]
+
+
+def test_a_state_saved_by_the_planner_before_windows_is_refused_in_one_line() -> None:
+    def loader(counts: str) -> DataLoader:
+        mix = MixBatchDataset((seq("a", 40), 1), (seq("b", 40, seed=1), 2), batch_size=4, counts=counts,
+                              seed=2, world_size=1)
+        return DataLoader(mix, rank=0, world_size=1)
+
+    dl = loader("multinomial")
+    next(iter(dl))
+    state = json.loads(json.dumps(dl.state_dict()))
+    assert state["fingerprint_doc"]["planner"] == PLANNER
+    del state["fingerprint_doc"]["planner"]  # what the older planner saved
+    state["fingerprint"] = fingerprint_hash(state["fingerprint_doc"])
+    with pytest.raises(PrepError) as err:
+        loader("multinomial").load_state_dict(state)
+    msg = str(err.value)
+    assert "\n" not in msg and f'planner: (absent) -> "{PLANNER}"' in msg and "prep version" in msg
+    # the stratified stream is unchanged by windows, so its fingerprint carries no marker
+    assert "planner" not in loader("stratified").state_dict()["fingerprint_doc"]

@@ -1,6 +1,6 @@
 """The loader tree's protocol: plan batches in the main process, load them in workers.
 
-Every dataset (leaf or combinator) is a `Node`. Planning (`next_batch`, `next_samples`) is cheap, pure
+Every dataset (leaf or combinator) is a `Node`. Planning (`next_batch`, `take`) is cheap, pure
 given the node's cursor, and runs in the main process; it produces a `BatchDesc` that names samples,
 not bytes. Loading (`fetch`, `fetch_samples`) does the I/O and runs in DataLoader workers. Because the
 order never depends on workers, the state is just the cursors of the tree after the last batch the
@@ -8,9 +8,11 @@ trainer received: restoring it is O(1), exact, and independent of the worker cou
 
 Batches are *global*: a node plans `global_batch_size` samples per batch (per-rank batch size x world
 size), and `fetch(desc, rank, world)` loads only that rank's slice. The global stream never depends on
-the world size, so a run saved on W ranks resumes on W' ranks (same global batch) exactly. A leaf's
-descriptor is a `Span` (a range of its epoch positions), not a list of references: planning a step
-costs the same at 1 rank or 4,096, and each worker computes the references of its rank's slice only.
+the world size, so a run saved on W ranks resumes on W' ranks (same global batch) exactly. Planned
+items are `Planned` descriptions, not lists of references — a leaf's a `Span` (a range of its epoch
+positions), a concat's take `Pieces` of its parts' spans, a mix's its per-source counts and takes —
+so planning a step costs the same at 1 rank or 4,096, and each worker computes the references of its
+rank's slice only (`span_refs`).
 
 The two kinds of node share their machinery here: `SampleLeaf` (a leaf whose epoch is a sequence of
 positions: shard, local and sequence datasets) and `Combinator` (a node over child nodes). A combinator
@@ -18,8 +20,8 @@ plans by asking its children and loads by handing a child's `BatchDesc` to the n
 Two kinds of descriptors flow up the tree:
 - *pass-through*: concat and epochize return their child's descriptor unchanged, so the DataLoader
   calls the leaf's `fetch` directly and a wrapper above can still load it sample by sample;
-- *wrapped*: blend, mix and map return `BatchDesc(self.path, ...)` holding the child's descriptor,
-  because they change the loaded batch (source tags, weights, `fn`).
+- *wrapped*: blend and map return `BatchDesc(self.path, ...)` holding the child's descriptor, and mix
+  one holding its children's takes, because they change the loaded batch (source tags, weights, `fn`).
 Also here: the random streams (`counter_rng`), the state version and fingerprint diffs, and `Source`
 (a weighted child of a blend or mix).
 """
@@ -104,46 +106,60 @@ def check_state_version(version: Any, where: str) -> None:
 @dataclass(frozen=True, slots=True)
 class BatchDesc:
     """A planned global batch. `node` is the path of the node whose `fetch` loads it; `items` are that
-    node's picklable sample references in global order — a `Span` (a range, whatever the world size)
-    for a leaf's batch; `info` is small metadata carried to the batch."""
+    node's picklable sample references in global order — `Planned` (a range, or a mix's counts and
+    ranges, whatever the world size) for a leaf's or a mix's batch; `info` is small metadata carried to
+    the batch."""
 
     node: str
     items: Sequence[Any]
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Span(Sequence[Any]):
-    """A leaf's planned batch as a range, not a list: positions [start, stop) of its `epoch` (or, with
-    `batch` >= 0, items [start, stop) of that planned batch of a bucketed leaf). Planning stays O(1) in
-    the world size: a worker computes only its rank's references (`SampleLeaf.span_refs`). In the
-    planning process the span also reads as the sequence of references (tests and tools iterate it);
-    it pickles as the bare range, so a descriptor sent to a worker never carries the leaf."""
+class Planned(Sequence[Any]):
+    """Planned sample references held as a compact description (a range, pieces of ranges, a mix's
+    counts), whatever the world size; the node that planned it computes any part of it with
+    `span_refs(items, lo, hi)` — a worker, only its rank's slice. In the planning process it also reads
+    as the sequence of references (tests and tools iterate it); subclasses pickle without the node, so
+    a descriptor sent to a worker never carries the tree."""
 
-    __slots__ = ("_leaf", "batch", "epoch", "start", "stop")
+    __slots__ = ("_node",)
 
-    def __init__(self, epoch: int, start: int, stop: int, batch: int = -1,
-                 leaf: Node | None = None) -> None:
-        self.epoch, self.start, self.stop, self.batch = epoch, start, stop, batch
-        self._leaf = leaf
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+    def __init__(self, node: Node | None) -> None:
+        self._node = node
 
     def __getitem__(self, index: Any) -> Any:
-        if self._leaf is None:
-            raise PrepError("a span sent to another process holds no leaf to read references from",
-                            "Span", "resolve it with SampleLeaf.span_refs on the leaf that planned it")
+        if self._node is None:
+            raise PrepError(f"a {type(self).__name__} sent to another process holds no node to read "
+                            "references from", type(self).__name__,
+                            "resolve it with span_refs on the node that planned it")
         if isinstance(index, slice):
             lo, hi, step = index.indices(len(self))
-            refs = self._leaf.span_refs(self, lo, max(lo, hi))
+            refs = self._node.span_refs(self, lo, max(lo, hi))
             return refs[::step] if step != 1 else refs
         i = index + len(self) if index < 0 else index
         if not 0 <= i < len(self):
             raise IndexError(index)
-        return self._leaf.span_refs(self, i, i + 1)[0]
+        return self._node.span_refs(self, i, i + 1)[0]
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self[:])
+
+
+class Span(Planned):
+    """A leaf's planned batch as a range: positions [start, stop) of its `epoch` (or, with `batch` >= 0,
+    items [start, stop) of that planned batch of a bucketed leaf). Planning stays O(1) in the world
+    size: a worker computes only its rank's references (`SampleLeaf.span_refs`). It pickles as the bare
+    range."""
+
+    __slots__ = ("batch", "epoch", "start", "stop")
+
+    def __init__(self, epoch: int, start: int, stop: int, batch: int = -1,
+                 leaf: Node | None = None) -> None:
+        super().__init__(leaf)
+        self.epoch, self.start, self.stop, self.batch = epoch, start, stop, batch
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Span) and self.key() == other.key()
@@ -161,6 +177,40 @@ class Span(Sequence[Any]):
         return (Span, self.key())
 
 
+class Pieces(Planned):
+    """Takes of several children one after another, each tagged with its child's index (a concat's
+    take that crosses part boundaries): `parts` is ((index, child's take), ...)."""
+
+    __slots__ = ("lengths", "parts")
+
+    def __init__(self, parts: Sequence[tuple[int, Sequence[Any]]], node: Node | None = None) -> None:
+        super().__init__(node)
+        self.parts = tuple(parts)
+        self.lengths = tuple(len(p) for _, p in self.parts)
+
+    def __len__(self) -> int:
+        return sum(self.lengths)
+
+    def __repr__(self) -> str:
+        return f"Pieces({list(self.parts)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Pieces, (self.parts,))
+
+
+def pieces_at(lengths: Sequence[int], lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+    """(piece, a, b) for each piece of the given lengths that items [lo, hi) of their concatenation
+    overlap, with [a, b) the overlap inside that piece: a range over pieces resolved piece by piece."""
+    start = 0
+    for k, n in enumerate(lengths):
+        a, b = max(lo - start, 0), min(hi - start, n)
+        if a < b:
+            yield k, a, b
+        start += n
+        if start >= hi:
+            return
+
+
 def rank_slice(n: int, rank: int, world: int) -> slice:
     """Rank r's contiguous part of a global batch of n items (even split; the first n % world ranks get
     one more when n is not divisible, as happens only for a final short batch with drop_last=False)."""
@@ -169,12 +219,23 @@ def rank_slice(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-def slice_refs(leaf: Node, items: Sequence[Any], rank: int, world: int) -> list[Any]:
-    """Rank's part of a planned batch's references: computed from the range for a `Span` (only this
-    slice, whatever the world size), sliced from the list otherwise."""
+def take_positions(leaf: Any, total: int, n: int) -> tuple[Span, bool]:
+    """A leaf's `take`: the next n of its `total` epoch positions from its cursor (`epoch`, `pos`) as a
+    span; when fewer are left, those, and the leaf moves to the start of its next epoch."""
+    span = Span(leaf.epoch, leaf.pos, min(total, leaf.pos + n), leaf=leaf)
+    leaf.pos = span.stop
+    if len(span) < n:
+        leaf.set_epoch(leaf.epoch + 1)
+        return span, True
+    return span, False
+
+
+def slice_refs(node: Node, items: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """Rank's part of a planned batch's references: computed by the node that planned it for `Planned`
+    items (only this slice, whatever the world size), sliced from the list otherwise."""
     part = rank_slice(len(items), rank, world)
-    if isinstance(items, Span):
-        return leaf.span_refs(items, part.start, part.stop)
+    if isinstance(items, Planned):
+        return node.span_refs(items, part.start, part.stop)
     return list(items[part])
 
 
@@ -205,11 +266,20 @@ class Node(ABC):
         """Plan the next global batch and advance the cursor. Raise StopIteration at the end of the
         epoch (the cursor then points at the start of the next epoch)."""
 
-    def next_samples(self, n: int) -> list[Any]:
-        """Plan the next n sample references (for mixing inside a batch). Raise StopIteration when the
-        epoch has fewer than n left."""
+    def take(self, n: int) -> tuple[Sequence[Any], bool]:
+        """Plan up to n sample references (for mixing inside a batch) as a `Planned` description, and
+        whether the epoch ended on the way: fewer than n come back only when it did (the cursor is then
+        at the start of the next epoch), so mixing and concatenating lose no sample at an epoch end."""
         raise PrepError(f"{type(self).__name__} cannot be mixed inside a batch", self.path or "loader",
                         "mix shard or local datasets (or concats of them)")
+
+    def next_samples(self, n: int) -> Sequence[Any]:
+        """The next n sample references (`take(n)`); StopIteration when the epoch had fewer than n left
+        (they are unused this epoch, and the cursor is at the start of the next)."""
+        refs, _ = self.take(n)
+        if len(refs) < n:
+            raise StopIteration
+        return refs
 
     def set_epoch(self, epoch: int) -> None:
         for c in self.children():
@@ -236,8 +306,9 @@ class Node(ABC):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         """Load and collate rank's slice of a batch this node planned (runs in a worker)."""
 
-    def span_refs(self, span: Span, lo: int, hi: int) -> list[Any]:
-        """References of items [lo, hi) of a span this leaf planned (a rank's slice, in its worker)."""
+    def span_refs(self, span: Any, lo: int, hi: int) -> list[Any]:
+        """References of items [lo, hi) of `Planned` items this node planned (a `Span` for a leaf; a
+        rank's slice, in its worker)."""
         raise PrepError(f"{type(self).__name__} plans no spans", self.path or "loader",
                         "load batches with the loader tree that planned them")
 
@@ -254,16 +325,17 @@ def fingerprint_hash(doc: dict[str, Any]) -> str:
 
 def diff_fingerprints(old: Any, new: Any, path: str = "") -> list[str]:
     """Human lines saying what changed between two fingerprints (for the mismatch error): the dotted path
-    of each changed value at any depth (`children.1.seed: 1 -> 2`) and both values, whole."""
+    of each changed value at any depth (`children.1.seed: 1 -> 2`) and both values, whole (`(absent)` for
+    a key only one side has, e.g. a marker an older prep did not write)."""
     where = path or "value"
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new), key=str):
             p = f"{path}.{k}" if path else str(k)
             if k not in old:
-                out.append(f"{p} added")
+                out.append(f"{p}: (absent) -> {json.dumps(new[k], default=str)}")
             elif k not in new:
-                out.append(f"{p} removed")
+                out.append(f"{p}: {json.dumps(old[k], default=str)} -> (absent)")
             else:
                 out += diff_fingerprints(old[k], new[k], p)
         return out
@@ -324,7 +396,7 @@ class SampleLeaf(Node):
     """A leaf whose epoch is a sequence of `total` positions mapped to sample references by `refs()`.
 
     The cursor is (epoch, position in samples); `next_batch` takes the next global batch of positions,
-    `next_samples(n)` the next n (for mixing). Subclasses define `refs`, `load` and `fingerprint`.
+    `take(n)` the next n as a span (for mixing). Subclasses define `refs`, `load` and `fingerprint`.
     """
 
     def __init__(self, *, total: int, global_batch: int, rank: int, world: int, drop_last: bool) -> None:
@@ -359,13 +431,8 @@ class SampleLeaf(Node):
         span = Span(self.epoch, start, stop, leaf=self)
         return BatchDesc(self.path, span, {"epoch": self.epoch, "start": start})
 
-    def next_samples(self, n: int) -> list[Any]:
-        """The next n sample references (for mixing). When fewer than n are left, the epoch ends like
-        `next_batch`'s: StopIteration, cursor at (epoch + 1, 0), the leftover samples unused this epoch."""
-        if self.total - self.pos < n:
-            raise self._end_epoch()
-        start, self.pos = self.pos, self.pos + n
-        return self.refs(self.epoch, start, self.pos)
+    def take(self, n: int) -> tuple[Span, bool]:
+        return take_positions(self, self.total, n)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch`. The current epoch is a no-op, so the usual `loader.set_epoch(e)` at the
@@ -431,7 +498,7 @@ def _walk(node: Node) -> Iterable[Node]:
 
 def is_wrapped(desc: BatchDesc) -> bool:
     """True for a descriptor whose items are child descriptors (blend, map), not sample references."""
-    return not isinstance(desc.items, Span) and any(isinstance(x, BatchDesc) for x in desc.items[:2])
+    return not isinstance(desc.items, Planned) and any(isinstance(x, BatchDesc) for x in desc.items[:2])
 
 
 class Combinator(Node):
@@ -521,26 +588,6 @@ def load_samples(node: Node, desc: BatchDesc, rank: int, world: int) -> list[dic
         )
     loaded = node.fetch_samples(slice_refs(node, desc.items, rank, world))
     return [s for s in loaded if s is not None]  # None: a bad sample, skipped
-
-
-def take_samples(node: Node, n: int) -> tuple[list[Any], bool]:
-    """Up to n sample references from `node`, and whether its epoch ended on the way.
-
-    Leaves refuse `next_samples(n)` when fewer than n are left; then the cursor is put back (O(1)) and
-    the tail is taken one by one, so mixing and concatenating lose no sample at an epoch boundary.
-    """
-    saved = node.state_dict()
-    try:
-        return list(node.next_samples(n)), False
-    except StopIteration:
-        node.load_state_dict(saved)
-    refs: list[Any] = []
-    while len(refs) < n:
-        try:
-            refs.extend(node.next_samples(1))
-        except StopIteration:
-            return refs, True
-    return refs, False
 
 
 @dataclass(frozen=True)

@@ -268,8 +268,8 @@ class DataLoader:
             changes = diff_fingerprints(state.get("fingerprint_doc", {}), fp)
             raise PrepError("the saved loader state belongs to another dataset setup: "
                             + ("; ".join(changes[:5]) or "fingerprint differs"), "load_state_dict",
-                            "resume with the same shards, weights, seeds and global batch size, "
-                            "or start fresh")
+                            "resume with the same shards, weights, seeds, global batch size and prep "
+                            "version, or start fresh")
         self.dataset.load_state_dict(copy.deepcopy(state["tree"]))
         self._state = copy.deepcopy(state["tree"])
         self._left = copy.deepcopy(self._state)

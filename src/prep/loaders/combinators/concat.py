@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from prep.loaders.base import BatchDesc, Combinator, Node, sum_of_sizes, take_samples
+from prep.loaders.base import BatchDesc, Combinator, Node, Pieces, pieces_at, sum_of_sizes
 
 
 class ConcatDataset(Combinator):
@@ -38,17 +38,28 @@ class ConcatDataset(Combinator):
         self._end_epoch()
         raise StopIteration
 
-    def next_samples(self, n: int) -> list[tuple[int, Any]]:
-        refs: list[tuple[int, Any]] = []
+    def take(self, n: int) -> tuple[Pieces, bool]:
+        """Up to n references, crossing part boundaries (a part that returns fewer than asked has ended);
+        their items read as (part, reference)."""
+        parts: list[tuple[int, Any]] = []
+        have = 0
         while self.k < len(self._children):
-            got, ended = take_samples(self._children[self.k], n - len(refs))
-            refs += [(self.k, r) for r in got]
-            if len(refs) == n:
-                return refs
-            if ended:
-                self.k += 1
-        self._end_epoch()  # fewer than n left in the whole concat: its tail is dropped, as a leaf does
-        raise StopIteration
+            got, _ = self._children[self.k].take(n - have)
+            if len(got):
+                parts.append((self.k, got))
+                have += len(got)
+            if have == n:
+                return Pieces(parts, self), False
+            self.k += 1
+        self._end_epoch()
+        return Pieces(parts, self), True
+
+    def span_refs(self, span: Pieces, lo: int, hi: int) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        for j, a, b in pieces_at(span.lengths, lo, hi):
+            k, got = span.parts[j]
+            out += [(k, r) for r in self._children[k].span_refs(got, a, b)]
+        return out
 
     def batches_per_epoch(self) -> int | None:
         return sum_of_sizes([c.batches_per_epoch() for c in self._children])

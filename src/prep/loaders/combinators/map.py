@@ -42,8 +42,11 @@ class MapDataset(Combinator):
         d = self.child.next_batch()
         return BatchDesc(self.path, (d,), d.info)
 
-    def next_samples(self, n: int) -> list[Any]:
-        return self.child.next_samples(n)
+    def take(self, n: int) -> tuple[Sequence[Any], bool]:
+        return self.child.take(n)
+
+    def span_refs(self, span: Any, lo: int, hi: int) -> list[Any]:
+        return self.child.span_refs(span, lo, hi)
 
     def set_epoch(self, epoch: int) -> None:
         self.child.set_epoch(epoch)  # no cursor of its own

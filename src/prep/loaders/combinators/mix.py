@@ -9,6 +9,14 @@ Per planned global batch the counts per source are either
 
 Positions inside the global batch interleave the sources (random for multinomial, evenly spread for
 stratified), so every rank's contiguous slice gets its share (stratified: less than 2 samples off).
+
+A planned batch is O(sources) whatever the world size (`MixPlan`): the counts, each source's take as
+its child's range description, and the batch number. The interleave is never materialised while
+planning: any window of positions (a rank's slice, in its worker) is computed directly, in work
+proportional to the window plus sources x log(batch) — the random interleave from a tree of
+hypergeometric splits over positions (`shuffled_window`), the even spread in closed form
+(`spread_window`). Both depend on positions only, so the global stream is the same at every world size.
+
 Each sample is collated as a batch of one and `batch_mix_fn` receives the rank's list of them, in
 batch order — energon's call shape, so
 `homogeneous_concat_mix` concatenates (padding tensors with `concat_pad`) and a custom function can
@@ -20,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter, defaultdict
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from fractions import Fraction
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -34,17 +44,24 @@ from prep.loaders.base import (
     BatchDesc,
     Combinator,
     Node,
+    Planned,
     Source,
     counter_rng,
     dist_info,
     parse_sources,
-    rank_slice,
-    take_samples,
+    pieces_at,
+    slice_refs,
 )
 from prep.loaders.combinators.blend import exact_weights, loss_weight
 
 Counts = Literal["multinomial", "stratified"]
 _SCALAR = (str, bytes, int, float, bool, type(None))
+# In a multinomial mix's fingerprint: its interleave is drawn by windows (`shuffled_window`). States saved
+# by the planner before (one permutation of the whole batch) lack it, so they are refused instead of
+# resumed into another order. The stratified stream did not change (same spread, same takes), so its
+# fingerprint has no marker and its older states resume.
+PLANNER = "mix-windows-2"
+LEAF_POSITIONS = 256  # the random interleave's tree stops here and shuffles the block in one draw
 
 
 # ----------------------------------------------------------------------------------- batch_mix_fn
@@ -128,14 +145,104 @@ def stratified_counts(weights: Sequence[Fraction], n: int, extras: Sequence[int]
     return [b + (i in plus) for i, b in enumerate(base)]
 
 
+def _spread_rank(counts: Sequence[int], i: int, j: int) -> int:
+    """Position of source i's j-th item in the even spread: the items of every source before it, with
+    (j' + 1/2) / c' < (j + 1/2) / c_i compared exactly in integers (ties: lower source first)."""
+    x, ci = 2 * j + 1, counts[i]
+    pos = j
+    for i2, c2 in enumerate(counts):
+        if i2 != i and c2:
+            m = (x * c2) // ci if i2 < i else (x * c2 - 1) // ci  # the last 2j'+1 that comes before
+            pos += min(c2, (m + 1) // 2)
+    return pos
+
+
+def spread_before(counts: Sequence[int], t: int) -> list[int]:
+    """Items of each source among the first t positions of the even spread (binary search per source)."""
+    return [bisect_left(range(c), t, key=partial(_spread_rank, counts, i)) for i, c in enumerate(counts)]
+
+
+def spread_window(counts: Sequence[int], lo: int, hi: int) -> tuple[list[int], list[int]]:
+    """(items of each source before position lo, source labels of positions [lo, hi)) of the even
+    spread: the j-th of source i's c_i items sits at (j + 1/2) / c_i, all sorted by that (ties: lower
+    source first). O(window + sources^2 x log(batch)). Inside the window the fractions are compared as
+    doubles, which order them exactly below 2**25 items (distinct ones differ by at least 1/(4n^2))."""
+    first, last = spread_before(counts, lo), spread_before(counts, hi)
+    labels = np.repeat(np.arange(len(counts)), [b - a for a, b in zip(first, last, strict=True)])
+    pos = np.concatenate(
+        [(2 * np.arange(a, b) + 1) / (2 * c) for a, b, c in zip(first, last, counts, strict=True) if b > a]
+        or [np.zeros(0)]
+    )
+    return first, labels[np.lexsort((labels, pos))].tolist()
+
+
 def spread(counts: Sequence[int]) -> list[int]:
-    """Source labels evenly interleaved: the j-th of source i's c_i items sits at (j + 1/2) / c_i and all
-    are sorted by that position (ties: lower source first). Equal fractions are equal doubles (division
-    is correctly rounded), so the order is exact; any window of the result holds each source's share
-    to within 2, which is what a rank's contiguous slice needs."""
-    labels = np.repeat(np.arange(len(counts)), counts)
-    pos = np.concatenate([(2 * np.arange(c) + 1) / (2 * c) for c in counts if c] or [np.zeros(0)])
-    return labels[np.lexsort((labels, pos))].tolist()
+    """Source labels evenly interleaved (`spread_window` of the whole batch); any window of the result
+    holds each source's share to within 2, which is what a rank's contiguous slice needs."""
+    return spread_window(counts, 0, sum(counts))[1]
+
+
+def shuffled_window(
+    counts: Sequence[int], lo: int, hi: int, rng: Callable[[int], np.random.Generator]
+) -> tuple[list[int], list[int]]:
+    """(items of each source before position lo, source labels of positions [lo, hi)) of a uniformly
+    random arrangement of counts[i] items of source i, computed for the window only.
+
+    The positions form a binary tree (node 1 is [0, n), node v's halves are 2v and 2v+1); a node splits
+    its per-source counts between its halves by a multivariate hypergeometric draw from `rng(v)`, and a
+    block of at most LEAF_POSITIONS shuffles its labels. That is exactly a uniform arrangement, and the
+    window touches only the nodes that overlap it: O(window + sources x log(n)) work."""
+    k = len(counts)
+    before = np.zeros(k, dtype=np.int64)
+    parts: list[np.ndarray] = []
+
+    def visit(v: int, a: int, b: int, c: np.ndarray) -> None:
+        nonlocal before
+        if b <= lo:
+            before += c
+            return
+        if a >= hi:
+            return
+        if np.count_nonzero(c) == 1 or b - a <= LEAF_POSITIONS:
+            single = np.count_nonzero(c) == 1
+            block = np.repeat(np.arange(k), c) if single else rng(v).permutation(np.repeat(np.arange(k), c))
+            cut = max(lo - a, 0)
+            before += np.bincount(block[:cut], minlength=k)
+            parts.append(block[cut : min(hi, b) - a])
+            return
+        mid = (a + b) // 2
+        left = rng(v).multivariate_hypergeometric(c, mid - a)
+        visit(2 * v, a, mid, left)
+        visit(2 * v + 1, mid, b, c - left)
+
+    visit(1, 0, int(sum(counts)), np.asarray(counts, dtype=np.int64))
+    labels = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return before.tolist(), labels.tolist()
+
+
+class MixPlan(Planned):
+    """A mix's planned batch, O(sources) whatever the world size: `counts` per source, each source's
+    `takes` (its child's planned descriptions in order — more than one when a repeating source wrapped
+    into its next epoch) and the batch's (epoch, g), which key the interleave. The mix computes any
+    window of its (source, reference) items with `span_refs`."""
+
+    __slots__ = ("counts", "epoch", "g", "takes")
+
+    def __init__(self, epoch: int, g: int, counts: Sequence[int], takes: Sequence[Sequence[Sequence[Any]]],
+                 node: Node | None = None) -> None:
+        super().__init__(node)
+        self.epoch, self.g = epoch, g
+        self.counts = tuple(counts)
+        self.takes = tuple(tuple(t) for t in takes)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __repr__(self) -> str:
+        return f"MixPlan(epoch={self.epoch}, g={self.g}, counts={list(self.counts)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (MixPlan, (self.epoch, self.g, self.counts, self.takes))
 
 
 def tag_sample(sample: Any, name: str, sample_weight: float | None) -> Any:
@@ -222,74 +329,89 @@ class MixBatchDataset(Combinator):
             counter_rng(self.seed, self.path, "mix", self.epoch, self.g, attempt).multinomial(n, p).tolist()
         )
 
-    def _take(self, i: int, n: int) -> list[Any]:
-        """n references of source i. With repeat, a source that ends continues in its next epoch (a source
-        smaller than its share appears more than once in a batch); without, it drops out (weight 0)."""
+    def _take(self, i: int, n: int) -> list[Sequence[Any]]:
+        """n references of source i, as its child's planned descriptions. With repeat, a source that ends
+        continues in its next epoch (a source smaller than its share appears more than once in a batch);
+        without, it drops out (weight 0)."""
         child = self._children[i]
-        refs, ended = take_samples(child, n)
-        while ended and self.repeat and len(refs) < n:
-            more, ended = take_samples(child, n - len(refs))
-            if ended and not more:
+        got, ended = child.take(n)
+        takes, have = [got] if len(got) else [], len(got)
+        while ended and self.repeat and have < n:
+            got, ended = child.take(n - have)
+            if ended and not len(got):
                 raise PrepError(
                     f"source {self.sources[i].name!r} has no samples",
                     self.path or "MixBatchDataset",
                     "check that dataset",
                 )
-            refs += more
+            takes.append(got)
+            have += len(got)
         if ended and not self.repeat:  # energon's rule: an exhausted source's weight goes to 0
             self.exhausted[i] = True
             self.extras, self.phase_g = [0] * len(self.sources), 0
-        return refs
+        return takes
 
-    def _plan(self, n: int) -> list[tuple[int, Any]] | None:
+    def _plan(self, n: int) -> MixPlan | None:
         """n references (fewer only when every source has ended), or None at the end of the epoch."""
         if all(self.exhausted):
             self.epoch += 1
             self.reset_cursor()
             return None
-        by_src: dict[int, list[Any]] = defaultdict(list)
+        k = len(self.sources)
+        takes: list[list[Sequence[Any]]] = [[] for _ in range(k)]
+        counts = [0] * k
         missing, attempt = n, 0
         while missing and not all(self.exhausted):
             for i, c in enumerate(self._draw_counts(missing, attempt)):
                 if c:
-                    by_src[i] += self._take(i, c)
-            missing = n - sum(len(v) for v in by_src.values())
+                    got = self._take(i, c)
+                    takes[i] += got
+                    counts[i] += sum(len(t) for t in got)
+            missing = n - sum(counts)
             attempt += 1
+        plan = MixPlan(self.epoch, self.g, counts, takes, self)
         self.g += 1
-        counts = [len(by_src.get(i, ())) for i in range(len(self.sources))]
-        if self.count_mode == "stratified":
-            labels = spread(counts)
-        else:
-            labels = (
-                counter_rng(self.seed, self.path, "mix-order", self.epoch, self.g)
-                .permutation(np.repeat(np.arange(len(counts)), counts))
-                .tolist()
-            )
-        pos = [0] * len(counts)
-        items = []
-        for i in labels:
-            items.append((i, by_src[i][pos[i]]))
-            pos[i] += 1
-        return items
+        return plan
 
     def next_batch(self) -> BatchDesc:
-        items = self._plan(self.global_batch_size)
-        if items is None:
+        plan = self._plan(self.global_batch_size)
+        if plan is None:
             raise StopIteration
-        if len(items) < self.world:  # nothing left, or a final tail too short to give every rank a sample
+        if len(plan) < self.world:  # nothing left, or a final tail too short to give every rank a sample
             return self.next_batch()
-        per_source = Counter(i for i, _ in items)
-        counts = [per_source[k] for k in range(len(self.sources))]
-        return BatchDesc(self.path, tuple(items), {"mix_counts": counts})
+        return BatchDesc(self.path, plan, {"mix_counts": list(plan.counts)})
 
-    def next_samples(self, n: int) -> list[tuple[int, Any]]:
-        items = self._plan(n)
-        if items is None or len(items) < n:
-            if items is not None:  # fewer than n left in every source: the tail is dropped, as a leaf does
-                self.epoch += 1
-                self.reset_cursor()
-            raise StopIteration
-        return items
+    def take(self, n: int) -> tuple[MixPlan, bool]:
+        plan = self._plan(n)
+        if plan is None:
+            return MixPlan(self.epoch, self.g, [0] * len(self.sources), [()] * len(self.sources), self), True
+        if len(plan) < n:  # fewer than n left in every source: the epoch ends, as a leaf's does
+            self.epoch += 1
+            self.reset_cursor()
+            return plan, True
+        return plan, False
+
+    def window(self, plan: MixPlan, lo: int, hi: int) -> tuple[list[int], list[int]]:
+        """(items of each source before position lo, source labels of positions [lo, hi)) of a plan."""
+        if self.count_mode == "stratified":
+            return spread_window(plan.counts, lo, hi)
+        return shuffled_window(
+            plan.counts, lo, hi,
+            lambda v: counter_rng(self.seed, self.path, "mix-order", plan.epoch, plan.g, v),
+        )
+
+    def span_refs(self, span: MixPlan, lo: int, hi: int) -> list[tuple[int, Any]]:
+        """(source, reference) of positions [lo, hi): each source's items in the window are the next ones
+        of its takes after those before lo."""
+        before, labels = self.window(span, lo, hi)
+        inside = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(self.sources)).tolist()
+        refs = []
+        for i, (a, c) in enumerate(zip(before, inside, strict=True)):
+            got: list[Any] = []
+            for j, x, y in pieces_at([len(t) for t in span.takes[i]], a, a + c):
+                got += self._children[i].span_refs(span.takes[i][j], x, y)
+            refs.append(iter(got))
+        return [(i, next(refs[i])) for i in labels]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -316,6 +438,7 @@ class MixBatchDataset(Combinator):
             "repeat": self.repeat,
             "global_batch_size": self.global_batch_size,
             "children": self.child_fingerprints(),
+            **({"planner": PLANNER} if self.count_mode == "multinomial" else {}),
         }
 
     # --------------------------------------------------------------------------------- loading
@@ -334,5 +457,5 @@ class MixBatchDataset(Combinator):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         if desc.node != self.path:
             return self.fetch_desc(desc, rank, world)
-        samples = self.fetch_samples(desc.items[rank_slice(len(desc.items), rank, world)])
+        samples = self.fetch_samples(slice_refs(self, desc.items, rank, world))
         return self.batch_mix_fn([self.collate_fn([s]) for s in samples if s is not None])

@@ -291,14 +291,14 @@ class LocalDataset(SampleLeaf):
         bucket = int(self.bucket_of[rows[0]])  # type: ignore[index]
         return [(r, span.epoch, bucket) for r in rows[lo:hi].tolist()]
 
-    def next_samples(self, n: int) -> list[Any]:
+    def take(self, n: int) -> tuple[Span, bool]:
         if self.buckets is not None:
             raise PrepError(
                 "a bucketed LocalDataset cannot be mixed inside a batch (batches hold one bucket)",
                 self.path or "LocalDataset",
                 "blend whole batches instead, or drop buckets",
             )
-        return super().next_samples(n)
+        return super().take(n)
 
     def batches_per_epoch(self) -> int:
         if self.buckets is None:

@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import default_collate
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node, Span, counter_rng, dist_info, slice_refs
+from prep.loaders.base import BatchDesc, Node, Span, counter_rng, dist_info, slice_refs, take_positions
 
 Sample = dict[str, Any]
 
@@ -100,11 +100,6 @@ class SequenceDataset(Node):
             self._order = (tag, order)
         return self._order[1]
 
-    def _take(self, n: int) -> list[int]:
-        refs = self._epoch_order()[self.pos : self.pos + n].tolist()
-        self.pos += len(refs)
-        return refs
-
     def _end_epoch(self) -> None:
         self.epoch += 1
         self.pos = 0
@@ -121,11 +116,8 @@ class SequenceDataset(Node):
     def span_refs(self, span: Span, lo: int, hi: int) -> list[int]:
         return self._epoch_order(span.epoch)[span.start + lo : span.start + hi].tolist()
 
-    def next_samples(self, n: int) -> list[int]:
-        if self.pos + n > len(self.samples):
-            self._end_epoch()
-            raise StopIteration
-        return self._take(n)
+    def take(self, n: int) -> tuple[Span, bool]:
+        return take_positions(self, len(self.samples), n)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # the same epoch keeps a restored mid-epoch cursor
