@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from prep.formats.index import read_index
 from prep.loaders import DataLoader, ShardDataset
 from prep.loaders.io.cache import ENTRY_SUFFIX, ShardCache
 from prep.testing.loader_data import make_shards, planned_keys
@@ -145,3 +146,67 @@ def test_no_secret_reaches_a_cache_file_name(data, tmp_path):
         assert TOKEN not in str(path) and "PREP_SECRET" not in str(path)
         if path.is_file() and not path.name.endswith(ENTRY_SUFFIX):
             assert TOKEN.encode() not in path.read_bytes()
+
+
+def _ranges(srv, suffix: str) -> list[tuple[str, int, int]]:
+    """(path, first byte, last byte + 1) of every ranged GET ending with suffix."""
+    out = []
+    for r in srv.gets(suffix):
+        a, _, b = r.headers["range"][len("bytes="):].partition("-")
+        out.append((r.path, int(a), int(b) + 1))
+    return out
+
+
+def test_a_node_fetches_each_byte_and_each_index_once(data, tmp_path, monkeypatch):
+    from prep.loaders.io import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", 4096)  # many chunks per shard: the sliding window at work
+    cache_dir = tmp_path / "cache"
+    got: dict[int, list[str]] = {}
+    with serve_files(str(data), token=TOKEN, latency=0.002) as srv:
+        def rank(r):
+            loader = DataLoader(_ds(srv.url + "/ds", cache_dir, rank=r, world=2, token=TOKEN),
+                                num_workers=2, rank=r, world_size=2)
+            got[r] = [k for b in loader for k in b["__key__"]]
+
+        ranks = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
+        chunks, indexes = _ranges(srv, ".tar"), srv.gets(".idx")
+        again = DataLoader(_ds(srv.url + "/ds", cache_dir, token=TOKEN), num_workers=2)
+        second = [k for b in again for k in b["__key__"]]
+        assert len(srv.gets(".tar")) == len(chunks) and len(srv.gets(".idx")) == len(indexes)
+    for r in (0, 1):
+        assert got[r] == planned_keys(_ds(data / "ds", None, rank=r, world=2), r, 2)
+    assert second == planned_keys(_ds(data / "ds", None))
+    assert len(indexes) == len(SIZES)  # one .idx request per shard for the whole node, then none
+    assert len(set(chunks)) == len(chunks)  # no byte range asked twice
+    ends = {}
+    for path, a, b in sorted(chunks):
+        assert a == ends.get(path, 0)  # the ranges of a shard tile it from byte 0, without gaps
+        ends[path] = b
+    assert len(ends) == len(SIZES)
+    for path, end in ends.items():
+        assert end == read_index(data / path.lstrip("/"))[-1]  # up to the end of the last sample
+
+
+def test_a_redirect_is_followed_and_the_token_stays_with_its_host(data, tmp_path):
+    with serve_files(str(data)) as cdn, serve_files(str(data), token=TOKEN, redirect_to=cdn.url) as hub:
+        ds = _ds(hub.url + "/ds", tmp_path / "cache", token=TOKEN)
+        assert planned_keys(ds) == planned_keys(_ds(data / "ds", None))
+        assert hub.gets(".tar") and cdn.gets(".tar")  # every shard download went through the redirect
+        assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+        assert not any("authorization" in r.headers for r in cdn.requests)
+
+
+def test_a_server_without_range_support_is_named_in_one_line(data, tmp_path):
+    from prep.errors import PrepError
+
+    with serve_files(str(data), ranges=False) as srv:
+        ds = _ds(srv.url + "/ds", tmp_path / "cache", read_ahead=0)
+        with pytest.raises(PrepError) as err:
+            planned_keys(ds)
+    text = str(err.value)
+    assert "Range" in text and "shard-" in text and "\n" not in text

@@ -4,14 +4,19 @@ and rank of a node.
 Why: one ranged request per sample pays the store's latency per sample and meets its rate limits; a
 whole shard is one stream at the link's bandwidth, after which every sample is a local `pread`.
 
-Layout: one flat folder. An entry is `<hash>.shard`, the shard's bytes up to the end of its last sample;
-the hash is of the shard's redacted URL (no user info, no query string: no token ever reaches a file
-name) or of its whole `pipe:` command, its size and its checksum, so a changed shard is a new entry.
-An entry only ever appears by rename of a complete temp (`formats.atomic.temp_name`), so a reader killed
-mid-download leaves a temp, never a short entry; the next fill sweeps temps of dead writers.
+Layout: one flat folder. An entry is `<hash>.shard`, the shard's bytes up to the end of its last sample,
+or `<hash>.idx`, the shard's sample offsets (so a node fetches a remote `.idx` once, not once per worker
+and per epoch); the hash is of the shard's redacted URL (no user info, no query string: no token ever
+reaches a file name) or of its whole `pipe:` command, with its size and checksum, so a changed shard is
+a new entry. An entry only ever appears by rename of a complete temp (`formats.atomic.temp_name`), so a
+reader killed mid-download leaves a temp, never a short entry; the next fill sweeps temps of dead writers.
 
 Locks (`fcntl.flock`, so processes of one node agree, and a killed holder releases):
-- `.<entry>.lock`: one download per entry; a second reader waits and then reads the finished entry;
+- `.slot-XX.lock` (256 of them, XX from the entry's hash): one download per entry; a second reader waits
+  and then reads the finished entry (read-ahead does not wait: it goes on to the next shard, so two
+  workers download two shards at once). Slots, not a lock file per entry: creating a file is the
+  costliest step of a fill on ext4 with many recently deleted inodes (0.6 ms each, 5% of a cold epoch's
+  CPU in `bench/remote_cache.py`); two entries sharing a slot merely take turns;
 - `.cache.lock`: accounting. The byte limit covers entries and temps; a temp is created at its full
   size when it is reserved, so the sum of file sizes never exceeds `max_bytes`. Room is made by deleting
   least recently used entries (mtime, touched on every open) that no reader holds;
@@ -30,21 +35,23 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from prep.errors import PrepError
 from prep.formats.atomic import dead_writer, temp_name
 
 ENTRY_SUFFIX = ".shard"
+INDEX_SUFFIX = ".idx"
+_ENTRY_SUFFIXES = (ENTRY_SUFFIX, INDEX_SUFFIX)
 _LOCK_NAME = ".cache.lock"
 _TOUCH_SECONDS = 1.0
 
 
-def entry_name(identity: str, size: int, checksum: str | None) -> str:
-    """The file name of a shard's entry: a hash of where it comes from (redacted by the caller), its size
-    and checksum. Nothing of the URL is readable in it."""
-    text = json.dumps([identity, int(size), checksum or ""])
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + ENTRY_SUFFIX
+def entry_name(identity: str, size: int, checksum: str | None, suffix: str = ENTRY_SUFFIX) -> str:
+    """The file name of a shard's entry (`suffix` ENTRY_SUFFIX) or of its offsets (INDEX_SUFFIX): a hash
+    of where it comes from (redacted by the caller), its size and checksum. Nothing of the URL is
+    readable in it."""
+    text = json.dumps([identity, int(size), checksum or "", suffix])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + suffix
 
 
 # Descriptors this process holds on cache files. A flock belongs to the open file, which a fork shares:
@@ -122,32 +129,81 @@ class ShardCache:
                 os.utime(path)
         return fd
 
-    def fill(self, name: str, size: int, write: Callable[[BinaryIO], None]) -> int | None:
-        """`open(name)`, downloading the entry first when absent: `write(f)` writes exactly `size` bytes
-        into a reserved temp, renamed into place when complete. None when the byte limit leaves no room
-        (every other entry in use, or one shard larger than the limit): the caller reads around the cache."""
+    def fill(self, name: str, size: int, write: Callable[[int], int], *, wait: bool = True) -> int | None:
+        """`open(name)`, downloading the entry first when absent: `write(fd)` writes bytes [0, size) into a
+        reserved temp (positioned writes, in any order) and returns how many it wrote; the temp is renamed
+        into place when complete. None when the byte limit leaves no room (every other entry in use, or
+        one shard larger than the limit): the caller reads around the cache. With `wait=False` (read-ahead)
+        an entry another process is downloading is not waited for: None at once."""
         fd = self.open(name)
         if fd is not None:
             return fd
-        with _flock(self.folder / f".{name}.lock"):
-            fd = self.open(name)  # another process finished it while this one waited
-            if fd is not None:
-                return fd
-            tmp = self._reserve(name, size)
-            if tmp is None:
+        with self._slot(name, wait) as mine:
+            if not mine:
                 return None
+            fd = self.open(name)  # another process finished it while this one waited
+            if fd is None and self._store(name, size, write):
+                fd = self.open(name)
+        return fd
+
+    def fetch_small(self, name: str, fetch: Callable[[], bytes | None]) -> bytes | None:
+        """The bytes of a small entry (a shard's offsets): read from the cache, else `fetch()`ed (once per
+        node: other processes wait for it) and kept when there is room. None when `fetch` finds nothing."""
+        got = self._read_whole(name)
+        if got is not None:
+            return got
+        with self._slot(name, True):
+            got = self._read_whole(name)
+            if got is None:
+                got = fetch()
+                if got is not None:
+                    data = got
+                    self._store(name, len(data), lambda out: os.pwrite(out, data, 0))
+        return got
+
+    def _read_whole(self, name: str) -> bytes | None:
+        fd = self.open(name)
+        if fd is None:
+            return None
+        try:
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            release(fd)
+
+    @contextlib.contextmanager
+    def _slot(self, name: str, wait: bool) -> Iterator[bool]:
+        """Hold the download lock of `name`'s slot (yields False when `wait` is off and it is taken)."""
+        lock = _open(self.folder / f".slot-{name[:2]}.lock", os.O_RDWR | os.O_CREAT)
+        try:
             try:
-                with open(tmp, "r+b") as f:
-                    write(f)
-                    got = f.tell()
-                if got != size:
-                    raise PrepError(f"the download wrote {got} bytes, the shard's samples end at byte {size}",
-                                    name, "check that the shard did not change since it was listed")
-                os.replace(tmp, self.folder / name)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        return self.open(name)
+                fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            release(lock)  # closing releases the lock
+
+    def _store(self, name: str, size: int, write: Callable[[int], int]) -> bool:
+        """Write a new entry through a reserved temp and rename it into place (the slot lock is held);
+        False when the byte limit leaves no room."""
+        tmp = self._reserve(name, size)
+        if tmp is None:
+            return False
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                got = write(out)
+            finally:
+                os.close(out)
+            if got != size:
+                raise PrepError(f"the download wrote {got} bytes, the shard's samples end at byte {size}",
+                                name, "check that the shard did not change since it was listed")
+            os.replace(tmp, self.folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
 
     # --------------------------------------------------------------------------------- accounting
     def used_bytes(self) -> int:
@@ -177,12 +233,12 @@ class ShardCache:
             now = time.time()
             files = []
             for path, fsize, mtime in self._files():
-                if not path.name.endswith(ENTRY_SUFFIX) and dead_writer(path.name, mtime, now):
+                if not path.name.endswith(_ENTRY_SUFFIXES) and dead_writer(path.name, mtime, now):
                     path.unlink(missing_ok=True)  # a killed reader's download
                     continue
                 files.append((path, fsize, mtime))
             used = sum(f[1] for f in files)
-            for path, fsize, _ in sorted((f for f in files if f[0].name.endswith(ENTRY_SUFFIX)),
+            for path, fsize, _ in sorted((f for f in files if f[0].name.endswith(_ENTRY_SUFFIXES)),
                                          key=lambda f: f[2]):
                 if used + size <= self.max_bytes:
                     break

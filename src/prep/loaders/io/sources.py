@@ -15,6 +15,7 @@ repr is `***`, and URLs are redacted (no user info, no query string) in every er
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import queue
@@ -23,7 +24,7 @@ import subprocess
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,16 @@ from prep.errors import PrepError
 from prep.formats.index import IDX_SUFFIX, index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from prep.formats.tar import iter_samples, scan_tar, shard_files
+from prep.formats.tar_write import WRITE_PIECE
 from prep.formats.wdinfo import read_wdinfo
-from prep.loaders.io.cache import ShardCache, entry_name, release
+from prep.loaders.io.cache import INDEX_SUFFIX, ShardCache, entry_name, release
+from prep.loaders.io.http_range import FetchError, get_range_into
 
 _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
-_CHUNK = 8 << 20  # bytes per ranged request of a whole-shard download
-_CHUNKS_AT_ONCE = 4  # requests of one download in flight together (32 MiB of memory at most)
-_AHEAD_THREADS = 2  # downloads of the read-ahead in flight per worker
+_CHUNK = 2 << 20  # bytes per ranged request of a whole-shard download
+_CHUNKS_AT_ONCE = 4  # requests of one download in flight together (8 MiB of memory at most)
+_AHEAD_THREADS = 3  # downloads of the read-ahead in flight per worker
 _BATCH_THREADS = 8  # requests a batch makes together (index reads, downloads of its missing shards)
 _BRACE_RE = re.compile(r"\{[^{}]*\}")
 
@@ -95,13 +98,14 @@ def expand_braces(pattern: str) -> list[str]:
 class ShardSpec:
     """One shard: where it is read from, its stable name (for the fingerprint), its sample count, its
     sample offsets when they were learnt by scanning (else read lazily from the `.idx`), and its checksum
-    when a manifest gives one."""
+    and size in bytes when a manifest gives them."""
 
     url: str
     name: str
     samples: int
     offsets: np.ndarray | None = None
     checksum: str | None = None  # from a manifest: tells a moved copy from another dataset of the same names
+    file_bytes: int | None = None  # from a manifest: with the checksum, names a remote shard's cached .idx
 
 
 def _local(url: str) -> str:
@@ -168,12 +172,14 @@ def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None) 
 
 def _remote_error(err: Exception, url: str, what: str) -> PrepError:
     status = getattr(err, "status", None) or getattr(err, "code", None)
-    detail = f"HTTP {status}" if status else type(err).__name__
-    fix = (
-        "check the token (sent as an Authorization header) and that the URL is readable"
-        if status in (401, 403)
-        else "check the URL and that the server is reachable"
-    )
+    # a FetchError's text is prep's own (no URL, so no token); other libraries' may hold the URL
+    detail = str(err) if isinstance(err, FetchError) else f"HTTP {status}" if status else type(err).__name__
+    if status in (401, 403):
+        fix = "check the token (sent as an Authorization header) and that the URL is readable"
+    elif status == 200:
+        fix = "serve the shards with HTTP Range support"
+    else:
+        fix = "check the URL and that the server is reachable"
     return PrepError(f"cannot {what} ({detail})", redact_url(url), fix)
 
 
@@ -183,6 +189,16 @@ def _scan_stream(f: Any, where: str) -> np.ndarray:
     if not samples:
         return np.zeros(1, dtype=np.uint64)
     return np.array([s.offset for s in samples] + [samples[-1].end], dtype=np.uint64)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """Write all of data at offset in pieces of WRITE_PIECE (larger writes cost several times more CPU
+    on kernels that fill large page-cache folios: see formats.tar_write)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
+    return done
 
 
 def _pipe_bytes(url: str) -> bytes:
@@ -203,7 +219,8 @@ def _folder_shards(folder: Path) -> list[ShardSpec]:
     """A prep folder: manifest.json when present, else every `*.tar` with its `.idx` (or a header scan)."""
     if (folder / MANIFEST_NAME).exists():
         m = read_manifest(folder)
-        return [ShardSpec(str(folder / s.path), s.path, s.samples, checksum=s.checksum) for s in m.shards]
+        return [ShardSpec(str(folder / s.path), s.path, s.samples, checksum=s.checksum, file_bytes=s.bytes)
+                for s in m.shards]
     tars = sorted(shard_files(folder))  # by path parts, the order this loader has always used
     if not tars:
         raise PrepError(
@@ -240,25 +257,11 @@ def _remote_tar(url: str, token: Secret | None, options: dict[str, Any] | None) 
 
 def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | None) -> np.ndarray:
     """Sample offsets (N+1) of a remote tar: from its `.idx` when there is one, else from a header scan."""
+    raw = _remote_index(url, token, options)
+    if raw is not None:
+        return _index_array(raw, url)
     fs = _filesystem(url, token, options)
     name = redact_url(url)
-    try:
-        raw = fs.cat_file(url + IDX_SUFFIX)
-    except FileNotFoundError:
-        raw = None
-    except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
-        if getattr(err, "status", None) == 404 or getattr(err, "code", None) == 404:
-            raw = None
-        else:
-            raise _remote_error(err, url + IDX_SUFFIX, "read the index") from None
-    if raw is not None:
-        if len(raw) % 8 or len(raw) < 8:
-            raise PrepError(
-                f"index has {len(raw)} bytes, not a multiple of 8",
-                redact_url(url + IDX_SUFFIX),
-                "rebuild it with `prep run generate_wdinfo`",
-            )
-        return np.frombuffer(raw, dtype="<u8").copy()
     try:
         with fs.open(url, "rb", block_size=1 << 22) as f:
             return _scan_stream(f, name)
@@ -266,6 +269,30 @@ def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | No
         raise
     except Exception as err:
         raise _remote_error(err, url, "read the shard") from None
+
+
+def _index_array(raw: bytes, url: str) -> np.ndarray:
+    if len(raw) % 8 or len(raw) < 8:
+        raise PrepError(
+            f"index has {len(raw)} bytes, not a multiple of 8",
+            redact_url(url + IDX_SUFFIX),
+            "rebuild it with `prep run generate_wdinfo`",
+        )
+    return np.frombuffer(raw, dtype="<u8").copy()
+
+
+def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None) -> bytes | None:
+    """The bytes of a remote tar's `.idx`, None when it has none."""
+    fs = _filesystem(url, token, options)
+    try:
+        raw = fs.cat_file(url + IDX_SUFFIX)
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
+        if getattr(err, "status", None) == 404 or getattr(err, "code", None) == 404:
+            return None
+        raise _remote_error(err, url + IDX_SUFFIX, "read the index") from None
+    return bytes(raw)
 
 
 def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None) -> list[ShardSpec]:
@@ -276,7 +303,8 @@ def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | Non
     except Exception as err:
         raise _remote_error(err, base + MANIFEST_NAME, "read the remote manifest.json") from None
     m = Manifest.from_json(text, redact_url(base + MANIFEST_NAME))
-    return [ShardSpec(base + s.path, s.path, s.samples, checksum=s.checksum) for s in m.shards]
+    return [ShardSpec(base + s.path, s.path, s.samples, checksum=s.checksum, file_bytes=s.bytes)
+            for s in m.shards]
 
 
 def _pipe_tar(url: str) -> ShardSpec:
@@ -377,6 +405,7 @@ class ShardReader:
         self._ahead: queue.SimpleQueue[int] | None = None
         self._queued: OrderedDict[int, None] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None  # this process's concurrent requests for a batch
+        self._chunks: ThreadPoolExecutor | None = None  # and the chunk requests of its downloads
         self._entries: dict[int, tuple[str, int]] = {}  # cache entry (name, size) per shard
 
     def __getstate__(self) -> dict[str, Any]:
@@ -411,7 +440,8 @@ class ShardReader:
         if spec.offsets is not None:
             off = spec.offsets
         elif is_remote(spec.url):
-            off = _remote_offsets(spec.url, self.token, self.storage_options)
+            got = self._cached_offsets(i) if self.cached(i) else None
+            off = _remote_offsets(spec.url, self.token, self.storage_options) if got is None else got
         else:
             path = _local(spec.url)
             off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
@@ -428,6 +458,16 @@ class ShardReader:
         return off
 
     # ------------------------------------------------------------------------------------ caching
+    def _cached_offsets(self, i: int) -> np.ndarray | None:
+        """A remote shard's offsets through the cache: its `.idx` is fetched once per node (not once per
+        worker and epoch) and kept as a small entry; None when the shard has no `.idx` (a header scan)."""
+        assert self.cache is not None
+        spec = self.shards[i]
+        name = entry_name(redact_url(spec.url), spec.file_bytes or -1, f"{spec.checksum}:{spec.samples}",
+                          INDEX_SUFFIX)
+        raw = self.cache.fetch_small(name, lambda: _remote_index(spec.url, self.token, self.storage_options))
+        return None if raw is None else _index_array(raw, spec.url)
+
     def cached(self, i: int) -> bool:
         """Whether shard i is read through the cache (remote and `pipe:` shards, when there is one)."""
         url = self.shards[i].url
@@ -443,13 +483,14 @@ class ShardReader:
             got = self._entries[i] = (entry_name(identity, size, spec.checksum), size)
         return got
 
-    def _cache_fd(self, i: int) -> int | None:
-        """A descriptor of shard i's cache entry (downloaded now when absent), or None: no room."""
+    def _cache_fd(self, i: int, wait: bool = True) -> int | None:
+        """A descriptor of shard i's cache entry (downloaded now when absent), or None: no room (or, with
+        `wait=False`, another process is downloading it)."""
         assert self.cache is not None
         name, size = self._entry(i)
         url = self.shards[i].url
         try:
-            return self.cache.fill(name, size, lambda f: self._download(i, size, f))
+            return self.cache.fill(name, size, lambda fd: self._download(i, size, fd), wait=wait)
         except PrepError:
             raise
         except OSError as err:
@@ -458,35 +499,62 @@ class ShardReader:
         except Exception as err:
             raise _remote_error(err, url, "download the shard") from None
 
-    def _download(self, i: int, size: int, f: Any) -> None:
-        """Write shard i's first `size` bytes to f: a remote shard in ranged chunks, several in flight; a
-        `pipe:` command's output as it streams (never held whole in memory)."""
+    def _download(self, i: int, size: int, out: int) -> int:
+        """Write shard i's first `size` bytes to the descriptor `out`; return how many were written. A
+        remote shard comes in ranged chunks, `_CHUNKS_AT_ONCE` in flight on a sliding window (a new request
+        starts as soon as one ends, so the link never idles for a group's slowest request); a `pipe:`
+        command's output is written as it streams (never held whole in memory)."""
         url = self.shards[i].url
         if url.startswith("pipe:"):
+            written = 0
             with subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL) as proc:
                 assert proc.stdout is not None
-                left = size
                 while chunk := proc.stdout.read(1 << 20):
-                    if left > 0:
-                        f.write(chunk[:left])
-                        left -= len(chunk)
+                    if written < size:
+                        written += _pwrite_all(out, chunk[: size - written], written)
             if proc.returncode != 0:
                 raise PrepError(f"pipe command exited with {proc.returncode}", redact_url(url),
                                 "run the command by hand to see why it fails")
-            return
-        fs = self._filesystem(url)
-        starts = list(range(0, size, _CHUNK))
-        for k in range(0, len(starts), _CHUNKS_AT_ONCE):
-            group = starts[k : k + _CHUNKS_AT_ONCE]
-            ends = [min(size, a + _CHUNK) for a in group]
-            for blob, a, e in zip(fs.cat_ranges([url] * len(group), group, ends), group, ends, strict=True):
-                if isinstance(blob, Exception):
-                    raise blob
-                if len(blob) != e - a:
-                    raise PrepError(f"server sent {len(blob)} bytes for a {e - a}-byte range",
-                                    redact_url(url), "serve the shards with HTTP Range support")
-                f.write(blob)
+            return written
+        opts = storage_options_for(url, self.token, self.storage_options)
+        plain_http = url.startswith(("http://", "https://")) and set(opts) <= {"headers"}
+        fs = None if plain_http else self._filesystem(url)
+
+        def get(a: int) -> int:
+            e = min(size, a + _CHUNK)
+            if fs is None:  # see io/http_range.py: the same request with less CPU
+                got = get_range_into(url, a, e, opts.get("headers") or {}, out)
+            else:
+                got = _pwrite_all(out, fs.cat_file(url, start=a, end=e), a)
+            if got != e - a:
+                raise PrepError(f"server sent {got} bytes for a {e - a}-byte range",
+                                redact_url(url), "serve the shards with HTTP Range support")
+            return got
+
+        pool = self._chunk_pool()
+        starts = iter(range(0, size, _CHUNK))
+        running = {pool.submit(get, a) for a in itertools.islice(starts, _CHUNKS_AT_ONCE)}
+        written = 0
+        try:
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    written += fut.result()
+                    running |= {pool.submit(get, a) for a in itertools.islice(starts, 1)}
+        finally:
+            for fut in running:
+                fut.cancel()
+            wait(running)
+        return written
+
+    def _chunk_pool(self) -> ThreadPoolExecutor:
+        """This process's threads for the chunk requests of its downloads."""
+        with self._lock:
+            if self._chunks is None:
+                self._chunks = ThreadPoolExecutor((_AHEAD_THREADS + _BATCH_THREADS) * _CHUNKS_AT_ONCE,
+                                                  thread_name_prefix="prep-chunk")
+            return self._chunks
 
     def prefetch(self, shards: Sequence[int]) -> None:
         """Queue shards for the read-ahead thread (in the order given: the order they will be read)."""
@@ -527,7 +595,7 @@ class ShardReader:
         while True:
             i = todo.get()
             try:
-                fd = self._cache_fd(i)
+                fd = self._cache_fd(i, wait=False)  # another worker downloading it: on to the next one
             except Exception:  # the reading path meets the same error and reports it
                 continue
             if fd is not None:
