@@ -210,3 +210,29 @@ def test_a_server_without_range_support_is_named_in_one_line(data, tmp_path):
             planned_keys(ds)
     text = str(err.value)
     assert "Range" in text and "shard-" in text and "\n" not in text
+
+
+def test_the_byte_ledger_recovers_from_failed_downloads_and_files_deleted_by_hand(tmp_path):
+    from prep.loaders.io.cache import release
+
+    cache = ShardCache(tmp_path, 3 * 1024)
+
+    def write(n):
+        return lambda fd: os.pwrite(fd, b"x" * n, 0)
+
+    def broken(fd):
+        os.pwrite(fd, b"x" * 10, 0)
+        raise ConnectionError("the server went away")
+
+    for name in ("aa.shard", "bb.shard", "cc.shard"):
+        release(cache.fill(name, 1024, write(1024)))
+    with pytest.raises(ConnectionError):
+        cache.fill("dd.shard", 1024, broken)  # no room: evicts aa (LRU), then the download fails
+    assert cache.used_bytes() == 2 * 1024 and not any(".tmp-" in n for n in os.listdir(tmp_path))
+    ledger = int.from_bytes((tmp_path / ".cache.lock").read_bytes()[:8], "little")
+    assert ledger == 2 * 1024  # the failed reservation was given back
+    release(cache.fill("ee.shard", 1024, write(1024)))
+    (tmp_path / "bb.shard").unlink()  # by hand: the ledger over-counts, never under
+    release(cache.fill("ff.shard", 1024, write(1024)))  # fits without evicting cc or ee
+    assert _entries(tmp_path) == ["cc.shard", "ee.shard", "ff.shard"]
+    assert cache.used_bytes() == 3 * 1024

@@ -18,8 +18,9 @@ Locks (`fcntl.flock`, so processes of one node agree, and a killed holder releas
   costliest step of a fill on ext4 with many recently deleted inodes (0.6 ms each, 5% of a cold epoch's
   CPU in `bench/remote_cache.py`); two entries sharing a slot merely take turns;
 - `.cache.lock`: accounting. The byte limit covers entries and temps; a temp is created at its full
-  size when it is reserved, so the sum of file sizes never exceeds `max_bytes`. Room is made by deleting
-  least recently used entries (mtime, touched on every open) that no reader holds;
+  size when it is reserved, so the sum of file sizes never exceeds `max_bytes`. The lock file holds a
+  ledger of the bytes in use (see `_reserve`). Room is made by deleting least recently used entries
+  (mtime, touched on every open) that no reader holds;
 - readers hold a shared lock on each entry they read, so eviction skips entries in use. When no room can
   be made, `fill` returns None and the caller reads the shard without the cache (ranged reads).
 """
@@ -83,11 +84,11 @@ os.register_at_fork(after_in_child=_close_inherited)
 
 
 @contextlib.contextmanager
-def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
+def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
     fd = _open(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, mode)
-        yield
+        yield fd
     finally:
         release(fd)  # closing releases the lock
 
@@ -202,6 +203,7 @@ class ShardCache:
             os.replace(tmp, self.folder / name)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            self._unreserve(size)
             raise
         return True
 
@@ -225,31 +227,71 @@ class ShardCache:
         return out
 
     def _reserve(self, name: str, size: int) -> Path | None:
-        """A temp of `size` bytes for entry `name`, made under the accounting lock once LRU eviction has
-        made room; None when it cannot."""
+        """A temp of `size` bytes for entry `name`, made under the accounting lock once there is room;
+        None when LRU eviction cannot make it.
+
+        The lock file holds a ledger of the bytes in use, so a reservation with room to spare costs two
+        small reads and writes, not a listing of the folder (2.3 ms a fill with 256 entries, a third of a
+        download's CPU). The ledger never counts less than the folder holds (it grows before a temp is
+        made, shrinks after a file is deleted); what it counts too much (a killed writer's temp, a file
+        deleted by hand) is corrected by the full listing that runs whenever it reports no room, and at a
+        process's first reservation."""
         if size > self.max_bytes:
             return None
-        with _flock(self.folder / _LOCK_NAME):
-            now = time.time()
-            files = []
-            for path, fsize, mtime in self._files():
-                if not path.name.endswith(_ENTRY_SUFFIXES) and dead_writer(path.name, mtime, now):
-                    path.unlink(missing_ok=True)  # a killed reader's download
-                    continue
-                files.append((path, fsize, mtime))
-            used = sum(f[1] for f in files)
-            for path, fsize, _ in sorted((f for f in files if f[0].name.endswith(_ENTRY_SUFFIXES)),
-                                         key=lambda f: f[2]):
-                if used + size <= self.max_bytes:
-                    break
-                if _evict(path):
-                    used -= fsize
+        with _flock(self.folder / _LOCK_NAME) as fd:
+            used = _ledger(fd)
+            first = (str(self.folder), os.getpid()) not in _LISTED
+            if used is None or used + size > self.max_bytes or first:
+                used = self._make_room(size)  # and, once per process, sweep what killed writers left
+                _LISTED.add((str(self.folder), os.getpid()))
             if used + size > self.max_bytes:
+                _set_ledger(fd, used)
                 return None
+            _set_ledger(fd, used + size)  # counted before the temp exists: never less than the truth
             tmp = temp_name(self.folder / name)
             with open(tmp, "wb") as f:
-                f.truncate(size)  # counted at its full size from now on
+                f.truncate(size)
             return tmp
+
+    def _unreserve(self, size: int) -> None:
+        """Give back a reservation whose temp was deleted (a failed download)."""
+        with _flock(self.folder / _LOCK_NAME) as fd:
+            used = _ledger(fd)
+            if used is not None:
+                _set_ledger(fd, max(0, used - size))
+
+    def _make_room(self, size: int) -> int:
+        """List the folder (the accounting lock is held): delete dead writers' temps, then least recently
+        used entries no reader holds until `size` more bytes fit; return the bytes then in use."""
+        now = time.time()
+        files = []
+        for path, fsize, mtime in self._files():
+            if not path.name.endswith(_ENTRY_SUFFIXES) and dead_writer(path.name, mtime, now):
+                path.unlink(missing_ok=True)  # a killed reader's download
+                continue
+            files.append((path, fsize, mtime))
+        used = sum(f[1] for f in files)
+        for path, fsize, _ in sorted((f for f in files if f[0].name.endswith(_ENTRY_SUFFIXES)),
+                                     key=lambda f: f[2]):
+            if used + size <= self.max_bytes:
+                break
+            if _evict(path):
+                used -= fsize
+        return used
+
+
+# (folder, pid) pairs whose first reservation listed the folder: a process's first fill sweeps the temps of
+# killed writers, whatever the ledger says
+_LISTED: set[tuple[str, int]] = set()
+
+
+def _ledger(fd: int) -> int | None:
+    raw = os.pread(fd, 8, 0)
+    return int.from_bytes(raw, "little") if len(raw) == 8 else None
+
+
+def _set_ledger(fd: int, used: int) -> None:
+    os.pwrite(fd, used.to_bytes(8, "little"), 0)
 
 
 def _evict(path: Path) -> bool:
