@@ -12,6 +12,7 @@ headers) so tests can assert what was fetched and which auth was sent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -56,6 +57,30 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.open_connections: set[Any] = set()  # kept-alive clients, closed when the server stops
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every kept-alive connection, as a stopped server's host would (its clients must reconnect)."""
+        import socket
+
+        with self.connections_lock:
+            for conn in self.open_connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that gave up (its timeout fired) is expected here, not an error worth a traceback."""
         import sys
@@ -98,6 +123,7 @@ def _serving(handler_cls: type[_Handler], port: int = 0) -> Iterator[_Server]:
     finally:
         server.shutdown()
         server.server_close()
+        server.close_connections()
         thread.join(timeout=5)
 
 
