@@ -255,9 +255,11 @@ def _remote_tar(url: str, token: Secret | None, options: dict[str, Any] | None) 
     return ShardSpec(url, redact_url(url), len(offsets) - 1, offsets)
 
 
-def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | None) -> np.ndarray:
-    """Sample offsets (N+1) of a remote tar: from its `.idx` when there is one, else from a header scan."""
-    raw = _remote_index(url, token, options)
+def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | None,
+                    fetch_index: Callable[[], bytes | None] | None = None) -> np.ndarray:
+    """Sample offsets (N+1) of a remote tar: from its `.idx` when there is one (got by `fetch_index`, e.g.
+    through the shard cache, else requested), else from a header scan."""
+    raw = fetch_index() if fetch_index is not None else _remote_index(url, token, options)
     if raw is not None:
         return _index_array(raw, url)
     fs = _filesystem(url, token, options)
@@ -440,8 +442,8 @@ class ShardReader:
         if spec.offsets is not None:
             off = spec.offsets
         elif is_remote(spec.url):
-            got = self._cached_offsets(i) if self.cached(i) else None
-            off = _remote_offsets(spec.url, self.token, self.storage_options) if got is None else got
+            off = _remote_offsets(spec.url, self.token, self.storage_options,
+                                  self._cached_index(i) if self.cached(i) else None)
         else:
             path = _local(spec.url)
             off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
@@ -458,15 +460,15 @@ class ShardReader:
         return off
 
     # ------------------------------------------------------------------------------------ caching
-    def _cached_offsets(self, i: int) -> np.ndarray | None:
-        """A remote shard's offsets through the cache: its `.idx` is fetched once per node (not once per
-        worker and epoch) and kept as a small entry; None when the shard has no `.idx` (a header scan)."""
+    def _cached_index(self, i: int) -> Callable[[], bytes | None]:
+        """How to get a remote shard's `.idx` through the cache: fetched once per node (not once per
+        worker and epoch) and kept as a small entry; None when the shard has none (a header scan)."""
         assert self.cache is not None
-        spec = self.shards[i]
+        cache, spec = self.cache, self.shards[i]
         name = entry_name(redact_url(spec.url), spec.file_bytes or -1, f"{spec.checksum}:{spec.samples}",
                           INDEX_SUFFIX)
-        raw = self.cache.fetch_small(name, lambda: _remote_index(spec.url, self.token, self.storage_options))
-        return None if raw is None else _index_array(raw, spec.url)
+        token, options = self.token, self.storage_options
+        return lambda: cache.fetch_small(name, lambda: _remote_index(spec.url, token, options))
 
     def cached(self, i: int) -> bool:
         """Whether shard i is read through the cache (remote and `pipe:` shards, when there is one)."""
