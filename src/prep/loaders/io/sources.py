@@ -39,7 +39,7 @@ from prep.formats.tar import iter_samples, scan_tar, shard_files
 from prep.formats.tar_write import WRITE_PIECE
 from prep.formats.wdinfo import read_wdinfo
 from prep.loaders.io.cache import INDEX_SUFFIX, ShardCache, entry_name, release
-from prep.loaders.io.http_range import FetchError, get_range_into
+from prep.loaders.io.http_range import FetchError, get_range_into, get_small
 
 _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
@@ -283,28 +283,46 @@ def _index_array(raw: bytes, url: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8").copy()
 
 
-def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None) -> bytes | None:
-    """The bytes of a remote tar's `.idx`, None when it has none."""
+def _plain_http(url: str, token: Secret | None, options: dict[str, Any] | None) -> dict[str, str] | None:
+    """The request headers when `url` is http(s) and its options are headers only (then `io/http_range`
+    fetches it: less CPU, no fsspec import); None when fsspec must (other schemes or options)."""
+    opts = storage_options_for(url, token, options)
+    if url.startswith(("http://", "https://")) and set(opts) <= {"headers"}:
+        return dict(opts.get("headers") or {})
+    return None
+
+
+def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, what: str) -> bytes | None:
+    """A small remote file's bytes (None when it does not exist), by http_range when the URL allows."""
+    headers = _plain_http(url, token, options)
+    if headers is not None:
+        try:
+            return get_small(url, headers)
+        except FetchError as err:
+            raise _remote_error(err, url, what) from None
     fs = _filesystem(url, token, options)
     try:
-        raw = fs.cat_file(url + IDX_SUFFIX)
+        return bytes(fs.cat_file(url))
     except FileNotFoundError:
         return None
     except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
         if getattr(err, "status", None) == 404 or getattr(err, "code", None) == 404:
             return None
-        raise _remote_error(err, url + IDX_SUFFIX, "read the index") from None
-    return bytes(raw)
+        raise _remote_error(err, url, what) from None
+
+
+def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None) -> bytes | None:
+    """The bytes of a remote tar's `.idx`, None when it has none."""
+    return _get_small(url + IDX_SUFFIX, token, options, "read the index")
 
 
 def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None) -> list[ShardSpec]:
-    fs = _filesystem(url, token, options)
     base = url.rstrip("/") + "/"
-    try:
-        text = fs.cat_file(base + MANIFEST_NAME).decode("utf-8")
-    except Exception as err:
-        raise _remote_error(err, base + MANIFEST_NAME, "read the remote manifest.json") from None
-    m = Manifest.from_json(text, redact_url(base + MANIFEST_NAME))
+    raw = _get_small(base + MANIFEST_NAME, token, options, "read the remote manifest.json")
+    if raw is None:
+        raise PrepError("cannot read the remote manifest.json (HTTP 404)", redact_url(base + MANIFEST_NAME),
+                        "check the URL: a remote folder needs the manifest.json that generate_wdinfo writes")
+    m = Manifest.from_json(raw.decode("utf-8"), redact_url(base + MANIFEST_NAME))
     return [ShardSpec(base + s.path, s.path, s.samples, checksum=s.checksum, file_bytes=s.bytes)
             for s in m.shards]
 
@@ -519,14 +537,13 @@ class ShardReader:
                 raise PrepError(f"pipe command exited with {proc.returncode}", redact_url(url),
                                 "run the command by hand to see why it fails")
             return written
-        opts = storage_options_for(url, self.token, self.storage_options)
-        plain_http = url.startswith(("http://", "https://")) and set(opts) <= {"headers"}
-        fs = None if plain_http else self._filesystem(url)
+        headers = _plain_http(url, self.token, self.storage_options)
+        fs = None if headers is not None else self._filesystem(url)
 
         def get(a: int) -> int:
             e = min(size, a + _CHUNK)
             if fs is None:  # see io/http_range.py: the same request with less CPU
-                got = get_range_into(url, a, e, opts.get("headers") or {}, out)
+                got = get_range_into(url, a, e, headers or {}, out)
             else:
                 got = _pwrite_all(out, fs.cat_file(url, start=a, end=e), a)
             if got != e - a:
