@@ -153,6 +153,9 @@ def main() -> None:
                 order = [*cases, "download alone"]
                 rng.shuffle(order)
                 for name in order:
+                    if name == "local":  # pages cached, like a just-filled cache's (the VM evicts idle ones)
+                        for shard in sorted(data.glob("*.tar")):
+                            shard.read_bytes()
                     if name == "download alone":
                         results[name].append(run_case(DOWNLOAD, url, alone))
                         continue
