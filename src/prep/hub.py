@@ -35,6 +35,27 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
 
+def resolve_url(url: str) -> str:
+    """The plain https URL the hub serves an `hf://` path's bytes at (what HfFileSystem fetches in the end):
+    `hf://datasets/ORG/NAME[@REV]/PATH` -> `<endpoint>/datasets/ORG/NAME/resolve/REV/PATH` (REV defaults to
+    main; `spaces/` likewise; no prefix is a model). Reading through it needs no repo-info call per
+    process, and the loaders' http(s) paths (ranged reads, the shard cache) serve it as they serve any
+    store; the hub redirects large files to its CDN, and a token is never sent across that redirect."""
+    from urllib.parse import quote, unquote
+
+    rest = url[len("hf://"):].strip("/")
+    parts = rest.split("/")
+    prefix = parts[0] + "/" if parts[0] in ("datasets", "spaces") else ""
+    parts = parts[1:] if prefix else parts
+    if len(parts) < 2:
+        raise PrepError("an hf:// path names no repository", url,
+                        "write hf://datasets/ORG/NAME/path/in/repo (a model: hf://ORG/NAME/path)")
+    name, _, revision = parts[1].partition("@")
+    path = "/".join(parts[2:])
+    rev = quote(unquote(revision or "main"), safe="")
+    return f"{endpoint()}/{prefix}{parts[0]}/{name}/resolve/{rev}/{quote(path)}".rstrip("/")
+
+
 def resolve_token(configured: str | None) -> str | None:
     """The token to send: the config's, else HF_TOKEN; None lets the client use a saved login."""
     return configured or os.environ.get("HF_TOKEN") or None

@@ -332,21 +332,8 @@ def _pipe_tar(url: str) -> ShardSpec:
     return ShardSpec(url, url, len(offsets) - 1, offsets)
 
 
-def resolve_shards(
-    source: Any,
-    *,
-    allow_pipe: bool = False,
-    token: Secret | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> list[ShardSpec]:
-    """The shards of a source, in their canonical order, with sample counts.
-
-    - a folder: its manifest.json, else its `*.tar` files (sorted) counted from `.idx` or headers;
-    - a path to `wdinfo.pkl`: read (safely) only because it was named; its tars sit beside it;
-    - a tar path, brace pattern or list of them; `https://`, `hf://`, `s3://`... through fsspec (a URL
-      not ending in `.tar` is a remote folder with a manifest.json);
-    - `pipe:CMD` only with `allow_pipe=True` (the command's output is read whole per shard).
-    """
+def source_items(source: Any) -> list[str]:
+    """A source (a path, URL or pattern, or a list of them) as the list of items it names, braces expanded."""
     items: list[str] = []
     if isinstance(source, str | os.PathLike):
         items = expand_braces(os.fspath(source))
@@ -359,6 +346,39 @@ def resolve_shards(
             "ShardDataset(source=...)",
             "pass a shard folder, a tar pattern such as data-{000..009}.tar, or a list of URLs",
         )
+    return items
+
+
+def hub_urls(items: list[str], token: Secret | None) -> tuple[list[str], Secret | None]:
+    """`hf://` items as the hub's https URLs (`prep.hub.resolve_url`), and the token to send: the one
+    given, else HF_TOKEN, but only when every remote item is on the hub (HF_TOKEN must reach no other
+    host)."""
+    from prep.hub import resolve_token, resolve_url
+
+    remote = [i for i in items if is_remote(i)]
+    if token is None and all(i.startswith("hf://") for i in remote):
+        env = resolve_token(None)
+        token = Secret(env) if env else None
+    return [resolve_url(i) if i.startswith("hf://") else i for i in items], token
+
+
+def resolve_shards(
+    source: Any,
+    *,
+    allow_pipe: bool = False,
+    token: Secret | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[ShardSpec]:
+    """The shards of a source, in their canonical order, with sample counts.
+
+    - a folder: its manifest.json, else its `*.tar` files (sorted) counted from `.idx` or headers;
+    - a path to `wdinfo.pkl`: read (safely) only because it was named; its tars sit beside it;
+    - a tar path, brace pattern or list of them; `https://`, `hf://`, `s3://`... through fsspec or, for
+      plain http(s), `io/http_range` (a URL not ending in `.tar` is a remote folder with a manifest.json;
+      `ShardDataset` turns `hf://` paths into the hub's https URLs first, see `hub_urls`);
+    - `pipe:CMD` only with `allow_pipe=True` (the command's output is read whole per shard).
+    """
+    items = source_items(source)
     specs: list[ShardSpec] = []
     for item in items:
         if item.startswith("pipe:"):

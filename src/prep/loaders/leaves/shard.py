@@ -41,7 +41,15 @@ from prep.loaders.io.cache import ShardCache
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
 from prep.loaders.io.members import member_spans, parse_sample
 from prep.loaders.io.shm import bytes_list, shared_empty
-from prep.loaders.io.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
+from prep.loaders.io.sources import (
+    Secret,
+    ShardReader,
+    ShardSpec,
+    hub_urls,
+    redact_url,
+    resolve_shards,
+    source_items,
+)
 from prep.loaders.order import EpochOrder
 from prep.loaders.skips import BadSample, OnError
 
@@ -119,8 +127,11 @@ class ShardDataset(SampleLeaf):
         if window_shards < 1:
             raise PrepError(f"window_shards={window_shards} is below 1", "window_shards", "use 1 or more")
         secret = Secret(token) if token is not None else None
+        items = source_items(source)
+        if storage_options is None:  # hf:// read at the hub's https URLs (with storage_options: HfFileSystem)
+            items, secret = hub_urls(items, secret)
         self.shards: list[ShardSpec] = resolve_shards(
-            source, allow_pipe=allow_pipe, token=secret, storage_options=storage_options
+            items, allow_pipe=allow_pipe, token=secret, storage_options=storage_options
         )
         g, r, w = resolve_global_batch(batch_size, global_batch_size, rank, world_size)
         super().__init__(
