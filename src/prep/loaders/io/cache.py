@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,30 +58,40 @@ def entry_name(identity: str, size: int, checksum: str | None, suffix: str = ENT
 
 # Descriptors this process holds on cache files. A flock belongs to the open file, which a fork shares:
 # a DataLoader forking its workers while a thread holds a lock would leave the lock held by children that
-# never release it. So a child closes its copies at once (the parent's close then releases the lock).
+# never release it. So a child closes its copies at once (the parent's close then releases the lock). A
+# fork waits for `_FD_LOCK`, so no descriptor is ever open but not yet listed (or unlisted but not yet
+# closed) at the moment of a fork: such a one would escape the child's sweep and hold its lock for the
+# child's life, stalling every other reader of the node (seen with a thread polling the cache while
+# DataLoaders started their workers).
 _HELD: set[int] = set()
+_FD_LOCK = threading.Lock()
 
 
 def _open(path: Path, flags: int) -> int:
-    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-    _HELD.add(fd)
+    with _FD_LOCK:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        _HELD.add(fd)
     return fd
 
 
 def release(fd: int) -> None:
     """Close a descriptor from `ShardCache.open` (its shared lock goes with it)."""
-    _HELD.discard(fd)
-    os.close(fd)
+    with _FD_LOCK:
+        _HELD.discard(fd)
+        os.close(fd)
 
 
 def _close_inherited() -> None:
+    global _FD_LOCK
     for fd in list(_HELD):
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD.clear()
+    _FD_LOCK = threading.Lock()  # the parent's was held across the fork (see `before` below)
 
 
-os.register_at_fork(after_in_child=_close_inherited)
+os.register_at_fork(before=lambda: _FD_LOCK.acquire(), after_in_parent=lambda: _FD_LOCK.release(),
+                    after_in_child=_close_inherited)
 
 
 @contextlib.contextmanager
@@ -200,10 +211,10 @@ class ShardCache:
             if got != size:
                 raise PrepError(f"the download wrote {got} bytes, the shard's samples end at byte {size}",
                                 name, "check that the shard did not change since it was listed")
-            os.replace(tmp, self.folder / name)
+            with _flock(self.folder / _LOCK_NAME):  # names change only under the lock: see `_files`
+                os.replace(tmp, self.folder / name)
         except BaseException:
-            tmp.unlink(missing_ok=True)
-            self._unreserve(size)
+            self._unreserve(tmp, size)
             raise
         return True
 
@@ -215,6 +226,9 @@ class ShardCache:
             return sum(size for _, size, _ in self._files())
 
     def _files(self) -> list[tuple[Path, int, float]]:
+        """The folder's entries and temps with size and mtime. Called under the accounting lock, and every
+        name in the folder is created, renamed or deleted only under it: a listing that ran beside a
+        rename could count the file twice or not at all (directory order is by name hash)."""
         out = []
         for entry in os.scandir(self.folder):
             if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
@@ -253,9 +267,10 @@ class ShardCache:
                 f.truncate(size)
             return tmp
 
-    def _unreserve(self, size: int) -> None:
-        """Give back a reservation whose temp was deleted (a failed download)."""
+    def _unreserve(self, tmp: Path, size: int) -> None:
+        """Delete a failed download's temp and give its reservation back."""
         with _flock(self.folder / _LOCK_NAME) as fd:
+            tmp.unlink(missing_ok=True)
             used = _ledger(fd)
             if used is not None:
                 _set_ledger(fd, max(0, used - size))

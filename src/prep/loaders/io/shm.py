@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +31,17 @@ _fresh_shared = torch_private.new_shared
 # main-process side: (token, slot) -> (whole slot as numpy, its state header); live handouts by generation
 _MAIN_SLOTS: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 _LIVE: dict[tuple[str, int], tuple[int, Any]] = {}
+# the two maps above are shared by every DataLoader of the process (two ranks simulated in threads, a
+# train and a validation loader), whose batches are rebuilt on their own threads
+_SLOTS_LOCK = threading.RLock()
+
+
+def _fresh_slots_lock() -> None:
+    global _SLOTS_LOCK
+    _SLOTS_LOCK = threading.RLock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_fresh_slots_lock)
 _NO_SUBCLASS_DISPATCH = torch_private.disabled_torch_function_impl()
 
 
@@ -192,18 +205,19 @@ def _rebuild_pooled(token: str, i: int, gen: int, storage: Any, layout: tuple[An
     import weakref
 
     key = (token, i)
-    if storage is not None:
-        if not any(k[0] == token for k in _MAIN_SLOTS):
-            _forget_dead_workers()
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-        _MAIN_SLOTS[key] = whole, whole[:16].view(np.int64)
-    whole, state = _MAIN_SLOTS[key]
-    live = _LIVE.get(key)
-    base = live[1]() if live is not None and live[0] == gen else None
-    if base is None:  # one ndarray per handout: when the last tensor viewing it dies, the slot is free
-        base = whole[_HEADER:]
-        weakref.finalize(base, _release, state)
-        _LIVE[key] = gen, weakref.ref(base)
+    with _SLOTS_LOCK:
+        if storage is not None:
+            if not any(k[0] == token for k in _MAIN_SLOTS):
+                _forget_dead_workers()
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+            _MAIN_SLOTS[key] = whole, whole[:16].view(np.int64)
+        whole, state = _MAIN_SLOTS[key]
+        live = _LIVE.get(key)
+        base = live[1]() if live is not None and live[0] == gen else None
+        if base is None:  # one ndarray per handout: when the last tensor viewing it dies, the slot is free
+            base = whole[_HEADER:]
+            weakref.finalize(base, _release, state)
+            _LIVE[key] = gen, weakref.ref(base)
     offset, shape, stride, dtype = layout
     itemsize = torch.empty(0, dtype=dtype).element_size()
     flat = torch.from_numpy(base)
@@ -212,9 +226,8 @@ def _rebuild_pooled(token: str, i: int, gen: int, storage: Any, layout: tuple[An
 
 
 def _forget_dead_workers() -> None:
-    """Drop the slots of workers that have exited (tensors still viewing them keep their memory)."""
-    import os
-
+    """Drop the slots of workers that have exited (tensors still viewing them keep their memory). Called
+    with `_SLOTS_LOCK` held."""
     for token in {k[0] for k in _MAIN_SLOTS}:
         try:
             os.kill(int(token.split("-")[0]), 0)

@@ -45,7 +45,7 @@ _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
 _CHUNK = 2 << 20  # bytes per ranged request of a whole-shard download
 _CHUNKS_AT_ONCE = 4  # requests of one download in flight together (8 MiB of memory at most)
-_AHEAD_THREADS = 3  # downloads of the read-ahead in flight per worker
+_AHEAD_THREADS = 6  # downloads of the read-ahead in flight per worker (each waits mostly on latency)
 _BATCH_THREADS = 8  # requests a batch makes together (index reads, downloads of its missing shards)
 _BRACE_RE = re.compile(r"\{[^{}]*\}")
 
@@ -596,10 +596,21 @@ class ShardReader:
             return self._chunks
 
     def prefetch(self, shards: Sequence[int]) -> None:
-        """Queue shards for the read-ahead thread (in the order given: the order they will be read)."""
+        """Queue shards for the read-ahead threads (in the order given: the order they will be read), as
+        many as fill half the cache at most: read-ahead beyond that would evict the shards being read."""
         if self._pid != os.getpid():
             self._reset()
-        wanted = [i for i in shards if self.cached(i) and i not in self._queued]
+        assert self.cache is not None
+        ahead: list[int] = []
+        room = self.cache.max_bytes // 2
+        for i in shards:
+            spec = self.shards[i]
+            size = spec.file_bytes or (int(spec.offsets[-1]) if spec.offsets is not None else 0)
+            if ahead and size > room:
+                break
+            ahead.append(i)
+            room -= size
+        wanted = [i for i in ahead if self.cached(i) and i not in self._queued]
         if not wanted:
             return
         if self._ahead is None:

@@ -86,7 +86,7 @@ class ShardDataset(SampleLeaf):
         token: HTTP bearer token / hf token, sent only in headers; storage_options: passed to fsspec.
         cache_dir, cache_bytes: read remote and `pipe:` shards through a shard cache in this folder, shared
             by every worker and rank of the node, holding at most `cache_bytes` (see docs/loaders.md). Each
-            worker downloads whole shards ahead of use, `read_ahead` of them (default: three windows) in the
+            worker downloads whole shards ahead of use, `read_ahead` of them (default: four windows) in the
             order its rank will read them. Without cache_dir, remote samples are ranged reads.
         on_error: 'skip' (default) drops a bad sample (corrupt image, missing or malformed member,
             unreadable record) from its batch and counts it (`DataLoader.stats()`, a warning at most once a
@@ -144,7 +144,7 @@ class ShardDataset(SampleLeaf):
         self.transform = transform
         self.collate = collate
         cache = ShardCache(cache_dir, cache_bytes) if cache_dir is not None else None
-        self.read_ahead = 3 * self.window_shards if read_ahead is None else max(0, int(read_ahead))
+        self.read_ahead = 4 * self.window_shards if read_ahead is None else max(0, int(read_ahead))
         self.reader = ShardReader(
             self.shards, token=secret, storage_options=storage_options, pipe_cache=self.window_shards + 1,
             cache=cache,
