@@ -13,7 +13,8 @@ the cases in a new random order every round:
 - cache warm: the same cache, now holding every shard (a second epoch, or a resumed run);
 - cache small: an empty cache limited to 30% of the data (LRU eviction at work).
 And, as the ceiling a cold epoch cannot pass, "download alone": every shard fetched into an empty cache
-by 6 threads of one process, nothing read (the link through this server, in samples/s).
+by 12 threads of one process (the loader's read-ahead: 2 workers x 6), nothing read (the link through
+this server, in samples/s).
 
 Each figure is one epoch: raw throughput after the first batch (samples/s), the CPU time of the loader's
 processes per sample (the server's excluded), and the time from opening the dataset to the first batch;
@@ -77,7 +78,7 @@ from prep.loaders.io.sources import ShardReader, resolve_shards
 specs = resolve_shards(sys.argv[1])
 reader = ShardReader(specs, cache=ShardCache(sys.argv[2], 10**12))
 t0, c0 = time.perf_counter(), time.process_time()
-with ThreadPoolExecutor(6) as pool:
+with ThreadPoolExecutor(12) as pool:  # as many downloads as the loader's read-ahead: 2 workers x 6
     for fd in pool.map(reader._cache_fd, range(len(specs))):
         release(fd)
 n = sum(s.samples for s in specs)
