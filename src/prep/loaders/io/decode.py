@@ -39,6 +39,31 @@ Parsed = tuple[str, dict[str, Buffer], str, int]  # (key, members, where, epoch)
 _M = TypeVar("_M")  # what a member is known by: its bytes, or its (start, end) in a read buffer
 
 
+_KINDS: dict[str, str] = {}  # extension -> kind, for the few extensions a dataset has
+_JSON_TEXT = json.JSONDecoder().decode  # what json.loads does with a str
+
+
+def member_kind(ext: str) -> str:
+    """What a member is, by the last part of its extension, lower-cased (`a.JPG` -> `jpg`)."""
+    kind = _KINDS.get(ext)
+    if kind is None:
+        kind = ext.rsplit(".", 1)[-1].lower()
+        if len(_KINDS) < 1024:
+            _KINDS[ext] = kind
+    return kind
+
+
+def _json(data: Buffer) -> Any:
+    """`json.loads` of a member's bytes. Plain UTF-8 (no BOM, no NUL in the first 4 bytes: what json's
+    encoding test calls UTF-8) is decoded here, straight from the read buffer, and parsed as text: half
+    the cost of `json.loads(bytes)`, which runs that test in Python first. Anything else goes to
+    `json.loads` itself."""
+    head = bytes(data[:4])
+    if b"\x00" in head or head[:1] in (b"\xef", b"\xfe", b"\xff"):
+        return json.loads(bytes(data))
+    return _JSON_TEXT(str(data, "utf-8", "surrogatepass"))
+
+
 def _field_alternatives(fields: Sequence[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
     if fields is None:
         return None
@@ -133,10 +158,10 @@ class Decoder:
 
     def value(self, ext: str, data: Buffer, key: str, epoch: int, where: str) -> Any:
         """One member's decoded value (per-sample path; batches of images take `decode_batch`'s fast path).
-        Image decoders read `data` in place; everything else gets its own bytes."""
+        Image decoders read `data` in place; everything else gets its own bytes or text."""
         if self.mode == "raw":
             return bytes(data)
-        kind = ext.rsplit(".", 1)[-1].lower()
+        kind = member_kind(ext)
         if kind in IMAGE_EXTS:
             if self.mode == "pil":
                 if self.image_size is None:
@@ -145,15 +170,16 @@ class Decoder:
             arr = decode_image(data, self.image_size, self.crop, self._rnd(key, epoch), where)
             t = torch.from_numpy(arr).permute(2, 0, 1)
             return t.float().div_(255) if self.mode == "float" else t
-        raw = bytes(data)
         if kind in TEXT_EXTS:
-            return raw.decode("utf-8", "replace")
+            return str(data, "utf-8", "replace")
         if kind in JSON_EXTS:
             try:
-                return json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise BadSample(f"member {ext!r} of {key!r} is not JSON ({err.msg})", where,
+                return _json(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                why = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+                raise BadSample(f"member {ext!r} of {key!r} is not JSON ({why})", where,
                                 "fix or drop the sample", reason="malformed member") from None
+        raw = bytes(data)
         if kind in INT_EXTS:
             try:
                 return int(raw)
@@ -198,7 +224,7 @@ class Decoder:
         if hooks or self.mode not in ("uint8", "float") or not selected:
             samples = [s for s in self.finish_all(selected, transform) if s is not None]
             return (collate or collate_samples)(samples)
-        image_exts = [e for e in selected[0][1] if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+        image_exts = [e for e in selected[0][1] if member_kind(e) in IMAGE_EXTS]
         # float batches decode into private memory and convert into the slot that travels
         private = self.mode == "float"
 

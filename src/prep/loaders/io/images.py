@@ -97,14 +97,31 @@ def _simplejpeg(
             if out is not None and out.shape[:2] != (h, w):
                 raise SizeMismatch((h, w))
             return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-        ch, cw = _cover_size(h, w, *size)
-        dh, dw, _, _ = simplejpeg.decode_jpeg_header(data, min_height=ch, min_width=cw)
+        ch, cw, dh, dw = _scaled_size(data, h, w, size)
         if (dh, dw) == size:  # the DCT scaling alone reaches the target (e.g. 256 -> 128, or 224 = 7/8)
             return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=ch, min_width=cw, buffer=out)
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=ch, min_width=cw)
     except ValueError:
         return None
     return _fit(arr, size, crop, rnd, out)
+
+
+_SCALED: dict[tuple[int, int, tuple[int, int]], tuple[int, int, int, int]] = {}
+
+
+def _scaled_size(data: Buffer, h: int, w: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(cover height, cover width, decoded height, decoded width) of an h x w JPEG aimed at `size`: the
+    size that covers it, and the one libjpeg-turbo's DCT scaling decodes to on the way there. Both depend
+    on (h, w, size) only, so a dataset's few image sizes are asked of the decoder once each (a header
+    parse per image saved)."""
+    got = _SCALED.get((h, w, size))
+    if got is None:
+        ch, cw = _cover_size(h, w, *size)
+        dh, dw, _, _ = simplejpeg.decode_jpeg_header(data, min_height=ch, min_width=cw)
+        got = (ch, cw, dh, dw)
+        if len(_SCALED) < 4096:
+            _SCALED[(h, w, size)] = got
+    return got
 
 
 def _fit(pixels, size: tuple[int, int] | None, crop: str, rnd: int, out: np.ndarray | None) -> np.ndarray:

@@ -39,7 +39,7 @@ from prep.loaders.base import (
 )
 from prep.loaders.io.cache import ShardCache
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
-from prep.loaders.io.members import member_spans, parse_sample
+from prep.loaders.io.members import batch_member_spans, parse_sample
 from prep.loaders.io.shm import bytes_list, shared_empty
 from prep.loaders.io.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
 from prep.loaders.order import EpochOrder
@@ -193,11 +193,17 @@ class ShardDataset(SampleLeaf):
         """(key, members, where, epoch) per reference; a bad record is skipped (None with keep_places)."""
         buf, spans = self.reader.read_into([(i, j) for i, j, _ in refs], _empty_bytes)
         mv = buf.data
+        found = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
         out: list[Parsed | None] = []
-        for (i, j, epoch), (a, b) in zip(refs, spans, strict=True):
+        for (i, j, epoch), (a, b), got in zip(refs, spans, found, strict=True):
             where = self._where(i, j)
             try:
-                key, members = parse_sample(mv[a:b], where)
+                if isinstance(got, BadSample):
+                    raise got
+                if got is None:  # an unusual tar layout: the full scanner
+                    key, members = parse_sample(mv[a:b], where)
+                else:
+                    key, members = got[0], {ext: mv[x:y] for ext, (x, y) in got[1].items()}
             except BadSample as err:
                 skips.skip_or_raise(err, self.on_error, f"sample {j}")
                 if keep_places:
@@ -216,23 +222,16 @@ class ShardDataset(SampleLeaf):
         where_from: dict[str, list[int]] = {}
         out: dict[str, Any] = {"__key__": keys}
         fields: list[str] | None = None
-        parsed: list[tuple[str, dict[str, tuple[int, int]], str] | BadSample] = []
-        for (i, j, _), (a, b) in zip(refs, spans, strict=True):  # all first: an unusual layout anywhere
-            where = self._where(i, j)  # hands the whole batch to the slow path
-            try:
-                got = member_spans(mv[a:b], where)
-            except BadSample as err:
-                err.key = err.key or f"sample {j}"
-                parsed.append(err)
-                continue
-            if got is None:
-                return None
-            parsed.append((*got, where))
-        for (a, _), item in zip(spans, parsed, strict=True):
+        parsed = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
+        if any(got is None for got in parsed):  # an unusual layout anywhere hands the batch to the slow path
+            return None
+        for (i, j, _), item in zip(refs, parsed, strict=True):
             if isinstance(item, BadSample):
-                skips.skip_or_raise(item, self.on_error, item.key or "")
+                skips.skip_or_raise(item, self.on_error, item.key or f"sample {j}")
                 continue
-            key, found, where = item
+            assert item is not None
+            key, found = item
+            where = self._where(i, j)
             try:
                 chosen = self.decoder.select(key, found, f"{where} (key {key!r})")
             except BadSample as err:
@@ -251,8 +250,8 @@ class ShardDataset(SampleLeaf):
             keys.append(key)
             for f in fields:
                 x, y = chosen[f]
-                out[f].append(mv[a + x : a + y].tobytes())
-                where_from[f] += (a + x, a + y)
+                out[f].append(mv[x:y].tobytes())
+                where_from[f] += (x, y)
         for f in fields or ():
             out[f] = bytes_list(slot[0], out[f], where_from[f])
         return out
