@@ -23,6 +23,17 @@ def jpeg_backend() -> str:
     return "simplejpeg" if simplejpeg is not None else "pil"
 
 
+def jpeg_size(data: Buffer) -> tuple[int, int] | None:
+    """(H, W) of a JPEG from its header, where simplejpeg reads it; else None (learnt by decoding)."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return h, w
+
+
 def _cover_size(h: int, w: int, th: int, tw: int) -> tuple[int, int]:
     """The smallest (h', w') with the aspect of (h, w) that covers (th, tw)."""
     s = max(th / h, tw / w)

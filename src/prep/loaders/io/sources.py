@@ -574,7 +574,8 @@ class ShardReader:
         if self._pid != os.getpid():  # forked after files were opened: never share descriptors
             self._reset()
         distinct = list(dict.fromkeys(i for i, _ in refs))
-        self._at_once(self.offsets, [i for i in distinct if i not in self._offsets])  # remote .idx reads
+        # remote .idx reads, concurrently (a local one is a short file read: threads would only add their start)
+        self._at_once(self.offsets, [i for i in distinct if i not in self._offsets and is_remote(self.shards[i].url)])
         offsets = {i: self.offsets(i) for i in distinct}
         plan: list[tuple[int, int, int, int]] = []
         spans: list[tuple[int, int]] = []

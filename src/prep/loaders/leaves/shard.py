@@ -182,10 +182,14 @@ class ShardDataset(SampleLeaf):
         }
 
     # ------------------------------------------------------------------------------------- loading
-    def _where(self, i: int, j: int) -> str:
-        if self._names is None:  # redacted once: this runs for every sample
+    def _shard_names(self) -> list[str]:
+        """Each shard as errors name it (redacted once: samples are named by it all the time)."""
+        if self._names is None:
             self._names = [redact_url(s.url) for s in self.shards]
-        return f"{self._names[i]} sample {j}"
+        return self._names
+
+    def _where(self, i: int, j: int) -> str:
+        return f"{self._shard_names()[i]} sample {j}"
 
     def _parsed(
         self, refs: Sequence[tuple[int, int, int]], keep_places: bool = False
@@ -195,21 +199,21 @@ class ShardDataset(SampleLeaf):
         mv = buf.data
         found = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
         out: list[Parsed | None] = []
+        names = self._shard_names()
         for (i, j, epoch), (a, b), got in zip(refs, spans, found, strict=True):
-            where = self._where(i, j)
-            try:
-                if isinstance(got, BadSample):
-                    raise got
-                if got is None:  # an unusual tar layout: the full scanner
-                    key, members = parse_sample(mv[a:b], where)
-                else:
-                    key, members = got[0], {ext: mv[x:y] for ext, (x, y) in got[1].items()}
-            except BadSample as err:
-                skips.skip_or_raise(err, self.on_error, f"sample {j}")
-                if keep_places:
-                    out.append(None)
-                continue
-            out.append((key, members, f"{where} (key {key!r})", epoch))
+            if type(got) is tuple:
+                key, members = got[0], {ext: mv[x:y] for ext, (x, y) in got[1].items()}
+            else:
+                try:
+                    if isinstance(got, BadSample):
+                        raise got
+                    key, members = parse_sample(mv[a:b], self._where(i, j))  # an unusual layout: the scanner
+                except BadSample as err:
+                    skips.skip_or_raise(err, self.on_error, f"sample {j}")
+                    if keep_places:
+                        out.append(None)
+                    continue
+            out.append((key, members, f"{names[i]} sample {j} (key {key!r})", epoch))
         return out
 
     def _raw_batch(self, refs: Sequence[tuple[int, int, int]]) -> dict[str, Any] | None:
