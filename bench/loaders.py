@@ -18,7 +18,7 @@ loader runs with 2 workers, batch 32, shuffling on, in a fresh process per measu
   16x16 JPEG + txt + json) so K=30,000 batches lies inside one epoch.
 Throughput and first-batch times are medians of `--repeats` runs, taken round robin over everything
 measured (a load change on a shared machine hits all of them), after a warm-up of `--warmup` batches
-(20: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
+(50: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
 time per sample (main process + workers) is reported beside samples/s, and the share of the ceiling
 by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. Replaying loaders
 (torchdata over webdataset, energon) resume at `--replay-k` (their cost grows with K by design); the
@@ -574,9 +574,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--raw-batches", type=int, default=600, help="timed batches per raw run (~1 s for prep)")
     ap.add_argument("--decode-batches", type=int, default=150, help="timed batches per decode run")
-    ap.add_argument("--warmup", type=int, default=20,
+    ap.add_argument("--warmup", type=int, default=50,
                     help="batches taken before timing: enough that each worker has made its steady-state "
-                         "buffers (prep's six shared-memory slots per worker; ~4 ms each to create)")
+                         "buffers (prep's shared-memory slots: up to six per worker, the last ones ~15 "
+                         "requests in, ~8 ms each to create and fault in at 256x256)")
     ap.add_argument("--resume-samples", type=int, default=1_000_000, help="samples of the resume index")
     ap.add_argument("--resume-k", default="300,3000,30000", help="K values for loaders that seek")
     ap.add_argument("--replay-k", default="300,600", help="K values for loaders that replay (slow by design)")
@@ -606,7 +607,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         os._exit(0)  # some peers' worker pools linger at exit; the result is already out
     if a.quick:
-        a.samples, a.shards, a.repeats, a.raw_batches, a.decode_batches = 2000, 4, 1, 40, 20
+        a.samples, a.shards, a.repeats, a.raw_batches, a.decode_batches, a.warmup = 2000, 4, 1, 40, 20, 10
         a.resume_samples, a.resume_k, a.replay_k = 20000, "30,120,600", "30,60"
     names = [n for n in a.loaders.split(",") if n]
     modes = a.modes.split(",")
@@ -668,7 +669,8 @@ def main() -> None:
             entry[f"{prefix}cpu_us"] = statistics.median(cpu)
         shown = [f"{r[key]:.3f}" if mode == "first" and key in r else _fmt(r.get(key, r.get("error")))
                  for r in got]
-        print(f"  {label:22s} runs: {', '.join(shown)}", flush=True)
+        cpus = f"; CPU us/sample {', '.join(_fmt(c) for c in cpu)}" if cpu else ""
+        print(f"  {label:22s} runs: {', '.join(shown)}{cpus}", flush=True)
     if "resume" in modes:
         for n in live:
             if n in NO_RESUME:
@@ -791,7 +793,7 @@ def _table(
         best = max(peers, key=lambda n: peers[n])
         print(f"decode: prep default {mine:,.0f} vs fastest peer {best} {peers[best]:,.0f} samples/s -> "
               f"{mine / peers[best]:.2f}x")
-    print(f"total wall time {wall:.0f} s; load average at end {_load()} (this machine's CPUs: {os.cpu_count()})")
+    print(f"total wall time {wall:.0f} s; load average at end {_load()} ({os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

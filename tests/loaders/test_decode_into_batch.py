@@ -171,3 +171,33 @@ def test_float_batches_are_the_uint8_pixels_over_255(mixed):
     f32 = list(DataLoader(_mixed_dataset(folder, decode="float"), num_workers=1))
     for a, b in zip(u8, f32, strict=True):
         assert b["img"].dtype == torch.float32 and torch.equal(a["img"].float() / 255, b["img"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_first_image_whose_header_reads_but_whose_data_does_not_leaves_the_shape_to_the_next(
+        tmp_path, workers):
+    """At native size a batch's rows are sized from its first image's header; if that image then fails
+    to decode, it is skipped and the next good image sets the shape, as if the header had not been read."""
+    cut = _encode(_photo(64, 64, 9), "JPEG")
+    cut = cut[: cut.index(b"\xff\xda") + 20]  # frame header intact, image data cut
+    assert images.jpeg_size(cut) == (64, 64)
+    good = {f"k{i}": _encode(_photo(40, 56, i), "JPEG") for i in range(1, 4)}
+    rows = [("k0", {"jpg": cut})] + [(k, {"jpg": v}) for k, v in good.items()]
+    info = write_shard(tmp_path / "a.tar", rows, fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    ds = ShardDataset(tmp_path, batch_size=4, shuffle=False, max_skip_fraction=0.5)
+    loader = DataLoader(ds, num_workers=workers)
+    (batch,) = list(loader)
+    assert batch["__key__"] == ["k1", "k2", "k3"] and batch["jpg"].shape == (3, 3, 40, 56)
+    for key, img in zip(batch["__key__"], batch["jpg"], strict=True):
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), _reference(good[key], None, "center", 0))
+    assert loader.stats()["by_reason"] == {"corrupt image": 1}
+
+
+def test_a_smaller_native_jpeg_than_its_row_is_a_size_mismatch_and_stays_in_its_row():
+    data = _encode(_photo(16, 24, 4), "JPEG")
+    rows = np.full((3, 32, 32, 3), 7, dtype=np.uint8)
+    with pytest.raises(SizeMismatch) as err:
+        decode_image(data, None, "center", 0, "x", out=rows[1])
+    assert err.value.got == (16, 24)
+    assert (rows[0] == 7).all() and (rows[2] == 7).all()

@@ -5,7 +5,8 @@
  * - layout: a bulk shard's headers and columns (tar._bulk_columns);
  * - fill_members: one block of the bulk writer (tar._BlockSink._fill_block);
  * - read_spans: a loader batch's samples read into one buffer (sources.ShardReader._read_local);
- * - sample_members: the members of each sample of such a buffer (loaders.io.members.member_spans).
+ * - sample_members: the members of each sample of such a buffer (loaders.io.members.member_spans);
+ * - jpeg_size: a JPEG's height and width from its frame header (loaders.io.images.jpeg_size).
  * The GIL is released while reading, so threads walking or filling from several tars overlap. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -759,11 +760,55 @@ done:
     return out;
 }
 
+/* ------------------------------------------------------------------------------------------ jpeg */
+
+PyDoc_STRVAR(jpeg_doc,
+             "jpeg_size(data) -> (height, width) or None\n\n"
+             "A JPEG's size from its first frame header (SOF0-SOF15), read by walking the markers before it,\n"
+             "as libjpeg does; None where there is none before the scan, or it says height 0 (a DNL marker).");
+
+static PyObject *jpeg_size(PyObject *Py_UNUSED(self), PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *d = b.buf;
+    Py_ssize_t n = b.len, p = 2;
+    long h = -1, w = -1;
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) goto done;
+    while (p + 4 <= n) {
+        if (d[p] != 0xFF) goto done; /* not a marker where one must be */
+        unsigned char m = d[p + 1];
+        if (m == 0xFF) { /* fill byte */
+            p++;
+            continue;
+        }
+        if (m == 0x01 || (m >= 0xD0 && m <= 0xD7)) { /* markers without a length */
+            p += 2;
+            continue;
+        }
+        if (m == 0xD8 || m == 0xD9 || m == 0xDA) goto done; /* no frame header before the image data */
+        Py_ssize_t len = (Py_ssize_t)d[p + 2] << 8 | d[p + 3];
+        if (len < 2 || p + 2 + len > n) goto done;
+        if (m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC) {
+            if (len < 8) goto done;
+            h = (long)d[p + 5] << 8 | d[p + 6];
+            w = (long)d[p + 7] << 8 | d[p + 8];
+            if (h == 0 || w == 0) h = w = -1;
+            goto done;
+        }
+        p += 2 + len;
+    }
+done:
+    PyBuffer_Release(&b);
+    if (h < 0) Py_RETURN_NONE;
+    return Py_BuildValue("(ll)", h, w);
+}
+
 static PyMethodDef methods[] = {{"scan", scan_tar, METH_VARARGS, scan_doc},
                                 {"layout", layout, METH_VARARGS, layout_doc},
                                 {"fill_members", fill_members, METH_VARARGS, fill_doc},
                                 {"read_spans", read_spans, METH_VARARGS, read_doc},
                                 {"sample_members", sample_members, METH_VARARGS, members_doc},
+                                {"jpeg_size", jpeg_size, METH_O, jpeg_doc},
                                 {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {

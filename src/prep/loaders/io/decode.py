@@ -291,7 +291,8 @@ class Decoder:
         return batch
 
     def _first_image(self, data: Buffer, rnd: int, where: str, row: int, bufs: dict[str, torch.Tensor],
-                     arrs: dict[str, np.ndarray], ext: str, new_rows: Callable[[int, int], torch.Tensor]) -> None:
+                     arrs: dict[str, np.ndarray], ext: str,
+                     new_rows: Callable[[int, int], torch.Tensor]) -> None:
         """The batch's first good image at native size: its rows are allocated at its size (read from a JPEG
         header, so it decodes straight into its row; other formats are decoded first, then copied). An
         image that fails leaves no rows behind: the next good one sets the shape."""

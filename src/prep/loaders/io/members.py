@@ -74,23 +74,24 @@ _NATIVE_MEMBERS = getattr(NATIVE, "sample_members", None)  # the C twin of the p
 
 def batch_member_spans(
     buf: Buffer, spans: Sequence[tuple[int, int]], where: Callable[[int], str]
-) -> list[Spans | BadSample | None]:
+) -> list[Spans | PrepError | None]:
     """`member_spans` of each sample [a, b) of a read batch, with offsets into `buf` (not the sample):
     the C helper takes the plain samples in one call (~0.3 us each instead of ~8), `member_spans` the
-    rest, and whatever it says stands (None: an unusual layout, for `parse_sample`'s scanner; a
-    `BadSample`: a bad record). `where(k)` names sample k in errors."""
+    rest, and whatever it says stands (None: an unusual layout, for `parse_sample`'s scanner; an error,
+    returned in the sample's place for the caller to raise or skip when it gets there: a `BadSample`
+    for a bad record, another `PrepError` for an unsafe member name). `where(k)` names sample k."""
     got: list[Spans | None] = (
         _NATIVE_MEMBERS(buf, np.array(spans, dtype=np.int64).reshape(-1))
         if _NATIVE_MEMBERS is not None and spans
         else [None] * len(spans)
     )
-    out: list[Spans | BadSample | None] = list(got)
+    out: list[Spans | PrepError | None] = list(got)
     for k, item in enumerate(got):
         if item is None:
             a, b = spans[k]
             try:
                 parsed = member_spans(buf[a:b], where(k))
-            except BadSample as err:
+            except PrepError as err:
                 out[k] = err
                 continue
             if parsed is not None:

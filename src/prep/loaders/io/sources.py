@@ -350,6 +350,18 @@ def resolve_shards(
 
 
 # ------------------------------------------------------------------------------------------ reading
+def _preadv_each(buf: np.ndarray, fds: list[int], plan: list[tuple[int, int, int, int]],
+                 dst: list[int]) -> tuple[int, int]:
+    """The Python twin of the C batch read (`read_spans`): a preadv per sample. (k, the byte where its
+    shard ends) for the first sample k that its shard ends before, else (-1, 0)."""
+    mv = buf.data
+    for k, (fd, (_, _, start, end), a) in enumerate(zip(fds, plan, dst, strict=True)):
+        got = os.preadv(fd, [mv[a : a + end - start]], start)
+        if got != end - start:
+            return k, start + got
+    return -1, 0
+
+
 class ShardReader:
     """Per-process reader of sample bytes. Holds open files and offsets; never pickles them (a worker
     builds its own after fork or spawn)."""
@@ -574,8 +586,9 @@ class ShardReader:
         if self._pid != os.getpid():  # forked after files were opened: never share descriptors
             self._reset()
         distinct = list(dict.fromkeys(i for i, _ in refs))
-        # remote .idx reads, concurrently (a local one is a short file read: threads would only add their start)
-        self._at_once(self.offsets, [i for i in distinct if i not in self._offsets and is_remote(self.shards[i].url)])
+        # remote .idx reads, concurrently (a local one is a short file read: threads only add their start)
+        unread = [i for i in distinct if i not in self._offsets and is_remote(self.shards[i].url)]
+        self._at_once(self.offsets, unread)
         offsets = {i: self.offsets(i) for i in distinct}
         plan: list[tuple[int, int, int, int]] = []
         spans: list[tuple[int, int]] = []
@@ -599,7 +612,7 @@ class ShardReader:
             missing = [i for i, fd in held.items() if fd is None]
             held.update(zip(missing, self._at_once(self._cache_fd, missing), strict=True))
         try:
-            for k, ((i, j, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
+            for k, ((i, _, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
                 url = self.shards[i].url
                 fd = held.get(i)
                 if fd is not None:
@@ -634,18 +647,11 @@ class ShardReader:
             cols = np.array([(fd, s, e - s) for fd, (_, _, s, e) in zip(fds, plan, strict=True)], np.int64)
             short = _NATIVE_READ(buf, np.array(dst, np.int64), cols[:, 0].copy(), cols[:, 1].copy(),
                                  cols[:, 2].copy())
-            if short is None:
-                return
-            k, _, ended = short
+            k, ended = (-1, 0) if short is None else (short[0], short[2])
         else:
-            mv = buf.data
-            for k, (fd, (_, _, start, end), a) in enumerate(zip(fds, plan, dst, strict=True)):
-                got = os.preadv(fd, [mv[a : a + end - start]], start)
-                if got != end - start:
-                    ended = start + got
-                    break
-            else:
-                return
+            k, ended = _preadv_each(buf, fds, plan, dst)
+        if k < 0:
+            return
         i, j, _, end = plan[k]
         raise PrepError(
             f"shard ends at byte {ended}, sample {j} needs bytes up to {end}",

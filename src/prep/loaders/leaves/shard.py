@@ -39,7 +39,7 @@ from prep.loaders.base import (
 )
 from prep.loaders.io.cache import ShardCache
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
-from prep.loaders.io.members import batch_member_spans, parse_sample
+from prep.loaders.io.members import Buffer, batch_member_spans, parse_sample
 from prep.loaders.io.shm import bytes_list, shared_empty
 from prep.loaders.io.sources import Secret, ShardReader, ShardSpec, redact_url, resolve_shards
 from prep.loaders.order import EpochOrder
@@ -200,13 +200,14 @@ class ShardDataset(SampleLeaf):
         found = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
         out: list[Parsed | None] = []
         names = self._shard_names()
+        members: dict[str, Buffer]
         for (i, j, epoch), (a, b), got in zip(refs, spans, found, strict=True):
             if type(got) is tuple:
                 key, members = got[0], {ext: mv[x:y] for ext, (x, y) in got[1].items()}
             else:
                 try:
-                    if isinstance(got, BadSample):
-                        raise got
+                    if isinstance(got, PrepError):
+                        raise got  # a BadSample is skipped below; an unsafe member name stops the batch
                     key, members = parse_sample(mv[a:b], self._where(i, j))  # an unusual layout: the scanner
                 except BadSample as err:
                     skips.skip_or_raise(err, self.on_error, f"sample {j}")
@@ -227,13 +228,16 @@ class ShardDataset(SampleLeaf):
         out: dict[str, Any] = {"__key__": keys}
         fields: list[str] | None = None
         parsed = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
-        if any(got is None for got in parsed):  # an unusual layout anywhere hands the batch to the slow path
-            return None
+        for got in parsed:  # in order: an unusual layout means the slow path, an unsafe name raises
+            if got is None:
+                return None
+            if isinstance(got, PrepError) and not isinstance(got, BadSample):
+                raise got
         for (i, j, _), item in zip(refs, parsed, strict=True):
             if isinstance(item, BadSample):
                 skips.skip_or_raise(item, self.on_error, item.key or f"sample {j}")
                 continue
-            assert item is not None
+            assert isinstance(item, tuple)  # the loop above returned or raised for the rest
             key, found = item
             where = self._where(i, j)
             try:
