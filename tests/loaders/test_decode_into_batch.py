@@ -16,7 +16,7 @@ from prep.errors import PrepError
 from prep.formats.index import write_index
 from prep.formats.tar_write import write_shard
 from prep.loaders import DataLoader, ShardDataset
-from prep.loaders.io import images
+from prep.loaders.io import decode, images
 from prep.loaders.io.images import SizeMismatch, crop_box, decode_image
 
 
@@ -201,3 +201,32 @@ def test_a_smaller_native_jpeg_than_its_row_is_a_size_mismatch_and_stays_in_its_
         decode_image(data, None, "center", 0, "x", out=rows[1])
     assert err.value.got == (16, 24)
     assert (rows[0] == 7).all() and (rows[2] == 7).all()
+
+
+@pytest.mark.parametrize("size", [None, 64, 50])
+@pytest.mark.parametrize("bad", [None, 0, 3, 7])
+def test_a_batch_of_jpegs_decodes_in_one_run_up_to_a_bad_one_and_per_sample_after(
+        tmp_path, size, bad, monkeypatch):
+    """All-JPEG batches take the one-run loop (straight into the rows); at a corrupt image (first, middle
+    or last) the per-sample loop takes over at that row: the same samples, rows and pixels either way.
+    Sizes: native, a DCT-exact 1/2, and one that needs a resize (per sample throughout)."""
+    images._SCALED.clear()
+    runs: list[int] = []
+    real_run = decode.decode_jpeg_run
+    monkeypatch.setattr(decode, "decode_jpeg_run", lambda *a: runs.append(real_run(*a)) or runs[-1])
+    data = {f"k{i}": _encode(_photo(128, 128, i), "JPEG", quality=85) for i in range(8)}
+    if bad is not None:
+        data[f"k{bad}"] = data[f"k{bad}"][:700]  # its header reads, its image data is cut
+    rows = [(k, {"jpg": v, "txt": k.encode()}) for k, v in data.items()]
+    info = write_shard(tmp_path / "a.tar", rows, fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    ds = ShardDataset(tmp_path, batch_size=8, shuffle=False, image_size=size, max_skip_fraction=0.5)
+    (batch,) = list(DataLoader(ds))
+    keys = [k for k in data if k != f"k{bad}"]
+    assert batch["__key__"] == keys and batch["txt"] == keys
+    assert batch["jpg"].is_contiguous(memory_format=torch.channels_last)
+    for key, img in zip(keys, batch["jpg"], strict=True):
+        want = _reference(data[key], (size, size) if size else None, "center", 0)
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), want), key
+    in_run = 0 if size == 50 else 8 if bad is None else bad
+    assert sum(runs) == in_run  # how many the one run decoded (a first image that fails: none)

@@ -25,7 +25,15 @@ import torch
 from prep.errors import PrepError
 from prep.loaders.base import stream_key
 from prep.loaders.io.collate import collate_samples, shape_error
-from prep.loaders.io.images import SizeMismatch, decode_image, jpeg_backend, jpeg_size, pil_rgb, to_pil
+from prep.loaders.io.images import (
+    SizeMismatch,
+    decode_image,
+    decode_jpeg_run,
+    jpeg_backend,
+    jpeg_size,
+    pil_rgb,
+    to_pil,
+)
 from prep.loaders.io.members import Buffer
 from prep.loaders.io.shm import pooled_like, shared_empty
 from prep.loaders.skips import BadSample, OnError, skip_or_raise
@@ -256,9 +264,10 @@ class Decoder:
             except BadSample as err:
                 held = err
             staged.append((k, m, where, epoch, values, held))
-        rest: list[dict[str, Any]] = []
+        done = self._plain_jpegs(staged, image_exts, bufs, arrs, new_rows)
+        rest: list[dict[str, Any]] = [{"__key__": k, **values} for k, _, _, _, values, _ in staged[:done]]
         size, crop, seeded = self.image_size, self.crop, self.crop == "random"
-        for k, m, where, epoch, values, held in staged:
+        for k, m, where, epoch, values, held in staged[done:]:
             row = len(rest)
             try:
                 for ext in image_exts:
@@ -289,6 +298,36 @@ class Decoder:
                 buf = out
             batch[ext] = pooled_like(buf[:n].permute(0, 3, 1, 2), buf)
         return batch
+
+    def _plain_jpegs(self, staged: Sequence[tuple[str, dict[str, Buffer], str, int, dict[str, Any], Any]],
+                     image_exts: list[str], bufs: dict[str, torch.Tensor], arrs: dict[str, np.ndarray],
+                     new_rows: Callable[[int, int], torch.Tensor]) -> int:
+        """Decode the batch's leading samples in one run (`images.decode_jpeg_run`) while each is the plain
+        case: one image member, no error held, a JPEG that decodes straight into its row. Returns how many;
+        the per-sample loop takes over from the first other one, at its row. At native size the rows are
+        sized from the first image's header, and dropped if that image does not decode (the per-sample
+        loop then lets the first good image set the shape, as always)."""
+        if len(image_exts) != 1:
+            return 0
+        ext = image_exts[0]
+        lead: list[Buffer] = []
+        for _, m, _, _, _, held in staged:
+            if held is not None or ext not in m:
+                break
+            lead.append(m[ext])
+        if not lead:
+            return 0
+        fresh = ext not in arrs
+        if fresh:
+            hw = jpeg_size(lead[0])
+            if hw is None:
+                return 0
+            bufs[ext] = new_rows(*hw)
+            arrs[ext] = bufs[ext].numpy()
+        done = decode_jpeg_run(lead, self.image_size, arrs[ext])
+        if done == 0 and fresh:
+            del bufs[ext], arrs[ext]
+        return done
 
     def _first_image(self, data: Buffer, rnd: int, where: str, row: int, bufs: dict[str, torch.Tensor],
                      arrs: dict[str, np.ndarray], ext: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -129,6 +130,41 @@ def _simplejpeg(
     except ValueError:
         return None
     return _fit(arr, size, crop, rnd, out)
+
+
+def decode_jpeg_run(datas: Sequence[Buffer], size: tuple[int, int] | None, rows: np.ndarray) -> int:
+    """Decode the leading images of `datas` straight into rows[0], rows[1], ... while each is the plain
+    case of `decode_image`: a JPEG simplejpeg reads whose decoded size (native, or DCT-scaled towards
+    `size`) is exactly a row's. Returns how many were decoded; the first one that is not such a case, or
+    fails, is left (with the rest) to `decode_image`, which says why. One tight loop: between decodes,
+    which sweep the CPU caches, there is as little Python to run cold as there can be."""
+    if simplejpeg is None:
+        return 0
+    want = rows.shape[1:3]
+    plan: list[tuple[Buffer, int, int]] = []
+    for data in datas:
+        hw = jpeg_size(data)
+        if hw is None or (size is None and hw != want):
+            break
+        if size is None:
+            plan.append((data, 0, 0))  # no scaling: simplejpeg's defaults
+            continue
+        try:
+            ch, cw, dh, dw = _scaled_size(data, *hw, size)
+        except ValueError:
+            break
+        if (dh, dw) != size:
+            break
+        plan.append((data, ch, cw))
+    decode = simplejpeg.decode_jpeg
+    for r, (data, ch, cw) in enumerate(plan):
+        try:
+            arr = decode(data, colorspace="RGB", min_height=ch, min_width=cw, buffer=rows[r])
+        except ValueError:
+            return r
+        if arr.shape[:2] != want:
+            return r
+    return len(plan)
 
 
 def _native_into(data: Buffer, out: np.ndarray) -> np.ndarray | None:

@@ -114,7 +114,7 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     if not torch_private.slots_supported():
         return _fresh_shared(shape, dtype)
     slots = _worker_slots()
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     n = math.prod(shape)
     slot = slots.take(n * itemsize)
     if slot is None:
@@ -205,9 +205,10 @@ def _rebuild_pooled(token: str, i: int, gen: int, storage: Any, layout: tuple[An
         weakref.finalize(base, _release, state)
         _LIVE[key] = gen, weakref.ref(base)
     offset, shape, stride, dtype = layout
-    itemsize = torch.empty(0, dtype=dtype).element_size()
     flat = torch.from_numpy(base)
-    flat = flat[: flat.numel() // itemsize * itemsize].view(dtype)
+    itemsize = dtype.itemsize
+    if dtype != torch.uint8:  # the slot's bytes as this dtype
+        flat = flat[: flat.numel() // itemsize * itemsize].view(dtype)
     return flat.as_strided(shape, stride, (offset - _HEADER) // itemsize)
 
 
