@@ -3,8 +3,9 @@
 `resolve_shards` turns a source (prep folder, `wdinfo.pkl`, list or brace pattern of tars, remote URLs,
 `pipe:` commands) into `ShardSpec`s with their sample counts; that runs once, in the main process.
 `ShardReader` runs in each DataLoader worker: it keeps files open and parsed `.idx` offsets cached, so a
-sample costs one positioned read (`os.pread`) locally, or one ranged request remotely (ranges of a
-batch are fetched concurrently through fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:`
+sample costs one positioned read locally (a batch's reads are one call of the C helper `read_spans`, the
+GIL released), or one ranged request remotely (ranges of a batch are fetched concurrently through
+fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:`
 shard is instead downloaded whole into the node's cache (a thread reads ahead in the planned order) and
 read locally; ranged reads remain the fallback when the cache has no room.
 
