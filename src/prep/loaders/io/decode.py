@@ -44,6 +44,8 @@ TEXT_EXTS = frozenset({"txt", "text", "caption"})
 JSON_EXTS = frozenset({"json"})
 INT_EXTS = frozenset({"cls", "cls2", "index", "id"})
 Parsed = tuple[str, dict[str, Buffer], str, int]  # (key, members, where, epoch) of one read sample
+# a Parsed sample with its other members decoded, and the BadSample that will skip it (None: none)
+Staged = tuple[str, dict[str, Buffer], str, int, dict[str, Any], "BadSample | None"]
 _M = TypeVar("_M")  # what a member is known by: its bytes, or its (start, end) in a read buffer
 
 
@@ -252,18 +254,7 @@ class Decoder:
         # The other members first, for the whole batch, then the images one after another: each decode
         # sweeps the CPU caches, so Python work between decodes runs cold (it cost about twice as much).
         # A sample's errors are still told in order: a missing or bad image before a bad other member.
-        staged: list[tuple[str, dict[str, Buffer], str, int, dict[str, Any], BadSample | None]] = []
-        value, text = self.value, TEXT_EXTS
-        for k, m, where, epoch in selected:
-            values: dict[str, Any] = {}
-            held: BadSample | None = None
-            try:
-                for x, d in m.items():
-                    if x not in image_exts:  # text inline: the most common member after images
-                        values[x] = _text(d) if member_kind(x) in text else value(x, d, k, epoch, where)
-            except BadSample as err:
-                held = err
-            staged.append((k, m, where, epoch, values, held))
+        staged = self._other_members(selected, image_exts)
         done = self._plain_jpegs(staged, image_exts, bufs, arrs, new_rows)
         rest: list[dict[str, Any]] = [{"__key__": k, **values} for k, _, _, _, values, _ in staged[:done]]
         size, crop, seeded = self.image_size, self.crop, self.crop == "random"
@@ -299,7 +290,24 @@ class Decoder:
             batch[ext] = pooled_like(buf[:n].permute(0, 3, 1, 2), buf)
         return batch
 
-    def _plain_jpegs(self, staged: Sequence[tuple[str, dict[str, Buffer], str, int, dict[str, Any], Any]],
+    def _other_members(self, selected: Sequence[Parsed], image_exts: list[str]) -> list[Staged]:
+        """Each sample with its non-image members decoded, and the error that will skip it (held, so that
+        a bad image of the same sample, found later, is the one told)."""
+        staged: list[Staged] = []
+        value, text = self.value, TEXT_EXTS
+        for k, m, where, epoch in selected:
+            values: dict[str, Any] = {}
+            held: BadSample | None = None
+            try:
+                for x, d in m.items():
+                    if x not in image_exts:  # text inline: the most common member after images
+                        values[x] = _text(d) if member_kind(x) in text else value(x, d, k, epoch, where)
+            except BadSample as err:
+                held = err
+            staged.append((k, m, where, epoch, values, held))
+        return staged
+
+    def _plain_jpegs(self, staged: Sequence[Staged],
                      image_exts: list[str], bufs: dict[str, torch.Tensor], arrs: dict[str, np.ndarray],
                      new_rows: Callable[[int, int], torch.Tensor]) -> int:
         """Decode the batch's leading samples in one run (`images.decode_jpeg_run`) while each is the plain

@@ -603,7 +603,9 @@ class ShardReader:
         buf = alloc(total)
         mv = buf.data
         remote: list[tuple[int, int, int, int]] = []
-        local: list[int] = []
+        on_disk = {i for i in distinct if not self.shards[i].url.startswith("pipe:") and not is_remote(
+            self.shards[i].url)}
+        local = [k for k, (i, _, _, _) in enumerate(plan) if i in on_disk]  # read below, in one call
         # cache entries read by this batch (shared-locked until done), missing ones downloaded together
         held: dict[int, int | None] = {}
         if self.cache is not None:
@@ -614,16 +616,16 @@ class ShardReader:
             held.update(zip(missing, self._at_once(self._cache_fd, missing), strict=True))
         try:
             for k, ((i, _, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
+                if i in on_disk:
+                    continue
                 url = self.shards[i].url
                 fd = held.get(i)
                 if fd is not None:
                     os.preadv(fd, [mv[a:b]], start)  # the entry is complete: its size was checked
                 elif url.startswith("pipe:"):
                     mv[a:b] = self._pipe(i)[start:end]
-                elif is_remote(url):
-                    remote.append((k, i, start, end))
                 else:
-                    local.append(k)
+                    remote.append((k, i, start, end))
         finally:
             for fd in held.values():
                 if fd is not None:
