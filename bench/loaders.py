@@ -17,7 +17,8 @@ loader runs with 2 workers, batch 32, shuffling on, in a fresh process per measu
   Resume positions run on a second, larger index (`--resume-samples`, default 1,000,000 samples of
   16x16 JPEG + txt + json) so K=30,000 batches lies inside one epoch.
 Throughput and first-batch times are medians of `--repeats` runs, taken round robin over everything
-measured (a load change on a shared machine hits all of them), after a warm-up of a few batches; CPU
+measured (a load change on a shared machine hits all of them), after a warm-up of `--warmup` batches
+(50: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
 time per sample (main process + workers) is reported beside samples/s, and the share of the ceiling
 by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. Replaying loaders
 (torchdata over webdataset, energon) resume at `--replay-k` (their cost grows with K by design); the
@@ -49,7 +50,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = ["prep", "webdataset", "torchdata", "energon", "streaming", "litdata"]
-BATCH, WORKERS, SEED, WARMUP, NEXT = 32, 2, 0, 5, 20
+BATCH, WORKERS, SEED, NEXT = 32, 2, 0, 20
 RESIZED = 128  # a target the decoder reaches by DCT scaling alone (1/2 of 256)
 SHUFFLE_BUFFER = 1000
 
@@ -391,10 +392,10 @@ CEILINGS = {  # name -> (what, the prep mode measured against it)
 }
 
 
-def child_throughput(root: Path, name: str, mode: str, batches: int) -> dict[str, Any]:
+def child_throughput(root: Path, name: str, mode: str, batches: int, warmup: int) -> dict[str, Any]:
     make, _, _ = FACTORIES[name](root, mode)
     it = make()
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         next(it)
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
@@ -573,6 +574,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--raw-batches", type=int, default=600, help="timed batches per raw run (~1 s for prep)")
     ap.add_argument("--decode-batches", type=int, default=150, help="timed batches per decode run")
+    ap.add_argument("--warmup", type=int, default=50,
+                    help="batches taken before timing: enough that each worker has made its steady-state "
+                         "buffers (prep's shared-memory slots: up to six per worker, the last ones ~15 "
+                         "requests in, ~8 ms each to create and fault in at 256x256)")
     ap.add_argument("--resume-samples", type=int, default=1_000_000, help="samples of the resume index")
     ap.add_argument("--resume-k", default="300,3000,30000", help="K values for loaders that seek")
     ap.add_argument("--replay-k", default="300,600", help="K values for loaders that replay (slow by design)")
@@ -588,7 +593,7 @@ def main() -> None:
         kind, name, *rest = a.child
         root = Path(rest[0])
         if kind == "throughput":
-            res = child_throughput(root, name, rest[1], int(rest[2]))
+            res = child_throughput(root, name, rest[1], int(rest[2]), int(rest[3]))
         elif kind == "ceiling":
             res = child_ceiling(root, name, int(rest[1]))
         elif kind == "first":
@@ -602,7 +607,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         os._exit(0)  # some peers' worker pools linger at exit; the result is already out
     if a.quick:
-        a.samples, a.shards, a.repeats, a.raw_batches, a.decode_batches = 2000, 4, 1, 40, 20
+        a.samples, a.shards, a.repeats, a.raw_batches, a.decode_batches, a.warmup = 2000, 4, 1, 40, 20, 10
         a.resume_samples, a.resume_k, a.replay_k = 20000, "30,120,600", "30,60"
     names = [n for n in a.loaders.split(",") if n]
     modes = a.modes.split(",")
@@ -620,7 +625,8 @@ def main() -> None:
         f"machine: {platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}; "
         f"data: {a.samples} samples of 256x256 JPEG q90 + txt + json in {a.shards} tars "
         f"({_du(data / 'tars') / 2**20:.0f} MiB), {WORKERS} workers, batch {BATCH}, shuffle on; "
-        f"prep JPEG decoder: {jpeg_backend()}; peers decode with PIL; medians of {a.repeats}",
+        f"prep JPEG decoder: {jpeg_backend()}; peers decode with PIL; medians of {a.repeats}; "
+        f"load average at start {_load()}",
         flush=True,
     )
     results: dict[str, dict[str, Any]] = {n: {} for n in names}
@@ -633,14 +639,15 @@ def main() -> None:
     ceilings: dict[str, Any] = {}
     jobs: list[tuple[str, list[str]]] = []  # (label, child args), run round robin `repeats` times
     if "raw" in modes:
-        jobs += [(f"{n}/raw", ["throughput", n, str(data), "raw", str(a.raw_batches)]) for n in live]
+        jobs += [(f"{n}/raw", ["throughput", n, str(data), "raw", str(a.raw_batches), str(a.warmup)])
+                 for n in live]
     for mode in ("decode", "decode128", "pil"):
         if mode not in modes:
             continue
         per_process = a.decode_batches * BATCH  # twice a loader run's share: the ceiling is quick
         jobs += [(f"ceiling/{c}", ["ceiling", c, str(data), str(per_process)])
                  for c, (_, m) in CEILINGS.items() if m == mode]
-        jobs += [(f"{n}/{mode}", ["throughput", n, str(data), mode, str(a.decode_batches)])
+        jobs += [(f"{n}/{mode}", ["throughput", n, str(data), mode, str(a.decode_batches), str(a.warmup)])
                  for n in live if mode not in PREP_ONLY or n == "prep"]
     if "first" in modes:
         jobs += [(f"{n}/first", ["first", n, str(data), "decode"]) for n in live]
@@ -662,7 +669,8 @@ def main() -> None:
             entry[f"{prefix}cpu_us"] = statistics.median(cpu)
         shown = [f"{r[key]:.3f}" if mode == "first" and key in r else _fmt(r.get(key, r.get("error")))
                  for r in got]
-        print(f"  {label:22s} runs: {', '.join(shown)}", flush=True)
+        cpus = f"; CPU us/sample {', '.join(_fmt(c) for c in cpu)}" if cpu else ""
+        print(f"  {label:22s} runs: {', '.join(shown)}{cpus}", flush=True)
     if "resume" in modes:
         for n in live:
             if n in NO_RESUME:
@@ -707,6 +715,11 @@ def _clean_streaming_shm(since: float) -> int:
             f.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was (other work included)."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _du(p: Path) -> int:
@@ -780,7 +793,7 @@ def _table(
         best = max(peers, key=lambda n: peers[n])
         print(f"decode: prep default {mine:,.0f} vs fastest peer {best} {peers[best]:,.0f} samples/s -> "
               f"{mine / peers[best]:.2f}x")
-    print(f"total wall time {wall:.0f} s")
+    print(f"total wall time {wall:.0f} s; load average at end {_load()} ({os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from prep.errors import PrepError
 from prep.formats.index import write_index
 from prep.formats.tar_write import write_shard
 from prep.loaders import DataLoader, ShardDataset
-from prep.loaders.io import images
+from prep.loaders.io import decode, images
 from prep.loaders.io.images import SizeMismatch, crop_box, decode_image
 
 
@@ -171,3 +171,62 @@ def test_float_batches_are_the_uint8_pixels_over_255(mixed):
     f32 = list(DataLoader(_mixed_dataset(folder, decode="float"), num_workers=1))
     for a, b in zip(u8, f32, strict=True):
         assert b["img"].dtype == torch.float32 and torch.equal(a["img"].float() / 255, b["img"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_first_image_whose_header_reads_but_whose_data_does_not_leaves_the_shape_to_the_next(
+        tmp_path, workers):
+    """At native size a batch's rows are sized from its first image's header; if that image then fails
+    to decode, it is skipped and the next good image sets the shape, as if the header had not been read."""
+    cut = _encode(_photo(64, 64, 9), "JPEG")
+    cut = cut[: cut.index(b"\xff\xda") + 20]  # frame header intact, image data cut
+    assert images.jpeg_size(cut) == (64, 64)
+    good = {f"k{i}": _encode(_photo(40, 56, i), "JPEG") for i in range(1, 4)}
+    rows = [("k0", {"jpg": cut})] + [(k, {"jpg": v}) for k, v in good.items()]
+    info = write_shard(tmp_path / "a.tar", rows, fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    ds = ShardDataset(tmp_path, batch_size=4, shuffle=False, max_skip_fraction=0.5)
+    loader = DataLoader(ds, num_workers=workers)
+    (batch,) = list(loader)
+    assert batch["__key__"] == ["k1", "k2", "k3"] and batch["jpg"].shape == (3, 3, 40, 56)
+    for key, img in zip(batch["__key__"], batch["jpg"], strict=True):
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), _reference(good[key], None, "center", 0))
+    assert loader.stats()["by_reason"] == {"corrupt image": 1}
+
+
+def test_a_smaller_native_jpeg_than_its_row_is_a_size_mismatch_and_stays_in_its_row():
+    data = _encode(_photo(16, 24, 4), "JPEG")
+    rows = np.full((3, 32, 32, 3), 7, dtype=np.uint8)
+    with pytest.raises(SizeMismatch) as err:
+        decode_image(data, None, "center", 0, "x", out=rows[1])
+    assert err.value.got == (16, 24)
+    assert (rows[0] == 7).all() and (rows[2] == 7).all()
+
+
+@pytest.mark.parametrize("size", [None, 64, 50])
+@pytest.mark.parametrize("bad", [None, 0, 3, 7])
+def test_a_batch_of_jpegs_decodes_in_one_run_up_to_a_bad_one_and_per_sample_after(
+        tmp_path, size, bad, monkeypatch):
+    """All-JPEG batches take the one-run loop (straight into the rows); at a corrupt image (first, middle
+    or last) the per-sample loop takes over at that row: the same samples, rows and pixels either way.
+    Sizes: native, a DCT-exact 1/2, and one that needs a resize (per sample throughout)."""
+    images._SCALED.clear()
+    runs: list[int] = []
+    real_run = decode.decode_jpeg_run
+    monkeypatch.setattr(decode, "decode_jpeg_run", lambda *a: runs.append(real_run(*a)) or runs[-1])
+    data = {f"k{i}": _encode(_photo(128, 128, i), "JPEG", quality=85) for i in range(8)}
+    if bad is not None:
+        data[f"k{bad}"] = data[f"k{bad}"][:700]  # its header reads, its image data is cut
+    rows = [(k, {"jpg": v, "txt": k.encode()}) for k, v in data.items()]
+    info = write_shard(tmp_path / "a.tar", rows, fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    ds = ShardDataset(tmp_path, batch_size=8, shuffle=False, image_size=size, max_skip_fraction=0.5)
+    (batch,) = list(DataLoader(ds))
+    keys = [k for k in data if k != f"k{bad}"]
+    assert batch["__key__"] == keys and batch["txt"] == keys
+    assert batch["jpg"].is_contiguous(memory_format=torch.channels_last)
+    for key, img in zip(keys, batch["jpg"], strict=True):
+        want = _reference(data[key], (size, size) if size else None, "center", 0)
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), want), key
+    in_run = 0 if size == 50 else 8 if bad is None else bad
+    assert sum(runs) == in_run  # how many the one run decoded (a first image that fails: none)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prep.loaders.base import batches_per_epoch
-from prep.loaders.order import EpochOrder, shard_order
+from prep.loaders.order import _BLOCK, EpochOrder, shard_order, window_permutation
 
 
 def _all(order: EpochOrder, epoch: int) -> list[tuple[int, int]]:
@@ -27,6 +27,32 @@ def test_any_range_equals_the_slice_of_the_whole_epoch():
     fresh = EpochOrder([11, 4, 9, 13, 2], seed=1, window_shards=2)  # no cache shared with `order`
     for start, stop in [(0, 3), (10, 30), (38, 39), (17, 17), (0, 39)]:
         s, j = fresh.lookup(5, start, stop)
+        assert list(zip(s.tolist(), j.tolist(), strict=True)) == whole[start:stop]
+
+
+def _defined(counts: list[int], seed: int, window: int, epoch: int) -> list[tuple[int, int]]:
+    """The order as the module docstring defines it, position by position: shards shuffled, windows of
+    `window` shards, each window's samples permuted together. A state saved by any prep resumes into it."""
+    order = shard_order(len(counts), seed, "", epoch, True).tolist()
+    out: list[tuple[int, int]] = []
+    for w in range(0, len(order), window):
+        members = [(i, j) for i in order[w : w + window] for j in range(counts[i])]
+        perm = window_permutation(len(members), seed, "", epoch, w // window)
+        out += [members[p] for p in perm.tolist()]
+    return out
+
+
+def test_lookups_across_blocks_and_windows_follow_the_definition():
+    counts = [3000, 0, 5000, 2500, 7000, 1]  # windows of several resolution blocks
+    assert max(counts) > _BLOCK
+    whole = _defined(counts, 7, 2, 3)
+    rng = np.random.default_rng(0)
+    order = EpochOrder(counts, seed=7, window_shards=2)
+    assert _all(order, 3) == whole
+    for _ in range(200):
+        start = int(rng.integers(0, len(whole)))
+        stop = min(len(whole), start + int(rng.choice([1, 31, 32, _BLOCK, 3 * _BLOCK])))
+        s, j = order.lookup(3, start, stop)
         assert list(zip(s.tolist(), j.tolist(), strict=True)) == whole[start:stop]
 
 

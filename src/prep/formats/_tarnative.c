@@ -3,7 +3,10 @@
  *   followed with one pread a window, then checksums, field shapes and names checked) and
  *   tar._group_plain, decline for decline, at ~2 us a member instead of ~6;
  * - layout: a bulk shard's headers and columns (tar._bulk_columns);
- * - fill_members: one block of the bulk writer (tar._BlockSink._fill_block).
+ * - fill_members: one block of the bulk writer (tar._BlockSink._fill_block);
+ * - read_spans: a loader batch's samples read into one buffer (sources.ShardReader._read_local);
+ * - sample_members: the members of each sample of such a buffer (loaders.io.members.member_spans);
+ * - jpeg_size: a JPEG's height and width from its frame header (loaders.io.images.jpeg_size).
  * The GIL is released while reading, so threads walking or filling from several tars overlap. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -590,15 +593,228 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(read_doc,
+             "read_spans(out, dst, fds, src, sizes) -> None or (k, missing, offset)\n\n"
+             "Read span k's `sizes[k]` bytes from descriptor `fds[k]` at `src[k]` into `out` at `dst[k]` (int64\n"
+             "arrays), the GIL released: one preadv per run of close spans of one descriptor, as fill_members\n"
+             "reads members. None when all were read; (k, bytes missing, source offset) when span k's source\n"
+             "ended early.");
+
+static PyObject *read_spans(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *o_out, *o_dst, *o_fds, *o_src, *o_sizes;
+    if (!PyArg_ParseTuple(args, "OOOOO:read_spans", &o_out, &o_dst, &o_fds, &o_src, &o_sizes)) return NULL;
+    ReadArgs a;
+    memset(&a, 0, sizeof a);
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(o_out, &a.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (int64_buffer(o_dst, &a.dst, "dst", -1) < 0) goto done;
+    Py_ssize_t n = a.dst.len / 8;
+    if (int64_buffer(o_fds, &a.fds, "fds", n) < 0 || int64_buffer(o_src, &a.src, "src", n) < 0
+        || int64_buffer(o_sizes, &a.sizes, "sizes", n) < 0)
+        goto done;
+    const int64_t *dst = a.dst.buf, *sizes = a.sizes.buf, *src = a.src.buf;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (dst[k] < 0 || sizes[k] < 0 || src[k] < 0 || dst[k] + sizes[k] > a.out.len) {
+            PyErr_SetString(PyExc_ValueError, "a span does not fit in the output buffer");
+            goto done;
+        }
+    Py_ssize_t bad = 0;
+    int64_t missing = 0, at = 0;
+    int rc, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = read_runs(a.out.buf, dst, a.fds.buf, src, sizes, n, &bad, &missing, &at);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else if (rc > 0) {
+        result = Py_BuildValue("(nLL)", bad, (long long)missing, (long long)at);
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&a.out);
+    if (a.dst.obj) PyBuffer_Release(&a.dst);
+    if (a.fds.obj) PyBuffer_Release(&a.fds);
+    if (a.src.obj) PyBuffer_Release(&a.src);
+    if (a.sizes.obj) PyBuffer_Release(&a.sizes);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ members */
+
+#define EXT_CACHE 16 /* extensions remembered per call: a batch's samples share their extension strings */
+
+typedef struct {
+    PyObject *str[EXT_CACHE];
+    const unsigned char *text[EXT_CACHE]; /* where the string was read: compared by content */
+    int len[EXT_CACHE];
+    int n;
+} Exts;
+
+/* A new reference to the str of an extension, shared with earlier members of the call. */
+static PyObject *ext_str(Exts *c, const unsigned char *t, int len) {
+    for (int i = 0; i < c->n; i++)
+        if (c->len[i] == len && memcmp(c->text[i], t, (size_t)len) == 0) return Py_NewRef(c->str[i]);
+    PyObject *s = PyUnicode_DecodeASCII((const char *)t, len, NULL);
+    if (s && c->n < EXT_CACHE) {
+        c->str[c->n] = Py_NewRef(s);
+        c->text[c->n] = t;
+        c->len[c->n++] = len;
+    }
+    return s;
+}
+
+/* One sample's bytes [a, b) of d: (key, {ext: (start, end)}), Py_None (declined), or NULL on error. Takes
+ * exactly what member_spans takes without calling read_member_name's slow path: plain ustar members
+ * (type '0' or NUL, no name prefix, an octal size) with plain names of one key, each inside the sample,
+ * up to the sample's end or an all-zero block; a later member of the same extension replaces an earlier
+ * one, as member_spans' dict does. Everything else is declined, for member_spans to decide. */
+static PyObject *one_sample(const unsigned char *d, int64_t a, int64_t b, Exts *c) {
+    static const unsigned char zero[BLOCK];
+    const unsigned char *key = NULL;
+    int klen = 0;
+    PyObject *members = PyDict_New();
+    if (!members) return NULL;
+    int64_t pos = a;
+    while (pos + BLOCK <= b) {
+        const unsigned char *h = d + pos;
+        if (memcmp(h, zero, BLOCK) == 0) break;
+        if (memcmp(h + 257, "ustar", 5) != 0 || (h[156] != '0' && h[156] != 0) || h[345] || (h[124] & 0x80))
+            goto declined;
+        int64_t size = octal(h + 124, 12);
+        int len = plain_name(h);
+        if (size < 0 || len < 0) goto declined;
+        int kl = (int)((const unsigned char *)memchr(h, '.', (size_t)len) - h);
+        int64_t start = pos + BLOCK, end = start + size;
+        if (end > b) goto declined;
+        if (!key) {
+            key = h;
+            klen = kl;
+        } else if (kl != klen || memcmp(h, key, (size_t)kl) != 0) {
+            goto declined;
+        }
+        PyObject *ext = ext_str(c, h + kl + 1, len - kl - 1);
+        PyObject *span = ext ? Py_BuildValue("(LL)", (long long)start, (long long)end) : NULL;
+        int bad = !span || PyDict_SetItem(members, ext, span) < 0;
+        Py_XDECREF(ext);
+        Py_XDECREF(span);
+        if (bad) {
+            Py_DECREF(members);
+            return NULL;
+        }
+        pos = start + (size + BLOCK - 1) / BLOCK * BLOCK;
+    }
+    if (!key) goto declined;
+    PyObject *k = PyUnicode_DecodeASCII((const char *)key, klen, NULL);
+    if (!k) {
+        Py_DECREF(members);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", k, members);
+declined:
+    Py_DECREF(members);
+    return Py_NewRef(Py_None);
+}
+
+PyDoc_STRVAR(members_doc,
+             "sample_members(buf, spans) -> list\n\n"
+             "The members of each sample of a read batch (sample k: bytes spans[2k] to spans[2k+1] of buf;\n"
+             "spans an int64 array), as loaders.io.members.member_spans parses a plain sample: (key, {ext:\n"
+             "(start, end)}) with offsets into buf, or None where member_spans must decide (a bad record, pax\n"
+             "or GNU headers, metadata members, unusual names).");
+
+static PyObject *sample_members(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *o_buf, *o_spans, *out = NULL;
+    if (!PyArg_ParseTuple(args, "OO:sample_members", &o_buf, &o_spans)) return NULL;
+    Py_buffer buf, spans;
+    if (PyObject_GetBuffer(o_buf, &buf, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (int64_buffer(o_spans, &spans, "spans", -1) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    Exts c;
+    c.n = 0;
+    const int64_t *sp = spans.buf;
+    Py_ssize_t n = spans.len / 16;
+    if (spans.len % 16) {
+        PyErr_SetString(PyExc_ValueError, "spans: a start and an end per sample are needed");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (sp[2 * k] < 0 || sp[2 * k] > sp[2 * k + 1] || sp[2 * k + 1] > buf.len) {
+            PyErr_SetString(PyExc_ValueError, "a sample's span is outside the buffer");
+            goto done;
+        }
+    out = PyList_New(n);
+    for (Py_ssize_t k = 0; out && k < n; k++) {
+        PyObject *item = one_sample(buf.buf, sp[2 * k], sp[2 * k + 1], &c);
+        if (!item) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, k, item);
+    }
+done:
+    for (int i = 0; i < c.n; i++) Py_DECREF(c.str[i]);
+    PyBuffer_Release(&spans);
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+/* ------------------------------------------------------------------------------------------ jpeg */
+
+PyDoc_STRVAR(jpeg_doc,
+             "jpeg_size(data) -> (height, width) or None\n\n"
+             "A JPEG's size from its first frame header (SOF0-SOF15), read by walking the markers before it,\n"
+             "as libjpeg does; None where there is none before the scan, or it says height 0 (a DNL marker).");
+
+static PyObject *jpeg_size(PyObject *Py_UNUSED(self), PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *d = b.buf;
+    Py_ssize_t n = b.len, p = 2;
+    long h = -1, w = -1;
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) goto done;
+    while (p + 4 <= n) {
+        if (d[p] != 0xFF) goto done; /* not a marker where one must be */
+        unsigned char m = d[p + 1];
+        if (m == 0xFF) { /* fill byte */
+            p++;
+            continue;
+        }
+        if (m == 0x01 || (m >= 0xD0 && m <= 0xD7)) { /* markers without a length */
+            p += 2;
+            continue;
+        }
+        if (m == 0xD8 || m == 0xD9 || m == 0xDA) goto done; /* no frame header before the image data */
+        Py_ssize_t len = (Py_ssize_t)d[p + 2] << 8 | d[p + 3];
+        if (len < 2 || p + 2 + len > n) goto done;
+        if (m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC) {
+            if (len < 8) goto done;
+            h = (long)d[p + 5] << 8 | d[p + 6];
+            w = (long)d[p + 7] << 8 | d[p + 8];
+            if (h == 0 || w == 0) h = w = -1;
+            goto done;
+        }
+        p += 2 + len;
+    }
+done:
+    PyBuffer_Release(&b);
+    if (h < 0) Py_RETURN_NONE;
+    return Py_BuildValue("(ll)", h, w);
+}
+
 static PyMethodDef methods[] = {{"scan", scan_tar, METH_VARARGS, scan_doc},
                                 {"layout", layout, METH_VARARGS, layout_doc},
                                 {"fill_members", fill_members, METH_VARARGS, fill_doc},
+                                {"read_spans", read_spans, METH_VARARGS, read_doc},
+                                {"sample_members", sample_members, METH_VARARGS, members_doc},
+                                {"jpeg_size", jpeg_size, METH_O, jpeg_doc},
                                 {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_tarnative",
-    .m_doc = "Native plain-tar scan, bulk layout and member reads for prep.formats.tar.",
+    .m_doc = "Native plain-tar scan, bulk layout and member reads for prep.formats.tar and the loaders.",
     .m_size = -1,
     .m_methods = methods,
 };

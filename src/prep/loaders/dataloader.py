@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import weakref
 from collections import deque
 from collections.abc import Generator, Iterator
@@ -121,6 +122,14 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+def _worker_start(worker_id: int) -> None:
+    """A worker starts with the objects it inherited (torch, the dataset tree) moved out of the cyclic
+    GC's generations. A forked worker inherits the whole parent heap; without this, every full collection
+    walks all of it (~0.1 s each, about one per 6,000 samples here: ~20 us a sample) and writes to each
+    object's GC header, which copies the parent's pages into the worker."""
+    gc.freeze()
+
+
 _PIPE_BYTES = 1 << 20
 
 
@@ -184,6 +193,7 @@ class DataLoader:
             kwargs["prefetch_factor"] = prefetch_factor or 2
             kwargs["persistent_workers"] = persistent_workers
             kwargs["multiprocessing_context"] = multiprocessing_context
+            kwargs["worker_init_fn"] = _worker_start
         self._torch = tud.DataLoader(_Fetcher(dataset, self.rank, self.world), batch_size=None,
                                      sampler=_PlanSampler(self), num_workers=num_workers,
                                      collate_fn=_identity, pin_memory=pin_memory, timeout=timeout,

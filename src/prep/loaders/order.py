@@ -4,9 +4,10 @@ For epoch e the shards are shuffled by a seeded counter-based RNG, consecutive g
 `window_shards` shards form windows, and the samples of each window are permuted together by a
 seeded permutation (a bijection, so every sample appears exactly once). Any position of the epoch maps
 to (shard, sample) directly: find the window by binary search, then look the position up in that
-window's permutation, computed on demand and cached. Nothing is replayed, so resuming at batch 3,000
-costs what resuming at batch 3 does, and the order never depends on ranks or DataLoader workers
-(which is stricter than per-worker splitting, where the order changes with `num_workers`).
+window's permutation, computed on demand and cached (and resolved to shard and sample a block of
+positions at a time). Nothing is replayed, so resuming at batch 3,000 costs what resuming at batch 3
+does, and the order never depends on ranks or DataLoader workers (which is stricter than per-worker
+splitting, where the order changes with `num_workers`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from prep.loaders.base import counter_rng
 
 _WINDOW_CACHE = 4  # a batch touches at most two windows; a few more cover prefetching across a boundary
+_BLOCK = 4096  # positions of a window resolved to (shard, sample) together
+_BLOCK_CACHE = 16  # resolved blocks kept (64 KiB each)
 
 
 def shard_order(n_shards: int, seed: int, path: str, epoch: int, shuffle: bool) -> np.ndarray:
@@ -60,6 +63,7 @@ class EpochOrder:
         self._window_starts = np.zeros(1, dtype=np.int64)  # epoch position where each window starts (+ end)
         self._within: list[np.ndarray] = []  # cumulative sample counts inside each window (leading 0)
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def _load_epoch(self, epoch: int) -> None:
         if self._epoch == epoch:
@@ -87,29 +91,46 @@ class EpochOrder:
             self._perms.move_to_end(key)
         return perm
 
+    def _block(self, epoch: int, w: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard indices, sample indices) of positions [b * _BLOCK, (b + 1) * _BLOCK) of window w: the
+        window's permutation resolved a block at a time (computing a whole window up front would delay
+        a first batch), so a batch's lookup is mostly two slices. It runs in each worker per batch."""
+        key = (epoch, w, b)
+        got = self._blocks.get(key)
+        if got is None:
+            size = int(self._window_starts[w + 1] - self._window_starts[w])
+            lo, hi = b * _BLOCK, min(size, (b + 1) * _BLOCK)
+            local = self._perm(epoch, w)[lo:hi] if self.shuffle else np.arange(lo, hi, dtype=np.int64)
+            within = self._within[w]
+            j = np.searchsorted(within, local, side="right") - 1
+            got = (self._windows[w][j], local - within[j])
+            self._blocks[key] = got
+            while len(self._blocks) > _BLOCK_CACHE:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(key)
+        return got
+
     def lookup(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard indices, sample indices) of epoch positions [start, stop), vectorised per window."""
+        """(shard indices, sample indices) of epoch positions [start, stop), sliced from resolved blocks."""
         if not 0 <= start <= stop <= self.total:
             raise IndexError(f"positions [{start}, {stop}) outside an epoch of {self.total} samples")
         self._load_epoch(epoch)
-        shards = np.empty(stop - start, dtype=np.int64)
-        samples = np.empty(stop - start, dtype=np.int64)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
         pos = start
         while pos < stop:
             w = int(np.searchsorted(self._window_starts, pos, side="right")) - 1
-            w_start, w_end = int(self._window_starts[w]), int(self._window_starts[w + 1])
-            end = min(stop, w_end)
-            local = np.arange(pos - w_start, end - w_start, dtype=np.int64)
-            if self.shuffle:
-                local = self._perm(epoch, w)[local]
-            within = self._within[w]
-            j = np.searchsorted(within, local, side="right") - 1
-            shards[pos - start : end - start] = self._windows[w][j]
-            samples[pos - start : end - start] = local - within[j]
+            w_start = int(self._window_starts[w])
+            b, at = divmod(pos - w_start, _BLOCK)
+            end = min(stop, int(self._window_starts[w + 1]), pos - at + _BLOCK)
+            shards, samples = self._block(epoch, w, b)
+            parts.append((shards[at : at + end - pos], samples[at : at + end - pos]))
             pos = end
-        return shards, samples
-
-
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def upcoming(self, epoch: int, pos: int, step: int, count: int) -> list[int]:
         """Up to `count` shards in the order a reader of positions pos, pos + step, pos + 2 step, ... (a

@@ -1,12 +1,16 @@
-"""Tar members of one sample, parsed from the bytes a worker read in one positioned read."""
+"""Tar members of the samples a worker read into one buffer, parsed from memory."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from prep.errors import PrepError
 from prep.formats.names import read_member_name
 from prep.formats.tar import iter_samples
+from prep.formats.tar_native import NATIVE
 from prep.loaders.skips import BadSample
 
 _IDX_FIX = "the .idx does not match the tar: rebuild it with `prep run generate_wdinfo`"
@@ -62,6 +66,38 @@ def member_spans(buf: Buffer, where: str) -> tuple[str, dict[str, tuple[int, int
             return None  # not a ustar header where the sample should start: let the scanner say why
         raise BadSample("no sample members at this offset", where, _IDX_FIX, reason=_RECORD)
     return key, spans
+
+
+Spans = tuple[str, dict[str, tuple[int, int]]]  # a sample's key and {extension: (start, end)}
+_NATIVE_MEMBERS = getattr(NATIVE, "sample_members", None)  # the C twin of the plain case, where built
+
+
+def batch_member_spans(
+    buf: Buffer, spans: Sequence[tuple[int, int]], where: Callable[[int], str]
+) -> list[Spans | PrepError | None]:
+    """`member_spans` of each sample [a, b) of a read batch, with offsets into `buf` (not the sample):
+    the C helper takes the plain samples in one call (~0.3 us each instead of ~8), `member_spans` the
+    rest, and whatever it says stands (None: an unusual layout, for `parse_sample`'s scanner; an error,
+    returned in the sample's place for the caller to raise or skip when it gets there: a `BadSample`
+    for a bad record, another `PrepError` for an unsafe member name). `where(k)` names sample k."""
+    got: list[Spans | None] = (
+        _NATIVE_MEMBERS(buf, np.array(spans, dtype=np.int64).reshape(-1))
+        if _NATIVE_MEMBERS is not None and spans
+        else [None] * len(spans)
+    )
+    out: list[Spans | PrepError | None] = list(got)
+    for k, item in enumerate(got):
+        if item is None:
+            a, b = spans[k]
+            try:
+                parsed = member_spans(buf[a:b], where(k))
+            except PrepError as err:
+                out[k] = err
+                continue
+            if parsed is not None:
+                key, found = parsed
+                out[k] = key, {ext: (a + x, a + y) for ext, (x, y) in found.items()}
+    return out
 
 
 def parse_sample(buf: Buffer, where: str) -> tuple[str, dict[str, Buffer]]:

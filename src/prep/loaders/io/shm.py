@@ -127,7 +127,7 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     if not torch_private.slots_supported():
         return _fresh_shared(shape, dtype)
     slots = _worker_slots()
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     n = math.prod(shape)
     slot = slots.take(n * itemsize)
     if slot is None:
@@ -219,9 +219,10 @@ def _rebuild_pooled(token: str, i: int, gen: int, storage: Any, layout: tuple[An
             weakref.finalize(base, _release, state)
             _LIVE[key] = gen, weakref.ref(base)
     offset, shape, stride, dtype = layout
-    itemsize = torch.empty(0, dtype=dtype).element_size()
     flat = torch.from_numpy(base)
-    flat = flat[: flat.numel() // itemsize * itemsize].view(dtype)
+    itemsize = dtype.itemsize
+    if dtype != torch.uint8:  # the slot's bytes as this dtype
+        flat = flat[: flat.numel() // itemsize * itemsize].view(dtype)
     return flat.as_strided(shape, stride, (offset - _HEADER) // itemsize)
 
 
@@ -272,40 +273,49 @@ _MAX_DEPTH = 16
 def _slots_in(obj: Any, taken: Sequence[_Slot]) -> set[int]:
     """ids of the taken slots whose memory `obj` may carry to the main process: tensors and arrays that
     view a slot, slot byte lists that pickle as a reference. Anything it cannot see into (an object of
-    another type) keeps every slot: a slot freed while its memory is still on its way would be reused."""
+    another type) keeps every slot: a slot freed while its memory is still on its way would be reused.
+    Breadth first, and done as soon as every taken slot is found: a batch's image tensor sits near the
+    top, its captions and metadata (many small objects) below it."""
+    if not taken:
+        return set()
     ranges = [(_storage_ptr(s.whole), _storage_ptr(s.whole) + _HEADER + s.cap, id(s)) for s in taken]
+    everything = {id(s) for s in taken}
     found: set[int] = set()
-
-    def hit(ptr: int) -> None:
-        found.update(i for lo, hi, i in ranges if lo <= ptr < hi)
-
-    def walk(x: Any, depth: int) -> bool:
-        if isinstance(x, _SCALARS):
-            return True
-        if depth > _MAX_DEPTH:
-            return False
-        if isinstance(x, SlotBytes):
-            if x.__reduce_ex__(2)[0] is _bytes_from_slot:
-                hit(_storage_ptr(x._buf))
-            return True  # else it pickles as a list of bytes copies
-        if isinstance(x, torch.Tensor):
-            hit(_storage_ptr(x))
-            return True
-        if isinstance(x, np.ndarray):
-            if x.dtype.hasobject:
-                return False
-            hit(x.__array_interface__["data"][0])
-            return True
-        if isinstance(x, Mapping):
-            return all(walk(k, depth + 1) and walk(v, depth + 1) for k, v in x.items())
-        if isinstance(x, list | tuple | set | frozenset):
-            return all(walk(v, depth + 1) for v in x)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return all(walk(getattr(x, f.name), depth + 1) for f in dataclasses.fields(x))
-        return _is_pil_image(x)  # PIL images pickle their pixels as bytes
-
-    if not taken or not walk(obj, 0):
-        return {id(s) for s in taken}
+    level = [obj]
+    for depth in range(_MAX_DEPTH + 2):
+        below: list[Any] = []
+        for x in level:
+            if isinstance(x, _SCALARS):
+                continue
+            if depth > _MAX_DEPTH:
+                return everything
+            if isinstance(x, SlotBytes):
+                if x.__reduce_ex__(2)[0] is not _bytes_from_slot:
+                    continue  # it pickles as a list of bytes copies
+                ptr = _storage_ptr(x._buf)
+            elif isinstance(x, torch.Tensor):
+                ptr = _storage_ptr(x)
+            elif isinstance(x, np.ndarray):
+                if x.dtype.hasobject:
+                    return everything
+                ptr = x.__array_interface__["data"][0]
+            else:
+                if isinstance(x, Mapping):
+                    below += x.keys()
+                    below += x.values()
+                elif isinstance(x, list | tuple | set | frozenset):
+                    below += x
+                elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+                    below += [getattr(x, f.name) for f in dataclasses.fields(x)]
+                elif not _is_pil_image(x):  # PIL images pickle their pixels as bytes
+                    return everything
+                continue
+            found.update(i for lo, hi, i in ranges if lo <= ptr < hi)
+            if len(found) == len(everything):
+                return found
+        if not below:
+            break
+        level = below
     return found
 
 

@@ -3,8 +3,9 @@
 `resolve_shards` turns a source (prep folder, `wdinfo.pkl`, list or brace pattern of tars, remote URLs,
 `pipe:` commands) into `ShardSpec`s with their sample counts; that runs once, in the main process.
 `ShardReader` runs in each DataLoader worker: it keeps files open and parsed `.idx` offsets cached, so a
-sample costs one positioned read (`os.pread`) locally, or one ranged request remotely (ranges of a
-batch are fetched concurrently through fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:`
+sample costs one positioned read locally (a batch's reads are one call of the C helper `read_spans`, the
+GIL released), or one ranged request remotely (ranges of a batch are fetched concurrently through
+fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:`
 shard is instead downloaded whole into the node's cache (a thread reads ahead in the planned order) and
 read locally; ranged reads remain the fallback when the cache has no room.
 
@@ -36,6 +37,7 @@ from prep.errors import PrepError
 from prep.formats.index import IDX_SUFFIX, index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from prep.formats.tar import iter_samples, scan_tar, shard_files
+from prep.formats.tar_native import NATIVE
 from prep.formats.tar_write import WRITE_PIECE
 from prep.formats.wdinfo import read_wdinfo
 from prep.loaders.io.cache import INDEX_SUFFIX, ShardCache, entry_name, release
@@ -48,6 +50,7 @@ _CHUNKS_AT_ONCE = 4  # requests of one download in flight together (8 MiB of mem
 _AHEAD_THREADS = 6  # downloads of the read-ahead in flight per worker (each waits mostly on latency)
 _BATCH_THREADS = 8  # requests a batch makes together (index reads, downloads of its missing shards)
 _BRACE_RE = re.compile(r"\{[^{}]*\}")
+_NATIVE_READ = getattr(NATIVE, "read_spans", None)  # a batch's local reads in one C call, where built
 
 
 class Secret:
@@ -416,6 +419,18 @@ def resolve_shards(
 
 
 # ------------------------------------------------------------------------------------------ reading
+def _preadv_each(buf: np.ndarray, fds: list[int], plan: list[tuple[int, int, int, int]],
+                 dst: list[int]) -> tuple[int, int]:
+    """The Python twin of the C batch read (`read_spans`): a preadv per sample. (k, the byte where its
+    shard ends) for the first sample k that its shard ends before, else (-1, 0)."""
+    mv = buf.data
+    for k, (fd, (_, _, start, end), a) in enumerate(zip(fds, plan, dst, strict=True)):
+        got = os.preadv(fd, [mv[a : a + end - start]], start)
+        if got != end - start:
+            return k, start + got
+    return -1, 0
+
+
 class ShardReader:
     """Per-process reader of sample bytes. Holds open files and offsets; never pickles them (a worker
     builds its own after fork or spawn)."""
@@ -685,16 +700,20 @@ class ShardReader:
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Read each (shard, sample)'s bytes (first header to the end of its last member) back to back into
         one buffer from `alloc(total)`; return it and each sample's (start, end) in it. Local shards are
-        read straight into the buffer (`os.preadv`), so the bytes are copied once, by the kernel."""
+        read straight into the buffer (`_read_local`: the batch in one call), so the bytes are copied
+        once, by the kernel."""
         if self._pid != os.getpid():  # forked after files were opened: never share descriptors
             self._reset()
         distinct = list(dict.fromkeys(i for i, _ in refs))
-        self._at_once(self.offsets, [i for i in distinct if i not in self._offsets])  # remote .idx reads
+        # remote .idx reads, concurrently (a local one is a short file read: threads only add their start)
+        unread = [i for i in distinct if i not in self._offsets and is_remote(self.shards[i].url)]
+        self._at_once(self.offsets, unread)
+        offsets = {i: self.offsets(i) for i in distinct}
         plan: list[tuple[int, int, int, int]] = []
         spans: list[tuple[int, int]] = []
         total = 0
         for i, j in refs:
-            off = self.offsets(i)
+            off = offsets[i]
             start, end = int(off[j]), int(off[j + 1])
             plan.append((i, j, start, end))
             spans.append((total, total + end - start))
@@ -702,6 +721,9 @@ class ShardReader:
         buf = alloc(total)
         mv = buf.data
         remote: list[tuple[int, int, int, int]] = []
+        on_disk = {i for i in distinct if not self.shards[i].url.startswith("pipe:") and not is_remote(
+            self.shards[i].url)}
+        local = [k for k, (i, _, _, _) in enumerate(plan) if i in on_disk]  # read below, in one call
         # cache entries read by this batch (shared-locked until done), missing ones downloaded together
         held: dict[int, int | None] = {}
         if self.cache is not None:
@@ -711,27 +733,23 @@ class ShardReader:
             missing = [i for i, fd in held.items() if fd is None]
             held.update(zip(missing, self._at_once(self._cache_fd, missing), strict=True))
         try:
-            for k, ((i, j, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
+            for k, ((i, _, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
+                if i in on_disk:
+                    continue
                 url = self.shards[i].url
                 fd = held.get(i)
                 if fd is not None:
                     os.preadv(fd, [mv[a:b]], start)  # the entry is complete: its size was checked
                 elif url.startswith("pipe:"):
                     mv[a:b] = self._pipe(i)[start:end]
-                elif is_remote(url):
-                    remote.append((k, i, start, end))
                 else:
-                    got = os.preadv(self._fd(i), [mv[a:b]], start)
-                    if got != end - start:
-                        raise PrepError(
-                            f"shard ends at byte {start + got}, sample {j} needs bytes up to {end}",
-                            url,
-                            "the shard is truncated: re-create it, or rebuild its .idx",
-                        )
+                    remote.append((k, i, start, end))
         finally:
             for fd in held.values():
                 if fd is not None:
                     release(fd)
+        if local:
+            self._read_local([plan[k] for k in local], [spans[k][0] for k in local], buf)
         if remote:
             blobs: list[bytes | None] = [None] * len(plan)
             self._read_remote(remote, blobs)
@@ -739,6 +757,28 @@ class ShardReader:
                 a, b = spans[k]
                 mv[a:b] = blobs[k]  # type: ignore[assignment]
         return buf, spans
+
+    def _read_local(self, plan: list[tuple[int, int, int, int]], dst: list[int], buf: np.ndarray) -> None:
+        """Read local samples (shard, sample, start, end) into `buf` at `dst`: by the C helper in one call
+        (a preadv per run of close samples, the GIL released), else a preadv each. A shard that ends
+        before a sample does raises, naming the byte where it ends."""
+        fd_of = {i: self._fd(i) for i in dict.fromkeys(i for i, _, _, _ in plan)}
+        fds = [fd_of[i] for i, _, _, _ in plan]
+        if _NATIVE_READ is not None:
+            cols = np.array([(fd, s, e - s) for fd, (_, _, s, e) in zip(fds, plan, strict=True)], np.int64)
+            short = _NATIVE_READ(buf, np.array(dst, np.int64), cols[:, 0].copy(), cols[:, 1].copy(),
+                                 cols[:, 2].copy())
+            k, ended = (-1, 0) if short is None else (short[0], short[2])
+        else:
+            k, ended = _preadv_each(buf, fds, plan, dst)
+        if k < 0:
+            return
+        i, j, _, end = plan[k]
+        raise PrepError(
+            f"shard ends at byte {ended}, sample {j} needs bytes up to {end}",
+            self.shards[i].url,
+            "the shard is truncated: re-create it, or rebuild its .idx",
+        )
 
     def _read_remote(self, wanted: list[tuple[int, int, int, int]], out: list[bytes | None]) -> None:
         by_scheme: dict[str, list[tuple[int, int, int, int]]] = {}

@@ -39,7 +39,7 @@ from prep.loaders.base import (
 )
 from prep.loaders.io.cache import ShardCache
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
-from prep.loaders.io.members import member_spans, parse_sample
+from prep.loaders.io.members import Buffer, batch_member_spans, parse_sample
 from prep.loaders.io.shm import bytes_list, shared_empty
 from prep.loaders.io.sources import (
     Secret,
@@ -193,10 +193,14 @@ class ShardDataset(SampleLeaf):
         }
 
     # ------------------------------------------------------------------------------------- loading
-    def _where(self, i: int, j: int) -> str:
-        if self._names is None:  # redacted once: this runs for every sample
+    def _shard_names(self) -> list[str]:
+        """Each shard as errors name it (redacted once: samples are named by it all the time)."""
+        if self._names is None:
             self._names = [redact_url(s.url) for s in self.shards]
-        return f"{self._names[i]} sample {j}"
+        return self._names
+
+    def _where(self, i: int, j: int) -> str:
+        return f"{self._shard_names()[i]} sample {j}"
 
     def _parsed(
         self, refs: Sequence[tuple[int, int, int]], keep_places: bool = False
@@ -204,17 +208,24 @@ class ShardDataset(SampleLeaf):
         """(key, members, where, epoch) per reference; a bad record is skipped (None with keep_places)."""
         buf, spans = self.reader.read_into([(i, j) for i, j, _ in refs], _empty_bytes)
         mv = buf.data
+        found = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
         out: list[Parsed | None] = []
-        for (i, j, epoch), (a, b) in zip(refs, spans, strict=True):
-            where = self._where(i, j)
-            try:
-                key, members = parse_sample(mv[a:b], where)
-            except BadSample as err:
-                skips.skip_or_raise(err, self.on_error, f"sample {j}")
-                if keep_places:
-                    out.append(None)
-                continue
-            out.append((key, members, f"{where} (key {key!r})", epoch))
+        names = self._shard_names()
+        members: dict[str, Buffer]
+        for (i, j, epoch), (a, b), got in zip(refs, spans, found, strict=True):
+            if type(got) is tuple:
+                key, members = got[0], {ext: mv[x:y] for ext, (x, y) in got[1].items()}
+            else:
+                try:
+                    if isinstance(got, PrepError):
+                        raise got  # a BadSample is skipped below; an unsafe member name stops the batch
+                    key, members = parse_sample(mv[a:b], self._where(i, j))  # an unusual layout: the scanner
+                except BadSample as err:
+                    skips.skip_or_raise(err, self.on_error, f"sample {j}")
+                    if keep_places:
+                        out.append(None)
+                    continue
+            out.append((key, members, f"{names[i]} sample {j} (key {key!r})", epoch))
         return out
 
     def _raw_batch(self, refs: Sequence[tuple[int, int, int]]) -> dict[str, Any] | None:
@@ -227,23 +238,19 @@ class ShardDataset(SampleLeaf):
         where_from: dict[str, list[int]] = {}
         out: dict[str, Any] = {"__key__": keys}
         fields: list[str] | None = None
-        parsed: list[tuple[str, dict[str, tuple[int, int]], str] | BadSample] = []
-        for (i, j, _), (a, b) in zip(refs, spans, strict=True):  # all first: an unusual layout anywhere
-            where = self._where(i, j)  # hands the whole batch to the slow path
-            try:
-                got = member_spans(mv[a:b], where)
-            except BadSample as err:
-                err.key = err.key or f"sample {j}"
-                parsed.append(err)
-                continue
+        parsed = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
+        for got in parsed:  # in order: an unusual layout means the slow path, an unsafe name raises
             if got is None:
                 return None
-            parsed.append((*got, where))
-        for (a, _), item in zip(spans, parsed, strict=True):
+            if isinstance(got, PrepError) and not isinstance(got, BadSample):
+                raise got
+        for (i, j, _), item in zip(refs, parsed, strict=True):
             if isinstance(item, BadSample):
-                skips.skip_or_raise(item, self.on_error, item.key or "")
+                skips.skip_or_raise(item, self.on_error, item.key or f"sample {j}")
                 continue
-            key, found, where = item
+            assert isinstance(item, tuple)  # the loop above returned or raised for the rest
+            key, found = item
+            where = self._where(i, j)
             try:
                 chosen = self.decoder.select(key, found, f"{where} (key {key!r})")
             except BadSample as err:
@@ -262,8 +269,8 @@ class ShardDataset(SampleLeaf):
             keys.append(key)
             for f in fields:
                 x, y = chosen[f]
-                out[f].append(mv[a + x : a + y].tobytes())
-                where_from[f] += (a + x, a + y)
+                out[f].append(mv[x:y].tobytes())
+                where_from[f] += (x, y)
         for f in fields or ():
             out[f] = bytes_list(slot[0], out[f], where_from[f])
         return out
