@@ -736,20 +736,21 @@ class ShardReader:
             for k, ((i, _, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
                 if i in on_disk:
                     continue
-                url = self.shards[i].url
-                fd = held.get(i)
-                if fd is not None:
-                    os.preadv(fd, [mv[a:b]], start)  # the entry is complete: its size was checked
-                elif url.startswith("pipe:"):
+                if held.get(i) is not None:  # a complete cache entry: read with the on-disk samples
+                    local.append(k)
+                elif self.shards[i].url.startswith("pipe:"):
                     mv[a:b] = self._pipe(i)[start:end]
                 else:
                     remote.append((k, i, start, end))
+            if local:
+                fd_of = {i: fd for i, fd in held.items() if fd is not None}
+                fd_of.update((i, self._fd(i)) for i in on_disk)
+                local.sort()
+                self._read_local([plan[k] for k in local], [spans[k][0] for k in local], buf, fd_of)
         finally:
             for fd in held.values():
                 if fd is not None:
                     release(fd)
-        if local:
-            self._read_local([plan[k] for k in local], [spans[k][0] for k in local], buf)
         if remote:
             blobs: list[bytes | None] = [None] * len(plan)
             self._read_remote(remote, blobs)
@@ -758,11 +759,12 @@ class ShardReader:
                 mv[a:b] = blobs[k]  # type: ignore[assignment]
         return buf, spans
 
-    def _read_local(self, plan: list[tuple[int, int, int, int]], dst: list[int], buf: np.ndarray) -> None:
-        """Read local samples (shard, sample, start, end) into `buf` at `dst`: by the C helper in one call
-        (a preadv per run of close samples, the GIL released), else a preadv each. A shard that ends
-        before a sample does raises, naming the byte where it ends."""
-        fd_of = {i: self._fd(i) for i in dict.fromkeys(i for i, _, _, _ in plan)}
+    def _read_local(self, plan: list[tuple[int, int, int, int]], dst: list[int], buf: np.ndarray,
+                    fd_of: dict[int, int]) -> None:
+        """Read samples (shard, sample, start, end) of local files (a shard on disk, a cache entry: their
+        descriptors in `fd_of`) into `buf` at `dst`: by the C helper in one call (a preadv per run of
+        close samples, the GIL released), else a preadv each. A shard that ends before a sample does
+        raises, naming the byte where it ends."""
         fds = [fd_of[i] for i, _, _, _ in plan]
         if _NATIVE_READ is not None:
             cols = np.array([(fd, s, e - s) for fd, (_, _, s, e) in zip(fds, plan, strict=True)], np.int64)
