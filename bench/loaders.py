@@ -18,7 +18,7 @@ loader runs with 2 workers, batch 32, shuffling on, in a fresh process per measu
   16x16 JPEG + txt + json) so K=30,000 batches lies inside one epoch.
 Throughput and first-batch times are medians of `--repeats` runs, taken round robin over everything
 measured (a load change on a shared machine hits all of them), after a warm-up of `--warmup` batches
-(50: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
+(100: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
 time per sample (main process + workers) is reported beside samples/s, and the share of the ceiling
 by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. Replaying loaders
 (torchdata over webdataset, energon) resume at `--replay-k` (their cost grows with K by design); the
@@ -574,10 +574,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--raw-batches", type=int, default=600, help="timed batches per raw run (~1 s for prep)")
     ap.add_argument("--decode-batches", type=int, default=150, help="timed batches per decode run")
-    ap.add_argument("--warmup", type=int, default=50,
+    ap.add_argument("--warmup", type=int, default=100,
                     help="batches taken before timing: enough that each worker has made its steady-state "
-                         "buffers (prep's shared-memory slots: up to six per worker, the last ones ~15 "
-                         "requests in, ~8 ms each to create and fault in at 256x256)")
+                         "buffers (prep's shared-memory slots: up to six per worker, the last ones up to "
+                         "~20 requests in, ~8 ms each to create and fault in at 256x256)")
     ap.add_argument("--resume-samples", type=int, default=1_000_000, help="samples of the resume index")
     ap.add_argument("--resume-k", default="300,3000,30000", help="K values for loaders that seek")
     ap.add_argument("--replay-k", default="300,600", help="K values for loaders that replay (slow by design)")

@@ -5,9 +5,9 @@
 `ShardReader` runs in each DataLoader worker: it keeps files open and parsed `.idx` offsets cached, so a
 sample costs one positioned read locally (a batch's reads are one call of the C helper `read_spans`, the
 GIL released), or one ranged request remotely (ranges of a batch are fetched concurrently through
-fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:`
-shard is instead downloaded whole into the node's cache (a thread reads ahead in the planned order) and
-read locally; ranged reads remain the fallback when the cache has no room.
+fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:` shard is instead downloaded whole into
+the node's cache (a thread reads ahead in the planned order) and read locally; ranged reads remain the
+fallback when the cache has no room.
 
 Secrets: an HTTP token travels only in request headers (fsspec `storage_options`), is wrapped so its
 repr is `***`, and URLs are redacted (no user info, no query string) in every error message.
