@@ -472,6 +472,24 @@ typedef struct {
     Py_buffer out, dst, fds, src, sizes, headers;
 } ReadArgs;
 
+/* What fill_members and read_spans return after read_runs: an OSError (rc < 0), (k, missing, offset)
+   for a source that ended early (rc > 0), else None. */
+static PyObject *read_result(int rc, int err, Py_ssize_t bad, int64_t missing, int64_t at) {
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (rc > 0) return Py_BuildValue("(nLL)", bad, (long long)missing, (long long)at);
+    return Py_NewRef(Py_None);
+}
+
+static void release_read_args(ReadArgs *a) {
+    PyBuffer_Release(&a->out);
+    Py_buffer *held[] = {&a->dst, &a->fds, &a->src, &a->sizes, &a->headers};
+    for (size_t k = 0; k < sizeof held / sizeof held[0]; k++)
+        if (held[k]->obj) PyBuffer_Release(held[k]);
+}
+
 /* 0 when every member was read; 1 with (*bad, *missing, *at) when a source ended early; -1 on an
  * I/O error (errno set). */
 static int read_runs(char *out, const int64_t *dst, const int64_t *fds, const int64_t *src, const int64_t *sizes,
@@ -575,21 +593,9 @@ static PyObject *fill_members(PyObject *Py_UNUSED(self), PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-    } else if (rc > 0) {
-        result = Py_BuildValue("(nLL)", bad, (long long)missing, (long long)at);
-    } else {
-        result = Py_NewRef(Py_None);
-    }
+    result = read_result(rc, err, bad, missing, at);
 done:
-    PyBuffer_Release(&a.out);
-    if (a.dst.obj) PyBuffer_Release(&a.dst);
-    if (a.fds.obj) PyBuffer_Release(&a.fds);
-    if (a.src.obj) PyBuffer_Release(&a.src);
-    if (a.sizes.obj) PyBuffer_Release(&a.sizes);
-    if (a.headers.obj) PyBuffer_Release(&a.headers);
+    release_read_args(&a);
     return result;
 }
 
@@ -625,20 +631,9 @@ static PyObject *read_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     rc = read_runs(a.out.buf, dst, a.fds.buf, src, sizes, n, &bad, &missing, &at);
     err = errno;
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-    } else if (rc > 0) {
-        result = Py_BuildValue("(nLL)", bad, (long long)missing, (long long)at);
-    } else {
-        result = Py_NewRef(Py_None);
-    }
+    result = read_result(rc, err, bad, missing, at);
 done:
-    PyBuffer_Release(&a.out);
-    if (a.dst.obj) PyBuffer_Release(&a.dst);
-    if (a.fds.obj) PyBuffer_Release(&a.fds);
-    if (a.src.obj) PyBuffer_Release(&a.src);
-    if (a.sizes.obj) PyBuffer_Release(&a.sizes);
+    release_read_args(&a);
     return result;
 }
 
