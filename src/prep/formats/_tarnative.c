@@ -544,6 +544,18 @@ static int int64_buffer(PyObject *obj, Py_buffer *view, const char *what, Py_ssi
     return 0;
 }
 
+/* The four int64 columns of a read (dst, fds, src, sizes), all of one length: that length, or -1 with
+   the error set (the buffers got so far are released by release_read_args). */
+static Py_ssize_t get_spans(ReadArgs *a, PyObject *o_dst, PyObject *o_fds, PyObject *o_src,
+                            PyObject *o_sizes) {
+    if (int64_buffer(o_dst, &a->dst, "dst", -1) < 0) return -1;
+    Py_ssize_t n = a->dst.len / 8;
+    if (int64_buffer(o_fds, &a->fds, "fds", n) < 0 || int64_buffer(o_src, &a->src, "src", n) < 0
+        || int64_buffer(o_sizes, &a->sizes, "sizes", n) < 0)
+        return -1;
+    return n;
+}
+
 PyDoc_STRVAR(fill_doc,
              "fill_members(out, dst, fds, src, sizes, headers) -> None or (k, missing, offset)\n\n"
              "Lay members out in `out`: member k's `sizes[k]` bytes read from descriptor `fds[k]` at `src[k]`\n"
@@ -560,11 +572,8 @@ static PyObject *fill_members(PyObject *Py_UNUSED(self), PyObject *args) {
     memset(&a, 0, sizeof a);
     PyObject *result = NULL;
     if (PyObject_GetBuffer(o_out, &a.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (int64_buffer(o_dst, &a.dst, "dst", -1) < 0) goto done;
-    Py_ssize_t n = a.dst.len / 8;
-    if (int64_buffer(o_fds, &a.fds, "fds", n) < 0 || int64_buffer(o_src, &a.src, "src", n) < 0
-        || int64_buffer(o_sizes, &a.sizes, "sizes", n) < 0)
-        goto done;
+    Py_ssize_t n = get_spans(&a, o_dst, o_fds, o_src, o_sizes);
+    if (n < 0) goto done;
     if (PyObject_GetBuffer(o_headers, &a.headers, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (a.headers.len != n * BLOCK) {
         PyErr_SetString(PyExc_ValueError, "headers: one 512-byte row per member is needed");
@@ -613,11 +622,8 @@ static PyObject *read_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     memset(&a, 0, sizeof a);
     PyObject *result = NULL;
     if (PyObject_GetBuffer(o_out, &a.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (int64_buffer(o_dst, &a.dst, "dst", -1) < 0) goto done;
-    Py_ssize_t n = a.dst.len / 8;
-    if (int64_buffer(o_fds, &a.fds, "fds", n) < 0 || int64_buffer(o_src, &a.src, "src", n) < 0
-        || int64_buffer(o_sizes, &a.sizes, "sizes", n) < 0)
-        goto done;
+    Py_ssize_t n = get_spans(&a, o_dst, o_fds, o_src, o_sizes);
+    if (n < 0) goto done;
     const int64_t *dst = a.dst.buf, *sizes = a.sizes.buf, *src = a.src.buf;
     for (Py_ssize_t k = 0; k < n; k++)
         if (dst[k] < 0 || sizes[k] < 0 || src[k] < 0 || dst[k] + sizes[k] > a.out.len) {
