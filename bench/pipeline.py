@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from prep.testing.loader_data import make_shards  # noqa: E402
-from prep.testing.pipeline_data import key_features  # noqa: E402
+from prep.testing.pipeline_data import key_features, pipeline_run_args  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- 1. overhead
@@ -211,21 +211,8 @@ def resume_time(config: Path, folder: Path, entry_dir: Path) -> float:
     }
     t0 = time.time()
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prep.cli",
-            "pipeline",
-            "run",
-            str(config),
-            "--entry",
-            "bench_entry:build",
-            "--checkpoint-dir",
-            str(folder),
-            "--stop-after",
-            "1",
-            "--quiet",
-        ],
+        [sys.executable, "-m", "prep.cli",
+         *pipeline_run_args(config, folder, "--stop-after", "1", entry="bench_entry:build")],
         env=env,
         check=True,
     )
@@ -375,21 +362,8 @@ def resume(a: argparse.Namespace, work: Path) -> None:
                 "BENCH_FIRST": str(work / "ignore.json"),
             }
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "prep.cli",
-                    "pipeline",
-                    "run",
-                    str(config),
-                    "--entry",
-                    "bench_entry:build",
-                    "--checkpoint-dir",
-                    str(folder),
-                    "--stop-after",
-                    str(k),
-                    "--quiet",
-                ],
+                [sys.executable, "-m", "prep.cli",
+                 *pipeline_run_args(config, folder, "--stop-after", str(k), entry="bench_entry:build")],
                 env=env,
                 check=True,
             )

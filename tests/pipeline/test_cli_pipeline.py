@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from prep import cli
 from prep.cli import app
 from prep.pipeline import example_yaml
-from prep.testing.pipeline_data import example_data
+from prep.testing.pipeline_data import example_data, pipeline_run_args
 
 runner = CliRunner()
 
@@ -131,16 +131,7 @@ def test_run_trains_resumes_and_reports_a_bad_entry(tmp_path):
         "default_dataset: d\ndefaults: {workers: 0}\nsteps:\n  - {name: s, n_epochs: 2, "
         "train: [reg], optimization: {optimizers: {dec: {type: SGD, lr: 0.1}}}}\n"
     )
-    run = [
-        "pipeline",
-        "run",
-        str(config),
-        "--entry",
-        "prep.testing.pipeline_data:build",
-        "--checkpoint-dir",
-        str(tmp_path / "ck"),
-        "--quiet",
-    ]
+    run = pipeline_run_args(config, tmp_path / "ck")
     assert runner.invoke(app, [*run, "--stop-after", "2"]).exit_code == 0
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["ckpt-000000000002.pt"]
     res = runner.invoke(app, run)

@@ -16,6 +16,7 @@ import torch
 
 from prep.pipeline import checkpoint as ckpt
 from prep.testing.loader_data import make_shards
+from prep.testing.pipeline_data import pipeline_run_args
 
 CONFIG = """\
 training:
@@ -60,19 +61,7 @@ def _start(config: Path, folder: Path, log: Path) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",
         "PREP_TEST_KEY_LOG": str(log),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "prep.cli",
-        "pipeline",
-        "run",
-        str(config),
-        "--entry",
-        "prep.testing.pipeline_data:build",
-        "--checkpoint-dir",
-        str(folder),
-        "--quiet",
-    ]
+    cmd = [sys.executable, "-m", "prep.cli", *pipeline_run_args(config, folder)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prep.testing.loader_data import make_shards
+from prep.testing.pipeline_data import pipeline_run_args
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 CONFIG = """\
@@ -43,17 +44,7 @@ def _run(nproc: int, config: Path, folder: Path, log: Path, batch: int, *extra: 
     cmd = [
         *head,
         "prep.cli",
-        "pipeline",
-        "run",
-        str(config),
-        "--entry",
-        "prep.testing.pipeline_data:build",
-        "--checkpoint-dir",
-        str(folder),
-        "--quiet",
-        "--set",
-        f"steps.0.batch_size={batch}",
-        *extra,
+        *pipeline_run_args(config, folder, "--set", f"steps.0.batch_size={batch}", *extra),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -102,6 +102,14 @@ class RegressionTrainer:
         self.keys = [list(k) for k in state["keys"]]
 
 
+def pipeline_run_args(config: str | Path, checkpoint_dir: str | Path, *extra: str,
+                      entry: str = "prep.testing.pipeline_data:build") -> list[str]:
+    """The arguments of `prep pipeline run` (after `prep`) that the kill, torchrun and CLI tests and
+    bench/pipeline.py share: the config, the entry, the checkpoint folder, quiet, then `extra`."""
+    return ["pipeline", "run", str(config), "--entry", entry, "--checkpoint-dir", str(checkpoint_dir),
+            "--quiet", *extra]
+
+
 def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A `--entry` for `prep pipeline run`: tiny modules and a regression trainer called `reg` (its key
     log goes to $PREP_TEST_KEY_LOG when set, one file per rank)."""
