@@ -108,6 +108,15 @@ WRITE_BLOCK = 1 << 20  # output is assembled, written and hashed in blocks this 
 WRITE_PIECE = 256 << 10
 
 
+def pwrite_pieces(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of `data` at `offset` of `fd` in writes of at most WRITE_PIECE; return its length."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
+    return done
+
+
 WRITEBACK_BLOCK = 8 << 20  # writeback is started for this much at a time (fewer, larger disk requests)
 
 

@@ -17,13 +17,12 @@ only to the host it was given for, never to the place a redirect points at.
 from __future__ import annotations
 
 import http.client
-import os
 import ssl
 import threading
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
-from prep.formats.tar_write import WRITE_PIECE
+from prep.formats.tar_write import WRITE_PIECE, pwrite_pieces
 
 _MAX_REDIRECTS = 5
 _TIMEOUT = 60.0  # seconds a connection may stay silent
@@ -151,8 +150,5 @@ def _copy(resp: http.client.HTTPResponse, start: int, end: int, out: int) -> int
             raise FetchError(None, f"{type(err).__name__} while reading the response: {err}") from None
         if not got:
             break
-        done = 0
-        while done < got:
-            done += os.pwrite(out, buf[done:got], pos + done)
-        pos += got
+        pos += pwrite_pieces(out, buf[:got], pos)
     return pos - start

@@ -38,7 +38,7 @@ from prep.formats.index import IDX_SUFFIX, index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from prep.formats.tar import iter_samples, scan_tar, shard_files
 from prep.formats.tar_native import NATIVE
-from prep.formats.tar_write import WRITE_PIECE
+from prep.formats.tar_write import pwrite_pieces
 from prep.formats.wdinfo import read_wdinfo
 from prep.loaders.io.cache import INDEX_SUFFIX, ShardCache, entry_name, release
 from prep.loaders.io.http_range import FetchError, get_range_into, get_small
@@ -192,16 +192,6 @@ def _scan_stream(f: Any, where: str) -> np.ndarray:
     if not samples:
         return np.zeros(1, dtype=np.uint64)
     return np.array([s.offset for s in samples] + [samples[-1].end], dtype=np.uint64)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
-    """Write all of data at offset in pieces of WRITE_PIECE (larger writes cost several times more CPU
-    on kernels that fill large page-cache folios: see formats.tar_write)."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
-    return done
 
 
 def _pipe_bytes(url: str) -> bytes:
@@ -567,7 +557,7 @@ class ShardReader:
                 assert proc.stdout is not None
                 while chunk := proc.stdout.read(1 << 20):
                     if written < size:
-                        written += _pwrite_all(out, chunk[: size - written], written)
+                        written += pwrite_pieces(out, chunk[: size - written], written)
             if proc.returncode != 0:
                 raise PrepError(f"pipe command exited with {proc.returncode}", redact_url(url),
                                 "run the command by hand to see why it fails")
@@ -580,7 +570,7 @@ class ShardReader:
             if fs is None:  # see io/http_range.py: the same request with less CPU
                 got = get_range_into(url, a, e, headers or {}, out)
             else:
-                got = _pwrite_all(out, fs.cat_file(url, start=a, end=e), a)
+                got = pwrite_pieces(out, fs.cat_file(url, start=a, end=e), a)
             if got != e - a:
                 raise PrepError(f"server sent {got} bytes for a {e - a}-byte range",
                                 redact_url(url), "serve the shards with HTTP Range support")
