@@ -20,7 +20,8 @@ Throughput and first-batch times are medians of `--repeats` runs, taken round ro
 measured (a load change on a shared machine hits all of them), after a warm-up of `--warmup` batches
 (100: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
 time per sample (main process + workers) is reported beside samples/s, and the share of the ceiling
-by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. Replaying loaders
+by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. A share is the
+median of the rounds' ratios (each round's loader run over the same round's ceiling run). Replaying loaders
 (torchdata over webdataset, energon) resume at `--replay-k` (their cost grows with K by design); the
 others at `--resume-k`.
 
@@ -467,10 +468,21 @@ def _cpu_seconds() -> float:
 def child_first(root: Path, name: str, mode: str) -> dict[str, Any]:
     """A fresh loader's first batch: building the loader (index, state) plus starting its workers."""
     _import(name)  # module import time is not start-up time
+    _settle_gc()
     t0 = time.perf_counter()
     make, _, _ = FACTORIES[name](root, mode)
     next(make())
     return {"seconds": time.perf_counter() - t0}
+
+
+def _settle_gc() -> None:
+    """Run the full collection the imports left due (for every loader alike). After torch's import the
+    heap has grown past the GC's 25% rule, so its next allocations trigger a collection of the whole heap
+    (~0.13 s on this machine): part of the import's cost, which would otherwise land inside whichever
+    loader's first-batch window happened to allocate next."""
+    import gc
+
+    gc.collect()
 
 
 def child_resume_save(root: Path, name: str, k: int, out: Path) -> dict[str, Any]:
@@ -491,6 +503,7 @@ def child_resume_load(root: Path, name: str, mode: str, out: Path) -> dict[str, 
 
     doc = pickle.loads(out.read_bytes())
     _import(name)  # module import time is not resume time
+    _settle_gc()
     t0 = time.perf_counter()
     make, _, restore = FACTORIES[name](root, mode)
     restore(doc["state"])
@@ -695,7 +708,10 @@ def main() -> None:
             results[n]["resume"] = out
     if "streaming" in live:
         run_child(["cleanup", "streaming", str(data), str(started)], 120)
+    _pair_with_ceilings(runs, results)
     _table(results, ceilings, names, a.resume_samples, time.perf_counter() - t0)
+    _record(runs, results, f"{a.samples:,} x 256x256 JPEG q90 + txt + json in {a.shards} tars, "
+                           f"{WORKERS} workers, batch {BATCH}; resume on {a.resume_samples:,} samples")
     if a.json:
         a.json.write_text(json.dumps({"loaders": results, "ceilings": ceilings}, indent=1, default=str))
 
@@ -730,11 +746,71 @@ def _fmt(v: Any) -> str:
     return f"{v:,.0f}" if isinstance(v, float) else str(v)
 
 
+def _pair_with_ceilings(runs: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, Any]]) -> None:
+    """Each loader's share of its decoder's ceiling, round by round: a round measures the ceiling and the
+    loaders within a minute or two, so a load change on this shared machine (it moves both by 20-30%
+    between runs) hits both sides of a round's ratio alike. The median of the rounds' ratios is the
+    figure of merit; the medians of samples/s alone mix rounds taken under different loads."""
+    for c, (_, mode) in CEILINGS.items():
+        ceil = runs.get(f"ceiling/{c}")
+        if not ceil:
+            continue
+        # prep's modes against their decoder; the peers, who decode with PIL, against PIL's
+        for label, got in runs.items():
+            who, m = label.split("/")
+            if who == "ceiling" or (m != mode if who == "prep" else (mode, m) != ("pil", "decode")):
+                continue
+            pairs = [(r, k) for r, k in zip(got, ceil, strict=True)
+                     if "samples_per_s" in r and "samples_per_s" in k]
+            if not pairs:
+                continue
+            speed = [r["samples_per_s"] / k["samples_per_s"] for r, k in pairs]
+            cpu = [k["cpu_us_per_sample"] / r["cpu_us_per_sample"] for r, k in pairs]
+            results[who][f"{c}_share"] = {
+                "samples_per_s": statistics.median(speed), "cpu": statistics.median(cpu),
+                "rounds": [[round(x, 3), round(y, 3)] for x, y in zip(speed, cpu, strict=True)],
+            }
+            print(f"  {label:22s} share of ceiling/{c} by round (samples/s, CPU): "
+                  + ", ".join(f"{x:.2f}/{y:.2f}" for x, y in zip(speed, cpu, strict=True)), flush=True)
+
+
+def _record(runs: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, Any]], data: str) -> None:
+    """The measurements for `make bench`'s report: every run of each task, the ceilings as their own
+    'who', so the report's ratios read as shares of them."""
+    sys.path.insert(0, str(ROOT))
+    from bench._report import Measure, record
+
+    tasks = {"raw": "raw batches", "decode": "decode, native size", "decode128": f"decode to {RESIZED}px",
+             "pil": "PIL decode", "first": "first batch, fresh"}
+    ceiling_task = {c: mode for c, (_, mode) in CEILINGS.items()}
+    measures = []
+    for label, got in runs.items():
+        who, mode = label.split("/")
+        task = tasks[ceiling_task[mode] if who == "ceiling" else mode]
+        if who == "ceiling":
+            who = f"{mode} alone (ceiling)"
+        key = "seconds" if mode == "first" else "samples_per_s"
+        values = [r[key] for r in got if key in r]
+        if values:
+            measures.append(Measure(task, who, "s" if mode == "first" else "samples/s", values,
+                                    higher_is_better=mode != "first"))
+    for who, r in results.items():
+        for point in r.get("resume") or []:
+            if isinstance(point, dict) and "seconds" in point:
+                measures.append(Measure(f"resume at batch {point['k']:,}", who, "s", [point["seconds"]]))
+    notes = [f"{who} {c}: share of the ceiling, median of the rounds' ratios: samples/s "
+             f"{share['samples_per_s']:.2f}, CPU {share['cpu']:.2f}"
+             for who, r in results.items() for c in CEILINGS if (share := r.get(f"{c}_share"))]
+    record("loaders", "Loaders: decode against the decoder's ceiling, first batch, resume", data, measures,
+           notes)
+
+
 def _table(
     results: dict[str, dict[str, Any]], ceilings: dict[str, Any], names: list[str], big: int, wall: float
 ) -> None:
     """Decode against the ceilings, raw throughput, then first-batch times."""
-    print("\n| what | samples/s | CPU us/sample (main + workers) | share of its ceiling: samples/s, CPU |")
+    print("\n| what | samples/s | CPU us/sample (main + workers) | share of its ceiling: samples/s, CPU "
+          "(median of the rounds' ratios) |")
     print("|---|---:|---:|---:|")
     labels = {
         "decode": 'prep, decode="uint8" (default call: native size, channels_last)',
@@ -753,11 +829,11 @@ def _table(
             rows += [(n, f"{n} with PIL", "decode") for n in names if n != "prep"]
         for n, label, m in rows:
             v = results.get(n, {}).get(m)
-            if isinstance(v, float) and isinstance(ceil, float):
+            share = results.get(n, {}).get(f"{c}_share")
+            if isinstance(v, float) and share:
                 cpu = results[n].get(f"{m}_cpu_us")
-                both = isinstance(cpu, float) and isinstance(ceil_cpu, float)
-                by_cpu = f"{ceil_cpu / cpu:.2f}" if both else "?"
-                print(f"| {label} | {_fmt(v)} | {_fmt(cpu)} | {v / ceil:.2f}, {by_cpu} |")
+                print(f"| {label} | {_fmt(v)} | {_fmt(cpu)} | "
+                      f"{share['samples_per_s']:.2f}, {share['cpu']:.2f} |")
             elif v is not None:
                 print(f"| {label} | {v} | | |")
     print("\n| loader | raw samples/s | raw CPU us/sample |")
