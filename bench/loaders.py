@@ -62,6 +62,7 @@ def make_data(root: Path, samples: int, shards: int, image: int = 256) -> Path:
     tars = root / "tars"
     done = [samples, shards, image]
     if (root / "done.json").exists() and json.loads((root / "done.json").read_text()) == done:
+        _make_peer_copies(root, tars)  # those whose library was not installed when the data was made
         return root
     shutil.rmtree(root, ignore_errors=True)
     sys.path.insert(0, str(ROOT / "src"))
@@ -100,13 +101,25 @@ def make_data(root: Path, samples: int, shards: int, image: int = 256) -> Path:
         for suffix in ("", ".idx"):
             (crude / (e.path + suffix)).symlink_to(tars / (e.path + suffix))
     write_nv_meta(crude, {e.path: e.samples for e in entries}, ["json"])
-    for fn in (_make_mds, _make_litdata):
-        try:
-            fn(root, tars)
-        except ImportError as err:
-            print(f"  ({fn.__name__[6:]} data not made: {err})", file=sys.stderr)
+    _make_peer_copies(root, tars)
     (root / "done.json").write_text(json.dumps(done))
     return root
+
+
+def _make_peer_copies(root: Path, tars: Path) -> None:
+    """The MDS and litdata copies of the shards that are not there yet (each written whole, then renamed
+    into place, so a killed run leaves none half-made)."""
+    for name, fn in (("mds", _make_mds), ("litdata", _make_litdata)):
+        if (root / name).exists():
+            continue
+        part = root / f"{name}.part"
+        shutil.rmtree(part, ignore_errors=True)
+        try:
+            fn(part, tars)
+        except ImportError as err:
+            print(f"  ({name} data not made: {err})", file=sys.stderr)
+            continue
+        part.rename(root / name)
 
 
 def _iter_tar_samples(tars: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -119,12 +132,12 @@ def _iter_tar_samples(tars: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 yield s.key, s.data or {}
 
 
-def _make_mds(root: Path, tars: Path) -> None:
+def _make_mds(out: Path, tars: Path) -> None:
     _stub_torchvision()
     from streaming import MDSWriter
 
     with MDSWriter(
-        out=str(root / "mds"),
+        out=str(out),
         columns={"key": "str", "jpg": "bytes", "txt": "str", "json": "str"},
         size_limit=1 << 25,
     ) as w:
@@ -137,11 +150,11 @@ def _litdata_row(item: tuple[str, dict[str, bytes]]) -> dict[str, Any]:
     return {"key": key, "jpg": m["jpg"], "txt": m["txt"].decode(), "json": m["json"].decode()}
 
 
-def _make_litdata(root: Path, tars: Path) -> None:
+def _make_litdata(out: Path, tars: Path) -> None:
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
     from litdata.streaming.writer import BinaryWriter
 
-    w = BinaryWriter(str(root / "litdata"), chunk_bytes="32MB")
+    w = BinaryWriter(str(out), chunk_bytes="32MB")
     for i, item in enumerate(_iter_tar_samples(tars)):
         w.add_item(i, _litdata_row(item))
     w.done()
