@@ -231,7 +231,7 @@ class DataLoader:
                 self._state = None
         self._pending.clear()
         self._epoch_end_state = None
-        with _forking_workers():
+        with _forking_workers() if self.num_workers else contextlib.nullcontext():
             batches = iter(self._torch)
         _grow_result_pipe(batches)
         for fetched in batches:
