@@ -17,6 +17,10 @@ install-bench:  ## the benchmarks' peers in their own venv (they pin older numpy
 	$(PYTHON) -m venv --system-site-packages $(BENCH_VENV)
 	printf 'torch==%s\n' "$(TORCH_VERSION)" > .torch-constraint.txt
 	$(BENCH_VENV)/bin/python -m pip install -c .torch-constraint.txt -e ".[all,bench]"
+	# litdata and mosaicml-streaming pull in torchvision, but no torchvision on PyPI is built for this CPU
+	# torch: a mismatched one breaks every import of transformers (the precache benchmark). Neither peer
+	# needs it for what the benchmarks do (bench/loaders.py stands in for streaming's import of it).
+	$(BENCH_VENV)/bin/python -m pip uninstall -y torchvision
 
 test: lint  ## the lint checks, then every test, slow ones included (CI runs exactly this)
 	$(PYTHON) -m pytest -q
