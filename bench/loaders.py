@@ -712,12 +712,12 @@ def main() -> None:
                 secs = [r["seconds"] for r in loads if "seconds" in r]
                 point: dict[str, Any] = {"k": k}
                 if secs:
-                    point.update(seconds=statistics.median(secs), exact=all(r.get("exact") for r in loads))
+                    point.update(seconds=statistics.median(secs), runs=secs,
+                                 exact=all(r.get("exact") for r in loads))
                 else:
                     point["error"] = loads[-1].get("error", "?")
                 out.append(point)
-                print(f"  {n:10s} resume K={k}: {point} (runs: {[r.get('seconds') for r in loads]})",
-                      flush=True)
+                print(f"  {n:10s} resume K={k}: {point}", flush=True)
             results[n]["resume"] = out
     if "streaming" in live:
         run_child(["cleanup", "streaming", str(data), str(started)], 120)
@@ -810,7 +810,7 @@ def _record(runs: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, 
     for who, r in results.items():
         for point in r.get("resume") or []:
             if isinstance(point, dict) and "seconds" in point:
-                measures.append(Measure(f"resume at batch {point['k']:,}", who, "s", [point["seconds"]]))
+                measures.append(Measure(f"resume at batch {point['k']:,}", who, "s", point["runs"]))
     notes = [f"{who} {c}: share of the ceiling, median of the rounds' ratios: samples/s "
              f"{share['samples_per_s']:.2f}, CPU {share['cpu']:.2f}"
              for who, r in results.items() for c in CEILINGS if (share := r.get(f"{c}_share"))]
