@@ -13,7 +13,8 @@ splitting, where the order changes with `num_workers`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,6 +23,20 @@ from prep.loaders.base import counter_rng
 _WINDOW_CACHE = 4  # a batch touches at most two windows; a few more cover prefetching across a boundary
 _BLOCK = 4096  # positions of a window resolved to (shard, sample) together
 _BLOCK_CACHE = 16  # resolved blocks kept (64 KiB each)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _recently_used(cache: OrderedDict[_K, _V], key: _K, limit: int, make: Callable[[], _V]) -> _V:
+    """`cache[key]`, made by `make()` when missing; beyond `limit` entries the least recently used go."""
+    got = cache.get(key)
+    if got is None:
+        got = cache[key] = make()
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return got
 
 
 def shard_order(n_shards: int, seed: int, path: str, epoch: int, shuffle: bool) -> np.ndarray:
@@ -79,37 +94,26 @@ class EpochOrder:
         self._epoch = epoch
 
     def _perm(self, epoch: int, w: int) -> np.ndarray:
-        key = (epoch, w)
-        perm = self._perms.get(key)
-        if perm is None:
+        def make() -> np.ndarray:
             size = int(self._window_starts[w + 1] - self._window_starts[w])
-            perm = window_permutation(size, self.seed, self.path, epoch, w)
-            self._perms[key] = perm
-            while len(self._perms) > _WINDOW_CACHE:
-                self._perms.popitem(last=False)
-        else:
-            self._perms.move_to_end(key)
-        return perm
+            return window_permutation(size, self.seed, self.path, epoch, w)
+
+        return _recently_used(self._perms, (epoch, w), _WINDOW_CACHE, make)
 
     def _block(self, epoch: int, w: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard indices, sample indices) of positions [b * _BLOCK, (b + 1) * _BLOCK) of window w: the
         window's permutation resolved a block at a time (computing a whole window up front would delay
         a first batch), so a batch's lookup is mostly two slices. It runs in each worker per batch."""
-        key = (epoch, w, b)
-        got = self._blocks.get(key)
-        if got is None:
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
             size = int(self._window_starts[w + 1] - self._window_starts[w])
             lo, hi = b * _BLOCK, min(size, (b + 1) * _BLOCK)
             local = self._perm(epoch, w)[lo:hi] if self.shuffle else np.arange(lo, hi, dtype=np.int64)
             within = self._within[w]
             j = np.searchsorted(within, local, side="right") - 1
-            got = (self._windows[w][j], local - within[j])
-            self._blocks[key] = got
-            while len(self._blocks) > _BLOCK_CACHE:
-                self._blocks.popitem(last=False)
-        else:
-            self._blocks.move_to_end(key)
-        return got
+            return self._windows[w][j], local - within[j]
+
+        return _recently_used(self._blocks, (epoch, w, b), _BLOCK_CACHE, make)
 
     def lookup(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard indices, sample indices) of epoch positions [start, stop), sliced from resolved blocks."""
