@@ -768,11 +768,14 @@ def _pair_with_ceilings(runs: dict[str, list[dict[str, Any]]], results: dict[str
         ceil = runs.get(f"ceiling/{c}")
         if not ceil:
             continue
-        # prep's modes against their decoder; the peers, who decode with PIL, against PIL's
         for label, got in runs.items():
             who, m = label.split("/")
-            if who == "ceiling" or (m != mode if who == "prep" else (mode, m) != ("pil", "decode")):
+            if who == "ceiling":
                 continue
+            if who == "prep" and m != mode:
+                continue  # each of prep's modes against its own decoder
+            if who != "prep" and (mode, m) != ("pil", "decode"):
+                continue  # the peers decode with PIL
             pairs = [(r, k) for r, k in zip(got, ceil, strict=True)
                      if "samples_per_s" in r and "samples_per_s" in k]
             if not pairs:
