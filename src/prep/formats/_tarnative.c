@@ -484,8 +484,7 @@ static PyObject *read_result(int rc, int err, Py_ssize_t bad, int64_t missing, i
 }
 
 static void release_read_args(ReadArgs *a) {
-    PyBuffer_Release(&a->out);
-    Py_buffer *held[] = {&a->dst, &a->fds, &a->src, &a->sizes, &a->headers};
+    Py_buffer *held[] = {&a->out, &a->dst, &a->fds, &a->src, &a->sizes, &a->headers};
     for (size_t k = 0; k < sizeof held / sizeof held[0]; k++)
         if (held[k]->obj) PyBuffer_Release(held[k]);
 }
@@ -544,11 +543,14 @@ static int int64_buffer(PyObject *obj, Py_buffer *view, const char *what, Py_ssi
     return 0;
 }
 
-/* The four int64 columns of a read (dst, fds, src, sizes), all of one length: that length, or -1 with
-   the error set (the buffers got so far are released by release_read_args). */
-static Py_ssize_t get_spans(ReadArgs *a, PyObject *o_dst, PyObject *o_fds, PyObject *o_src,
+/* The buffers of a read: the writable output and the four int64 columns (dst, fds, src, sizes), all of
+   one length. That length, or -1 with the error set (the buffers got so far are released by
+   release_read_args). */
+static Py_ssize_t get_spans(ReadArgs *a, PyObject *o_out, PyObject *o_dst, PyObject *o_fds, PyObject *o_src,
                             PyObject *o_sizes) {
-    if (int64_buffer(o_dst, &a->dst, "dst", -1) < 0) return -1;
+    if (PyObject_GetBuffer(o_out, &a->out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0
+        || int64_buffer(o_dst, &a->dst, "dst", -1) < 0)
+        return -1;
     Py_ssize_t n = a->dst.len / 8;
     if (int64_buffer(o_fds, &a->fds, "fds", n) < 0 || int64_buffer(o_src, &a->src, "src", n) < 0
         || int64_buffer(o_sizes, &a->sizes, "sizes", n) < 0)
@@ -568,11 +570,9 @@ static PyObject *fill_members(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *o_out, *o_dst, *o_fds, *o_src, *o_sizes, *o_headers;
     if (!PyArg_ParseTuple(args, "OOOOOO:fill_members", &o_out, &o_dst, &o_fds, &o_src, &o_sizes, &o_headers))
         return NULL;
-    ReadArgs a;
-    memset(&a, 0, sizeof a);
+    ReadArgs a = {0};
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(o_out, &a.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    Py_ssize_t n = get_spans(&a, o_dst, o_fds, o_src, o_sizes);
+    Py_ssize_t n = get_spans(&a, o_out, o_dst, o_fds, o_src, o_sizes);
     if (n < 0) goto done;
     if (PyObject_GetBuffer(o_headers, &a.headers, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (a.headers.len != n * BLOCK) {
@@ -618,11 +618,9 @@ PyDoc_STRVAR(read_doc,
 static PyObject *read_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *o_out, *o_dst, *o_fds, *o_src, *o_sizes;
     if (!PyArg_ParseTuple(args, "OOOOO:read_spans", &o_out, &o_dst, &o_fds, &o_src, &o_sizes)) return NULL;
-    ReadArgs a;
-    memset(&a, 0, sizeof a);
+    ReadArgs a = {0};
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(o_out, &a.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    Py_ssize_t n = get_spans(&a, o_dst, o_fds, o_src, o_sizes);
+    Py_ssize_t n = get_spans(&a, o_out, o_dst, o_fds, o_src, o_sizes);
     if (n < 0) goto done;
     const int64_t *dst = a.dst.buf, *sizes = a.sizes.buf, *src = a.src.buf;
     for (Py_ssize_t k = 0; k < n; k++)
