@@ -558,6 +558,29 @@ static Py_ssize_t get_spans(ReadArgs *a, PyObject *o_out, PyObject *o_dst, PyObj
     return n;
 }
 
+/* The read of checked arguments, the GIL released; with headers (fill_members), each member's header
+   laid just before it and zeros after it to the next block boundary. What read_result says of it. */
+static PyObject *read_checked(ReadArgs *a, Py_ssize_t n) {
+    const int64_t *dst = a->dst.buf, *sizes = a->sizes.buf, *src = a->src.buf;
+    Py_ssize_t bad = 0;
+    int64_t missing = 0, at = 0;
+    int rc, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = read_runs(a->out.buf, dst, a->fds.buf, src, sizes, n, &bad, &missing, &at);
+    err = errno;
+    if (rc == 0 && a->headers.obj) {
+        char *out = a->out.buf;
+        const char *headers = a->headers.buf;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            memcpy(out + dst[k] - BLOCK, headers + BLOCK * k, BLOCK);
+            int64_t pad = -sizes[k] & (BLOCK - 1);
+            memset(out + dst[k] + sizes[k], 0, (size_t)pad);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return read_result(rc, err, bad, missing, at);
+}
+
 PyDoc_STRVAR(fill_doc,
              "fill_members(out, dst, fds, src, sizes, headers) -> None or (k, missing, offset)\n\n"
              "Lay members out in `out`: member k's `sizes[k]` bytes read from descriptor `fds[k]` at `src[k]`\n"
@@ -586,23 +609,7 @@ static PyObject *fill_members(PyObject *Py_UNUSED(self), PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "a member does not fit in the output buffer");
             goto done;
         }
-    Py_ssize_t bad = 0;
-    int64_t missing = 0, at = 0;
-    int rc, err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    rc = read_runs(a.out.buf, dst, a.fds.buf, src, sizes, n, &bad, &missing, &at);
-    err = errno;
-    if (rc == 0) {
-        char *out = a.out.buf;
-        const char *headers = a.headers.buf;
-        for (Py_ssize_t k = 0; k < n; k++) {
-            memcpy(out + dst[k] - BLOCK, headers + BLOCK * k, BLOCK);
-            int64_t pad = -sizes[k] & (BLOCK - 1);
-            memset(out + dst[k] + sizes[k], 0, (size_t)pad);
-        }
-    }
-    Py_END_ALLOW_THREADS
-    result = read_result(rc, err, bad, missing, at);
+    result = read_checked(&a, n);
 done:
     release_read_args(&a);
     return result;
@@ -628,14 +635,7 @@ static PyObject *read_spans(PyObject *Py_UNUSED(self), PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "a span does not fit in the output buffer");
             goto done;
         }
-    Py_ssize_t bad = 0;
-    int64_t missing = 0, at = 0;
-    int rc, err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    rc = read_runs(a.out.buf, dst, a.fds.buf, src, sizes, n, &bad, &missing, &at);
-    err = errno;
-    Py_END_ALLOW_THREADS
-    result = read_result(rc, err, bad, missing, at);
+    result = read_checked(&a, n);
 done:
     release_read_args(&a);
     return result;
