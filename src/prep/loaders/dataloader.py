@@ -32,6 +32,7 @@ from prep.loaders.base import (
     fingerprint_hash,
 )
 from prep.loaders.io import torch_private
+from prep.loaders.io.queues import caller_writes_context
 from prep.loaders.io.shm import slot_scope
 from prep.loaders.skips import Skip, SkipStats
 
@@ -200,6 +201,7 @@ class DataLoader:
         dataset.bind("")
         self.rank, self.world = dist_info(rank, world_size)
         self.num_workers = num_workers
+        self._mp_context = multiprocessing_context
         self._pending: deque[dict[str, Any]] = deque()
         self._state: dict[str, Any] | None = None
         self._epoch_end_state: dict[str, Any] | None = None
@@ -215,7 +217,7 @@ class DataLoader:
         if num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
             kwargs["persistent_workers"] = persistent_workers
-            kwargs["multiprocessing_context"] = multiprocessing_context
+            kwargs["multiprocessing_context"] = multiprocessing_context  # torch checks it here
             kwargs["worker_init_fn"] = _worker_start
         self._torch = tud.DataLoader(_Fetcher(dataset, self.rank, self.world), batch_size=None,
                                      sampler=_PlanSampler(self), num_workers=num_workers,
@@ -231,6 +233,9 @@ class DataLoader:
                 self._state = None
         self._pending.clear()
         self._epoch_end_state = None
+        if self.num_workers:
+            # resolved here, not at construction: the default start method stays open until workers start
+            self._torch.multiprocessing_context = caller_writes_context(self._mp_context)
         with _forking_workers() if self.num_workers else contextlib.nullcontext():
             batches = iter(self._torch)
         _grow_result_pipe(batches)
