@@ -1,18 +1,22 @@
-"""Worker request queues written in the training process's own thread (`prep.loaders.io.queues`)."""
+"""Worker queues that write in the caller's thread while the pipe has room (`prep.loaders.io.queues`)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context as mp_context
+import pickle
 import queue
 import random
 import threading
+import time
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
 
-from prep.loaders import DataLoader, ShardDataset
-from prep.loaders.io.queues import CallerWritesQueue, caller_writes_context
+from prep.loaders import DataLoader, SequenceDataset, ShardDataset
+from prep.loaders.base import BatchDesc
+from prep.loaders.io.queues import CallerWritesQueue, caller_writes_context, dumps
 from prep.testing.loader_data import make_shards
 
 
@@ -34,7 +38,7 @@ def shards(tmp_path_factory):
 
 
 def test_training_process_starts_no_feeder_thread_and_batches_are_unchanged(shards):
-    """torch's index queues would each start a feeder thread in the training process; these write in
+    """torch's request queues would each start a feeder thread in the training process; these write in
     the caller's thread, and the batches are those of an in-process run."""
     before = _feeders()
     ds = ShardDataset(shards, batch_size=4, seed=3)
@@ -46,6 +50,39 @@ def test_training_process_starts_no_feeder_thread_and_batches_are_unchanged(shar
         got.append(batch)
         assert _feeders() == before
     assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want, strict=True))
+
+
+def _worker_threads(sample: dict) -> dict:
+    return {**sample, "feeders": _feeders()}
+
+
+def test_workers_send_batches_without_a_feeder_thread():
+    """A worker's results (a few KiB each: batches travel as shared-memory references) are written by the
+    worker's own thread: it never starts a feeder thread, for any batch."""
+    ds = SequenceDataset([{"x": i} for i in range(64)], 4, transform=_worker_threads)
+    batches = list(DataLoader(ds, num_workers=2))
+    assert [b["x"].tolist() for b in batches] == [list(range(i, i + 4)) for i in range(0, 64, 4)]
+    assert all(f == [] for b in batches for f in b["feeders"])
+
+
+def _blob(samples: list) -> dict:
+    return {"x": [s["x"] for s in samples], "blob": b"\xab" * 300_000}  # pickled inline, not shared
+
+
+def test_a_loader_stopped_with_the_pipe_full_shuts_down_without_waiting_out_torch():
+    """Results too large for the pipe's free room go to the feeder thread, so a worker never blocks in a
+    write that nobody will read: when the training process stops reading, each worker sees the stop and
+    exits. (A worker stuck in such a write is waited for `MP_STATUS_CHECK_INTERVAL`, 5 s, then killed.)"""
+    from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
+
+    ds = SequenceDataset([{"x": i} for i in range(400)], 2, collate_fn=_blob)
+    loader = DataLoader(ds, num_workers=2, prefetch_factor=4, batches_per_fetch=1)
+    it = iter(loader)
+    assert next(it)["x"] == [0, 1]
+    time.sleep(1.0)  # the workers fill the pipe with batches the trainer will not take
+    started = time.monotonic()
+    it.close()  # torch's iterator goes: it stops its workers and joins them
+    assert time.monotonic() - started < MP_STATUS_CHECK_INTERVAL
 
 
 def _echo(inbox: CallerWritesQueue, outbox: CallerWritesQueue, n: int) -> None:
@@ -72,6 +109,15 @@ def test_messages_arrive_in_order_both_ways(method):
     finally:
         child.join(30)
     assert child.exitcode == 0
+    assert inbox._thread is not None  # the large messages went to the feeder thread, the first ones not
+
+
+def test_small_messages_never_start_the_feeder_thread():
+    q = caller_writes_context("fork").Queue()
+    for i in range(200):
+        q.put(("request", i))
+    assert [q.get(timeout=5) for _ in range(200)] == [("request", i) for i in range(200)]
+    assert q._thread is None
 
 
 def test_put_keeps_the_queue_contract():
@@ -105,3 +151,24 @@ def test_spawned_workers_load_the_same_batches(shards):
     got = list(DataLoader(ShardDataset(shards, batch_size=4, seed=5), num_workers=1,
                           multiprocessing_context="spawn"))
     assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want, strict=True))
+
+
+class _Marked:
+    pass
+
+
+def test_dumps_pickles_as_forkingpickler_does():
+    """The same reducers as `ForkingPickler` (torch's shared tensors), including one registered after
+    import, and the same bytes where reducing is deterministic."""
+    ForkingPickler.register(_Marked, lambda m: (int, (42,)))
+    try:
+        shared = torch.arange(6).share_memory_()
+        plain = (3, [BatchDesc("a/b", range(4), {"epoch": 1})], {"s": ["x", "y"], "m": _Marked()})
+        assert bytes(dumps(plain)) == bytes(ForkingPickler.dumps(plain))
+        assert pickle.loads(dumps(plain))[2]["m"] == 42
+        back = pickle.loads(dumps({"t": shared}))["t"]
+        assert back.is_shared() and torch.equal(back, shared)
+        back[0] = 7  # the same memory, not a copy
+        assert shared[0] == 7
+    finally:
+        del ForkingPickler._extra_reducers[_Marked]

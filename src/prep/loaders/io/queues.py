@@ -1,58 +1,116 @@
-"""Worker queues whose owning process writes in its own thread.
+"""Worker queues that write in the caller's thread when the write cannot block.
 
-torch's DataLoader sends each request to a worker through a `multiprocessing.Queue`, whose `put` hands
-the object to a feeder thread that pickles and writes it. In the training process that thread wakes for
-every request and takes the GIL from the training loop to pickle a few hundred bytes: on the 2-core
-benchmark machine, 2.4-3.5 us of the main process's CPU per sample (about a third of all it spends on
-loading; `docs/loaders.md`). `CallerWritesQueue.put` in the process that created the queue pickles and
-writes at once instead. Any other process (a worker sending its results) keeps the feeder thread, so a
-worker never blocks on a full pipe while the training process shuts it down.
+torch's DataLoader talks to its workers through `multiprocessing.Queue`s, whose `put` hands each object
+to a feeder thread that pickles and writes it. For a few kilobytes (a request; a batch that travels as
+references to shared memory) the thread's wake-up costs more than the write, and in the training
+process the thread takes the GIL from the training loop for every request.
+
+`CallerWritesQueue.put` pickles (`dumps`: `ForkingPickler`'s reducers without its per-call table copy)
+and writes at once when the pipe has room for the whole message. It checks the room under the queue's
+write lock, so the write never blocks: a worker stuck on a full pipe would hold up its own shutdown. A
+message without room, or whose lock another writer holds while blocked on the pipe, goes to the
+feeder thread as before, and so does every later message of that process: nothing then overtakes what
+the thread holds. Where the room cannot be told (not Linux), every message goes to the feeder thread.
 """
 
 from __future__ import annotations
 
+import copyreg
+import io
 import multiprocessing
 import multiprocessing.context as mp_context
 import multiprocessing.queues as mp_queues
-import os
+import pickle
 import queue
+import struct
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+try:
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - not POSIX: the feeder thread writes everything
+    fcntl = None  # type: ignore[assignment]
+
+_LOCK_WAIT = 0.05  # seconds: longer than any write that does not block
+_SLACK = 2 * 4096 + 16  # partly read pages hold a slot of the pipe each; send_bytes adds a length header
+
+
+class _Reducers:
+    """`ForkingPickler`'s reducers (torch's for tensors and storages among them) over copyreg's, looked
+    up when an object needs one. `ForkingPickler.dumps` copies both tables into a new dict for every
+    message instead: 70-80 us a call once torch has registered its 78, more than pickling a batch's
+    captions, keys and shared-memory references costs."""
+
+    __slots__ = ()
+
+    def __getitem__(self, cls: type) -> Any:
+        reduce = ForkingPickler._extra_reducers.get(cls)  # type: ignore[attr-defined]
+        return copyreg.dispatch_table[cls] if reduce is None else reduce
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = _Reducers()  # type: ignore[assignment]
+
+
+def dumps(obj: Any) -> memoryview:
+    """`ForkingPickler.dumps(obj)`: the same reducers, the same protocol, without its per-call copy."""
+    buf = io.BytesIO()
+    _Pickler(buf).dump(obj)
+    return buf.getbuffer()
+
+
+def pipe_room(fd: int) -> int | None:
+    """Bytes a write to this pipe takes without blocking, or None where that cannot be told."""
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", None)  # Linux only
+    if get_size is None:  # pragma: no cover - not Linux
+        return None
+    try:
+        size = fcntl.fcntl(fd, get_size)
+        unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:  # not Linux, or not a pipe
+        return None
+    return size - unread - _SLACK
+
 
 class CallerWritesQueue(mp_queues.Queue):
-    """A `multiprocessing.Queue` whose creator's `put` writes to the pipe in the calling thread.
+    """A `multiprocessing.Queue` whose `put` writes in the calling thread while the pipe has room.
 
-    Messages from the creator arrive in the order they were put. The creator keeps the pipe's read end
-    open (as every `multiprocessing.Queue` does), so a write never fails because the reader died; it can
-    block only when 64 KiB of messages are unread, which a DataLoader's few outstanding requests (a few
-    hundred bytes each) never reach."""
+    Each process's messages arrive in the order it put them, whichever way each one went."""
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        if self._opid != os.getpid():  # type: ignore[attr-defined]  # another process: the feeder thread
+        if self._thread is not None:  # type: ignore[attr-defined]  # the feeder took over in this process
             super().put(obj, block, timeout)
             return
         if self._closed:  # type: ignore[attr-defined]
             raise ValueError(f"Queue {self!r} is closed")
         if not self._sem.acquire(block, timeout):  # type: ignore[attr-defined]  # get() releases it
             raise queue.Full
-        data = ForkingPickler.dumps(obj)
-        if self._wlock is None:  # type: ignore[attr-defined]  # Windows: one writer per pipe end
-            self._send_bytes(data)  # type: ignore[attr-defined]
-        else:
-            with self._wlock:  # type: ignore[attr-defined]
-                self._send_bytes(data)  # type: ignore[attr-defined]
+        data = dumps(obj)
+        lock = self._wlock  # type: ignore[attr-defined]  # None on Windows, where the room is unknown
+        # A writer holds the lock for microseconds, unless it is blocked on a full pipe: then this one
+        # would block behind it, so it leaves the message to its feeder thread instead.
+        if lock is not None and lock.acquire(True, _LOCK_WAIT):
+            try:
+                room = pipe_room(self._writer.fileno())  # type: ignore[attr-defined]
+                if room is not None and len(data) <= room:
+                    self._send_bytes(data)  # type: ignore[attr-defined]
+                    return
+            finally:
+                lock.release()
+        self._sem.release()  # type: ignore[attr-defined]  # super().put takes it again
+        super().put(obj, block, timeout)
 
 
 def caller_writes_context(context: str | mp_context.BaseContext | None) -> mp_context.BaseContext:
     """The multiprocessing context to give torch's DataLoader: `context` (a start method's name, a
-    context, or None for the default one), whose `Queue()` makes `CallerWritesQueue`s. A context class
-    that cannot be subclassed without arguments is returned as it is."""
+    context, or None for the default one), whose `Queue()` makes `CallerWritesQueue`s. A context with a
+    `Queue` of its own, or whose class cannot be subclassed without arguments, is returned as it is."""
     if context is None or isinstance(context, str):
         context = multiprocessing.get_context(context)
     base = type(context)
     if base.Queue is not mp_context.BaseContext.Queue:
-        return context  # a context with a Queue of its own: kept
+        return context
     try:
         return _subclass(base)()
     except TypeError:
