@@ -18,7 +18,7 @@ loader runs with 2 workers, batch 32, shuffling on, in a fresh process per measu
   16x16 JPEG + txt + json) so K=30,000 batches lies inside one epoch.
 Throughput and first-batch times are medians of `--repeats` runs, taken round robin over everything
 measured (a load change on a shared machine hits all of them), after a warm-up of `--warmup` batches
-(100: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
+(150: the steady state, past every worker's one-time start, e.g. creating prep's shared-memory slots); CPU
 time per sample (main process + workers) is reported beside samples/s, and the share of the ceiling
 by both (ceiling/loader): on a shared machine the CPU figure is the steadier one. A share is the
 median of the rounds' ratios (each round's loader run over the same round's ceiling run). Replaying loaders
@@ -599,8 +599,10 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--raw-batches", type=int, default=600, help="timed batches per raw run (~1 s for prep)")
-    ap.add_argument("--decode-batches", type=int, default=150, help="timed batches per decode run")
-    ap.add_argument("--warmup", type=int, default=100,
+    ap.add_argument("--decode-batches", type=int, default=450,
+                    help="timed batches per decode run: ~4 s of CPU for prep, so the 10 ms ticks of the "
+                         "CPU times read are under 1%% of it; with the warm-up, inside one epoch (625)")
+    ap.add_argument("--warmup", type=int, default=150,
                     help="batches taken before timing: enough that each worker has made its steady-state "
                          "buffers (prep's shared-memory slots: up to six per worker, the last ones up to "
                          "~20 requests in, ~8 ms each to create and fault in at 256x256)")

@@ -172,3 +172,13 @@ def test_dumps_pickles_as_forkingpickler_does():
         assert shared[0] == 7
     finally:
         del ForkingPickler._extra_reducers[_Marked]
+
+
+def test_a_python_whose_queue_lacks_the_private_parts_keeps_torchs_queues(monkeypatch):
+    from prep.loaders.io import queues
+
+    monkeypatch.setattr(queues, "_INTERNALS", (*queues._INTERNALS, "_gone_in_a_later_python"))
+    monkeypatch.setattr(queues, "_INTERNALS_FOUND", [])
+    fork = multiprocessing.get_context("fork")
+    assert caller_writes_context(fork) is fork
+    assert type(caller_writes_context("fork").Queue()) is not CallerWritesQueue

@@ -109,12 +109,26 @@ def caller_writes_context(context: str | mp_context.BaseContext | None) -> mp_co
     if context is None or isinstance(context, str):
         context = multiprocessing.get_context(context)
     base = type(context)
-    if base.Queue is not mp_context.BaseContext.Queue:
+    if base.Queue is not mp_context.BaseContext.Queue or not _has_internals(context):
         return context
     try:
         return _subclass(base)()
     except TypeError:
         return context
+
+
+_INTERNALS = ("_thread", "_closed", "_sem", "_wlock", "_writer", "_send_bytes")
+_INTERNALS_FOUND: list[bool] = []
+
+
+def _has_internals(context: mp_context.BaseContext) -> bool:
+    """Whether this Python's `multiprocessing.Queue` has the private parts `put` uses (checked once, on a
+    real queue); without them, torch's queues are used as they are."""
+    if not _INTERNALS_FOUND:
+        probe: mp_queues.Queue[Any] = mp_queues.Queue(ctx=context)
+        _INTERNALS_FOUND.append(all(hasattr(probe, name) for name in _INTERNALS))
+        probe.close()
+    return _INTERNALS_FOUND[0]
 
 
 _SUBCLASSES: dict[type, type] = {}
