@@ -274,19 +274,22 @@ JSON_VALUES = st.recursive(
 
 @settings(max_examples=200, deadline=None)
 @given(JSON_VALUES, st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "utf-32-be"]),
-       st.sampled_from(["", " ", "\n\t"]))
-def test_json_members_parse_as_json_loads_does(value, encoding, pad):
-    raw = (pad + json.dumps(value, ensure_ascii=False) + pad).encode(encoding)
+       st.sampled_from(["", " ", "\n\t", "\r"]), st.sampled_from(["", " ", "\n", "\r\n\t"]))
+def test_json_members_parse_as_json_loads_does(value, encoding, lead, trail):
+    raw = (lead + json.dumps(value, ensure_ascii=False) + trail).encode(encoding)
     view = memoryview(b"prefix" + raw)[6:]  # as the loader hands it: a view into the read buffer
     assert decode._json(view) == json.loads(raw)
 
 
-@pytest.mark.parametrize("raw", [b'{"a": ', b"\x80abc", b"", b"\xff\xfe{", b"[1] x"])
+@pytest.mark.parametrize("raw", [b'{"a": ', b"\x80abc", b"", b"\xff\xfe{", b"[1] x", b"[1]\x0b", b"\x0b[1]",
+                                 b"[1]]", b"{}{}", b"  ", b'{"a": 1,}', b"nul"])
 def test_bad_json_members_fail_as_json_loads_does(raw):
+    """The same error, message and position included (the direct scan must not change what json says)."""
     with pytest.raises(ValueError) as want:
         json.loads(raw)
-    with pytest.raises(type(want.value)):
+    with pytest.raises(type(want.value)) as got:
         decode._json(memoryview(raw))
+    assert str(got.value) == str(want.value)
 
 
 def test_a_json_member_that_is_not_utf8_is_a_bad_sample():
