@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import json.scanner
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -52,7 +53,7 @@ _M = TypeVar("_M")  # what a member is known by: its bytes, or its (start, end) 
 _KINDS: dict[str, str] = {}  # extension -> kind, for the few extensions a dataset has
 _JSON_DECODER = json.JSONDecoder()
 _JSON_TEXT = _JSON_DECODER.decode  # what json.loads does with a str
-_JSON_SCAN = _JSON_DECODER.scan_once  # the C scanner under it: (value, end) of the value at an index
+_JSON_SCAN = json.scanner.make_scanner(_JSON_DECODER)  # type: ignore[arg-type]  # its C scanner: (value, end)
 
 
 def member_kind(ext: str) -> str:
