@@ -724,8 +724,6 @@ class ShardReader:
             held.update(zip(missing, self._at_once(self._cache_fd, missing), strict=True))
         try:
             for k, ((i, _, start, end), (a, b)) in enumerate(zip(plan, spans, strict=True)):
-                if len(local) == len(plan):  # every shard on disk (the common case): nothing else to read
-                    break
                 if i in on_disk:
                     continue
                 if held.get(i) is not None:  # a complete cache entry: read with the on-disk samples
