@@ -5,11 +5,15 @@ cover, crop; PNG/WebP through Pillow. Batches are Bx3xHxW in channels_last memor
 from __future__ import annotations
 
 import io
+import json
+import warnings
 
 import numpy as np
 import pytest
 import simplejpeg
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from prep.errors import PrepError
@@ -229,4 +233,78 @@ def test_a_batch_of_jpegs_decodes_in_one_run_up_to_a_bad_one_and_per_sample_afte
         want = _reference(data[key], (size, size) if size else None, "center", 0)
         assert np.array_equal(img.permute(1, 2, 0).numpy(), want), key
     in_run = 0 if size == 50 else 8 if bad is None else bad
-    assert sum(runs) == in_run  # how many the one run decoded (a first image that fails: none)
+    # how many the one run decoded (a first image that fails: none); a batch the plain path gives up on
+    # is decoded again by the per-sample path, whose run stops at the same image
+    assert runs and all(r == in_run for r in runs) and len(runs) == (1 if bad is None and size != 50 else 2)
+
+
+# ------------------------------------------------------------------------------------ the plain path
+_TEXTS = st.one_of(st.text(max_size=12).map(lambda t: t.encode()), st.binary(max_size=12))
+_JSONS = st.one_of(
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                 max_leaves=6).map(lambda v: json.dumps(v).encode()),
+    st.sampled_from([b" {}", b"{} ", b"[1]\n", b"\xef\xbb\xbf{}", b"{", b"", b"1", b"2.5", b'"\xff"']),
+)
+
+
+def _batches_both_ways(ds, monkeypatch):
+    """Each batch through the plain path (C columns), then through the per-sample path alone, with the
+    loaders' skip counts."""
+    first = DataLoader(ds)
+    got = list(first)
+    with monkeypatch.context() as m:
+        m.setattr(decode, "_BATCH_COLUMNS", None)
+        ds.set_epoch(0)
+        second = DataLoader(ds)
+        want = list(second)
+    return got, want, first.stats(), second.stats()
+
+
+@pytest.mark.skipif(decode._BATCH_COLUMNS is None, reason="the C helper was not built")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_TEXTS, min_size=6, max_size=6), jsons=st.lists(_JSONS, min_size=6, max_size=6),
+       order=st.sampled_from([("jpg", "txt", "json"), ("json", "jpg", "txt"), ("txt", "json", "jpg")]),
+       size=st.sampled_from([None, 32]), mode=st.sampled_from(["uint8", "float"]))
+def test_the_plain_path_gives_the_per_sample_paths_batches(tmp_path_factory, monkeypatch, texts, jsons, order,
+                                                          size, mode):
+    """Whatever the members hold (undecodable text, JSON with whitespace, a BOM, bad JSON, bare numbers
+    that stack into a tensor), a batch from the C columns equals the per-sample path's: the same keys,
+    values, value types, field order and pixels, and the same samples skipped."""
+    tmp = tmp_path_factory.mktemp("plain")
+    jpg = {i: _encode(_photo(64, 64, i), "JPEG", quality=85) for i in range(6)}
+    rows = []
+    for i in range(6):
+        members = {"jpg": jpg[i], "txt": texts[i], "json": jsons[i]}
+        rows.append((f"k{i}", {m: members[m] for m in order}))
+    info = write_shard(tmp / "a.tar", rows, fsync=False)
+    write_index(tmp / "a.tar", info.offsets)
+    ds = ShardDataset(tmp, batch_size=3, shuffle=False, image_size=size, decode=mode, max_skip_fraction=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want, got_skips, want_skips = _batches_both_ways(ds, monkeypatch)
+    assert got_skips == want_skips and len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert list(a) == list(b)  # field order
+        for name in a:
+            if isinstance(b[name], torch.Tensor):
+                assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+                assert a[name].stride() == b[name].stride(), name
+            else:
+                assert type(a[name]) is type(b[name]) and a[name] == b[name], name
+
+
+@pytest.mark.skipif(decode._BATCH_COLUMNS is None, reason="the C helper was not built")
+def test_plain_batches_are_built_without_the_per_sample_path(tmp_path, monkeypatch):
+    """The common batch (JPEG + caption + JSON, nothing wrong) never reaches the per-sample path."""
+    rows = [(f"k{i}", {"jpg": _encode(_photo(48, 48, i), "JPEG"), "txt": b"a cat", "json": b'{"w": 48}'})
+            for i in range(4)]
+    info = write_shard(tmp_path / "a.tar", rows, fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    calls: list[int] = []
+    real = decode.Decoder.decode_batch
+    monkeypatch.setattr(decode.Decoder, "decode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (batch,) = list(DataLoader(ShardDataset(tmp_path, batch_size=4, shuffle=False)))
+    assert calls == [] and batch["txt"] == ["a cat"] * 4 and batch["json"] == [{"w": 48}] * 4
+    assert batch["jpg"].shape == (4, 3, 48, 48)

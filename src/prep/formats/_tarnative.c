@@ -6,6 +6,7 @@
  * - fill_members: one block of the bulk writer (tar._BlockSink._fill_block);
  * - read_spans: a loader batch's samples read into one buffer (sources.ShardReader._read_local);
  * - sample_members: the members of each sample of such a buffer (loaders.io.members.member_spans);
+ * - batch_columns: such a batch's members as columns, text and JSON decoded (loaders.io.decode);
  * - jpeg_size: a JPEG's height and width from its frame header (loaders.io.images.jpeg_size).
  * The GIL is released while reading, so threads walking or filling from several tars overlap. */
 #define PY_SSIZE_T_CLEAN
@@ -759,6 +760,137 @@ done:
     return out;
 }
 
+/* ------------------------------------------------------------------------------------------ columns */
+
+enum { COL_IMAGE = 0, COL_TEXT = 1, COL_JSON = 2, COL_MAX_MEMBERS = 32 };
+
+/* Errors a member that batch_columns declines may raise: the Python path raises them again, with the
+   sample named. Anything else (memory, an interrupt) stops the call. */
+static int declinable(void) {
+    return PyErr_ExceptionMatches(PyExc_ValueError) || PyErr_ExceptionMatches(PyExc_StopIteration) ||
+           PyErr_ExceptionMatches(PyExc_RecursionError);
+}
+
+/* A JSON member's value, as loaders.io.decode._json gives it on its direct path: plain UTF-8 text that
+   is one JSON value with nothing around it, parsed by json's scanner. Py_None (a new reference) where
+   that path does not apply or fails, for the Python path to decide; NULL on other errors. */
+static PyObject *json_member(const unsigned char *d, Py_ssize_t n, PyObject *scan) {
+    if (n == 0 || d[0] == 0xEF || d[0] == 0xFE || d[0] == 0xFF || memchr(d, 0, (size_t)(n < 4 ? n : 4)))
+        return Py_NewRef(Py_None);
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)d, n, "surrogatepass");
+    PyObject *got = text ? PyObject_CallFunction(scan, "Oi", text, 0) : NULL;
+    PyObject *value = NULL;
+    if (got && PyTuple_Check(got) && PyTuple_GET_SIZE(got) == 2) {
+        Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 1));
+        if (end == PyUnicode_GET_LENGTH(text)) value = Py_NewRef(PyTuple_GET_ITEM(got, 0));
+        else if (!PyErr_Occurred()) value = Py_NewRef(Py_None);
+    } else if (got) {
+        value = Py_NewRef(Py_None);
+    }
+    Py_XDECREF(got);
+    Py_XDECREF(text);
+    if (!value && declinable()) {
+        PyErr_Clear();
+        value = Py_NewRef(Py_None);
+    }
+    return value;
+}
+
+PyDoc_STRVAR(columns_doc,
+             "batch_columns(view, parsed, kinds, scan) -> (keys, [(ext, values), ...]) or None\n\n"
+             "A read batch's members as columns, for the loader's plain case: every item of `parsed` (what\n"
+             "sample_members gives for `view`) is (key, {ext: (start, end)}) with the first sample's\n"
+             "extensions, each of which `kinds` maps to 0 (image: a memoryview slice of `view`), 1 (text:\n"
+             "UTF-8, undecodable bytes replaced) or 2 (JSON: one value with no whitespace around it, parsed\n"
+             "by the json scanner `scan`). Columns come in the first sample's member order. None where any\n"
+             "sample is not that case, for the per-sample path to decide.");
+
+static PyObject *batch_columns(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *view, *parsed, *kinds, *scan;
+    if (!PyArg_ParseTuple(args, "OO!O!O:batch_columns", &view, &PyList_Type, &parsed, &PyDict_Type, &kinds,
+                          &scan))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(parsed);
+    PyObject *first = n ? PyList_GET_ITEM(parsed, 0) : NULL;
+    if (!first || !PyTuple_CheckExact(first) || PyTuple_GET_SIZE(first) != 2 ||
+        !PyDict_CheckExact(PyTuple_GET_ITEM(first, 1)))
+        Py_RETURN_NONE;
+    PyObject *m0 = PyTuple_GET_ITEM(first, 1);
+    Py_ssize_t nm = PyDict_GET_SIZE(m0);
+    if (nm == 0 || nm > COL_MAX_MEMBERS) Py_RETURN_NONE;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(view, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *d = buf.buf;
+    PyObject *ext[COL_MAX_MEMBERS], *col[COL_MAX_MEMBERS] = {NULL};
+    int kind[COL_MAX_MEMBERS];
+    PyObject *keys = PyList_New(n), *out = NULL, *k_, *v_;
+    Py_ssize_t pos = 0, e = 0;
+    int declined = 0;
+    if (!keys) goto done;
+    while (PyDict_Next(m0, &pos, &k_, &v_)) {
+        PyObject *code = PyDict_GetItemWithError(kinds, k_);
+        if (!code) {
+            declined = !PyErr_Occurred();
+            goto done;
+        }
+        ext[e] = k_;
+        kind[e] = (int)PyLong_AsLong(code);
+        if (!(col[e] = PyList_New(n))) goto done;
+        e++;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(parsed, k);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyDict_CheckExact(PyTuple_GET_ITEM(item, 1)) ||
+            PyDict_GET_SIZE(PyTuple_GET_ITEM(item, 1)) != nm) {
+            declined = 1;
+            goto done;
+        }
+        PyObject *members = PyTuple_GET_ITEM(item, 1);
+        for (e = 0; e < nm; e++) {
+            PyObject *span = PyDict_GetItemWithError(members, ext[e]);
+            if (!span || !PyTuple_CheckExact(span) || PyTuple_GET_SIZE(span) != 2) {
+                declined = !PyErr_Occurred();
+                goto done;
+            }
+            Py_ssize_t a = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0)), b = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+            if (PyErr_Occurred()) goto done;
+            if (a < 0 || a > b || b > buf.len) {
+                declined = 1;
+                goto done;
+            }
+            PyObject *value;
+            if (kind[e] == COL_TEXT) {
+                value = PyUnicode_DecodeUTF8((const char *)d + a, b - a, "replace");
+            } else if (kind[e] == COL_JSON) {
+                value = json_member(d + a, b - a, scan);
+                if (value == Py_None) {
+                    Py_DECREF(value);
+                    declined = 1;
+                    goto done;
+                }
+            } else {
+                PyObject *slice = PySlice_New(PyTuple_GET_ITEM(span, 0), PyTuple_GET_ITEM(span, 1), NULL);
+                value = slice ? PyObject_GetItem(view, slice) : NULL;
+                Py_XDECREF(slice);
+            }
+            if (!value) goto done;
+            PyList_SET_ITEM(col[e], k, value);
+        }
+        PyList_SET_ITEM(keys, k, Py_NewRef(PyTuple_GET_ITEM(item, 0)));
+    }
+    PyObject *pairs = PyList_New(nm);
+    for (e = 0; pairs && e < nm; e++) PyList_SET_ITEM(pairs, e, Py_BuildValue("(OO)", ext[e], col[e]));
+    for (e = 0; pairs && e < nm; e++)
+        if (!PyList_GET_ITEM(pairs, e)) Py_CLEAR(pairs);
+    if (pairs) out = Py_BuildValue("(ON)", keys, pairs);
+done:
+    for (e = 0; e < nm; e++) Py_XDECREF(col[e]);
+    Py_XDECREF(keys);
+    PyBuffer_Release(&buf);
+    if (declined) Py_RETURN_NONE;
+    return out;
+}
+
 /* ------------------------------------------------------------------------------------------ jpeg */
 
 PyDoc_STRVAR(jpeg_doc,
@@ -807,6 +939,7 @@ static PyMethodDef methods[] = {{"scan", scan_tar, METH_VARARGS, scan_doc},
                                 {"fill_members", fill_members, METH_VARARGS, fill_doc},
                                 {"read_spans", read_spans, METH_VARARGS, read_doc},
                                 {"sample_members", sample_members, METH_VARARGS, members_doc},
+                                {"batch_columns", batch_columns, METH_VARARGS, columns_doc},
                                 {"jpeg_size", jpeg_size, METH_O, jpeg_doc},
                                 {NULL, NULL, 0, NULL}};
 

@@ -22,11 +22,12 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
-        out[name] = _stack(name, values)
+        out[name] = stack_column(name, values)
     return out
 
 
-def _stack(name: str, values: list[Any]) -> Any:
+def stack_column(name: str, values: list[Any]) -> Any:
+    """One field's values of a batch, stacked if they stack, else the list."""
     first = values[0]
     if isinstance(first, torch.Tensor | np.ndarray) and all(
         type(v) is type(first) and v.shape == first.shape and v.dtype == first.dtype for v in values

@@ -56,6 +56,10 @@ from prep.loaders.skips import BadSample, OnError
 DEFAULT_CACHE_BYTES = 32 << 30  # a shard cache's default limit: 32 GiB
 
 
+# a batch as read: a view of the buffer, each sample's (start, end) in it, each one's members
+_Read = tuple[memoryview, list[tuple[int, int]], list[Any]]
+
+
 def _empty_bytes(n: int) -> np.ndarray:
     return np.empty(n, dtype=np.uint8)
 
@@ -202,13 +206,20 @@ class ShardDataset(SampleLeaf):
     def _where(self, i: int, j: int) -> str:
         return f"{self._shard_names()[i]} sample {j}"
 
-    def _parsed(
-        self, refs: Sequence[tuple[int, int, int]], keep_places: bool = False
-    ) -> list[Parsed | None]:
-        """(key, members, where, epoch) per reference; a bad record is skipped (None with keep_places)."""
+    def _read(self, refs: Sequence[tuple[int, int, int]]) -> _Read:
+        """The samples' bytes in one buffer (a view of it), each one's (start, end) there, and its members
+        (`batch_member_spans`)."""
         buf, spans = self.reader.read_into([(i, j) for i, j, _ in refs], _empty_bytes)
         mv = buf.data
-        found = batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
+        return mv, spans, batch_member_spans(mv, spans, lambda k: self._where(refs[k][0], refs[k][1]))
+
+    def _parsed(
+        self, refs: Sequence[tuple[int, int, int]], keep_places: bool = False,
+        read: _Read | None = None,
+    ) -> list[Parsed | None]:
+        """(key, members, where, epoch) per reference (read now, or given as `_read` gave it); a bad record
+        is skipped (None with keep_places)."""
+        mv, spans, found = self._read(refs) if read is None else read
         out: list[Parsed | None] = []
         names = self._shard_names()
         members: dict[str, Buffer]
@@ -288,7 +299,12 @@ class ShardDataset(SampleLeaf):
             batch = self._raw_batch(refs)
             if batch is not None:
                 return batch
-        return self.decoder.decode_batch(self._parsed(refs), self.transform, self.collate)
+        read = self._read(refs)
+        if self.transform is None and self.collate is None:
+            batch = self.decoder.plain_batch(read[0], read[2])
+            if batch is not None:
+                return batch
+        return self.decoder.decode_batch(self._parsed(refs, read=read), self.transform, self.collate)
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         with skips.leaf(self.path):
