@@ -24,8 +24,12 @@ class Dist:
         return self.rank == 0
 
 
+_STARTED_GROUP = False  # whether `init` started the process group (then `leave` ends it, not the caller's)
+
+
 def init(device: Any) -> Dist:
     """Join the process group torchrun describes (WORLD_SIZE > 1), once; (0, 1) otherwise."""
+    global _STARTED_GROUP
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
@@ -35,7 +39,23 @@ def init(device: Any) -> Dist:
         return Dist(0, 1)
     backend = "nccl" if getattr(device, "type", str(device)) == "cuda" else "gloo"
     td.init_process_group(backend=backend)
+    _STARTED_GROUP = True
     return Dist(td.get_rank(), td.get_world_size())
+
+
+def leave(dist: Dist) -> None:
+    """End the process group `init` started, once every rank has got here. A rank that exits with the
+    group alive tears it down while the others may still be talking to it; with gloo that aborted a
+    rank now and then ("terminate called without an active exception", exit -6) after a run that had
+    finished its work. A group the caller started is left to the caller."""
+    global _STARTED_GROUP
+    if dist.world == 1 or not _STARTED_GROUP:
+        return
+    import torch.distributed as td
+
+    td.barrier()
+    td.destroy_process_group()
+    _STARTED_GROUP = False
 
 
 def average(values: dict[str, float], dist: Dist) -> dict[str, float]:

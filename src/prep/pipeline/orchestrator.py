@@ -42,7 +42,7 @@ from prep.pipeline import checkpoint as ckpt
 from prep.pipeline.checks import AUTO_KWARGS, optimizer_class, scheduler_class
 from prep.pipeline.config import PipelineConfig, StepConfig
 from prep.pipeline.data import build_loader, resolve_batch_sizes
-from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, wrap
+from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, leave, wrap
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
 from prep.pipeline.plan import step_chunks, step_length
@@ -433,11 +433,13 @@ class TrainingPipelineOrchestrator:
             done, trained = self._run_step(self.state.step_index, payload, meta, max_batches, trained_here)
             trained_here += trained
             payload = meta = None
-            if not done:
+            if not done:  # stopped after max_batches, with a checkpoint
+                leave(self.dist)
                 return self.summaries
         if self.dist.main and self.progress:
             self.print_summary()
         barrier(self.dist)
+        leave(self.dist)
         return self.summaries
 
     def _run_step(
