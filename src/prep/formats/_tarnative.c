@@ -835,13 +835,13 @@ static PyObject *batch_columns(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         ext[e] = k_;
         kind[e] = (int)PyLong_AsLong(code);
-        if (!(col[e] = PyList_New(n))) goto done;
+        if ((kind[e] == -1 && PyErr_Occurred()) || !(col[e] = PyList_New(n))) goto done;
         e++;
     }
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = PyList_GET_ITEM(parsed, k);
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyDict_CheckExact(PyTuple_GET_ITEM(item, 1)) ||
-            PyDict_GET_SIZE(PyTuple_GET_ITEM(item, 1)) != nm) {
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyDict_CheckExact(PyTuple_GET_ITEM(item, 1)) || PyDict_GET_SIZE(PyTuple_GET_ITEM(item, 1)) != nm) {
             declined = 1;
             goto done;
         }
@@ -852,7 +852,8 @@ static PyObject *batch_columns(PyObject *Py_UNUSED(self), PyObject *args) {
                 declined = !PyErr_Occurred();
                 goto done;
             }
-            Py_ssize_t a = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0)), b = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+            Py_ssize_t a = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0));
+            Py_ssize_t b = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
             if (PyErr_Occurred()) goto done;
             if (a < 0 || a > b || b > buf.len) {
                 declined = 1;
