@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,11 @@ import pytest
 from prep.formats.manifest import read_manifest
 from prep.formats.tar import scan_tar
 from prep.formats.wdinfo import read_wdinfo
+from prep.testing.servers import free_port
 
 pytestmark = pytest.mark.slow
 
 GOOD, REDIRECTS = 30, 4  # prep.demo adds 4 redirects (served), 4 x 404 and 2 corrupt images (failures)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _digests(folder: Path) -> dict[str, tuple[str, int]]:
@@ -41,7 +35,7 @@ def _demo(out: Path, port: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_runs_all_six_stages_and_a_rerun_skips_with_identical_bytes(tmp_path):
-    out, port = tmp_path / "demo", _free_port()
+    out, port = tmp_path / "demo", free_port()
     first = _demo(out, port)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     said = " ".join((first.stdout + first.stderr).split())  # rich wraps the notes

@@ -4,18 +4,12 @@ leaves alone a group its caller started: a rank exiting with the group alive abo
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.distributed as td
 import torch.multiprocessing as mp
 
 from prep.pipeline import distributed
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from prep.testing.servers import free_port
 
 
 def _rank(rank: int, port: int, caller_starts: bool, out: dict) -> None:
@@ -34,7 +28,7 @@ def _rank(rank: int, port: int, caller_starts: bool, out: dict) -> None:
 def _run(caller_starts: bool) -> dict:
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_rank, args=(_port(), caller_starts, out), nprocs=2, start_method="fork")
+        mp.start_processes(_rank, args=(free_port(), caller_starts, out), nprocs=2, start_method="fork")
         return dict(out)
 
 

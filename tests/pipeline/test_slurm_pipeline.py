@@ -2,7 +2,6 @@
 scontrol (a real torchrun, 2 CPU ranks on this node), trains the pipeline and leaves its checkpoints."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from prep.testing.loader_data import make_shards
+from prep.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "recipes" / "slurm" / "pipeline_run.sbatch"
@@ -17,12 +17,6 @@ SRUN = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done   # srun's own options
 exec "$@"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_script_is_valid_bash_and_refuses_without_its_variables():
@@ -62,7 +56,7 @@ def test_sbatch_command_line_runs_two_ranks(tmp_path):
         "SLURM_JOB_NODELIST": "node1",
         "SLURM_NNODES": "1",
         "SLURM_JOB_ID": "42",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": "lo",
         "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

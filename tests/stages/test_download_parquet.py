@@ -18,7 +18,7 @@ from prep.errors import PrepError
 from prep.runtime.runner import run_stage
 from prep.stages.base import RunOptions
 from prep.stages.download_parquet import part_rows, stem_of
-from prep.testing.servers import serve_hub
+from prep.testing.servers import free_port, serve_hub
 
 TOKEN = "hf_TestTokenThatMustNeverBePrinted123"
 REPO = "org/tiny-laion"
@@ -119,11 +119,7 @@ def test_private_repo_without_token_is_one_clear_error(hub, tmp_path):
 
 @pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
 def test_offline_fails_at_once_and_names_source_path(tmp_path, monkeypatch, capfd, how):
-    import socket
-
-    with socket.socket() as s:  # a loopback port nothing listens on: connections are refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it: connections are refused
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import re
+import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -106,6 +107,13 @@ class _Handler(BaseHTTPRequestHandler):
         if body and not head:
             self.wfile.write(body)
 
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server, a rendezvous, or a refused connection)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def base_url(server: BaseServer) -> str:
