@@ -101,14 +101,9 @@ def _json_member(ext: str, data: Buffer, key: str, where: str) -> Any:
                         "fix or drop the sample", reason="malformed member") from None
 
 
-# member kind -> its column in `plain_batch`: 0 the image, 1 text, 2 JSON (what `batch_columns` takes)
+# member kind -> how a batch takes it: 0 an image, 1 text, 2 JSON (text and JSON inline; the codes
+# `batch_columns` takes); any other kind through `Decoder.value`
 _COLUMN_KINDS = {**dict.fromkeys(IMAGE_EXTS, 0), **dict.fromkeys(TEXT_EXTS, 1), **dict.fromkeys(JSON_EXTS, 2)}
-
-
-def _batch_kind(kind: str) -> str:
-    """How `decode_batch` treats a member of this kind besides the images: inline (text, json), or
-    through `Decoder.value` (other)."""
-    return "text" if kind in TEXT_EXTS else "json" if kind in JSON_EXTS else "other"
 
 
 def _field_alternatives(fields: Sequence[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
@@ -361,20 +356,22 @@ class Decoder:
         a bad image of the same sample, found later, is the one told)."""
         staged: list[Staged] = []
         value = self.value
-        kinds: dict[str, str] = {x: "image" for x in image_exts}  # per extension, looked up once a batch
+        # per extension, looked up once a batch: 0 the batch's images (decoded later), 1 text, 2 JSON,
+        # -1 anything else, an image of another extension than the first sample's included
+        codes = dict.fromkeys(image_exts, 0)
         for k, m, where, epoch in selected:
             values: dict[str, Any] = {}
             held: BadSample | None = None
             try:
                 for x, d in m.items():
-                    kind = kinds.get(x)
-                    if kind is None:
-                        kind = kinds[x] = _batch_kind(member_kind(x))
-                    if kind == "text":  # inline, text and JSON: the most common members after images
+                    code = codes.get(x)
+                    if code is None:
+                        code = codes[x] = _COLUMN_KINDS.get(member_kind(x)) or -1
+                    if code == 1:  # inline, text and JSON: the most common members after images
                         values[x] = _text(d)
-                    elif kind == "json":
+                    elif code == 2:
                         values[x] = _json_member(x, d, k, where)
-                    elif kind != "image":
+                    elif code == -1:
                         values[x] = value(x, d, k, epoch, where)
             except BadSample as err:
                 held = err
