@@ -62,6 +62,31 @@ def test_a_batch_read_returns_the_file_bytes_of_each_sample(shards, read_path):
             assert bytes(buf[a:b]) == files[i][int(off[j]) : int(off[j + 1])]
 
 
+def test_the_steady_state_read_gives_the_general_reads_bytes_and_spans(shards):
+    """Once a batch's shards are open and indexed, `read_into` takes one pass and one C read
+    (`_read_open`); it returns what the general path returns for the same references."""
+    if sources._NATIVE_READ is None:
+        pytest.skip("prep.formats._tarnative was not built here")
+    ds = ShardDataset(shards, batch_size=8, seed=3)
+    reader = ds.reader
+    rng = random.Random(1)
+    refs = [(i, rng.randrange(ds.shards[i].samples)) for i in (rng.randrange(3) for _ in range(40))]
+    assert reader._read_open(refs, lambda n: np.empty(n, np.uint8)) is None  # nothing open yet
+    general, general_spans = reader.read_into(refs, lambda n: np.full(n, 1, dtype=np.uint8))
+    for _ in range(10):
+        refs2 = rng.sample(refs, rng.randint(1, len(refs)))
+        got = reader._read_open(refs2, lambda n: np.full(n, 2, dtype=np.uint8))
+        assert got is not None
+        buf, spans = got
+        for (i, j), (a, b) in zip(refs2, spans, strict=True):
+            k = refs.index((i, j))
+            ga, gb = general_spans[k]
+            assert bytes(buf[a:b]) == bytes(general[ga:gb]) and b - a == gb - ga
+        assert spans[-1][1] == len(buf)
+    os.close(reader._fds.pop(1))  # a shard not open in this process: the general path opens it
+    assert reader._read_open([(0, 0), (1, 0)], lambda n: np.empty(n, np.uint8)) is None
+
+
 def test_a_truncated_shard_is_named_with_the_byte_where_it_ends(shards, tmp_path, read_path):
     folder = tmp_path / "cut"
     folder.mkdir()

@@ -114,6 +114,11 @@ class BatchDesc:
     items: Sequence[Any]
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles as its constructor call: a slots dataclass otherwise pickles through `fields()` and
+        unpickles by a `setattr` per field, in Python, for every batch a worker is sent."""
+        return (BatchDesc, (self.node, self.items, self.info))
+
 
 class Planned(Sequence[Any]):
     """Planned sample references held as a compact description (a range, pieces of ranges, a mix's

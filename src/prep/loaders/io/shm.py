@@ -4,9 +4,11 @@ without a fresh segment per tensor."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -197,13 +199,12 @@ def _reduce_pooled(t: _PooledTensor):
     return _rebuild_pooled, (_WORKER_SLOTS.token, slot.index, slot.gen, storage, layout)
 
 
-def _release(state: np.ndarray) -> None:
+def _release(state: np.ndarray, _dead: Any) -> None:
+    """The callback of a handout's weak reference: its ndarray died, so the worker may reuse the slot."""
     state[0] = 0
 
 
 def _rebuild_pooled(token: str, i: int, gen: int, storage: Any, layout: tuple[Any, ...]) -> torch.Tensor:
-    import weakref
-
     key = (token, i)
     with _SLOTS_LOCK:
         if storage is not None:
@@ -216,8 +217,9 @@ def _rebuild_pooled(token: str, i: int, gen: int, storage: Any, layout: tuple[An
         base = live[1]() if live is not None and live[0] == gen else None
         if base is None:  # one ndarray per handout: when the last tensor viewing it dies, the slot is free
             base = whole[_HEADER:]
-            weakref.finalize(base, _release, state)
-            _LIVE[key] = gen, weakref.ref(base)
+            # a weak reference with a callback, not `weakref.finalize` (a Python object and registry entry
+            # per batch): the slot is handed out again only after this fires, so `_LIVE` still holds it
+            _LIVE[key] = gen, weakref.ref(base, functools.partial(_release, state))
     offset, shape, stride, dtype = layout
     flat = torch.from_numpy(base)
     itemsize = dtype.itemsize

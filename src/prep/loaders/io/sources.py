@@ -694,6 +694,9 @@ class ShardReader:
         once, by the kernel."""
         if self._pid != os.getpid():  # forked after files were opened: never share descriptors
             self._reset()
+        got = self._read_open(refs, alloc)
+        if got is not None:
+            return got
         distinct = list(dict.fromkeys(i for i, _ in refs))
         # remote .idx reads, concurrently (a local one is a short file read: threads only add their start)
         unread = [i for i in distinct if i not in self._offsets and is_remote(self.shards[i].url)]
@@ -749,6 +752,46 @@ class ShardReader:
                 mv[a:b] = blobs[k]  # type: ignore[assignment]
         return buf, spans
 
+    def _read_open(
+        self, refs: Sequence[tuple[int, int]], alloc: Callable[[int], np.ndarray]
+    ) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+        """`read_into` for the steady state: every shard of the batch a file on disk that this process
+        has open, its offsets loaded. One pass over the samples and one C read, without the general
+        path's per-shard steps (kind, cache, descriptor lookups), whose Python runs cold between the
+        decodes (design-notes.md, "Loader speed"). None for anything else, which the general path reads (and opens, loads, downloads), and
+        where the C read was not built."""
+        read = _NATIVE_READ
+        if read is None:
+            return None
+        offsets, fds = self._offsets, self._fds
+        columns: list[list[int]] = [[], [], [], []]  # dst, fds, src, sizes: one int64 array below
+        dst, fd_col, src, sizes = columns
+        spans: list[tuple[int, int]] = []
+        total = 0
+        for i, j in refs:
+            off, fd = offsets.get(i), fds.get(i)  # only on-disk shards have a descriptor here
+            if off is None or fd is None:
+                return None
+            fds.move_to_end(i)  # least recently used first, as `_fd` keeps them
+            start, end = off.item(j), off.item(j + 1)
+            dst.append(total)
+            fd_col.append(fd)
+            src.append(start)
+            sizes.append(end - start)
+            spans.append((total, total + end - start))
+            total += end - start
+        buf = alloc(total)
+        table = np.array(columns, np.int64)
+        short = read(buf, table[0], table[1], table[2], table[3])
+        if short is not None:
+            k, _, ended = short
+            raise self._truncated(refs[k][0], refs[k][1], ended, src[k] + sizes[k])
+        return buf, spans
+
+    def _truncated(self, i: int, j: int, ended: int, end: int) -> PrepError:
+        return PrepError(f"shard ends at byte {ended}, sample {j} needs bytes up to {end}",
+                         self.shards[i].url, "the shard is truncated: re-create it, or rebuild its .idx")
+
     def _read_local(self, plan: list[tuple[int, int, int, int]], dst: list[int], buf: np.ndarray,
                     fd_of: dict[int, int]) -> None:
         """Read samples (shard, sample, start, end) of local files (a shard on disk, a cache entry: their
@@ -764,14 +807,9 @@ class ShardReader:
             k, ended = (-1, 0) if short is None else (short[0], short[2])
         else:
             k, ended = _preadv_each(buf, fds, plan, dst)
-        if k < 0:
-            return
-        i, j, _, end = plan[k]
-        raise PrepError(
-            f"shard ends at byte {ended}, sample {j} needs bytes up to {end}",
-            self.shards[i].url,
-            "the shard is truncated: re-create it, or rebuild its .idx",
-        )
+        if k >= 0:
+            i, j, _, end = plan[k]
+            raise self._truncated(i, j, ended, end)
 
     def _read_remote(self, wanted: list[tuple[int, int, int, int]], out: list[bytes | None]) -> None:
         by_scheme: dict[str, list[tuple[int, int, int, int]]] = {}
