@@ -463,8 +463,10 @@ def _ceiling_worker(decoder: str, count: int, offset: int) -> tuple[float, float
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its live descendants (the loader's workers): on a shared machine,
-    CPU per sample says more about a loader's cost than wall-clock throughput does."""
+    """CPU time of this process and its descendants (the loader's workers): on a shared machine, CPU
+    per sample says more about a loader's cost than wall-clock throughput does. Each process's reaped
+    children count too (`children_user`/`children_system`): a worker that exits between two readings
+    would otherwise take its CPU time with it (a litdata round once read -15 us/sample)."""
     import psutil
 
     me = psutil.Process()
@@ -472,7 +474,7 @@ def _cpu_seconds() -> float:
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            total += t.user + t.system + t.children_user + t.children_system
         except psutil.Error:
             pass
     return total

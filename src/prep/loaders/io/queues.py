@@ -47,8 +47,8 @@ def _reducers() -> dict[type, Any]:
     copies both into a new dict for every message instead: 60-80 us a call once torch has registered its
     78, several times what pickling a request itself costs. A plain dict, not a mapping that merges on
     lookup: the pickler looks up every class it meets that has no saver of its own (a `BatchDesc`, a
-    `Span`), and a miss in Python raises a KeyError each time (~10% of the training process's loader
-    time, in `py-spy`, before this)."""
+    `Span`), and a miss in Python raised a KeyError each time (~10% of the training process's busy
+    samples in `py-spy`)."""
     extra = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
     if _TABLES[1] != len(extra) or _TABLES[2] != len(copyreg.dispatch_table):
         _TABLES[:] = [{**copyreg.dispatch_table, **extra}, len(extra), len(copyreg.dispatch_table)]

@@ -758,8 +758,8 @@ class ShardReader:
         """`read_into` for the steady state: every shard of the batch a file on disk that this process
         has open, its offsets loaded. One pass over the samples and one C read, without the general
         path's per-shard steps (kind, cache, descriptor lookups), whose Python runs cold between the
-        decodes (design-notes.md, "Loader speed"). None for anything else, which the general path reads (and opens, loads, downloads), and
-        where the C read was not built."""
+        decodes (design-notes.md, "Loader speed"). None for anything else, which the general path
+        reads (and opens, loads, downloads), and where the C read was not built."""
         read = _NATIVE_READ
         if read is None:
             return None
