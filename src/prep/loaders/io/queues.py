@@ -38,29 +38,27 @@ _LOCK_WAIT = 0.05  # seconds: longer than any write that does not block
 _SLACK = 2 * 4096 + 16  # partly read pages hold a slot of the pipe each; send_bytes adds a length header
 
 
-_TABLES: list[Any] = [None, -1, -1]  # the merged table, and the sizes of the two it was made from
+class _Reducers:
+    """`ForkingPickler`'s reducers (torch's for tensors and storages among them) over copyreg's, looked
+    up when an object needs one. `ForkingPickler.dumps` copies both tables into a new dict for every
+    message instead: 60-80 us a call once torch has registered its 78, several times what pickling a
+    request itself costs."""
+
+    __slots__ = ()
+
+    def __getitem__(self, cls: type) -> Any:
+        reduce = ForkingPickler._extra_reducers.get(cls)  # type: ignore[attr-defined]
+        return copyreg.dispatch_table[cls] if reduce is None else reduce
 
 
-def _reducers() -> dict[type, Any]:
-    """`ForkingPickler`'s reducers (torch's for tensors and storages among them) over copyreg's, in one
-    dict made again only when either table has grown (both only ever gain entries). `ForkingPickler.dumps`
-    copies both into a new dict for every message instead: 60-80 us a call once torch has registered its
-    78, several times what pickling a request itself costs. A plain dict, not a mapping that merges on
-    lookup: the pickler looks up every class it meets that has no saver of its own (a `BatchDesc`, a
-    `Span`), and a miss in Python raised a KeyError each time (~10% of the training process's busy
-    samples in `py-spy`)."""
-    extra = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
-    if _TABLES[1] != len(extra) or _TABLES[2] != len(copyreg.dispatch_table):
-        _TABLES[:] = [{**copyreg.dispatch_table, **extra}, len(extra), len(copyreg.dispatch_table)]
-    return _TABLES[0]
+class _Pickler(pickle.Pickler):
+    dispatch_table = _Reducers()  # type: ignore[assignment]
 
 
 def dumps(obj: Any) -> memoryview:
     """`ForkingPickler.dumps(obj)`: the same reducers, the same protocol, without its per-call copy."""
     buf = io.BytesIO()
-    pickler = pickle.Pickler(buf)
-    pickler.dispatch_table = _reducers()
-    pickler.dump(obj)
+    _Pickler(buf).dump(obj)
     return buf.getbuffer()
 
 
