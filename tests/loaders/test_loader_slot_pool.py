@@ -79,3 +79,64 @@ def test_slot_bytes_pickle_as_a_reference_unless_changed():
     changed[0] = b"other"
     assert ForkingPickler.loads(ForkingPickler.dumps(changed)) == [b"other", items[1]]
     assert shm.bytes_list(torch.zeros(3, dtype=torch.uint8), items, [0, 1]) is items  # not a slot
+
+
+@pytest.fixture(scope="module")
+def plain_shards(tmp_path_factory):
+    """jpg + txt + json only: batches take the plain path, decoded into `shared_rows`' views."""
+    root = tmp_path_factory.mktemp("pool_plain")
+    make_shards(root, [40, 40, 40, 38], image_size=16, distinct_images=13)
+    return root
+
+
+@pytest.mark.parametrize("size", [None, 8])
+def test_plain_batches_in_reused_slot_views_equal_in_process_ones_and_survive_reuse(plain_shards, size):
+    """Two epochs with persistent workers: every slot's cached views are handed out again many times,
+    and the last batch of each epoch is shorter (views of another shape). Batches the trainer holds
+    keep their pixels."""
+    def dataset():
+        return ShardDataset(plain_shards, batch_size=8, seed=5, image_size=size)
+
+    reference = []
+    in_process = DataLoader(dataset(), num_workers=0)
+    for epoch in range(2):
+        in_process.set_epoch(epoch)
+        reference += [{**b, "jpg": b["jpg"].clone()} for b in in_process]
+    loader = DataLoader(dataset(), num_workers=2, persistent_workers=True)
+    held, i = [], 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            ref = reference[i]
+            assert batch["__key__"] == ref["__key__"] and batch["txt"] == ref["txt"]
+            assert torch.equal(batch["jpg"], ref["jpg"])
+            assert batch["jpg"].is_contiguous(memory_format=torch.channels_last)
+            if i % 3 == 0:
+                held.append((i, batch))
+            i += 1
+    assert i == len(reference) == 2 * 20 and reference[19]["jpg"].shape[0] == 6
+    for k, batch in held:
+        assert torch.equal(batch["jpg"], reference[k]["jpg"]), f"held batch {k} was overwritten"
+
+
+def test_shared_rows_reuses_a_slots_views_for_the_same_shape_and_pickles_each_handout(monkeypatch):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a worker
+    monkeypatch.setattr(shm, "_WORKER_SLOTS", shm._WorkerSlots())
+    rows, batch = shm.shared_rows(3, 4, 5)
+    assert rows.shape == (3, 4, 5, 3) and batch.shape == (3, 3, 4, 5)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    rows[...] = 9
+    assert (batch == 9).all()  # one memory
+    slot = batch._prep_slot
+    first_gen = slot.gen
+    slot.state[0] = 0  # released by the main process
+    again_rows, again = shm.shared_rows(3, 4, 5)
+    assert again is batch and again_rows is rows and again._prep_gen == slot.gen == first_gen + 1
+    fn, args = shm._reduce_pooled(again)
+    assert fn is shm._rebuild_pooled and args[2] == slot.gen
+    assert args[4] == (shm._HEADER, (3, 3, 4, 5), batch.stride(), torch.uint8)
+    slot.state[0] = 0
+    other_rows, other = shm.shared_rows(2, 4, 5)  # another shape: new views of the same slot
+    assert other is not batch and other._prep_slot is slot and other.shape == (2, 3, 4, 5)
+    assert other_rows.shape == (2, 4, 5, 3) and other_rows is not rows
+    assert shm._reduce_pooled(other)[1][4][1] == (2, 3, 4, 5)

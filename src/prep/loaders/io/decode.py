@@ -37,7 +37,7 @@ from prep.loaders.io.images import (
     to_pil,
 )
 from prep.loaders.io.members import Buffer
-from prep.loaders.io.shm import pooled_like, shared_empty
+from prep.loaders.io.shm import pooled_like, shared_empty, shared_rows
 from prep.loaders.skips import BadSample, OnError, skip_or_raise
 
 DecodeMode = Literal["raw", "pil", "uint8", "float"]
@@ -344,12 +344,20 @@ class Decoder:
         hw = self.image_size or jpeg_size(datas[0])
         if hw is None:
             return None
-        rows = self._new_rows(len(keys), *hw)
-        if decode_jpeg_run(datas, self.image_size, rows.numpy()) != len(keys):
+        n = len(keys)
+        if self.mode == "uint8":  # decoded straight into the batch's views (`shared_rows`)
+            buf, (rows, pixels) = None, shared_rows(n, *hw)
+        else:
+            buf = self._new_rows(n, *hw)
+            rows, pixels = buf.numpy(), None
+        if decode_jpeg_run(datas, self.image_size, rows) != n:
             return None  # an image of another size, or one simplejpeg does not take: said per sample
         batch: dict[str, Any] = {"__key__": keys}
         batch.update((x, stack_column(x, values)) for x, values in columns if x != image)
-        return self._with_images(batch, {image: rows}, len(keys))
+        if buf is not None:
+            return self._with_images(batch, {image: buf}, n)
+        batch[image] = pixels
+        return batch
 
     def _other_members(self, selected: Sequence[Parsed], image_exts: list[str]) -> list[Staged]:
         """Each sample with its non-image members decoded, and the error that will skip it (held, so that
