@@ -345,8 +345,9 @@ class Decoder:
         if hw is None:
             return None
         n = len(keys)
+        buf: torch.Tensor | None = None
         if self.mode == "uint8":  # decoded straight into the batch's views (`shared_rows`)
-            buf, (rows, pixels) = None, shared_rows(n, *hw)
+            rows, pixels = shared_rows(n, *hw)
         else:
             buf = self._new_rows(n, *hw)
             rows, pixels = buf.numpy(), None

@@ -221,22 +221,30 @@ def _layout(plain: torch.Tensor) -> tuple[Any, ...]:
 
 def _reduce_pooled(t: _PooledTensor):
     slot = t._prep_slot
-    layout = getattr(t, "_prep_layout", None)  # a view `shared_rows` made of this slot: known as one
-    if layout is None or _WORKER_SLOTS is None or t._prep_gen != slot.gen:
+    layout = _slot_layout(t, slot)
+    if layout is None:  # not (or no longer) a view of its slot: torch's own way
         reduce_tensor = torch_private.tensor_reducer()
-        plain = t.as_subclass(torch.Tensor)
         if reduce_tensor is None:
             raise RuntimeError("a slot view exists without torch's tensor reducer")  # made only where it is
-        if (
-            _WORKER_SLOTS is None
-            or t._prep_gen != slot.gen
-            or plain.untyped_storage().data_ptr() != (slot.whole.untyped_storage().data_ptr())
-        ):
-            return reduce_tensor(plain)  # not (or no longer) a view of its slot: torch's own way
-        layout = _layout(plain)
+        return reduce_tensor(t.as_subclass(torch.Tensor))
+    assert _WORKER_SLOTS is not None  # `_slot_layout` gives a layout only in a worker with slots
     storage = None if slot.sent else slot.whole.untyped_storage()
     slot.sent = True
     return _rebuild_pooled, (_WORKER_SLOTS.token, slot.index, slot.gen, storage, layout)
+
+
+def _slot_layout(t: _PooledTensor, slot: _Slot) -> tuple[Any, ...] | None:
+    """t's layout in its slot for this handout, or None where it is not one (not in a worker, an older
+    handout, a tensor that no longer views the slot). A view `shared_rows` made carries its layout."""
+    if _WORKER_SLOTS is None or t._prep_gen != slot.gen:
+        return None
+    layout = getattr(t, "_prep_layout", None)
+    if layout is not None:
+        return layout
+    plain = t.as_subclass(torch.Tensor)
+    if plain.untyped_storage().data_ptr() != slot.whole.untyped_storage().data_ptr():
+        return None
+    return _layout(plain)
 
 
 def _release(state: np.ndarray, _dead: Any) -> None:
