@@ -366,3 +366,26 @@ def test_carry_optimizer_keeps_the_state_of_parameters_that_stay_trained(data, t
     _run(_config(data, carried), tmp_path / "edge", max_batches=12)  # stopped on step 1's last batch
     _, at_edge, _ = _run(_config(data, carried), tmp_path / "edge")
     assert torch.equal(at_edge["dec"].weight, again["dec"].weight)
+
+
+def test_progress_and_summary_fit_80_columns_and_show_every_name_whole(data, tmp_path):
+    """At 80 columns the steps' names, their reasons and every final metric (train and val) are shown
+    whole, each metric on its own row, and no line is wider than 80."""
+    from rich.console import Console
+
+    console = Console(record=True, width=80, force_terminal=False)  # each bar as it ends
+    cfg = _config(data, [{**TWO_STEPS[0], "name": "a_long_step_name"}, TWO_STEPS[1]])
+    modules, trainer = tiny_modules(0), RegressionTrainer()
+    orch = TrainingPipelineOrchestrator(cfg, modules, {"reg": trainer}, tmp_path / "ck", console=console)
+    orch.run()
+    orch.print_summary()
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert any(line.startswith("step 1/2 a_long_step_name") for line in lines)  # the bar's name whole
+    for s in orch.summaries:
+        assert s.name in text and s.reason.split(":")[0] in text
+        shown = {**s.metrics, **{f"val/{k}": v for k, v in s.val_metrics.items()}}
+        assert shown
+        for k, v in shown.items():  # a row per metric: its name and value on one line
+            assert any(k in line and f"{v:.4g}" in line for line in lines), k

@@ -616,25 +616,34 @@ class TrainingPipelineOrchestrator:
         }
 
     def print_summary(self) -> None:
+        """A table of the steps, then one of their final metrics, a row per metric: in one column
+        beside the steps, a step's several metrics would wrap a few characters a line at 80 columns."""
         from rich.console import Console
-        from rich.table import Table
+        from rich.table import Column, Table
 
-        table = Table(title="pipeline summary", header_style="bold")
-        for col in ("#", "step", "batches", "samples", "epochs", "time", "final metrics", "ended because"):
-            table.add_column(col)
+        steps = Table(title="pipeline summary", header_style="bold")
+        for col in ("#", "step", "batches", "samples", "epochs", "time"):
+            steps.add_column(col, no_wrap=True)
+        steps.add_column("ended because", ratio=1)
+        metrics = Table(
+            *(Column(c, no_wrap=True) for c in ("#", "step", "metric")),
+            Column("final value", justify="right", no_wrap=True),
+            title="final metrics",
+            caption="train: moving average; val/: the last validation",
+            header_style="bold",
+        )
         for s in self.state.completed:
+            n = str(s["index"] + 1)
+            steps.add_row(n, s["name"], f"{s['batches']:,}", f"{s['samples']:,}", f"{s['epochs']:.2f}",
+                          f"{s['seconds']:.1f}s", s["reason"])
             shown = {**s["metrics"], **{f"val/{k}": v for k, v in s["val_metrics"].items()}}
-            table.add_row(
-                str(s["index"] + 1),
-                s["name"],
-                f"{s['batches']:,}",
-                f"{s['samples']:,}",
-                f"{s['epochs']:.2f}",
-                f"{s['seconds']:.1f}s",
-                ", ".join(f"{k} {v:.4g}" for k, v in shown.items()),
-                s["reason"],
-            )
-        (self.console or Console(stderr=True)).print(table)
+            for i, (k, v) in enumerate(shown.items()):
+                metrics.add_row(n if i == 0 else "", s["name"] if i == 0 else "", k, f"{v:.4g}",
+                                end_section=i == len(shown) - 1)
+        console = self.console or Console(stderr=True)
+        console.print(steps)
+        if metrics.row_count:
+            console.print(metrics)
 
 
 class _StepRun:
@@ -972,13 +981,17 @@ class _Progress:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.table import Column
 
+            # the step's name, bar and counts keep their width; the metrics line is cut at its end
             self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
+                TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=20),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("{task.fields[info]}",
+                           table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                expand=True,
                 console=self.o.console or Console(stderr=True),
                 transient=False,
             )
@@ -1001,7 +1014,7 @@ class _Progress:
         self._bar.update(
             self._task,
             completed=st.step_batches,
-            info=f"ep {st.step_epoch} b {st.batch_in_epoch} {rate:,.0f} sp/s {shown}",
+            info=f"{shown}  ep {st.step_epoch} b {st.batch_in_epoch}  {rate:,.0f} sp/s",
         )
 
     def __exit__(self, *exc: Any) -> None:
