@@ -1,13 +1,18 @@
-"""The DataLoader leaves the trainer's RNG alone, honours a node's set_epoch, and refuses old states."""
+"""The DataLoader leaves the trainer's RNG alone, honours a node's set_epoch, refuses old states, goes on
+at a batch that failed (the first one too), and reads a batch that spans more shards than it keeps open."""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import pytest
 import torch
 
 from prep.errors import PrepError
-from prep.loaders import DataLoader, SequenceDataset, ShardDataset
+from prep.loaders import DataLoader, MapDataset, SequenceDataset, ShardDataset
 from prep.loaders.base import STATE_VERSION
+from prep.loaders.io import sources
 from prep.testing.loader_data import make_shards
 
 
@@ -154,3 +159,50 @@ def test_chunked_states_of_an_older_version_are_refused():
     loader = ChunkedDataLoader(list(range(10)), batch_size=2, chunk_size=2, rank=0, world_size=1)
     with pytest.raises(PrepError, match="older prep"):
         loader.load_state_dict({**loader.state_dict(), "version": 1})
+
+
+def _fail_once(marker: str, bad_key: str | None, batch: dict) -> dict:
+    """A map that raises once, on the batch holding `bad_key` (the marker file tells workers it did)."""
+    if bad_key in batch["__key__"] and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise PrepError("the map failed", "test", "nothing to fix")
+    return batch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("at", [0, 1, 4])
+def test_a_failed_batch_is_where_the_loader_and_its_state_go_on(shards, tmp_path, workers, at):
+    """A batch that fails (the very first one included, before anything was consumed) is not lost:
+    iterating again starts at it, and so does a loader restored from `state_dict()` taken after the
+    error, whatever the workers had planned ahead."""
+    def loader(bad_key=None, marker=""):
+        ds = ShardDataset(shards, batch_size=4, seed=1, world_size=1, rank=0)
+        return DataLoader(MapDataset(ds, functools.partial(_fail_once, marker, bad_key)), num_workers=workers)
+
+    ref = [list(b["__key__"]) for b in loader()]
+    failing = loader(ref[at][0], str(tmp_path / "failed"))
+    got = []
+    with pytest.raises(PrepError, match="the map failed"):
+        for b in failing:
+            got.append(list(b["__key__"]))
+    assert got == ref[:at] and failing.batches_consumed == at
+    restored = loader()
+    restored.load_state_dict(failing.state_dict())
+    assert [list(b["__key__"]) for b in restored] == ref[at:]
+    assert [list(b["__key__"]) for b in failing] == ref[at:]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_batch_over_more_shards_than_are_kept_open_reads_them_all(tmp_path, monkeypatch, workers):
+    """Each worker keeps `_OPEN_FILES` shard files open; a batch that spans more must keep all of its
+    own open until it is read (closing the oldest mid-batch closed a descriptor the batch then read:
+    EBADF, or another shard's bytes once the number was reused), and the limit holds after it."""
+    make_shards(tmp_path / "d", [3] * 12)
+    ds = ShardDataset(tmp_path / "d", batch_size=12, seed=2, world_size=1, rank=0)
+    ref = [list(b["txt"]) for b in DataLoader(ds)]
+    monkeypatch.setattr(sources, "_OPEN_FILES", 4)  # forked workers inherit it
+    ds = ShardDataset(tmp_path / "d", batch_size=12, seed=2, world_size=1, rank=0)
+    assert [list(b["txt"]) for b in DataLoader(ds, num_workers=workers)] == ref
+    assert len({k for b in ref for k in b}) == 36
+    if workers == 0:
+        assert len(ds.reader._fds) <= 4

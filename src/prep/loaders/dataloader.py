@@ -231,6 +231,8 @@ class DataLoader:
                 self.dataset.load_state_dict(copy.deepcopy(self._state))
             else:  # the tree was moved since (node.set_epoch, node.load_state_dict): that is where to go on
                 self._state = None
+        if self._state is None:  # what is consumed starts here: a first batch that fails rolls back to it
+            self._state = self.dataset.state_dict()
         self._pending.clear()
         self._epoch_end_state = None
         if self.num_workers:

@@ -662,6 +662,9 @@ class ShardReader:
         return _filesystem(url, self.token, self.storage_options)
 
     def _fd(self, i: int) -> int:
+        """Shard i's descriptor, opened once and kept (least recently used first). Closing the oldest
+        beyond `_OPEN_FILES` is left to `_close_oldest`, after the batch that asked: a batch may span more
+        shards than that, and its descriptors must all stay open until it is read."""
         fd = self._fds.get(i)
         if fd is None:
             try:
@@ -671,11 +674,13 @@ class ShardReader:
                     "shard not found", self.shards[i].url, "check that the dataset is complete"
                 ) from None
             self._fds[i] = fd
-            while len(self._fds) > _OPEN_FILES:
-                os.close(self._fds.popitem(last=False)[1])
         else:
             self._fds.move_to_end(i)
         return fd
+
+    def _close_oldest(self) -> None:
+        while len(self._fds) > _OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
 
     def _pipe(self, i: int) -> bytes:
         data = self._pipes.get(i)
@@ -744,6 +749,7 @@ class ShardReader:
             for fd in held.values():
                 if fd is not None:
                     release(fd)
+            self._close_oldest()
         if remote:
             blobs: list[bytes | None] = [None] * len(plan)
             self._read_remote(remote, blobs)
