@@ -4,7 +4,7 @@ still holds is never overwritten by a recycled slot, and slots really are reused
 import pytest
 import torch
 
-from prep.loaders import DataLoader, ShardDataset
+from prep.loaders import DataLoader, MapDataset, ShardDataset
 from prep.loaders.io import shm
 from prep.testing.loader_data import make_shards
 
@@ -117,6 +117,31 @@ def test_plain_batches_in_reused_slot_views_equal_in_process_ones_and_survive_re
     assert i == len(reference) == 2 * 20 and reference[19]["jpg"].shape[0] == 6
     for k, batch in held:
         assert torch.equal(batch["jpg"], reference[k]["jpg"]), f"held batch {k} was overwritten"
+
+
+def _with_views(batch: dict) -> dict:
+    """Runs in the worker: plain tensors viewing the batch's slot (operations on a slot view give plain
+    tensors), as a map that wants HWC images or a crop of the batch would make."""
+    return {**batch, "hwc": batch["jpg"].permute(0, 2, 3, 1), "first": batch["jpg"][:1]}
+
+
+def test_views_made_in_the_worker_survive_slot_reuse_when_held_alone(plain_shards):
+    """The trainer keeps only a view the worker made of the batch tensor (not the batch tensor): the slot
+    stays handed out until that view dies, so its pixels never change."""
+    def dataset():
+        return MapDataset(ShardDataset(plain_shards, batch_size=8, seed=5), _with_views)
+
+    reference = [{k: b[k].clone() for k in ("hwc", "first")} for b in DataLoader(dataset(), num_workers=0)]
+    held, i = [], 0
+    for batch in DataLoader(dataset(), num_workers=1, batches_per_fetch=1):
+        assert all(torch.equal(batch[k], reference[i][k]) for k in ("hwc", "first"))
+        held.append((i, batch["hwc"] if i % 2 else batch["first"]))
+        del batch
+        i += 1
+    assert i == len(reference) == 20
+    for k, view in held:
+        want = reference[k]["hwc"] if k % 2 else reference[k]["first"]
+        assert torch.equal(view, want), f"the view held from batch {k} changed after it was handed out"
 
 
 def test_shared_rows_reuses_a_slots_views_for_the_same_shape_and_pickles_each_handout(monkeypatch):

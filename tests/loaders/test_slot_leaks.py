@@ -65,6 +65,11 @@ def to_new_objects(batch):
 _CALLS = [0]
 
 
+def to_a_view(batch):
+    """A map that sends a view of the batch tensor (a plain tensor) instead of the tensor itself."""
+    return worker_stats({"hwc": batch["jpg"].permute(0, 2, 3, 1)})
+
+
 def sometimes_fails(batch):
     _CALLS[0] += 1
     if _CALLS[0] % 10 == 0:
@@ -100,13 +105,16 @@ def _ds(source, decode, image_size=8):
 
 @pytest.mark.parametrize(
     "case",
-    ["uint8", "float", "raw", "raw + map to new objects", "raw, unusual tar", "failing requests"],
+    ["uint8", "float", "raw", "raw + map to new objects", "uint8 + map to a view", "raw, unusual tar",
+     "failing requests"],
 )
 def test_no_slot_leaks_over_1000_batches(shards, pax_shard, case):
     if case in ("uint8", "float", "raw"):
         last, peak, _ = _run(_ds(shards, case), worker_stats)
     elif case == "raw + map to new objects":
         last, peak, _ = _run(_ds(shards, "raw"), to_new_objects)
+    elif case == "uint8 + map to a view":
+        last, peak, _ = _run(_ds(shards, "uint8"), to_a_view)
     elif case == "raw, unusual tar":
         last, peak, _ = _run(_ds(pax_shard, "raw"), worker_stats)
     else:

@@ -14,7 +14,7 @@ from multiprocessing.reduction import ForkingPickler
 import pytest
 import torch
 
-from prep.loaders import DataLoader, SequenceDataset, ShardDataset
+from prep.loaders import DataLoader, MapDataset, SequenceDataset, ShardDataset
 from prep.loaders.base import BatchDesc
 from prep.loaders.io.queues import CallerWritesQueue, caller_writes_context, dumps
 from prep.testing.loader_data import make_shards
@@ -132,6 +132,51 @@ def test_put_keeps_the_queue_contract():
     q.close()
     with pytest.raises(ValueError, match="is closed"):
         q.put(4)
+
+
+_PICKLED = [0]
+
+
+class _CountsPickling:
+    """Pickling it has an effect, as a slot's first send (its segment goes once) or torch's descriptor
+    registration do: the message must be pickled once, whichever way it is written."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self):
+        _PICKLED[0] += 1
+        return _CountsPickling, (self.payload,)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _CountsPickling) and other.payload == self.payload
+
+
+def test_a_message_too_big_for_the_pipe_goes_to_the_feeder_pickled_once():
+    q = caller_writes_context("fork").Queue()
+    small, big = _CountsPickling(b"s"), _CountsPickling(bytes(range(256)) * 12_000)  # 3 MB: no room
+    _PICKLED[0] = 0
+    q.put(small)
+    q.put(big)  # the feeder thread writes it, and every later message
+    q.put(small)
+    assert [q.get(timeout=30) for _ in range(3)] == [small, big, small]
+    assert _PICKLED[0] == 3 and q._thread is not None  # (the feeder pickles the last one before writing it)
+
+
+def _long_captions(batch: dict) -> dict:
+    return {**batch, "long": [f"{k}:" + "c" * 3_000 for k in range(500)]}  # 1.5 MB: past the pipe's room
+
+
+def test_a_batch_larger_than_the_pipe_arrives_with_its_slot(shards):
+    """A batch whose pickle does not fit the result pipe (long captions) goes to the feeder thread: the
+    slot's segment, sent with the first pickle only, must travel in it (pickling it twice sent it
+    nowhere, and the training process failed on a slot it never received)."""
+    def dataset():
+        return MapDataset(ShardDataset(shards, batch_size=4, seed=3), _long_captions)
+
+    want = list(DataLoader(dataset(), num_workers=0))
+    got = list(DataLoader(dataset(), num_workers=1))
+    assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_a_context_with_its_own_queue_is_kept():

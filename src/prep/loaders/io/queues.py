@@ -9,8 +9,8 @@ process the thread takes the GIL from the training loop for every request.
 and writes at once when the pipe has room for the whole message. It checks the room under the queue's
 write lock, so the write never blocks: a worker stuck on a full pipe would hold up its own shutdown. A
 message without room, or whose lock another writer holds while blocked on the pipe, goes to the
-feeder thread as before, and so does every later message of that process: nothing then overtakes what
-the thread holds. Where the room cannot be told (not Linux), every message goes to the feeder thread.
+feeder thread as the bytes already pickled, and every later message of that process goes to the thread
+as before: nothing then overtakes what the thread holds. Where the room cannot be told (not Linux), every message goes to the feeder thread.
 """
 
 from __future__ import annotations
@@ -101,7 +101,23 @@ class CallerWritesQueue(mp_queues.Queue):
             finally:
                 lock.release()
         self._sem.release()  # type: ignore[attr-defined]  # super().put takes it again
-        super().put(obj, block, timeout)
+        # what was pickled is what travels: pickling has effects (a slot's segment goes with its first
+        # message only, torch registers a tensor's descriptor to send), so the feeder must not pickle
+        # `obj` anew
+        super().put(_Pickled(data), block, timeout)
+
+
+class _Pickled:
+    """A message pickled already: the feeder thread pickles it as a call that unpickles those bytes, so
+    the reader gets the original object."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return pickle.loads, (bytes(self.data),)
 
 
 def caller_writes_context(context: str | mp_context.BaseContext | None) -> mp_context.BaseContext:

@@ -227,7 +227,35 @@ def _reduce_pooled(t: _PooledTensor):
         if reduce_tensor is None:
             raise RuntimeError("a slot view exists without torch's tensor reducer")  # made only where it is
         return reduce_tensor(t.as_subclass(torch.Tensor))
-    assert _WORKER_SLOTS is not None  # `_slot_layout` gives a layout only in a worker with slots
+    return _slot_reference(slot, layout)
+
+
+def _reduce_plain(torch_reduce: Callable[[torch.Tensor], Any], t: torch.Tensor):
+    """A plain tensor crossing processes: a view of a slot this worker has handed out (a permute or slice
+    of a batch tensor, which operations on a slot view return as plain tensors) travels as a slot
+    reference like the view itself. Sent by `torch_reduce` (torch's reducer), it would map the slot's
+    memory again in the main process, where the slot's release does not see it: the slot was reused
+    under it, or, when it was the only view sent, never freed. Anything else goes to `torch_reduce`."""
+    slot = _handed_out_slot(t)
+    if slot is None:
+        return torch_reduce(t)
+    return _slot_reference(slot, _layout(t))
+
+
+def _handed_out_slot(t: torch.Tensor) -> _Slot | None:
+    if _WORKER_SLOTS is None or t.device.type != "cpu":
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    for slot in _WORKER_SLOTS.slots:
+        if slot.state[0] == 1 and slot.whole.untyped_storage().data_ptr() == ptr:
+            return slot
+    return None
+
+
+def _slot_reference(slot: _Slot, layout: tuple[Any, ...]):
+    """What a tensor viewing `slot` pickles as: the slot's segment the first time it is sent, then only
+    (slot, generation, layout)."""
+    assert _WORKER_SLOTS is not None  # slots exist only in a worker
     storage = None if slot.sent else slot.whole.untyped_storage()
     slot.sent = True
     return _rebuild_pooled, (_WORKER_SLOTS.token, slot.index, slot.gen, storage, layout)
@@ -383,6 +411,9 @@ def _register_reducer() -> None:
     from multiprocessing.reduction import ForkingPickler
 
     ForkingPickler.register(_PooledTensor, _reduce_pooled)
+    torch_reduce = ForkingPickler._extra_reducers.get(torch.Tensor)  # type: ignore[attr-defined]
+    if torch_reduce is not None:  # torch's, registered when torch was imported: slot views go around it
+        ForkingPickler.register(torch.Tensor, functools.partial(_reduce_plain, torch_reduce))
 
 
 _register_reducer()
