@@ -131,6 +131,18 @@ def test_output_dir_leaves_inputs_untouched_and_matches_in_place(tmp_path):
     assert all((out / rel).read_bytes() == (pre_b / rel).read_bytes() for rel in LAYOUT)
 
 
+def test_an_output_dir_inside_input_dir_is_not_read_as_input(tmp_path):
+    """Its own shards are not the stage's input: a re-run (forced too) merges the same shards, not its
+    output again (that doubled every sample), and writes the same bytes."""
+    pre, src, expected = make_dataset(tmp_path)
+    out = pre / "merged"
+    assert run(pre, src, out).ok and read_all(out) == expected
+    first = shard_bytes(out)
+    assert run(pre, src, out, force=True).ok
+    assert shard_bytes(out) == first and not (out / "merged").exists()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == sorted(LAYOUT)
+
+
 def test_strict_fails_naming_the_key_and_empty_list_takes_every_member(tmp_path):
     pre, src, expected = make_dataset(tmp_path)
     result = run(pre, src, tmp_path / "out", strict="true")

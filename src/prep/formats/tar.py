@@ -395,21 +395,30 @@ def scan_tar(path: str | os.PathLike[str], *, tolerate_damage: bool = False) -> 
     return TarScan(p, samples, skipped, end[0] if end else 0)
 
 
-def shard_files(folder: Path, *, recursive: bool = True) -> list[Path]:
+def shard_files(folder: Path, *, recursive: bool = True, skip: Path | None = None) -> list[Path]:
     """Every `*.tar` file under `folder` (or directly in it), none inside a hidden folder such as
-    .prep/ or .nv-meta/ and none hidden itself, sorted by relative POSIX path."""
-    found = [p for p in folder.glob("**/*.tar" if recursive else "*.tar")
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    .prep/ or .nv-meta/ and none hidden itself, sorted by relative POSIX path. None under `skip` either:
+    a stage's output folder inside its input folder holds its own shards, which are not its input."""
+    inner: tuple[str, ...] = ()
+    if skip is not None and skip.resolve() != folder.resolve() and skip.resolve().is_relative_to(
+            folder.resolve()):
+        inner = skip.resolve().relative_to(folder.resolve()).parts
+    found = []
+    for p in folder.glob("**/*.tar" if recursive else "*.tar"):
+        parts = p.relative_to(folder).parts
+        if p.is_file() and not any(part.startswith(".") for part in parts) and (
+                not inner or parts[: len(inner)] != inner):
+            found.append(p)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def shard_folder(folder: Path, fix: str, *, recursive: bool = True) -> list[Path]:
+def shard_folder(folder: Path, fix: str, *, recursive: bool = True, skip: Path | None = None) -> list[Path]:
     """`shard_files` of a folder a stage or command must read: a missing folder, or a file where the
     folder should be, is one error with the caller's fix."""
     if not folder.is_dir():
         what = "is a file, not a folder of shards" if folder.is_file() else "folder does not exist"
         raise PrepError(what, str(folder), fix)
-    return shard_files(folder, recursive=recursive)
+    return shard_files(folder, recursive=recursive, skip=skip)
 
 
 def _plain_scan(path: str) -> TarScan | None:

@@ -86,7 +86,7 @@ def _identity(path: Path) -> dict[str, Any]:
 def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.merge_source_tar
     inp, src, out = _dirs(root)
-    shards = shard_folder(inp, "run precache_encodings first or set merge_source_tar.input_dir")
+    shards = shard_folder(inp, "run precache_encodings first or set merge_source_tar.input_dir", skip=out)
     if not shards:
         raise PrepError("no .tar shards found", str(inp), "run precache_encodings (keep_source: false) first")
     in_place = out == inp

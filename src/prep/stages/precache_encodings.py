@@ -140,7 +140,7 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.precache_encodings
     in_dir, out_dir = _dirs(cfg)
     shards = shard_folder(in_dir, "run reorganize_tar first or fix precache_encodings.input_dir",
-                          recursive=cfg.recursive)
+                          recursive=cfg.recursive, skip=out_dir)
     if not shards:
         raise PrepError(
             "no .tar shards found", str(in_dir), "point precache_encodings.input_dir at a shard folder"
