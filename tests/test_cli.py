@@ -86,6 +86,14 @@ def test_inspect_prints_samples_and_captions(tmp_path: Path) -> None:
     write_shard(weird, [("[bold]x[/bold]", {"txt": b"[red]caption[/red]"})])
     shown = runner.invoke(app, ["inspect", str(weird)], terminal_width=250).output
     assert "[bold]x[/bold]" in shown and "[red]caption[/red]" in shown, "keys and captions are not markup"
+    hostile = tmp_path / "esc"
+    hostile.mkdir()
+    write_shard(hostile / "e.tar", [("k\x1b[32mgreen", {"txt": b"\x1b]0;TITLE\x07 \xe2\x80\xae back"})])
+    for target in (hostile / "e.tar", hostile):  # a shard's samples, a folder's table
+        out = runner.invoke(app, ["inspect", str(target)], terminal_width=250).output
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, "control characters escaped"
+    out = runner.invoke(app, ["inspect", str(hostile / "e.tar")], terminal_width=250).output
+    assert "k\\x1b[32mgreen" in out and "\\x1b]0;TITLE\\x07 \\u202e back" in out
 
 
 def test_inspect_a_folder_prints_its_shard_table(tmp_path: Path) -> None:
