@@ -10,7 +10,8 @@ and writes at once when the pipe has room for the whole message. It checks the r
 write lock, so the write never blocks: a worker stuck on a full pipe would hold up its own shutdown. A
 message without room, or whose lock another writer holds while blocked on the pipe, goes to the
 feeder thread as the bytes already pickled, and every later message of that process goes to the thread
-as before: nothing then overtakes what the thread holds. Where the room cannot be told (not Linux), every message goes to the feeder thread.
+as before: nothing then overtakes what the thread holds. Where the room cannot be told (not Linux),
+every message goes to the feeder thread.
 """
 
 from __future__ import annotations
