@@ -156,6 +156,28 @@ def test_folder_exact_accounting_original_bytes_and_report(tmp_path: Path) -> No
     assert again.to_json()["skipped"] == 3 and again.counts() == counts
 
 
+def test_symlinked_folders_are_read_once_and_broken_links_reported(tmp_path: Path) -> None:
+    """A symlinked folder is read (its images count), a link back up makes no loop, and an entry that is
+    neither a file nor a folder (a broken link) is named in the notes: nothing is left out silently."""
+    imgs, elsewhere = tmp_path / "imgs", tmp_path / "elsewhere"
+    imgs.mkdir()
+    elsewhere.mkdir()
+    (imgs / "a.png").write_bytes(make_image(16, 16, "png", seed=1))
+    for i in range(2):
+        (elsewhere / f"b{i}.png").write_bytes(make_image(16, 16, "png", seed=2 + i))
+    (imgs / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(imgs, target_is_directory=True)  # a loop through both folders
+    (imgs / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    result = run(tmp_path, "ingest_local.enable=true", f"ingest_local.input_dir={imgs}")
+    assert result.ok, result.to_json()
+    assert result.counts()["samples_out"] == 3
+    samples = shard_samples(tmp_path / "tarfiles_ingested").values()
+    paths = sorted(json.loads(m["json"])["path"] for m in samples)
+    assert paths == ["a.png", "linked/b0.png", "linked/b1.png"]
+    notes = "\n".join(result.to_json()["notes"])
+    assert "1 entry under" in notes and "'gone.jpg'" in notes
+
+
 def test_missing_caption_drop_and_captions_files(tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     good = image_folder(folder)

@@ -178,21 +178,31 @@ class Found:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def _walk(folder: Path, skip: Path | None) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative POSIX path, stat) of every file under `folder`, hidden entries and `skip` excluded."""
+def _walk(folder: Path, skip: Path | None, unread: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative POSIX path, stat) of every file under `folder`, hidden entries and `skip` excluded.
+    Symlinked folders are followed, each folder read once (a link back up makes no loop; a folder
+    reached twice is listed under the first path, in sorted order); entries that are neither a file nor
+    a folder (a broken link, a socket) go to `unread`."""
+    seen: set[tuple[int, int]] = set()
     stack = [folder]
     while stack:
         d = stack.pop()
+        st = d.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
         with os.scandir(d) as it:
-            entries = list(it)
-        for e in entries:  # any order: the plan sorts the images
+            entries = sorted(it, key=lambda e: e.name, reverse=True)  # popped in name order
+        for e in entries:
             if e.name.startswith("."):
                 continue
-            if e.is_dir(follow_symlinks=False):  # as os.walk: no symlink loops
+            if e.is_dir():
                 if skip is None or Path(e.path).resolve() != skip:
                     stack.append(Path(e.path))
             elif e.is_file():
                 yield Path(e.path).relative_to(folder).as_posix(), e.stat()
+            else:
+                unread.append(Path(e.path).relative_to(folder).as_posix())
 
 
 def _json_safe(value: Any) -> Any:
@@ -295,7 +305,8 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
     image_exts, caption_exts = set(cfg.image_extensions), cfg.caption_extensions
     local_captions = cfg.captions_file is not None and "://" not in cfg.captions_file
     captions_path = Path(str(cfg.captions_file)).resolve() if local_captions else None
-    for rel, st in _walk(folder, out):
+    unread: list[str] = []
+    for rel, st in _walk(folder, out, unread):
         base, dot, ext = rel.rpartition(".")
         ext = ext.lower()
         if captions_path is not None and (folder / rel).resolve() == captions_path:
@@ -327,6 +338,9 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
                                                                                   side[1].st_mtime_ns]
         found.append(item)
     notes: list[str] = []
+    if unread:
+        notes.append(f"{len(unread)} entr{'y' if len(unread) == 1 else 'ies'} under {folder} left out: "
+                     f"neither a file nor a folder, e.g. a broken link (first: {sorted(unread)[0]!r})")
     orphans = sorted(set(mapped) - used)
     if orphans:
         notes.append(f"{len(orphans)} caption(s) in {cfg.captions_file} name no image "
