@@ -165,6 +165,11 @@ def test_local_glob_source_delete_source_and_columns_checked_before_any_task(tmp
                     RunOptions(quiet=True))
     assert run.ok
     assert not (src / "a" / "train.parquet").exists() and not (src / "b" / "train.parquet").exists()
+    parts = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    again = run_stage("download_parquet", load_config(None, [*base, "download_parquet.delete_source=true"]),
+                      RunOptions(quiet=True))  # the sources it deleted are done, not "no file matches"
+    assert again.ok and {r.status for r in again.results} == {"skipped"} and len(again.results) == 2
+    assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == parts
 
     (src / "c.parquet").write_bytes(_parquet(3, "c"))
     folder = [f"dataset_output_root={tmp_path / 'o3'}", f"download_parquet.source_path={src}"]  # a folder

@@ -9,6 +9,7 @@ originals are kept under `output_dir/source/` unless `delete_source: true`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, SecretStr
 
 from prep.errors import PrepError
-from prep.formats.atomic import temp_name
+from prep.formats.atomic import temp_name, write_text_atomic
 from prep.formats.checksum import file_checksum
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
@@ -99,8 +100,9 @@ def _output_dir(root: PrepConfig) -> Path:
     return Path(out)
 
 
-def _local_sources(pattern: str, file_pattern: str) -> list[dict[str, Any]]:
-    """The files a path, glob or folder names (a folder: its files matching parquet_pattern)."""
+def _local_sources(pattern: str, file_pattern: str, *, none_ok: bool = False) -> list[dict[str, Any]]:
+    """The files a path, glob or folder names (a folder: its files matching parquet_pattern); none is an
+    error unless `none_ok`."""
     import fsspec
 
     try:
@@ -123,7 +125,7 @@ def _local_sources(pattern: str, file_pattern: str) -> list[dict[str, Any]]:
         url = p if protocol in ("file", "local") else f"{protocol}://{p}"
         out.append({"kind": "path", "url": url, "rel": rel, "size": int(info["size"]),
                     "mtime": str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")})
-    if not out:
+    if not out and not none_ok:
         raise PrepError("no parquet file matches", f"download_parquet.source_path={pattern}",
                         "check the path or glob (e.g. /data/laion/*.parquet)")
     return out
@@ -151,15 +153,17 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     if cfg.hf_token is not None and cfg.hf_token.get_secret_value() != _MASK:
         opts.extra["hf_token"] = cfg.hf_token  # workers get the config as JSON, where a SecretStr is masked
     if cfg.source_path:
-        sources = _local_sources(cfg.source_path, cfg.parquet_pattern)
-    else:
-        sources = _hub_sources(root, cfg, opts)
-    if cfg.source_path:
         from prep.stages.parquet_parts import check_columns, read_columns
 
+        deleted = _deleted_sources(out, cfg.source_path) if cfg.delete_source else []
+        sources = _local_sources(cfg.source_path, cfg.parquet_pattern, none_ok=bool(deleted))
         for s in sources:  # a local schema costs a footer read: check before any task runs
             check_columns(read_columns(s["url"], NOT_PARQUET), root.download_images.required_columns(),
                           s["url"])
+        listed = {stem_of(s["rel"]) for s in sources}
+        sources += [s for s in deleted if stem_of(s["rel"]) not in listed]
+    else:
+        sources = _hub_sources(root, cfg, opts)
     stems: dict[str, str] = {}
     tasks = []
     for s in sources:
@@ -261,9 +265,29 @@ def split_parquet(src: Path, out_dir: Path, stem: str, k: int, *, link_ok: bool)
     return list(zip(finals, sizes, strict=True))
 
 
-def _delete_source(task: Task, src: Path) -> None:
+_DELETED = ".prep/deleted_sources"  # under output_dir: one record per source that delete_source removed
+_SOURCE_KEYS = ("kind", "url", "rel", "size", "mtime")  # a local source as `_local_sources` lists it
+
+
+def _deleted_sources(out: Path, pattern: str) -> list[dict[str, Any]]:
+    """The local sources of `pattern` that this stage deleted after writing their parts, as they were
+    listed then: a re-run plans their tasks again (and finds them done) instead of failing on the files
+    it removed itself."""
+    found = []
+    for f in sorted((out / _DELETED).glob("*.json")):
+        record = json.loads(f.read_text())
+        if record["source_path"] == pattern:
+            found.append(record["source"])
+    return found
+
+
+def _delete_source(task: Task, src: Path, pattern: str | None) -> None:
     p = task.payload
     if p["kind"] == "path":
+        # recorded first: killed between the two, a re-run finds the file and the record, and plans the
+        # file; the other way round it would find neither
+        record = {"source_path": pattern, "source": {k: p[k] for k in _SOURCE_KEYS}}
+        write_text_atomic(Path(p["output_dir"]) / _DELETED / f"{p['stem']}.json", json.dumps(record))
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(p["url"])
@@ -296,7 +320,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
             raise PrepError(f"part holds {got} rows, expected {rows}", str(path), "re-run the task (--force)")
         outputs[str(path)] = {"bytes": path.stat().st_size, "checksum": file_checksum(path)}
     if p["delete_source"]:
-        _delete_source(task, src)
+        _delete_source(task, src, cfg.source_path)
     elif p["kind"] == "hub":
         outputs[str(src)] = {"bytes": src.stat().st_size,
                              "checksum": f"sha256:{p['sha256']}" if p["sha256"] else file_checksum(src)}
