@@ -143,6 +143,16 @@ def test_yaml_errors_and_bad_files(tmp_path: Path) -> None:
     assert "not found" in err.what and err.where == str(tmp_path / "missing.yaml")
 
 
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """Aliases of aliases (9 to the 8th values here) are refused while parsing, not expanded."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    (err,) = errors_of(write(tmp_path, "\n".join(lines) + "\n"))
+    assert "expands to more than 100,000 values" in err.what and err.where == str(tmp_path / "cfg.yaml")
+    small = write(tmp_path, "base: &b {x: 1}\nstages: [*b, *b]\n")  # aliases themselves are fine
+    assert all("expands" not in e.what for e in errors_of(small))
+
+
 def test_yaml_1_1_traps() -> None:
     data, _ = parse_yaml(
         "resize_mode: no\na: yes\nb: on\nc: off\nd: true\ne: 1e-4\nf: 010\ng: 1:30\n"

@@ -57,6 +57,9 @@ _Loader.add_implicit_resolver(
     list("-+.0123456789"))
 
 
+_MAX_VALUES = 100_000  # keys and items of a config, aliases expanded: far beyond any real one
+
+
 def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     """Parse YAML and map each key path to its 1-based line, for error messages."""
     try:
@@ -68,8 +71,13 @@ def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple[str, ...], int]]:
         raise PrepError(f"invalid YAML ({getattr(err, 'problem', err)})", f"{where}{line}",
                         "fix the YAML syntax at that line") from None
     lines: dict[tuple[str, ...], int] = {}
+    seen = [0]
 
     def walk(n: yaml.Node | None, path: tuple[str, ...]) -> None:
+        seen[0] += 1  # the tree as aliases expand it: a few aliases deep can make it astronomically large
+        if seen[0] > _MAX_VALUES:
+            raise PrepError(f"the YAML expands to more than {_MAX_VALUES:,} values (aliases that repeat "
+                            "aliases?)", where, "write the config without nested aliases")
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 p = (*path, str(k.value))
