@@ -114,6 +114,22 @@ def test_wrong_type_and_null_value_name_key_and_line(tmp_path: Path) -> None:
     assert len(errs) == 2, "every problem is reported at once; `yes` is a valid bool string for pydantic"
 
 
+def test_true_false_is_not_a_number_and_a_number_is_not_true_false(tmp_path: Path) -> None:
+    """pydantic's lax mode would read `true` as 1 (shards of one sample) and `1` as true; both are
+    refused, naming the key and line, in the file and in --set."""
+    path = write(tmp_path, "reorganize_tar:\n  tar_chunk_size: true\n  strict: 1\n")
+    by_key = {e.what.split(":", 1)[0]: e for e in errors_of(path)}
+    assert set(by_key) == {"reorganize_tar.tar_chunk_size", "reorganize_tar.strict"}
+    assert "expected a number, not true/false" in by_key["reorganize_tar.tar_chunk_size"].what
+    assert by_key["reorganize_tar.tar_chunk_size"].where == f"{path}:2"
+    assert "expected true or false, not a number" in by_key["reorganize_tar.strict"].what
+    assert by_key["reorganize_tar.strict"].where == f"{path}:3"
+    sets = ["reorganize_tar.input_dir=/a", "reorganize_tar.tar_chunk_size=false",
+            "reorganize_tar.strict=true"]
+    (err,) = errors_of(None, sets)
+    assert "expected a number" in err.what and err.where == "--set reorganize_tar.tar_chunk_size"
+
+
 def test_missing_required_key_is_named() -> None:
     class Stage(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 import prep.stages.download_images
 import prep.stages.download_parquet
@@ -23,6 +23,7 @@ import prep.stages.merge_source_tar
 import prep.stages.precache_encodings
 import prep.stages.reorganize_tar
 from prep.errors import PrepError, PrepErrorGroup
+from prep.models import ConfigModel
 
 # ------------------------------------------------------------------------------------------------ YAML
 
@@ -146,10 +147,17 @@ def origin(loc: tuple[str, ...], where: str, lines: dict[tuple[str, ...], int], 
     anything the file sets (a section given only by --set); else `file:line` of the deepest key on the
     path that the file sets."""
     file_depth = next((n for n in range(len(loc), 0, -1) if loc[:n] in lines), 0)
-    for parts, typed in overrides.items():
-        shared = next((n for n in range(min(len(parts), len(loc)), 0, -1) if parts[:n] == loc[:n]), 0)
-        if shared == len(parts) or shared > file_depth:
-            return f"--set {typed}"
+
+    def shared(parts: tuple[str, ...]) -> int:
+        return next((n for n in range(min(len(parts), len(loc)), 0, -1) if parts[:n] == loc[:n]), 0)
+
+    # the most specific override that set the key or a section above it; else the one nearest to it
+    setting = [(len(parts), typed) for parts, typed in overrides.items() if shared(parts) == len(parts)]
+    if setting:
+        return f"--set {max(setting)[1]}"
+    near = max(((shared(parts), typed) for parts, typed in overrides.items()), default=(0, ""))
+    if near[0] > file_depth:
+        return f"--set {near[1]}"
     return f"{where}:{lines[loc[:file_depth]]}" if file_depth else where
 
 
@@ -260,7 +268,7 @@ def _section(stage: Any) -> Any:
     return Field(default_factory=stage.Config, description=f"the {stage.NAME} stage")
 
 
-class PrepConfig(BaseModel):
+class PrepConfig(ConfigModel):
     """The whole stage config: the shared keys and one section per stage (in `STAGE_ORDER`)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)

@@ -193,6 +193,11 @@ DATASET_CASES = {
         "datasets.c.webdataset_url",
         "required key is missing",
     ),
+    "true/false for a number": (
+        "      c:\n        type: prep\n        path: /x\n        batch_size: true  # <-\n",
+        "datasets.c.batch_size",
+        "expected a number, not true/false",
+    ),
     "unknown dataset key": (
         "      c:\n        type: prep\n        path: /x\n        batchsize: 3  # <-\n",
         "datasets.c.batchsize",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from prep.models import ConfigModel
 
 DEFAULT_RESOLUTION = 512
 IMAGE_SOURCES = ["jpg", "jpeg", "png", "webp"]
@@ -59,7 +61,7 @@ def model_kind(model: str) -> Kind:
     return "callable"
 
 
-class EncoderConfig(BaseModel):
+class EncoderConfig(ConfigModel):
     """One frozen encoder. Image encoders read an image member and write latents or embeddings; text
     encoders read a caption member and write token embeddings (plus, optionally, mask and pooled)."""
 

@@ -26,12 +26,12 @@ from pydantic import (
     PlainValidator,
     SecretStr,
     StrictBool,
-    TypeAdapter,
     ValidationError,
 )
 
 from prep.config import _SECRET_KEY, PrepErrorGroup, apply_override, interpolate, parse_yaml
 from prep.errors import PrepError
+from prep.models import ConfigModel
 from prep.pipeline.durations import Duration, parse_duration
 
 
@@ -59,7 +59,7 @@ TRAINER_ALIASES: dict[str, str] = {
 }
 
 
-class _Model(BaseModel):
+class _Model(ConfigModel):
     # Unset keys stay None (never an explicit value: the schema refuses `key: null` for them), which is
     # how resolution tells "not set here" from every explicit value.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -166,7 +166,7 @@ def dataset_refs(ds: DatasetConfig) -> list[tuple[tuple[str, ...], str]]:
 
 
 # ------------------------------------------------------------------------------------------------ steps
-class OptimizerConfig(BaseModel):
+class OptimizerConfig(ConfigModel):
     """`type` names a torch.optim class; every other key except `params` is its keyword argument."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -178,7 +178,7 @@ class OptimizerConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class SchedulerConfig(BaseModel):
+class SchedulerConfig(ConfigModel):
     """`type` names a torch.optim.lr_scheduler class; `T_max`/`total_steps`/`total_iters` may be `auto`
     (the step's length in optimizer steps); `monitor` names the metric ReduceLROnPlateau watches."""
 
@@ -378,8 +378,6 @@ class _Collector:
     def pydantic(self, err: ValidationError, prefix: Sequence[str], known: set[str]) -> None:
         for e in err.errors():
             loc = [str(p) for p in e["loc"]]
-            if len(prefix) >= 1 and prefix[0] == "datasets" and loc and loc[0] in DATASET_TYPES:
-                loc = loc[1:]  # the discriminated union puts the tag in the path
             path = (*prefix, *loc)
             if e["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(loc[-1], sorted(known), n=1, cutoff=0.6)
@@ -391,12 +389,6 @@ class _Collector:
                 )
             elif e["type"] == "missing":
                 self.add(path, "required key is missing", "add it")
-            elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-                self.add(
-                    (*prefix, "type"),
-                    f"type must be one of {', '.join(DATASET_TYPES)}",
-                    "set type to one of them",
-                )
             else:
                 got = e.get("input")
                 secret = any(_SECRET_KEY.search(p) for p in path)
@@ -476,7 +468,6 @@ def parse_pipeline_config(
     if not isinstance(raw_sets, dict):
         out.add(("datasets",), "must be a mapping of names to datasets", "write name: {type: ..., ...}")
         raw_sets = {}
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[DatasetConfig, Field(discriminator="type")])
     for name, raw in raw_sets.items():
         if not isinstance(raw, dict):
             out.add(("datasets", name), "must be a mapping with a type", "write {type: local, ...}")
@@ -484,8 +475,13 @@ def parse_pipeline_config(
         if "type" not in raw:
             out.add(("datasets", name), f"has no type (one of {', '.join(DATASET_TYPES)})", "add type: ...")
             continue
+        model = DATASET_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
+        if model is None:  # looked up here, not a discriminated union: its field validators see `type` too
+            out.add(("datasets", name, "type"), f"type must be one of {', '.join(DATASET_TYPES)}",
+                    "set type to one of them")
+            continue
         try:
-            datasets[name] = adapter.validate_python(raw)
+            datasets[name] = model.model_validate(raw)
         except ValidationError as err:
             out.pydantic(err, ("datasets", name), known)
     steps: list[StepConfig | None] = []

@@ -26,16 +26,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from prep.errors import PrepError, PrepErrorGroup
+from prep.models import ConfigModel
 from prep.pipeline.config import PipelineConfig, PrepDatasetConfig
 
 REFERENCE_TRAINERS = ("vae", "flow")
 
 
 # ------------------------------------------------------------------------------------------ options
-class _Options(BaseModel):
+class _Options(ConfigModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

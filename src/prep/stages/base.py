@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prep.models import ConfigModel
+
 if TYPE_CHECKING:  # the root model is built from every stage's Config (prep.config, a layer above)
     from prep.config import PrepConfig
 
 
-class StageConfig(BaseModel):
+class StageConfig(ConfigModel):
     """Base of every stage's section: unknown keys are errors, and every stage can be switched off."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
