@@ -229,6 +229,32 @@ def test_main_turns_unexpected_errors_into_one_line(monkeypatch: pytest.MonkeyPa
     cli._state["debug"] = False
 
 
+@pytest.mark.parametrize(
+    ("argv", "code", "first_line"),
+    [
+        (["run", "generate_wdinfo", "-w", "0"], 2, "error: prep run: Invalid value for '--workers'"),
+        (["run", "--bogus"], 2, "error: prep run: No such option: --bogus"),
+        (["bogus"], 2, "error: prep: No such command 'bogus'."),
+        (["verify"], 2, "error: prep verify: Missing argument 'folder'."),
+        (["inspect", "/no/such.tar"], 1, "error: /no/such.tar: shard not found"),
+        ([], 0, None),
+    ],
+)
+def test_the_console_script_gives_usage_errors_in_one_line(monkeypatch, capsys, argv, code, first_line):
+    """A wrong option or argument is one line naming the command and its --help, exit 2 (not click's
+    boxed usage text); a command's own exit code comes through; `prep` alone prints its help."""
+    monkeypatch.setattr(sys, "argv", ["prep", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == code
+    out = capsys.readouterr()
+    if first_line is None:
+        assert "Usage: prep" in out.out and out.err == ""
+        return
+    assert out.err.startswith(first_line) and out.err.count("\n") == 1, out.err
+    assert code == 1 or out.err.rstrip().endswith(f"— fix: see {first_line.split(': ')[1]} --help")
+
+
 def test_config_command_prints_resolved_yaml(tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "--set", "dataset_output_root=/data/x"])
     assert result.exit_code == 0

@@ -509,9 +509,12 @@ def missing_extra(err: ModuleNotFoundError) -> PrepError:
 
 
 def main() -> None:
-    """The console script: every error is one line and exit 1; `--debug` re-raises with the traceback."""
+    """The console script: every error is one line and exit 1 (a wrong option or argument: exit 2);
+    `--debug` re-raises with the traceback."""
     try:
-        app()
+        code = app(prog_name="prep", standalone_mode=False)  # click's errors come here, not boxed
+    except typer.Abort:  # Ctrl-C outside a stage's own handling
+        sys.exit(130)
     except PrepError as err:  # raised outside a command's own handler
         if _state["debug"]:
             raise
@@ -526,8 +529,17 @@ def main() -> None:
     except Exception as err:  # an OS error or a bug: still one line, the traceback only with --debug
         if _state["debug"]:
             raise
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # click's (vendored by typer)
+            ctx = getattr(err, "ctx", None)
+            if ctx is not None and not err.format_message():  # a command group called bare: its help
+                out_console.print(ctx.get_help(), highlight=False, markup=False)
+                sys.exit(0)
+            where = ctx.command_path if ctx is not None else "prep"
+            _print_error(f"{where}: {err.format_message()} — fix: see {where} --help")
+            sys.exit(err.exit_code)
         _print_error(f"{type(err).__name__}: {err} — run with --debug for the traceback")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) returns n here
 
 
 if __name__ == "__main__":
