@@ -283,10 +283,13 @@ def test_keys_at_80_columns_cut_nothing():
     result = CliRunner().invoke(app, ["keys"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert "…" not in result.output and "pydantic" not in result.output
+    assert max(len(line.rstrip()) for line in result.output.splitlines()) <= 80
     lines = {line.strip() for line in result.output.splitlines()}
+    flat = " ".join(result.output.split())
     for name in STAGE_ORDER:
         for k in key_docs(get_stage(name).Config):
-            assert f"{name}.{k.key}  {k.type} = {k.default}" in lines, (name, k.key)
+            assert f"{name}.{k.key}" in lines or f"{name}.{k.key}  {k.type} = {k.default}" in lines, k.key
+            assert " ".join(f"{name}.{k.key} {k.type} = {k.default}".split()) in flat, (name, k.key)
     assert "download_parquet.hf_token  SecretStr | None = None" in lines
 
 

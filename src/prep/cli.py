@@ -96,11 +96,11 @@ class _RunCommand(typer.core.TyperCommand):
 def run_cmd(
     stage: str = typer.Argument(..., help="a stage name (see `prep stages`) or `all` for every enabled stage "
                                 "in order"),
-    config: Path | None = typer.Option(None, "--config", "-c", help="the stage config YAML "
-                                       "(configs/download_multimodal.yaml documents every key)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key: "
-                                   "--set reorganize_tar.tar_chunk_size=500 "
-                                   "(repeatable; values are typed as YAML)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="the stage config YAML (the "
+                                       "template under configs/ documents every key; so does `prep keys`)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set SECTION.KEY=VALUE, "
+                                   "e.g. --set ingest_local.enable=true (repeatable; values are typed "
+                                   "as YAML)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (tasks) and exit without running"),
     runner: str = typer.Option("local", "--runner", help="local (process pool) or ray"),
     ray_address: str | None = typer.Option(None, "--ray-address",
@@ -232,7 +232,7 @@ def inspect_cmd(
     title = Text(f"{shard} — {len(scan.samples)} samples, {scan.end:,} bytes of samples")
     table = Table(title=title, header_style="bold")
     table.add_column("#", justify="right")
-    table.add_column("key")
+    table.add_column("key", overflow="fold")  # folded, never cut: a key is what one greps for
     table.add_column("offset", justify="right")
     table.add_column("members (bytes)")
     table.add_column("txt")
@@ -262,7 +262,7 @@ def _inspect_folder(folder: Path, limit: int) -> None:
         _fail(PrepError("no .tar shards found", str(folder), "point prep inspect at a shard or shard folder"))
     shown = tars if limit == 0 else tars[:limit]
     table = Table(title=Text(f"{folder} — {len(tars):,} shards"), header_style="bold")
-    table.add_column("shard")
+    table.add_column("shard", overflow="fold")
     table.add_column("samples", justify="right")
     table.add_column("bytes", justify="right")
     table.add_column("members")
@@ -327,11 +327,15 @@ def keys_cmd(
         if _state["debug"]:
             raise
         _fail(err)
-    for name, mod in modules:  # one block per key: nothing is cut, whatever the terminal's width
-        out_console.print(Text(f"{name}: {mod.TITLE}", style="bold"), soft_wrap=True)
+    for name, mod in modules:  # one block per key, wrapped to the terminal: nothing is cut
+        out_console.print(Text(f"{name}: {mod.TITLE}", style="bold"))
         for k in key_docs(mod.Config):
-            out_console.print(Text("  ") + Text(f"{name}.{k.key}", style="bold cyan")
-                              + Text(f"  {k.type} = {k.default}"), soft_wrap=True, highlight=False)
+            key, typed = Text(f"  {name}.{k.key}", style="bold cyan"), Text(f"{k.type} = {k.default}")
+            if len(key) + 2 + len(typed) <= out_console.width:
+                out_console.print(key + Text("  ") + typed, highlight=False)
+            else:  # the key on its line (grep finds it whole), its type and default below
+                out_console.print(key, highlight=False)
+                out_console.print(Padding(typed, (0, 0, 0, 6)), highlight=False)
             if k.description:
                 out_console.print(Padding(Text(k.description), (0, 0, 0, 6)), highlight=False)
         out_console.print()
@@ -365,8 +369,9 @@ app.add_typer(pipeline_app, name="pipeline")
 @pipeline_app.command("validate")
 def pipeline_validate_cmd(
     config: Path = typer.Argument(..., help="a pipeline YAML (`training.pipeline`, or the section alone)"),
-    set_: list[str] = typer.Option([], "--set", help="override a key: --set training.pipeline.defaults."
-                                   "batch_size=8 (repeatable; values typed as YAML)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key by its path in the file: --set "
+                                   "steps.0.n_epochs=3 (with training.pipeline. before it in a full "
+                                   "config; repeatable; values typed as YAML)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
     no_data: bool = typer.Option(False, "--no-data", help="check the config only; do not open the datasets"),
     world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the plan assumes (batch sizes are "
