@@ -255,6 +255,21 @@ def test_the_console_script_gives_usage_errors_in_one_line(monkeypatch, capsys, 
     assert code == 1 or out.err.rstrip().endswith(f"— fix: see {first_line.split(': ')[1]} --help")
 
 
+def test_a_full_disk_is_one_line_with_its_fix(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("prep.config.load_config", full)
+    monkeypatch.setattr(sys, "argv", ["prep", "run", "generate_wdinfo"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert "No space left on device — fix: free space on that disk" in err and "--debug" not in err
+
+
 def test_config_command_prints_resolved_yaml(tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "--set", "dataset_output_root=/data/x"])
     assert result.exit_code == 0

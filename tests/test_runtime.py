@@ -220,6 +220,13 @@ def test_unexpected_exceptions_become_failed_results_without_traceback(
     debug = run(tmp_path, debug=True)
     assert "Traceback" in debug.failed[0].notes[0]
 
+    def full(task, root, opts):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gw, "run_task", full)
+    (err,) = run(tmp_path, force=True).grouped_errors()  # every task alike: one line, with its fix
+    assert "No space left on device — fix: free space on that disk" in err and "× 2 tasks" in err
+
 
 def test_long_task_ids_get_valid_marker_names(tmp_path: Path) -> None:
     from prep.runtime.markers import marker_path

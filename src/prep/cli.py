@@ -19,7 +19,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from prep.errors import PrepError
+from prep.errors import PrepError, unexpected_line
 
 app = typer.Typer(
     name="prep",
@@ -542,7 +542,8 @@ def main() -> None:
             where = ctx.command_path if ctx is not None else "prep"
             _print_error(f"{where}: {err.format_message()} — fix: see {where} --help")
             sys.exit(err.exit_code)
-        _print_error(f"{type(err).__name__}: {err} — run with --debug for the traceback")
+        line = unexpected_line(err)
+        _print_error(line if " — fix: " in line else f"{line} — run with --debug for the traceback")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) returns n here
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class PrepError(Exception):
     """A user-facing error. The CLI prints it as one line and exits non-zero.
@@ -37,3 +39,19 @@ class PrepErrorGroup(PrepError):
 
     def __reduce__(self):
         return (type(self), (self.errors,))
+
+
+_OS_FIXES = {  # errno -> what to do: the errors a full, read-only or locked-down disk gives anywhere
+    errno.ENOSPC: "free space on that disk (or write to another), then run again: finished work is kept",
+    errno.EDQUOT: "free space within your quota (or write elsewhere), then run again: finished work is kept",
+    errno.EROFS: "write to a folder on a writable file system",
+    errno.EACCES: "give this user access to it, or choose another path",
+}
+
+
+def unexpected_line(err: BaseException) -> str:
+    """One line for an error that is not a PrepError: its type and text, and for the OS errors any stage
+    may meet (a full disk, no permission) how to fix them."""
+    text = f"{type(err).__name__}: {err}"
+    fix = _OS_FIXES.get(err.errno) if isinstance(err, OSError) and err.errno is not None else None
+    return f"{text} — fix: {fix}" if fix else text

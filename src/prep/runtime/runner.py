@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from prep.errors import PrepError
+from prep.errors import PrepError, unexpected_line
 from prep.formats.atomic import remove_dead_temps, remove_stale_temps, temp_name, write_text_atomic
 from prep.runtime.markers import (
     describe_outputs,
@@ -111,7 +111,7 @@ def _execute(stage_name: str, task: Task, cfg_json: dict[str, Any], opts: RunOpt
         result = TaskResult(task.id, "failed", error=err.line())
     except Exception as err:  # a bug or an unexpected library error: the trace only with --debug
         notes = [traceback.format_exc(limit=-6)] if opts.debug else []
-        result = TaskResult(task.id, "failed", error=f"{type(err).__name__}: {err}", notes=notes)
+        result = TaskResult(task.id, "failed", error=unexpected_line(err), notes=notes)
     result.seconds = time.perf_counter() - start
     return result
 
