@@ -52,9 +52,10 @@ def test_good_folder_passes(folder: Path) -> None:
 def test_one_flipped_data_byte_is_caught_and_named(folder: Path) -> None:
     member = scan_tar(folder / "shard-1.tar").samples[2].members["jpg"]
     flip(folder / "shard-1.tar", member.data_offset + 100)
-    assert problems(folder) == {
-        "shard-1.tar": ["xxh3_128 checksum differs from the manifest (the shard's bytes changed)"]
-    }
+    (msg,) = problems(folder)["shard-1.tar"]
+    assert msg.startswith("xxh3_128 checksum differs from the manifest (the shard's bytes changed) — fix: "
+                          "re-create the shard") and f"generate_wdinfo.input_dir={folder}" in msg
+    assert set(problems(folder)) == {"shard-1.tar"}
     result = CliRunner().invoke(app, ["verify", str(folder)])
     assert result.exit_code == 1
     assert f"bad shard: {folder / 'shard-1.tar'}: xxh3_128 checksum differs" in result.output
@@ -74,8 +75,9 @@ def test_stale_index_missing_index_and_truncation(folder: Path) -> None:
     (folder / "shard-2.tar").write_bytes(data[: len(data) - 10240])  # lost its last record
     found = problems(folder)
     assert found["shard-0.tar"][0].startswith(".idx offset 4 is ")
-    assert found["shard-1.tar"] == [f".idx is missing: write the indexes with prep run generate_wdinfo --set "
-                                    f"generate_wdinfo.input_dir={folder}"]
+    relist = f"prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"
+    assert found["shard-1.tar"] == [f".idx is missing — fix: write the indexes anew: {relist}"]
+    assert " — fix: write the indexes anew" in found["shard-0.tar"][0]
     assert any("bytes" in p for p in found["shard-2.tar"])
 
 
@@ -83,8 +85,10 @@ def test_missing_and_unlisted_shards(folder: Path) -> None:
     (folder / "shard-0.tar").unlink()
     write_shard(folder / "extra.tar", [("x", {"txt": b"1"})], fsync=False)
     found = problems(folder)
-    assert found["shard-0.tar"] == ["listed in the manifest but missing"]
-    assert "not listed in manifest.json" in found["extra.tar"]
+    assert [p.split(" — fix: ")[0] for p in found["shard-0.tar"]] == ["listed in the manifest but missing"]
+    assert [p.split(" — fix: ")[0] for p in found["extra.tar"]] == [".idx is missing",
+                                                                    "not listed in manifest.json"]
+    assert all(" — fix: " in p for ps in found.values() for p in ps)
 
 
 def test_json_output_and_folder_errors(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -106,7 +110,7 @@ def test_without_manifest_checks_indexes_only(folder: Path) -> None:
     assert problems(folder) == {}
     (folder / "shard-1.tar.idx").unlink()
     fix = f"prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"
-    assert problems(folder) == {"shard-1.tar": [f".idx is missing: write the indexes with {fix}"]}
+    assert problems(folder) == {"shard-1.tar": [f".idx is missing — fix: write the indexes anew: {fix}"]}
 
 
 def test_stale_loader_metadata_is_caught(folder: Path) -> None:
@@ -122,7 +126,8 @@ def test_stale_loader_metadata_is_caught(folder: Path) -> None:
     assert found[".info.json"][0].startswith(
         "shard counts differ from the shards for 1 shard(s), first shard-2.tar"
     )
-    assert found["wdinfo.pkl"] == ["total_key_count 12 but the shards hold 9 samples"]
+    assert found["wdinfo.pkl"] == ["total_key_count 12 but the shards hold 9 samples — fix: list the folder "
+                                   f"anew: prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"]
     result = CliRunner().invoke(app, ["verify", str(folder)])
     assert (
         result.exit_code == 1 and "bad metadata: " in result.output and "verified 3 shards" in result.output

@@ -34,7 +34,7 @@ def check_shard(tar: Path, expected: tuple[int, int, str] | None) -> ShardCheck:
     try:
         scan = scan_tar(tar)
     except PrepError as err:
-        return ShardCheck(str(tar), [err.what])
+        return ShardCheck(str(tar), [f"{err.what} — fix: {err.fix}" if err.fix else err.what])
     samples = len(scan.samples)
     offsets = np.array(scan.index_offsets(), dtype=np.uint64)
     if index_path(tar).exists():
@@ -102,6 +102,26 @@ def require_folder(folder: Path) -> Path:
     return folder
 
 
+def _with_fix(problem: str, folder: Path) -> str:
+    """A shard's problem with what to do about it (a scan error carries its own fix already)."""
+    if " — fix: " in problem:
+        return problem
+    relist = f"prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"
+    if problem.startswith(".idx"):
+        fix = f"write the indexes anew: {relist}"
+    elif problem.startswith("manifest says") or "checksum differs" in problem:
+        fix = (f"re-create the shard (re-run the stage that wrote it, with --force); if the change is "
+               f"wanted, list the shards anew: {relist}")
+    elif problem == "listed in the manifest but missing":
+        fix = f"restore the shard, or list the folder anew: {relist}"
+    elif problem == "not listed in manifest.json" or problem.startswith(
+            ("shard counts differ", "tar_files lists", "total_key_count", "unreadable")):
+        fix = f"list the folder anew: {relist}"
+    else:
+        return problem
+    return f"{problem} — fix: {fix}"
+
+
 def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) -> list[ShardCheck]:
     """Every problem found in the folder's shards; an empty list means all is well."""
     folder = require_folder(folder)
@@ -117,14 +137,14 @@ def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) ->
     for rel in sorted(set(on_disk) | set(expected)):
         path = on_disk.get(rel, folder / rel)
         c = check_shard(path, expected.get(rel))
-        c.problems = [f"{p}: write the indexes with prep run generate_wdinfo --set "
-                      f"generate_wdinfo.input_dir={folder}" if p == MISSING_INDEX else p for p in c.problems]
         if has_manifest and rel not in expected:
             c.problems.append("not listed in manifest.json")
+        c.problems = [_with_fix(p, folder) for p in c.problems]
         checks.append(c)
         if advance:
             advance(1)
     if all(c.samples is not None for c in checks):  # metadata is only comparable with readable shards
         counts = {rel: c.samples for rel, c in zip(sorted(set(on_disk) | set(expected)), checks, strict=True)}
-        checks += check_metadata(folder, {k: v for k, v in counts.items() if v is not None})
+        for c in check_metadata(folder, {k: v for k, v in counts.items() if v is not None}):
+            checks.append(ShardCheck(c.path, [_with_fix(p, folder) for p in c.problems], c.samples))
     return checks
