@@ -399,9 +399,8 @@ def shard_files(folder: Path, *, recursive: bool = True, skip: Path | None = Non
     """Every `*.tar` file under `folder` (or directly in it), none inside a hidden folder such as
     .prep/ or .nv-meta/ and none hidden itself, sorted by relative POSIX path. None under `skip` either:
     a stage's output folder inside its input folder holds its own shards, which are not its input."""
-    inner: tuple[str, ...] = ()
-    if skip is not None and skip.resolve() != folder.resolve() and skip.resolve().is_relative_to(
-            folder.resolve()):
+    inner: tuple[str, ...] = ()  # skip's path below folder (none when it is folder or elsewhere)
+    if skip is not None and skip.resolve().is_relative_to(folder.resolve()):
         inner = skip.resolve().relative_to(folder.resolve()).parts
     found = []
     for p in folder.glob("**/*.tar" if recursive else "*.tar"):
