@@ -111,3 +111,24 @@ def test_atomic_write_leaves_an_unchanged_file_alone(tmp_path):
     write_bytes_atomic(path, b"new!")
     assert path.read_bytes() == b"new!" and path.stat().st_mtime_ns != 1
     assert [p.name for p in tmp_path.iterdir()] == ["wdinfo.pkl"]  # no temp left behind
+
+
+def test_a_failed_atomic_write_names_its_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    """A full disk fails the write itself, which names no file: the error names the file being
+    written (the CLI then prints it with its fix), and the temp file is gone."""
+    import errno
+    import os
+
+    from prep.errors import unexpected_line
+    from prep.formats.atomic import write_bytes_atomic
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    path = tmp_path / "summary.json"
+    with pytest.raises(OSError) as info:
+        write_bytes_atomic(path, b"{}")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert str(path) in unexpected_line(info.value) and "fix: free space" in unexpected_line(info.value)
+    assert list(tmp_path.iterdir()) == []

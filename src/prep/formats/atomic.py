@@ -31,6 +31,11 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, final)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write names no file: say which one (a full disk, a quota)
+            raise OSError(err.errno, err.strerror, str(final)) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
