@@ -16,50 +16,64 @@ from prep.formats.index import index_path, read_index
 from prep.formats.manifest import MANIFEST_NAME, read_manifest
 from prep.formats.tar import scan_tar, shard_files
 
-MISSING_INDEX = ".idx is missing"
+
+def _relist(folder: Path) -> str:
+    """The command that writes a shard folder's indexes and listings anew from the shards as they are."""
+    return f"prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"
+
+
+def _fixed(what: str, fix: str | None) -> str:
+    return f"{what} — fix: {fix}" if fix else what
 
 
 @dataclass
 class ShardCheck:
     path: str
-    problems: list[str]
+    problems: list[str]  # each one line: what is wrong — fix: what to do
     samples: int | None = None  # as scanned; None when the shard could not be read
 
 
-def check_shard(tar: Path, expected: tuple[int, int, str] | None) -> ShardCheck:
-    """Scan the shard, compare with its .idx and, where given, the manifest's (samples, bytes, checksum)."""
+def check_shard(tar: Path, expected: tuple[int, int, str] | None, relist: str) -> ShardCheck:
+    """Scan the shard, compare with its .idx and, where given, the manifest's (samples, bytes, checksum).
+    Each problem says what to do, naming `relist` (`_relist` of its folder) where that is the fix."""
     problems: list[str] = []
     if not tar.exists():
-        return ShardCheck(str(tar), ["listed in the manifest but missing"])
+        return ShardCheck(str(tar), [_fixed("listed in the manifest but missing",
+                                            f"restore the shard, or list the folder anew: {relist}")])
     try:
         scan = scan_tar(tar)
     except PrepError as err:
-        return ShardCheck(str(tar), [f"{err.what} — fix: {err.fix}" if err.fix else err.what])
+        return ShardCheck(str(tar), [_fixed(err.what, err.fix)])
     samples = len(scan.samples)
     offsets = np.array(scan.index_offsets(), dtype=np.uint64)
+    reindex = f"write the indexes anew: {relist}"
     if index_path(tar).exists():
         try:
             idx = read_index(tar)
             if len(idx) != len(offsets):
-                problems.append(f".idx has {len(idx) - 1} samples, the tar has {len(offsets) - 1}")
+                problems.append(_fixed(f".idx has {len(idx) - 1} samples, the tar has {len(offsets) - 1}",
+                                       reindex))
             elif not np.array_equal(idx, offsets):
                 first = int(np.nonzero(idx != offsets)[0][0])
-                problems.append(f".idx offset {first} is {int(idx[first])}, "
-                                f"the tar has {int(offsets[first])}")
+                problems.append(_fixed(f".idx offset {first} is {int(idx[first])}, "
+                                       f"the tar has {int(offsets[first])}", reindex))
         except PrepError as err:
-            problems.append(err.what)
+            problems.append(_fixed(err.what, reindex))
     else:
-        problems.append(MISSING_INDEX)
+        problems.append(_fixed(".idx is missing", reindex))
     if expected is not None:
+        changed = (f"re-create the shard (re-run the stage that wrote it, with --force); if the change is "
+                   f"wanted, list the shards anew: {relist}")
         samples, size, checksum = expected
         if len(scan.samples) != samples:
-            problems.append(f"manifest says {samples} samples, the tar has {len(scan.samples)}")
+            problems.append(_fixed(f"manifest says {samples} samples, the tar has {len(scan.samples)}",
+                                   changed))
         actual = tar.stat().st_size
         if actual != size:
-            problems.append(f"manifest says {size} bytes, the file has {actual}")
+            problems.append(_fixed(f"manifest says {size} bytes, the file has {actual}", changed))
         elif not file_matches(tar, checksum):
-            problems.append(f"{checksum.partition(':')[0]} checksum differs from the manifest (the shard's "
-                            "bytes changed)")
+            problems.append(_fixed(f"{checksum.partition(':')[0]} checksum differs from the manifest (the "
+                                   "shard's bytes changed)", changed))
     return ShardCheck(str(tar), problems, samples)
 
 
@@ -68,6 +82,7 @@ def check_metadata(folder: Path, counts: dict[str, int]) -> list[ShardCheck]:
     from prep.formats.nvmeta import NV_META
     from prep.formats.wdinfo import read_wdinfo
 
+    relist = f"list the folder anew: {_relist(folder)}"
     out: list[ShardCheck] = []
     info = folder / NV_META / ".info.json"
     if info.exists():
@@ -75,22 +90,24 @@ def check_metadata(folder: Path, counts: dict[str, int]) -> list[ShardCheck]:
             listed = json.loads(info.read_text("utf-8"))["shard_counts"]
             wrong = sorted(k for k in set(listed) | set(counts) if listed.get(k) != counts.get(k))
             if wrong:
-                out.append(ShardCheck(str(info), [f"shard counts differ from the shards for {len(wrong)} "
-                                                  f"shard(s), first {wrong[0]}: says {listed.get(wrong[0])}, "
-                                                  f"has {counts.get(wrong[0])}"]))
+                out.append(ShardCheck(str(info), [_fixed(
+                    f"shard counts differ from the shards for {len(wrong)} shard(s), first {wrong[0]}: "
+                    f"says {listed.get(wrong[0])}, has {counts.get(wrong[0])}", relist)]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            out.append(ShardCheck(str(info), [f"unreadable ({type(err).__name__}: {err})"]))
+            out.append(ShardCheck(str(info), [_fixed(f"unreadable ({type(err).__name__}: {err})", relist)]))
     wd = folder / "wdinfo.pkl"
     if wd.exists():
         try:
             nemo = read_wdinfo(wd)
             if sorted(nemo["tar_files"]) != sorted(counts):
-                out.append(ShardCheck(str(wd), ["tar_files lists other shards than the folder holds"]))
+                out.append(ShardCheck(str(wd), [_fixed("tar_files lists other shards than the folder holds",
+                                                       relist)]))
             elif nemo["total_key_count"] != sum(counts.values()):
-                out.append(ShardCheck(str(wd), [f"total_key_count {nemo['total_key_count']} but the shards "
-                                                f"hold {sum(counts.values())} samples"]))
+                held = sum(counts.values())
+                out.append(ShardCheck(str(wd), [_fixed(f"total_key_count {nemo['total_key_count']} but the "
+                                                       f"shards hold {held} samples", relist)]))
         except PrepError as err:
-            out.append(ShardCheck(str(wd), [err.what]))
+            out.append(ShardCheck(str(wd), [_fixed(err.what, relist)]))
     return out
 
 
@@ -100,26 +117,6 @@ def require_folder(folder: Path) -> Path:
         raise PrepError("not a folder" if folder.exists() else "folder does not exist", str(folder),
                         "point prep verify at a shard folder")
     return folder
-
-
-def _with_fix(problem: str, folder: Path) -> str:
-    """A shard's problem with what to do about it (a scan error carries its own fix already)."""
-    if " — fix: " in problem:
-        return problem
-    relist = f"prep run generate_wdinfo --set generate_wdinfo.input_dir={folder}"
-    if problem.startswith(".idx"):
-        fix = f"write the indexes anew: {relist}"
-    elif problem.startswith("manifest says") or "checksum differs" in problem:
-        fix = (f"re-create the shard (re-run the stage that wrote it, with --force); if the change is "
-               f"wanted, list the shards anew: {relist}")
-    elif problem == "listed in the manifest but missing":
-        fix = f"restore the shard, or list the folder anew: {relist}"
-    elif problem == "not listed in manifest.json" or problem.startswith(
-            ("shard counts differ", "tar_files lists", "total_key_count", "unreadable")):
-        fix = f"list the folder anew: {relist}"
-    else:
-        return problem
-    return f"{problem} — fix: {fix}"
 
 
 def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) -> list[ShardCheck]:
@@ -134,17 +131,16 @@ def verify_folder(folder: Path, advance: Callable[[int], None] | None = None) ->
     if not on_disk and not expected:
         raise PrepError("no .tar shards found", str(folder), "point prep verify at a shard folder")
     checks: list[ShardCheck] = []
+    relist = _relist(folder)
     for rel in sorted(set(on_disk) | set(expected)):
         path = on_disk.get(rel, folder / rel)
-        c = check_shard(path, expected.get(rel))
+        c = check_shard(path, expected.get(rel), relist)
         if has_manifest and rel not in expected:
-            c.problems.append("not listed in manifest.json")
-        c.problems = [_with_fix(p, folder) for p in c.problems]
+            c.problems.append(_fixed("not listed in manifest.json", f"list the folder anew: {relist}"))
         checks.append(c)
         if advance:
             advance(1)
     if all(c.samples is not None for c in checks):  # metadata is only comparable with readable shards
         counts = {rel: c.samples for rel, c in zip(sorted(set(on_disk) | set(expected)), checks, strict=True)}
-        for c in check_metadata(folder, {k: v for k, v in counts.items() if v is not None}):
-            checks.append(ShardCheck(c.path, [_with_fix(p, folder) for p in c.problems], c.samples))
+        checks += check_metadata(folder, {k: v for k, v in counts.items() if v is not None})
     return checks
