@@ -41,6 +41,27 @@ def test_help_of_every_command(command: list[str]) -> None:
         assert all(c in result.output for c in COMMANDS)
 
 
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_command_lists_show_each_summary_as_one_wrapped_sentence() -> None:
+    """A group's command list shows each command's first help paragraph with its line breaks kept (typer's
+    rich mode), so a summary that spans two source lines broke mid-sentence at 80 columns: each summary
+    is one source line, its details a paragraph of their own."""
+    import typer.main
+
+    listed = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        summary = (command.help or "").strip().split("\n\n")[0]
+        assert "\n" not in summary, f"prep {' '.join(path)}: the summary spans lines: {summary!r}"
+        listed += 1
+    assert listed >= len(COMMANDS) + 3  # the pipeline group's commands are walked too
+
+
 def test_run_help_documents_the_conventions() -> None:
     text = runner.invoke(app, ["run", "--help"], terminal_width=200).output
     for flag in [

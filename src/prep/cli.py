@@ -177,8 +177,9 @@ def verify_cmd(
     folder: Path = typer.Argument(..., help="a shard folder (with manifest.json from generate_wdinfo)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Check every shard against its .idx and manifest.json (samples, bytes, checksum); exit 1 naming bad
-    shards."""
+    """Check every shard against its .idx and manifest.json; exit 1 naming bad shards.
+
+    Each shard's samples, bytes and checksum are compared with what the manifest recorded."""
     from prep.formats.tar import shard_files
     from prep.runtime.progress import task_progress
     from prep.verify import require_folder, verify_folder
@@ -213,9 +214,11 @@ def inspect_cmd(
     shard: Path = typer.Argument(..., help="a .tar shard, or a shard folder (one line per shard)"),
     limit: int = typer.Option(10, "--limit", "-n", help="samples (or shards, for a folder) to show; 0 = all"),
 ) -> None:
-    """Print a shard's samples: key, members with sizes and offsets, and the caption when there is one.
-    A damaged shard shows the samples before the damage, then the error (exit 1). A folder prints its
-    shard table: samples, bytes, member types and whether the .idx is there."""
+    """Print a shard's samples, or a folder's shard table.
+
+    A shard: each sample's key, members with sizes and offsets, and the caption when there is one. A
+    damaged shard shows the samples before the damage, then the error (exit 1). A folder: one line per
+    shard with samples, bytes, member types and whether the .idx is there."""
     from prep.formats.tar import read_member, scan_tar
 
     if shard.is_dir():
@@ -298,8 +301,10 @@ def report_cmd(
     folder: Path = typer.Argument(..., help="a run folder (dataset_output_root) or a shard folder"),
     out: Path | None = typer.Option(None, "--out", "-o", help="where the page goes (default: FOLDER/report)"),
 ) -> None:
-    """Write an HTML page with charts (PNG) of a run or shard folder: samples and bytes per shard, download
-    outcomes by reason, caption and image size histograms, stage timings, latent statistics."""
+    """Write an HTML page with charts (PNG) of a run or shard folder.
+
+    Charts: samples and bytes per shard, download outcomes by reason, caption and image size
+    histograms, stage timings, latent statistics."""
     from prep.report import write_report
 
     try:
@@ -377,9 +382,10 @@ def pipeline_validate_cmd(
     world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the plan assumes (batch sizes are "
                                    "per rank)"),
 ) -> None:
-    """Check a pipeline (every problem at once, with its YAML line) and print its plan: per step the data
-    tree, batch size and workers (and where each came from), sizes, length, modules, optimizers,
-    transition and cadences. Exit 1 on any problem."""
+    """Check a pipeline YAML (every problem at once, with its line) and print its plan.
+
+    The plan, per step: the data tree, batch size and workers (and where each came from), sizes,
+    length, modules, optimizers, transition and cadences. Exit 1 on any problem."""
     from prep.pipeline import parse_pipeline_config
     from prep.pipeline.plan import make_plan, render_plan
 
@@ -444,9 +450,10 @@ def pipeline_run_cmd(
                                   "always kept)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
 ) -> None:
-    """Run a pipeline with your modules and trainers, or with its models: section and prep's reference
-    trainers (resuming from the newest checkpoint); works the same under torchrun. Exit 0 when every step
-    finished (or --stop-after stopped it with a checkpoint)."""
+    """Run a pipeline, resuming from its newest checkpoint; the same under torchrun.
+
+    It runs with your modules and trainers, or with its models: section and prep's reference trainers.
+    Exit 0 when every step finished (or --stop-after stopped it with a checkpoint)."""
     import importlib
     import os
 
