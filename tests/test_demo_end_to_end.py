@@ -40,6 +40,8 @@ def test_demo_runs_all_six_stages_and_a_rerun_skips_with_identical_bytes(tmp_pat
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     said = " ".join((first.stdout + first.stderr).split())  # rich wraps the notes
     assert "WARNING" not in said and "the one short last shard reorganize_tar leaves" in said  # by design
+    for line in (first.stdout + first.stderr).splitlines():  # 80 columns, beyond what a long path adds
+        assert len(line.replace(str(out), "OUT")) <= 80, line
     final = out / "tarfiles_merged"
     manifest = read_manifest(final)
     assert manifest.total_samples == GOOD + REDIRECTS

@@ -313,8 +313,9 @@ def report_cmd(
         if _state["debug"]:
             raise
         _fail(err)
-    err_console.print(f"wrote {page} (the numbers behind each chart: {page.parent / 'report.json'})",
-                      highlight=False, markup=False, soft_wrap=True)
+    # paths on lines of their own, unwrapped: a long one overflows 80 columns alone, and copies whole
+    err_console.print(f"wrote the report:\n  {page}\nthe numbers behind each chart:\n  "
+                      f"{page.parent / 'report.json'}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("keys")

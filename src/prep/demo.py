@@ -60,9 +60,10 @@ def run(out: Path, good: int, config: Path, port: int) -> int:
     if rc == 0:
         rc = subprocess.call([*prep, "report", str(out)])
     if rc == 0:
-        print(f"\nshards, manifest.json, wdinfo.pkl and .nv-meta/ are in {final}")
-        print(f"the run's charts: {out / 'report' / 'index.html'}")
-        print(f"try: prep inspect {final}   (then a shard: prep inspect {final}/000000.tar)")
+        # each path on a line of its own: a long one overflows 80 columns alone, and copies whole
+        print(f"\nshards, manifest.json, wdinfo.pkl and .nv-meta/:\n  {final}")
+        print(f"the run's charts:\n  {out / 'report' / 'index.html'}")
+        print(f"try:\n  prep inspect {final}\n  prep inspect {final / '000000.tar'}")
     return rc
 
 
