@@ -141,9 +141,9 @@ def test_resume_at_random_cuts_fast_forwards_exactly(workers: int) -> None:
         resumed = build(data, workers)
         resumed.load_state_dict(state)
         assert resumed.batches_consumed == cut  # the counter includes the skipped batches
-        left_in_chunk = resumed.remaining  # 0 when the cut fell on a chunk's end: iter() starts the next
+        left_in_chunk = resumed.remaining  # 0 when the cut fell on a chunk's end: its rest is empty
         rest: list[list[int]] = []
-        for n in range(10 - state["chunk"] - (left_in_chunk == 0)):
+        for n in range(10 - state["chunk"]):
             got = [indices(b) for b in resumed]
             if n == 0 and left_in_chunk:
                 assert len(got) == left_in_chunk
@@ -224,7 +224,7 @@ def test_tree_chunks_resume_exactly() -> None:
         resumed = build()
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         assert resumed.batches_consumed == cut
-        rest = [b for _ in range(5 - resumed.chunk - (resumed.remaining == 0)) for b in keys(resumed)]
+        rest = [b for _ in range(5 - resumed.chunk) for b in keys(resumed)]
         assert head + rest == reference
 
 
@@ -234,6 +234,54 @@ def test_tree_without_chunks_honours_limit_per_epoch() -> None:
     assert len(e0) == len(e1) == 3 and e0 != e1
     full = ChunkedDataLoader(seq("a", 20, 2), rank=0, world_size=1)
     assert len(full) == 10 and len(keys(full)) == 10
+
+
+def trained_epochs(loader: ChunkedDataLoader, start: int, stop: int, save_at: int = -1) -> tuple[list, Any]:
+    """A trainer's loop `for e in range(start, stop): loader.set_epoch(e); for batch in loader: ...`:
+    (epoch, batch) pairs, and (epoch, JSON state) saved right after batch number `save_at`."""
+    out: list[tuple[int, Any]] = []
+    saved = None
+    for e in range(start, stop):
+        loader.set_epoch(e)
+        for b in loader:
+            out.append((e, b["__key__"] if isinstance(b, dict) else indices(b)))
+            if len(out) == save_at:
+                saved = (e, json.loads(json.dumps(loader.state_dict())))
+    return out, saved
+
+
+@pytest.mark.parametrize("kind", ["map", "tree"])
+def test_a_trainer_resumed_at_a_chunks_last_batch_trains_each_chunk_once(kind: str) -> None:
+    """Saved right after a chunk's last batch, then resumed by restarting the saved epoch (or starting
+    the next one): the stream is the uninterrupted one. The next chunk was trained twice (map-style) or
+    set_epoch raised 'cannot jump' (trees)."""
+
+    def build() -> ChunkedDataLoader:
+        if kind == "map":
+            return ChunkedDataLoader(Counting(24), batch_size=2, chunk_size=3, rank=0, world_size=1)
+        return ChunkedDataLoader(seq("a", 24, 2), chunk_size=3, rank=0, world_size=1)
+
+    reference, _ = trained_epochs(build(), 0, 5)
+    for cut in range(1, len(reference)):
+        head, saved = trained_epochs(build(), 0, 5, save_at=cut)
+        epoch, state = saved
+        finished = cut % 3 == 0
+        for start in (epoch, epoch + 1) if finished else (epoch,):
+            resumed = build()
+            resumed.load_state_dict(state)
+            rest, _ = trained_epochs(resumed, start, 5)
+            assert head[:cut] + rest == reference, f"cut {cut}, restarted at epoch {start}"
+
+
+@pytest.mark.parametrize("limit", [0, 0.0, 0.01])
+def test_a_limit_of_no_batches_yields_none(limit: float) -> None:
+    for loader in (
+        ChunkedDataLoader(seq("a", 20, 2), limit_batches=limit, rank=0, world_size=1),
+        ChunkedDataLoader(Counting(20), batch_size=2, limit_batches=limit, rank=0, world_size=1),
+    ):
+        assert len(loader) == 0
+        assert [keys(loader) if loader.is_tree else list(loader) for _ in range(2)] == [[], []]
+        assert loader.batches_consumed == 0 and loader.chunk == 2
 
 
 def test_bad_arguments() -> None:

@@ -406,11 +406,15 @@ class ChunkedDataLoader:
 
     # -------------------------------------------------------------------------------- iteration
     def set_chunk(self, chunk: int) -> None:
-        """Jump to chunk (or epoch) `chunk`; the current one keeps its position."""
+        """Jump to chunk (or epoch) `chunk`; the current one keeps its position. Moving on from a finished
+        chunk to the next is no jump (a stream resumed at a chunk's end continues there)."""
         if chunk == self.chunk:
             return
         if chunk < 0:
             raise PrepError(f"chunk {chunk} is negative", "ChunkedDataLoader.set_chunk", "pass an index >= 0")
+        if chunk == self.chunk + 1 and self.remaining == 0:
+            self._advance()
+            return
         if self.is_tree:
             if self.chunk_size:
                 raise PrepError(
@@ -431,20 +435,23 @@ class ChunkedDataLoader:
             self._loader.set_epoch(self.chunk)  # a limited epoch ends early: the next starts afresh
 
     def __iter__(self) -> Iterator[Any]:
+        """The rest of the current chunk, then the cursor moves to the next. A loader restored at a
+        chunk's end yields that chunk's empty rest first, as `DataLoader` does at an epoch's end, so
+        `set_epoch(k)` in a resumed trainer's loop still means chunk k. Nothing is drawn from the
+        source once the chunk is full (a tree's loader counts what it hands out as consumed)."""
+        if self.remaining:
+            source = self._tree_batches() if self.is_tree else iter(self._torch)
+            try:
+                for batch in source:
+                    self.batch_in_chunk += 1
+                    self.batches_consumed += 1
+                    yield batch
+                    if self.remaining == 0:
+                        break
+            finally:
+                if hasattr(source, "close"):
+                    source.close()
         if self.remaining == 0:
-            self._advance()
-        source = self._tree_batches() if self.is_tree else iter(self._torch)
-        try:
-            for batch in source:
-                self.batch_in_chunk += 1
-                self.batches_consumed += 1
-                yield batch
-                if self.batch_in_chunk >= self.chunk_batches(self.chunk):
-                    break
-        finally:
-            if hasattr(source, "close"):
-                source.close()
-        if self.batch_in_chunk >= self.chunk_batches(self.chunk):
             self._advance()
 
     def _tree_batches(self) -> Iterator[Any]:
