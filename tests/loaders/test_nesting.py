@@ -233,6 +233,23 @@ def test_elastic_resume_on_another_world_size_with_the_same_global_batch() -> No
     assert head + take(resumed, 7) == reference
 
 
+def test_ranks_whose_slice_of_the_final_batch_is_empty_get_the_empty_batch() -> None:
+    """10 samples in global batches of 8 on 4 ranks: the final batch of 2 leaves ranks 2 and 3 without a
+    sample. Every rank gets as many batches as the others (an empty one there) and the epoch holds every
+    sample once; a SequenceDataset (and a per-sample map over it) raised IndexError from default_collate."""
+
+    def build(rank: int) -> list[Any]:
+        rows = [{"__key__": f"a{i}", "x": torch.tensor([i])} for i in range(10)]
+        return [SequenceDataset(rows, 2, shuffle=True, world_size=4),
+                MapDataset(SequenceDataset(rows, 2, world_size=4), _tag_sample, per_sample=True)]
+
+    for k in range(2):
+        per_rank = [[b["__key__"] for b in DataLoader(build(r)[k], rank=r, world_size=4)] for r in range(4)]
+        assert [len(p) for p in per_rank] == [2] * 4
+        assert per_rank[2][1] == per_rank[3][1] == []
+        assert sorted(key for p in per_rank for b in p for key in b) == sorted(f"a{i}" for i in range(10))
+
+
 def test_same_object_twice_is_refused() -> None:
     a = seq("a", 4, 1)
     with pytest.raises(PrepError, match="appears twice"):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch.utils.data import default_collate
-
 from prep.errors import PrepError
 from prep.loaders.base import BatchDesc, Combinator, Node, load_samples
+from prep.loaders.io.collate import default_collate_or_empty
 
 
 class MapDataset(Combinator):
@@ -32,7 +31,7 @@ class MapDataset(Combinator):
             raise PrepError(f"fn {fn!r} is not callable", "MapDataset", "pass a function")
         self.fn = fn
         self.per_sample = per_sample
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn = collate_fn or default_collate_or_empty
 
     @property
     def child(self) -> Node:

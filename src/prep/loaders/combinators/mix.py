@@ -53,6 +53,7 @@ from prep.loaders.base import (
     slice_refs,
 )
 from prep.loaders.combinators.blend import exact_weights, loss_weight
+from prep.loaders.io.collate import empty_batch
 
 Counts = Literal["multinomial", "stratified"]
 _SCALAR = (str, bytes, int, float, bool, type(None))
@@ -118,7 +119,10 @@ def generic_concat(batch: Sequence[Any]) -> Any:
 
 
 def homogeneous_concat_mix(samples: Sequence[Any]) -> Any:
-    """Mix batches of one type into one batch by concatenation (energon's helper of the same name)."""
+    """Mix batches of one type into one batch by concatenation (energon's helper of the same name); none
+    (a rank's samples all skipped as bad) give `empty_batch()`."""
+    if not samples:
+        return empty_batch()
     kinds = {type(s) for s in samples}
     if len(kinds) != 1:
         raise PrepError(

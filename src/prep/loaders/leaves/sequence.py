@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import default_collate
 
 from prep.errors import PrepError
 from prep.loaders.base import BatchDesc, Node, Span, counter_rng, dist_info, slice_refs, take_positions
+from prep.loaders.io.collate import default_collate_or_empty
 
 Sample = dict[str, Any]
 
@@ -70,7 +70,7 @@ class SequenceDataset(Node):
         self.seed = seed
         self.drop_last = drop_last
         self.transform = transform
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn = collate_fn or default_collate_or_empty
         self.epoch = 0
         self.pos = 0
         self._order: tuple[tuple[str, int], np.ndarray] | None = None
