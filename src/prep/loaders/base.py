@@ -382,6 +382,14 @@ Transform = Callable[[dict[str, Any]], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], Any]
 
 
+def check_batch_size(batch_size: Any, where: str) -> int:
+    """A per-rank batch size: a positive int (a float or a string would fail later, far from its cause)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrepError(f"batch_size {batch_size!r} must be a positive integer", where,
+                        "pass the per-rank batch size")
+    return batch_size
+
+
 def resolve_global_batch(
     batch_size: int, global_batch_size: int | None, rank: int | None, world_size: int | None
 ) -> tuple[int, int, int]:

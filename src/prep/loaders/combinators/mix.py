@@ -46,6 +46,7 @@ from prep.loaders.base import (
     Node,
     Planned,
     Source,
+    check_batch_size,
     counter_rng,
     dist_info,
     parse_sources,
@@ -287,12 +288,7 @@ class MixBatchDataset(Combinator):
                 "MixBatchDataset",
                 "pass counts='multinomial' or counts='stratified'",
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise PrepError(
-                f"batch_size {batch_size!r} must be a positive integer",
-                "MixBatchDataset",
-                "pass the per-rank batch size",
-            )
+        check_batch_size(batch_size, "MixBatchDataset")
         self.world = dist_info()[1] if world_size is None else world_size
         if self.world < 1:
             raise PrepError(

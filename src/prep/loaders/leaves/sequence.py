@@ -15,7 +15,16 @@ from typing import Any
 import numpy as np
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node, Span, counter_rng, dist_info, slice_refs, take_positions
+from prep.loaders.base import (
+    BatchDesc,
+    Node,
+    Span,
+    check_batch_size,
+    counter_rng,
+    dist_info,
+    slice_refs,
+    take_positions,
+)
 from prep.loaders.io.collate import default_collate_or_empty
 
 Sample = dict[str, Any]
@@ -50,10 +59,7 @@ class SequenceDataset(Node):
         collate_fn: Callable[[list[Sample]], Any] | None = None,
         world_size: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise PrepError(
-                f"batch_size {batch_size} must be at least 1", "SequenceDataset", "pass a positive batch_size"
-            )
+        check_batch_size(batch_size, "SequenceDataset")
         self.samples = [_as_sample(s, i) for i, s in enumerate(samples)]
         if not self.samples:
             raise PrepError("the sample list is empty", "SequenceDataset", "pass at least one sample")
