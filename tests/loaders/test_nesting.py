@@ -172,6 +172,32 @@ def test_nested_tree_runs_and_tags_sources_and_weights() -> None:
             assert w == pytest.approx(expected["0" if s.startswith("0/") else s])
 
 
+def test_a_sample_weight_below_the_root_gives_every_batch_its_weight_key() -> None:
+    """Only an inner blend or mix has a sample_weight: batches (and samples) of the other branches carry
+    `__weight__` 1.0 too. A blend's other branches had no such key (a KeyError on some batches), and a mix
+    of mixes raised 'batches have different fields'."""
+
+    def inner_blend() -> Any:
+        return BlendDataset(Source(seq("a", 8, 2), 1, sample_weight=2.0), (seq("b", 8, 2), 1), seed=1)
+
+    def inner_mix() -> Any:
+        return MixBatchDataset(Source(seq("a", 8, 1), 1, sample_weight=2.0), (seq("b", 8, 1), 1),
+                               batch_size=2, counts="stratified", world_size=1)
+
+    trees = [
+        BlendDataset((inner_blend(), 1), (seq("c", 8, 2), 1), seed=2),
+        BlendDataset((EpochizeDataset(inner_mix(), 3), 1), (MapDataset(seq("c", 8, 2), _double), 1), seed=2),
+        EpochizeDataset(MixBatchDataset((inner_mix(), 1), (seq("c", 8, 1), 1), batch_size=4,
+                                        counts="stratified", world_size=1), 4),
+    ]
+    for tree in trees:
+        batches = list(DataLoader(tree, rank=0, world_size=1))
+        assert {s.split("/")[0] for b in batches for s in b["__source__"]} == {"0", "1"}
+        for b in batches:
+            weights = {k[0]: w for k, w in zip(b["__key__"], b["__weight__"].tolist(), strict=True)}
+            assert all(w == (2.0 if k == "a" else 1.0) for k, w in weights.items())
+
+
 def test_nested_resume_with_two_workers() -> None:
     check_resume(nested, 24, [11], workers=2)
 

@@ -615,6 +615,16 @@ class Source:
     sample_weight: float | None = None
 
 
+def weights_samples(sources: Sequence[Source]) -> bool:
+    """Whether a blend or mix gives its samples `__weight__`: when any source, or any blend or mix below
+    one, has a sample_weight. Every batch then carries the key (1.0 where none applies), whichever branch
+    of the tree it came from, so batches keep one layout through nesting."""
+    return any(
+        s.sample_weight is not None or any(getattr(n, "weighted", False) for n in _walk(s.dataset))
+        for s in sources
+    )
+
+
 def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
     """`(dataset, weight)` tuples or `Source` objects -> validated `Source`s with names."""
     out: list[Source] = []

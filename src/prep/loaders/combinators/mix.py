@@ -52,6 +52,7 @@ from prep.loaders.base import (
     parse_sources,
     pieces_at,
     slice_refs,
+    weights_samples,
 )
 from prep.loaders.combinators.blend import exact_weights, loss_weight
 from prep.loaders.io.collate import empty_batch
@@ -300,7 +301,7 @@ class MixBatchDataset(Combinator):
         self.global_batch_size = batch_size * self.world
         self.batch_mix_fn = batch_mix_fn
         self.collate_fn = collate_fn or default_collate
-        self.weighted = any(s.sample_weight is not None for s in self.sources)
+        self.weighted = weights_samples(self.sources)
         self.count_mode = counts
         self.seed = seed
         self.repeat = repeat
