@@ -293,6 +293,11 @@ def test_bad_arguments() -> None:
         ChunkedDataLoader(Counting(4), 2, chunk_size=0, rank=0, world_size=1)
     with pytest.raises(PrepError, match="no len"):
         ChunkedDataLoader(iter(range(3)), 2, rank=0, world_size=1)
+    endless = BlendDataset((seq("a", 4, 2), 1), repeat=True)  # was a bare TypeError, at the first iter()
+    for limit in (None, 0.5):
+        with pytest.raises(PrepError, match=r"no fixed number of batches per epoch.*EpochizeDataset"):
+            ChunkedDataLoader(endless, limit_batches=limit, rank=0, world_size=1)
+    assert len(ChunkedDataLoader(endless, limit_batches=3, rank=0, world_size=1)) == 3
 
 
 @pytest.mark.slow  # the first torch.optim use in a process imports torch._dynamo (~2 s)

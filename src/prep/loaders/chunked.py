@@ -320,6 +320,13 @@ class ChunkedDataLoader:
                     "ChunkedDataLoader",
                     "set batch size, order and collation on the prep dataset itself",
                 )
+            endless = dataset.batches_per_epoch() is None
+            if endless and not self.chunk_size and not isinstance(limit_batches, int):
+                raise PrepError(
+                    f"{type(dataset).__name__} has no fixed number of batches per epoch: an epoch never ends",
+                    "ChunkedDataLoader",
+                    "pass chunk_size or an integer limit_batches, or wrap it in EpochizeDataset(ds, length)",
+                )
             self._loader = DataLoader(
                 dataset,
                 num_workers=num_workers,
@@ -388,10 +395,8 @@ class ChunkedDataLoader:
             if self.chunk_size:
                 return self.chunk_size
             n = self.dataset.batches_per_epoch()
-            if n is None:
-                if self.limit_batches is None or isinstance(self.limit_batches, float):
-                    raise TypeError("this dataset has no fixed number of batches per epoch")
-                return int(self.limit_batches)
+            if n is None:  # endless: an integer limit is the epoch (refused without one at construction)
+                return int(self.limit_batches)  # type: ignore[arg-type]
             return limit_to_batches(self.limit_batches, n)
         n = self.sampler.chunk_length(k)
         full = n // self.global_batch_size if self.drop_last else -(-n // self.global_batch_size)
