@@ -124,13 +124,14 @@ def test_spread_keeps_every_window_within_two_of_its_share(counts: list[int]) ->
 
 
 def test_each_rank_gets_its_share_and_ranks_are_disjoint() -> None:
-    def build() -> MixBatchDataset:
-        return MixBatchDataset(
-            (seq("a", 40), 3), (seq("b", 40), 1), batch_size=4, counts="stratified", world_size=2
+    def build(world: int) -> MixBatchDataset:
+        mix = MixBatchDataset(
+            (seq("a", 40), 3), (seq("b", 40), 1), batch_size=8 // world, counts="stratified", world_size=world
         )
+        mix.bind("")
+        return mix
 
-    mix = build()
-    mix.bind("")
+    mix, on_one = build(2), build(1)
     for _ in range(5):
         desc = mix.next_batch()
         parts = [mix.fetch(desc, r, 2) for r in range(2)]
@@ -139,7 +140,7 @@ def test_each_rank_gets_its_share_and_ranks_are_disjoint() -> None:
         for p in parts:
             n_a = sum(k.startswith("a") for k in p["__key__"])
             assert abs(n_a - 3) <= 1  # contiguous slices of an evenly spread batch
-        whole = mix.fetch(desc, 0, 1)  # elastic: one rank loads the same global batch
+        whole = on_one.fetch(on_one.next_batch(), 0, 1)  # elastic: one rank plans the same global batch
         assert whole["__key__"] == keys
 
 

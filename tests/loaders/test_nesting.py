@@ -248,7 +248,9 @@ def test_elastic_resume_on_another_world_size_with_the_same_global_batch() -> No
         mix = MixBatchDataset(
             (leaves[0], 1), (leaves[1], 1), batch_size=per_rank, counts="stratified", world_size=world
         )
-        return BlendDataset((mix, 1), (seq("c", 40, per_rank * world), 1), seed=3, repeat=True)
+        c = SequenceDataset([{"__key__": f"c{i}", "x": torch.tensor([i])} for i in range(40)], per_rank,
+                            shuffle=True, world_size=world)
+        return BlendDataset((mix, 1), (c, 1), seed=3, repeat=True)
 
     reference = take(DataLoader(build(1), rank=0, world_size=1), 12)
     ranks = [DataLoader(build(2), rank=r, world_size=2) for r in range(2)]
@@ -274,6 +276,16 @@ def test_ranks_whose_slice_of_the_final_batch_is_empty_get_the_empty_batch() -> 
         assert [len(p) for p in per_rank] == [2] * 4
         assert per_rank[2][1] == per_rank[3][1] == []
         assert sorted(key for p in per_rank for b in p for key in b) == sorted(f"a{i}" for i in range(10))
+
+
+def test_a_sequence_or_mix_planned_for_another_world_size_is_refused_in_one_line() -> None:
+    """Planned for 1 rank (batch_size 4), loaded on 2: each rank got 2 samples, not its batch_size of 4,
+    silently (ShardDataset refused it already)."""
+    rows = [{"__key__": f"a{i}", "x": torch.tensor([i])} for i in range(16)]
+    for ds in (SequenceDataset(rows, 4, world_size=1),
+               MixBatchDataset((SequenceDataset(rows, 1, world_size=1), 1), batch_size=4, world_size=1)):
+        with pytest.raises(PrepError, match="planned for a world of 1 ranks, the loader runs 2"):
+            next(iter(DataLoader(ds, rank=0, world_size=2)))
 
 
 def test_same_object_twice_is_refused() -> None:

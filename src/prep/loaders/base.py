@@ -216,6 +216,17 @@ def pieces_at(lengths: Sequence[int], lo: int, hi: int) -> Iterator[tuple[int, i
             return
 
 
+def check_world(node: Node, planned: int, world: int) -> None:
+    """Refuse to load a batch planned for another world size: each rank would get another share of it than
+    its batch_size asks (the node's batch_size x `planned` samples split over `world` ranks)."""
+    if world != planned:
+        raise PrepError(
+            f"the dataset planned for a world of {planned} ranks, the loader runs {world}",
+            node.path or type(node).__name__,
+            "pass the same rank/world_size to both, or neither",
+        )
+
+
 def rank_slice(n: int, rank: int, world: int) -> slice:
     """Rank r's contiguous part of a global batch of n items (even split; the first n % world ranks get
     one more when n is not divisible, as happens only for a final short batch with drop_last=False)."""
@@ -475,16 +486,8 @@ class SampleLeaf(Node):
         self.epoch, self.pos = epoch, pos
 
     # ------------------------------------------------------------------------------------- loading
-    def _check_world(self, world: int) -> None:
-        if world != self.world:
-            raise PrepError(
-                f"the dataset planned for a world of {self.world} ranks, the loader runs {world}",
-                self.path or type(self).__name__,
-                "pass the same rank/world_size to both, or neither",
-            )
-
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
-        self._check_world(world)
+        check_world(self, self.world, world)
         with skips.leaf(self.path):
             return self.load_batch(slice_refs(self, desc.items, rank, world))
 

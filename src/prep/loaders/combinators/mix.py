@@ -47,6 +47,7 @@ from prep.loaders.base import (
     Planned,
     Source,
     check_batch_size,
+    check_world,
     counter_rng,
     dist_info,
     parse_sources,
@@ -458,5 +459,6 @@ class MixBatchDataset(Combinator):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         if desc.node != self.path:
             return self.fetch_desc(desc, rank, world)
+        check_world(self, self.world, world)
         samples = self.fetch_samples(slice_refs(self, desc.items, rank, world))
         return self.batch_mix_fn([self.collate_fn([s]) for s in samples if s is not None])

@@ -20,6 +20,7 @@ from prep.loaders.base import (
     Node,
     Span,
     check_batch_size,
+    check_world,
     counter_rng,
     dist_info,
     slice_refs,
@@ -158,4 +159,5 @@ class SequenceDataset(Node):
         return list(self._load(refs))  # no None: samples held in memory are never bad
 
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
+        check_world(self, self.world, world)
         return self.collate_fn(self._load(slice_refs(self, desc.items, rank, world)))
