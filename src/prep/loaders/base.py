@@ -628,6 +628,11 @@ def weights_samples(sources: Sequence[Source]) -> bool:
     )
 
 
+def _finite_number(x: Any) -> bool:
+    """An int or float (not a bool, a string or a container) that is finite."""
+    return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
+
+
 def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
     """`(dataset, weight)` tuples or `Source` objects -> validated `Source`s with names."""
     out: list[Source] = []
@@ -643,22 +648,17 @@ def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
                 "pass (dataset, weight) tuples or prep.loaders.Source objects",
             )
         check_node(s.dataset, f"{where} source {i}")
-        if (
-            isinstance(s.weight, bool)
-            or not isinstance(s.weight, int | float)
-            or not math.isfinite(s.weight)
-            or s.weight <= 0
-        ):
+        if not _finite_number(s.weight) or s.weight <= 0:
             raise PrepError(
                 f"weight {s.weight!r} of source {i} must be a positive number",
                 where,
                 "give every source a weight > 0 (weights are normalised)",
             )
-        if s.sample_weight is not None and not math.isfinite(s.sample_weight):
+        if s.sample_weight is not None and not _finite_number(s.sample_weight):
             raise PrepError(
-                f"sample_weight {s.sample_weight!r} of source {i} is not finite",
+                f"sample_weight {s.sample_weight!r} of source {i} is not a finite number",
                 where,
-                "pass a finite loss weight",
+                "pass a finite loss weight (a float), or None for none",
             )
         out.append(
             Source(s.dataset, float(s.weight), s.name if s.name is not None else str(i), s.sample_weight)
