@@ -41,6 +41,7 @@ import numpy as np
 
 from prep.errors import PrepError
 from prep.loaders import skips
+from prep.loaders.io.collate import collate_samples, default_collate_or_empty
 
 # 2: random streams hash their counters into the key (states of 1 would resume into another order)
 STATE_VERSION = 2
@@ -334,6 +335,12 @@ class Node(ABC):
         raise PrepError(f"{type(self).__name__} cannot be mixed inside a batch", self.path or "loader",
                         "mix shard or local datasets")
 
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        """Samples this node loaded (`fetch_samples`), made into the batch its `fetch` would give: what a
+        per-sample map above it batches its mapped samples with, so the map changes the samples, not the
+        batch's layout. Here torch's `default_collate`; nodes with their own collation override it."""
+        return default_collate_or_empty(samples)
+
 
 def fingerprint_hash(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -486,6 +493,11 @@ class SampleLeaf(Node):
         self.epoch, self.pos = epoch, pos
 
     # ------------------------------------------------------------------------------------- loading
+    collate: Collate | None = None  # the user's collation, replacing `collate_samples`
+
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        return (self.collate or collate_samples)(samples)
+
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         check_world(self, self.world, world)
         with skips.leaf(self.path):

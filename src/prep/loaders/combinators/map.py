@@ -7,12 +7,13 @@ from typing import Any
 
 from prep.errors import PrepError
 from prep.loaders.base import BatchDesc, Combinator, Node, load_samples
-from prep.loaders.io.collate import default_collate_or_empty
 
 
 class MapDataset(Combinator):
     """Apply `fn` to each batch the child loads (energon's `MapDataset` after batching), or with
-    `per_sample=True` to each sample before collation, which also works under `MixBatchDataset`.
+    `per_sample=True` to each sample before collation, which also works under `MixBatchDataset`. The
+    mapped samples are collated as the child collates its own (its `collate`, a mix's `batch_mix_fn`),
+    unless `collate_fn` is given.
 
     `fn` runs in the loader workers, so it must be picklable (a module-level function or a
     functools.partial of one). It does not change the order, so it is not part of the fingerprint.
@@ -31,7 +32,7 @@ class MapDataset(Combinator):
             raise PrepError(f"fn {fn!r} is not callable", "MapDataset", "pass a function")
         self.fn = fn
         self.per_sample = per_sample
-        self.collate_fn = collate_fn or default_collate_or_empty
+        self.collate_fn = collate_fn
 
     @property
     def child(self) -> Node:
@@ -68,7 +69,9 @@ class MapDataset(Combinator):
         (d,) = desc.items
         if not self.per_sample:
             return self.fn(self.fetch_desc(d, rank, world))
-        return self.collate_fn([self.fn(s) for s in load_samples(self.node_at(d.node), d, rank, world)])
+        node = self.node_at(d.node)
+        mapped = [self.fn(s) for s in load_samples(node, d, rank, world)]
+        return (self.collate_fn or node.collate_loaded)(mapped)
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         if not self.per_sample:

@@ -461,4 +461,8 @@ class MixBatchDataset(Combinator):
             return self.fetch_desc(desc, rank, world)
         check_world(self, self.world, world)
         samples = self.fetch_samples(slice_refs(self, desc.items, rank, world))
-        return self.batch_mix_fn([self.collate_fn([s]) for s in samples if s is not None])
+        return self.collate_loaded([s for s in samples if s is not None])
+
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        """energon's call: each sample collated as a batch of one, the list of them to `batch_mix_fn`."""
+        return self.batch_mix_fn([self.collate_fn([s]) for s in samples])

@@ -158,6 +158,9 @@ class SequenceDataset(Node):
     def fetch_samples(self, refs: Sequence[int]) -> list[Sample | None]:
         return list(self._load(refs))  # no None: samples held in memory are never bad
 
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        return self.collate_fn(samples)
+
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         check_world(self, self.world, world)
-        return self.collate_fn(self._load(slice_refs(self, desc.items, rank, world)))
+        return self.collate_loaded(self._load(slice_refs(self, desc.items, rank, world)))
