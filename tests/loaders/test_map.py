@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from prep.errors import PrepError
-from prep.loaders import BlendDataset, DataLoader, MapDataset, MixBatchDataset, SequenceDataset, ShardDataset
+from prep.loaders import (
+    BlendDataset,
+    ConcatDataset,
+    DataLoader,
+    MapDataset,
+    MixBatchDataset,
+    SequenceDataset,
+    ShardDataset,
+)
 from prep.testing.loader_data import keyed_sequence, make_shards
 
 
@@ -95,6 +103,25 @@ def test_an_identity_per_sample_map_gives_the_childs_own_batches(tmp_path: Path)
         batches = [[as_plain(b) for b in DataLoader(MapDataset(build(), same, per_sample=each), world_size=1)]
                    for each in (False, True)]
         assert batches[1] == batches[0] and len(batches[0]) > 1
+
+
+def plus_one(sample: dict) -> dict:
+    sample["x"] = sample["x"] + 1
+    return sample
+
+
+def test_per_sample_maps_stack() -> None:
+    """A per-sample map over a per-sample map (also through a concat) maps each sample by both, inner
+    first; it raised 'cannot be loaded sample by sample' at the first batch (under a mix it worked)."""
+    stacked = [
+        MapDataset(MapDataset(seq("a", 7, 2), plus_one, per_sample=True), square, per_sample=True),
+        MapDataset(ConcatDataset(MapDataset(seq("a", 7, 2), plus_one, per_sample=True), seq("b", 3, 2)),
+                   square, per_sample=True),
+    ]
+    for tree in stacked:
+        for b in DataLoader(tree, rank=0, world_size=1):
+            for k, x in zip(b["__key__"], b["x"].flatten().tolist(), strict=True):
+                assert x == (int(k[1:]) + (k[0] == "a")) ** 2
 
 
 def test_map_keeps_the_childs_state_and_length() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Combinator, Node, load_samples
+from prep.loaders.base import BatchDesc, Collate, Combinator, Node, load_samples
 
 
 class MapDataset(Combinator):
@@ -66,12 +66,23 @@ class MapDataset(Combinator):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         if desc.node != self.path:
             return self.fetch_desc(desc, rank, world)
-        (d,) = desc.items
         if not self.per_sample:
+            (d,) = desc.items
             return self.fn(self.fetch_desc(d, rank, world))
+        collate, samples = self.mapped_samples(desc, rank, world)
+        return collate(samples)
+
+    def mapped_samples(self, desc: BatchDesc, rank: int, world: int) -> tuple[Collate, list[Any]]:
+        """Rank's samples of a batch this per-sample map planned, mapped, and how to batch them: its own
+        `collate_fn`, else as the node below batches its samples. Per-sample maps below it are loaded
+        through (each maps in turn), as they are under a mix."""
+        (d,) = desc.items
         node = self.node_at(d.node)
-        mapped = [self.fn(s) for s in load_samples(node, d, rank, world)]
-        return (self.collate_fn or node.collate_loaded)(mapped)
+        if isinstance(node, MapDataset) and node.per_sample:
+            collate, samples = node.mapped_samples(d, rank, world)
+        else:
+            collate, samples = node.collate_loaded, load_samples(node, d, rank, world)
+        return self.collate_fn or collate, [self.fn(s) for s in samples]
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         if not self.per_sample:
