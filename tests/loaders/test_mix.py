@@ -192,6 +192,18 @@ def test_concat_pad_and_homogeneous_concat_mix() -> None:
         concat_pad([torch.ones(1, 2), torch.ones(1, 2, 2)])
 
 
+@pytest.mark.parametrize("dtypes", [(torch.int64, torch.float32), (torch.float16, torch.float32),
+                                    (torch.uint8, torch.int16), (torch.float32, torch.float64)])
+def test_concat_pad_keeps_every_sources_values_in_the_promoted_type(dtypes: tuple) -> None:
+    """Samples of two dtypes (fp16 latents from one source, fp32 from another; int and float labels)
+    concatenate in the type torch.cat promotes to; they were all cast to the first one's (0.5 -> 0,
+    0.1234567 -> 0.1235 in fp16)."""
+    values = [torch.tensor([[1, 2]]).to(dtypes[0]), torch.tensor([[0.1234567, -300.5]]).to(dtypes[1])]
+    for parts in (values, values[::-1]):
+        out = concat_pad(parts)
+        assert out.dtype == torch.cat(parts).dtype and torch.equal(out, torch.cat(parts))
+
+
 def test_default_mix_collates_padded_batches_with_sources_and_weights() -> None:
     small = SequenceDataset(
         [{"__key__": f"s{i}", "img": torch.ones(3, 4, 4)} for i in range(8)], 1, world_size=1

@@ -27,6 +27,7 @@ build anything for heterogeneous sources. Samples carry `__source__` and, when a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from bisect import bisect_left
 from collections import defaultdict
@@ -70,7 +71,9 @@ LEAF_POSITIONS = 256  # the random interleave's tree stops here and shuffles the
 
 # ----------------------------------------------------------------------------------- batch_mix_fn
 def concat_pad(batch: Sequence[Any]) -> Any:
-    """Concatenate tensors (or arrays) along dim 0, zero-padding every other dim to the largest size."""
+    """Concatenate tensors (or arrays) along dim 0, zero-padding every other dim to the largest size, in
+    the type they promote to (as torch.cat and numpy do: float16 with float32 is float32, ints with
+    floats are floats), so no source's values are cast down to another's."""
     first = batch[0]
     if any(b.ndim != first.ndim for b in batch) or first.ndim == 0:
         raise PrepError(
@@ -81,7 +84,8 @@ def concat_pad(batch: Sequence[Any]) -> Any:
     total = sum(int(b.shape[0]) for b in batch)
     size = [max(int(b.shape[d]) for b in batch) for d in range(1, first.ndim)]
     if isinstance(first, torch.Tensor):
-        out: Any = first.new_zeros((total, *size))
+        dtype = functools.reduce(torch.promote_types, (b.dtype for b in batch))
+        out: Any = first.new_zeros((total, *size), dtype=dtype)
     else:
         out = np.zeros((total, *size), dtype=np.result_type(*batch))
     start = 0
