@@ -192,6 +192,14 @@ def test_concat_pad_and_homogeneous_concat_mix() -> None:
         concat_pad([torch.ones(1, 2), torch.ones(1, 2, 2)])
 
 
+def test_sources_that_list_the_same_fields_in_another_order_concatenate() -> None:
+    """Samples with the same fields in another order (shards written by other tools order members
+    differently) are concatenated field by field; they raised 'different fields: ['x', 'y'] vs ['x', 'y']'."""
+    first, second = {"x": torch.ones(1, 2), "t": ["p"]}, {"t": ["q"], "x": torch.zeros(1, 2)}
+    mixed = homogeneous_concat_mix([first, second])
+    assert list(mixed) == ["x", "t"] and mixed["t"] == ["p", "q"] and mixed["x"].tolist() == [[1, 1], [0, 0]]
+
+
 @pytest.mark.parametrize("dtypes", [(torch.int64, torch.float32), (torch.float16, torch.float32),
                                     (torch.uint8, torch.int16), (torch.float32, torch.float64)])
 def test_concat_pad_keeps_every_sources_values_in_the_promoted_type(dtypes: tuple) -> None:

@@ -102,10 +102,10 @@ def generic_concat(batch: Sequence[Any]) -> Any:
     first = batch[0]
     if isinstance(first, torch.Tensor | np.ndarray):
         return concat_pad(batch)
-    if isinstance(first, Mapping):
+    if isinstance(first, Mapping):  # by name, in the first one's order (other sources may list another)
         keys = list(first)
         for b in batch[1:]:
-            if list(b) != keys:
+            if set(b) != set(keys):
                 raise PrepError(
                     f"batches have different fields: {sorted(keys)} vs {sorted(b)}",
                     "homogeneous_concat_mix",
