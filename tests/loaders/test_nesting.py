@@ -261,6 +261,49 @@ def test_elastic_resume_on_another_world_size_with_the_same_global_batch() -> No
     assert head + take(resumed, 7) == reference
 
 
+def _rows(name: str, n: int, world: int, seed: int = 0) -> SequenceDataset:
+    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)]
+    return SequenceDataset(rows, 8 // world, shuffle=True, seed=seed, world_size=world)
+
+
+ELASTIC_TREES: dict[str, Callable[[int], Any]] = {
+    "concat": lambda w: ConcatDataset(_rows("a", 21, w), _rows("b", 19, w, 1)),
+    "exhaust blend": lambda w: BlendDataset((_rows("a", 40, w), 2), (_rows("b", 24, w, 1), 1), seed=3,
+                                            mode="exhaust"),
+    "mix of a concat": lambda w: MixBatchDataset((ConcatDataset(_rows("a", 13, w), _rows("c", 9, w)), 2),
+                                                 (_rows("b", 18, w, 1), 1), batch_size=8 // w,
+                                                 counts="stratified", repeat=False, world_size=w),
+    "blend of a mix": lambda w: BlendDataset(
+        (MixBatchDataset((_rows("a", 30, w), 2), (_rows("b", 18, w, 1), 1), batch_size=8 // w, repeat=False,
+                         world_size=w), 1), (_rows("c", 16, w, 2), 1), mode="exhaust"),
+}
+
+
+def _global_epoch(loaders: list[DataLoader]) -> list[tuple[str, ...]]:
+    """The rest of the epoch, all ranks in lockstep: each global batch as its ranks' keys joined."""
+    return [tuple(k for b in parts for k in b["__key__"]) for parts in zip(*loaders, strict=True)]
+
+
+@pytest.mark.parametrize("name", list(ELASTIC_TREES))
+def test_elastic_resume_from_4_ranks_on_2_or_8_sees_every_sample_once(name: str) -> None:
+    """Saved on 4 ranks at batch k (0, inside, the last), resumed on 2 and on 8 (same global batch of 8):
+    the global stream is the uninterrupted one and the epoch holds every sample exactly once."""
+    build = ELASTIC_TREES[name]
+    reference = _global_epoch([DataLoader(build(1), rank=0, world_size=1)])
+    every = sorted(k for b in reference for k in b)
+    assert len(every) == len(set(every))
+    for k in (0, len(reference) // 2, len(reference)):
+        ranks = [DataLoader(build(4), rank=r, world_size=4) for r in range(4)]
+        its = [iter(loader) for loader in ranks]
+        head = [tuple(key for it in its for key in next(it)["__key__"]) for _ in range(k)]
+        state = json.loads(json.dumps(ranks[0].state_dict()))
+        for world in (2, 8):
+            resumed = [DataLoader(build(world), rank=r, world_size=world) for r in range(world)]
+            for loader in resumed:
+                loader.load_state_dict(state)
+            assert head + _global_epoch(resumed) == reference, f"saved at {k}, resumed on {world}"
+
+
 def test_ranks_whose_slice_of_the_final_batch_is_empty_get_the_empty_batch() -> None:
     """10 samples in global batches of 8 on 4 ranks: the final batch of 2 leaves ranks 2 and 3 without a
     sample. Every rank gets as many batches as the others (an empty one there) and the epoch holds every
