@@ -5,6 +5,7 @@ the refusal of states saved by the planner before it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -164,6 +165,26 @@ def test_repeat_continues_a_small_source_without_losing_its_tail() -> None:
     assert sorted(refs[:5]) == list(range(5)) and sorted(refs[5:10]) == list(
         range(5)
     )  # whole epochs, in turn
+
+
+@pytest.mark.parametrize("counts", ["stratified", "multinomial"])
+def test_set_epoch_on_an_endless_mix_lets_its_sources_go_on(counts: str) -> None:
+    """A trainer's `loader.set_epoch(e)` with a fixed number of steps per epoch over an endless mix: the
+    sources go on (a large one's samples never repeat before its epoch ends; a small one shows a new
+    epoch's order each time). set_epoch restarted every source at epoch e: the small source's earlier
+    epochs came back (two mix epochs in a row showed it in the same order) and most of the large one's
+    samples were never seen."""
+    mix = MixBatchDataset((seq("a", 6), 1), (seq("b", 100), 1), batch_size=4, counts=counts, world_size=1)
+    loader = DataLoader(mix, rank=0, world_size=1)
+    per_epoch: list[list[str]] = []
+    for e in range(4):
+        loader.set_epoch(e)
+        per_epoch.append([k for _, b in zip(range(6), loader, strict=False) for k in b["__key__"]])
+    large = [k for keys in per_epoch for k in keys if k[0] == "b"]
+    assert len(large) == len(set(large)) > 30
+    small = [[k for k in keys if k[0] == "a"] for keys in per_epoch]
+    assert all(a != b for a, b in itertools.pairwise(small))
+    assert mix.state_dict()["children"][1]["epoch"] == 0  # 100 samples: still in its first epoch
 
 
 def test_source_smaller_than_its_share_cycles_inside_a_batch_with_repeat() -> None:

@@ -312,6 +312,16 @@ class MixBatchDataset(Combinator):
         self.repeat = repeat
         self.reset_cursor()
 
+    def set_epoch(self, epoch: int) -> None:
+        """repeat=False: every source starts its epoch `epoch` (they end with the mix's). repeat=True: only
+        the mix's counter (which keys its draws) moves and the sources go on, as under a ratio-mode blend:
+        restarting them replayed a small source's earlier epochs and skipped the rest of a large one's."""
+        if not self.repeat:
+            super().set_epoch(epoch)
+        elif epoch != self.epoch:
+            self.epoch = epoch
+            self.reset_cursor()
+
     def reset_cursor(self) -> None:
         k = len(self.sources)
         self.g = 0  # plans made this epoch: the multinomial draw's counter
