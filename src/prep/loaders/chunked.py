@@ -310,6 +310,7 @@ class ChunkedDataLoader:
         self.rank, self.world = dist_info(rank, world_size)
         self.chunk = 0  # the chunk index, or the epoch when not chunked
         self.batch_in_chunk = 0
+        self._hold = False  # set_chunk asked for the current chunk after its last batch (its empty rest)
         self.batches_consumed = 0
         self.is_tree = isinstance(dataset, Node)
         limit_to_batches(self.limit_batches, 1)  # refuse a malformed limit now, not at the first epoch
@@ -411,9 +412,11 @@ class ChunkedDataLoader:
 
     # -------------------------------------------------------------------------------- iteration
     def set_chunk(self, chunk: int) -> None:
-        """Jump to chunk (or epoch) `chunk`; the current one keeps its position. Moving on from a finished
-        chunk to the next is no jump (a stream resumed at a chunk's end continues there)."""
+        """Jump to chunk (or epoch) `chunk`; the current one keeps its position (a finished one: the next
+        iter() is its empty rest, not the next chunk, so a resumed trainer's `set_epoch(k)` still means
+        chunk k). Moving on from a finished chunk to the next is no jump."""
         if chunk == self.chunk:
+            self._hold = self.batch_in_chunk > 0 and self.remaining == 0
             return
         if chunk < 0:
             raise PrepError(f"chunk {chunk} is negative", "ChunkedDataLoader.set_chunk", "pass an index >= 0")
@@ -435,15 +438,17 @@ class ChunkedDataLoader:
         self.set_chunk(epoch)
 
     def _advance(self) -> None:
-        self.chunk, self.batch_in_chunk = self.chunk + 1, 0
+        self.chunk, self.batch_in_chunk, self._hold = self.chunk + 1, 0, False
         if self.is_tree and not self.chunk_size:
             self._loader.set_epoch(self.chunk)  # a limited epoch ends early: the next starts afresh
 
     def __iter__(self) -> Iterator[Any]:
-        """The rest of the current chunk, then the cursor moves to the next. A loader restored at a
-        chunk's end yields that chunk's empty rest first, as `DataLoader` does at an epoch's end, so
-        `set_epoch(k)` in a resumed trainer's loop still means chunk k. Nothing is drawn from the
-        source once the chunk is full (a tree's loader counts what it hands out as consumed)."""
+        """The rest of the current chunk, then the cursor moves to the next; a chunk that was finished
+        without its loop running out (a break after its last batch, a restore there) is left for the
+        next one first, unless `set_chunk` asked for it. Nothing is drawn from the source once the
+        chunk is full (a tree's loader counts what it hands out as consumed)."""
+        if self.batch_in_chunk and self.remaining == 0 and not self._hold:
+            self._advance()
         if self.remaining:
             source = self._tree_batches() if self.is_tree else iter(self._torch)
             try:
@@ -523,4 +528,4 @@ class ChunkedDataLoader:
         if self.is_tree:
             self._loader.load_state_dict(state["loader"])
         self.chunk, self.batch_in_chunk = int(state["chunk"]), int(state["batch_in_chunk"])
-        self.batches_consumed = int(state["batches_consumed"])
+        self.batches_consumed, self._hold = int(state["batches_consumed"]), False
