@@ -8,12 +8,13 @@ import io
 import warnings
 
 import pytest
+import torch
 from PIL import Image
 
 from prep.errors import PrepError
 from prep.formats.index import write_index
 from prep.formats.tar_write import write_shard
-from prep.loaders import DataLoader, LocalDataset, MixBatchDataset, SequenceDataset, ShardDataset
+from prep.loaders import DataLoader, LocalDataset, MapDataset, MixBatchDataset, SequenceDataset, ShardDataset
 from prep.testing.loader_data import jpeg_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:prep loader skipped")  # asserted where it matters
@@ -108,6 +109,26 @@ def test_mixed_samples_are_skipped_too(shard):
     loader = DataLoader(mix)
     seen = [s["__key__"][0] for _, b in zip(range(8), loader, strict=False) for s in b]
     assert "k022" not in seen and loader.stats()["by_reason"] == {"missing member": 1}
+
+
+def _same(sample):
+    return sample
+
+
+def test_a_batch_whose_samples_were_all_skipped_is_empty_under_a_mix_and_a_per_sample_map(shard):
+    """Per-rank batches of one: every bad sample leaves its batch empty. The mix's default batch_mix_fn
+    raised 'batches of different types []' and a per-sample map's collate an IndexError."""
+    fields = {"fields": ["jpg", "txt"], "shuffle": False, "batch_size": 1}
+    other = SequenceDataset([{"__key__": "s", "jpg": torch.zeros(3, 8, 8, dtype=torch.uint8), "txt": "s"}], 1,
+                            world_size=1)
+    trees = [MixBatchDataset((_ds(shard, **fields), 1), (other, 1), batch_size=1, counts="stratified",
+                             world_size=1, repeat=False),
+             MapDataset(_ds(shard, **fields), _same, per_sample=True)]
+    for tree in trees:
+        loader = DataLoader(tree)
+        keys = [k for b in loader for k in b["__key__"]]
+        assert sorted(k for k in keys if k != "s") == sorted({f"k{i:03d}" for i in range(60)} - BAD - NO_TXT)
+        assert loader.stats()["skipped"] == len(BAD | NO_TXT)
 
 
 def test_bad_option_values_are_refused(shard):

@@ -146,6 +146,8 @@ def test_sample_weights_and_names_tag_each_batch() -> None:
         (((seq("a", 2, 1), 1),), {"epoch_batches": 0}, "positive number of batches"),
         ((seq("a", 2, 1),), {}, "not \\(dataset, weight\\)"),
         ((), {}, "no sources"),
+        ((Source(seq("a", 2, 1), 1, sample_weight="2"),), {}, "sample_weight '2' .* not a finite number"),
+        ((Source(seq("a", 2, 1), 1, sample_weight=True),), {}, "sample_weight True .* not a finite number"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: tuple, kwargs: dict, match: str) -> None:

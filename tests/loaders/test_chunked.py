@@ -236,6 +236,57 @@ def test_tree_without_chunks_honours_limit_per_epoch() -> None:
     assert len(full) == 10 and len(keys(full)) == 10
 
 
+def trained_epochs(loader: ChunkedDataLoader, start: int, stop: int, save_at: int = -1) -> tuple[list, Any]:
+    """A trainer's loop `for e in range(start, stop): loader.set_epoch(e); for batch in loader: ...`:
+    (epoch, batch) pairs, and (epoch, JSON state) saved right after batch number `save_at`."""
+    out: list[tuple[int, Any]] = []
+    saved = None
+    for e in range(start, stop):
+        loader.set_epoch(e)
+        for b in loader:
+            out.append((e, b["__key__"] if isinstance(b, dict) else indices(b)))
+            if len(out) == save_at:
+                saved = (e, json.loads(json.dumps(loader.state_dict())))
+    return out, saved
+
+
+@pytest.mark.parametrize("kind", ["map", "tree"])
+def test_a_trainer_resumed_at_a_chunks_last_batch_trains_each_chunk_once(kind: str) -> None:
+    """Saved right after a chunk's last batch, then resumed by restarting the saved epoch (or starting
+    the next one): the stream is the uninterrupted one. The next chunk was trained twice (map-style) or
+    set_epoch raised 'cannot jump' (trees)."""
+
+    def build() -> ChunkedDataLoader:
+        if kind == "map":
+            return ChunkedDataLoader(Counting(24), batch_size=2, chunk_size=3, rank=0, world_size=1)
+        return ChunkedDataLoader(seq("a", 24, 2), chunk_size=3, rank=0, world_size=1)
+
+    reference, _ = trained_epochs(build(), 0, 5)
+    for cut in range(1, len(reference)):
+        head, saved = trained_epochs(build(), 0, 5, save_at=cut)
+        epoch, state = saved
+        finished = cut % 3 == 0
+        for start in (epoch, epoch + 1) if finished else (epoch,):
+            resumed = build()
+            resumed.load_state_dict(state)
+            rest, _ = trained_epochs(resumed, start, 5)
+            assert head[:cut] + rest == reference, f"cut {cut}, restarted at epoch {start}"
+    stepped = build()  # a loop that stops at len() without running the loader out goes on with the next chunk
+    steps = [b for _ in range(5) for _, b in zip(range(len(stepped)), stepped, strict=False)]
+    assert [b["__key__"] if kind == "tree" else indices(b) for b in steps] == [b for _, b in reference]
+
+
+@pytest.mark.parametrize("limit", [0, 0.0, 0.01])
+def test_a_limit_of_no_batches_yields_none(limit: float) -> None:
+    for loader in (
+        ChunkedDataLoader(seq("a", 20, 2), limit_batches=limit, rank=0, world_size=1),
+        ChunkedDataLoader(Counting(20), batch_size=2, limit_batches=limit, rank=0, world_size=1),
+    ):
+        assert len(loader) == 0
+        assert [keys(loader) if loader.is_tree else list(loader) for _ in range(2)] == [[], []]
+        assert loader.batches_consumed == 0 and loader.chunk == 2
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(PrepError, match="map-style datasets only"):
         ChunkedDataLoader(seq("a", 4, 2), batch_size=2, rank=0, world_size=1)
@@ -245,6 +296,11 @@ def test_bad_arguments() -> None:
         ChunkedDataLoader(Counting(4), 2, chunk_size=0, rank=0, world_size=1)
     with pytest.raises(PrepError, match="no len"):
         ChunkedDataLoader(iter(range(3)), 2, rank=0, world_size=1)
+    endless = BlendDataset((seq("a", 4, 2), 1), repeat=True)  # was a bare TypeError, at the first iter()
+    for limit in (None, 0.5):
+        with pytest.raises(PrepError, match=r"no fixed number of batches per epoch.*EpochizeDataset"):
+            ChunkedDataLoader(endless, limit_batches=limit, rank=0, world_size=1)
+    assert len(ChunkedDataLoader(endless, limit_batches=3, rank=0, world_size=1)) == 3
 
 
 @pytest.mark.slow  # the first torch.optim use in a process imports torch._dynamo (~2 s)

@@ -1,5 +1,6 @@
 """The DataLoader leaves the trainer's RNG alone, honours a node's set_epoch, refuses old states, goes on
-at a batch that failed (the first one too), and reads a batch that spans more shards than it keeps open."""
+at a batch that failed (the first one too), and reads a batch that spans more shards than it keeps open;
+a SequenceDataset refuses a batch size that is not a positive int."""
 
 from __future__ import annotations
 
@@ -206,3 +207,10 @@ def test_a_batch_over_more_shards_than_are_kept_open_reads_them_all(tmp_path, mo
     assert len({k for b in ref for k in b}) == 36
     if workers == 0:
         assert len(ds.reader._fds) <= 4
+
+
+@pytest.mark.parametrize("batch_size", [0, 1.5, "2", True])
+def test_a_sequence_batch_size_that_is_not_a_positive_int_is_refused_in_one_line(batch_size):
+    """A float or string batch size failed later, while iterating, with a bare TypeError."""
+    with pytest.raises(PrepError, match=r"SequenceDataset: batch_size .* must be a positive integer"):
+        SequenceDataset([1, 2, 3], batch_size)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from prep.errors import PrepError
-from prep.loaders import DataLoader, LocalDataset
+from prep.loaders import DataLoader, LocalDataset, MapDataset
 from prep.loaders.leaves.local import default_buckets, nearest_bucket, parse_captions
 
 
@@ -105,6 +105,25 @@ def test_buckets_give_one_size_per_batch_and_cover_everything(folder):
     )  # 3 square -> 2 batches (one short), 2 wide -> 1, 2 tall -> 1
     dropped = LocalDataset(imgs, caps, batch_size=2, buckets=buckets, drop_last=True, rank=0, world_size=1)
     assert dropped.dropped_per_epoch == 1 and dropped.batches_per_epoch() == 3
+
+
+def _same(sample):
+    return sample
+
+
+def test_a_per_sample_map_keeps_each_batchs_bucket(folder):
+    """Samples loaded one by one (a per-sample map) are sized to their batch's bucket, as the batch is;
+    they were all cropped to the first bucket's size."""
+    imgs, caps, sizes = folder
+    buckets = [(32, 32), (16, 32), (32, 16)]
+    ds = LocalDataset(imgs, caps, batch_size=2, buckets=buckets, seed=1, rank=0, world_size=1)
+    seen = []
+    for b in DataLoader(MapDataset(ds, _same, per_sample=True), rank=0, world_size=1):
+        for k in b["__key__"]:
+            iw, ih = sizes[k]
+            assert buckets[nearest_bucket(ih, iw, buckets)] == tuple(b["jpg"].shape[2:])
+        seen += b["__key__"]
+    assert sorted(seen) == sorted(sizes)
 
 
 def test_bucketed_resume_is_exact_and_mixing_is_refused(folder):

@@ -5,6 +5,7 @@ the refusal of states saved by the planner before it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -124,13 +125,14 @@ def test_spread_keeps_every_window_within_two_of_its_share(counts: list[int]) ->
 
 
 def test_each_rank_gets_its_share_and_ranks_are_disjoint() -> None:
-    def build() -> MixBatchDataset:
-        return MixBatchDataset(
-            (seq("a", 40), 3), (seq("b", 40), 1), batch_size=4, counts="stratified", world_size=2
+    def build(world: int) -> MixBatchDataset:
+        mix = MixBatchDataset(
+            (seq("a", 40), 3), (seq("b", 40), 1), batch_size=8 // world, counts="stratified", world_size=world
         )
+        mix.bind("")
+        return mix
 
-    mix = build()
-    mix.bind("")
+    mix, on_one = build(2), build(1)
     for _ in range(5):
         desc = mix.next_batch()
         parts = [mix.fetch(desc, r, 2) for r in range(2)]
@@ -139,7 +141,7 @@ def test_each_rank_gets_its_share_and_ranks_are_disjoint() -> None:
         for p in parts:
             n_a = sum(k.startswith("a") for k in p["__key__"])
             assert abs(n_a - 3) <= 1  # contiguous slices of an evenly spread batch
-        whole = mix.fetch(desc, 0, 1)  # elastic: one rank loads the same global batch
+        whole = on_one.fetch(on_one.next_batch(), 0, 1)  # elastic: one rank plans the same global batch
         assert whole["__key__"] == keys
 
 
@@ -163,6 +165,26 @@ def test_repeat_continues_a_small_source_without_losing_its_tail() -> None:
     assert sorted(refs[:5]) == list(range(5)) and sorted(refs[5:10]) == list(
         range(5)
     )  # whole epochs, in turn
+
+
+@pytest.mark.parametrize("counts", ["stratified", "multinomial"])
+def test_set_epoch_on_an_endless_mix_lets_its_sources_go_on(counts: str) -> None:
+    """A trainer's `loader.set_epoch(e)` with a fixed number of steps per epoch over an endless mix: the
+    sources go on (a large one's samples never repeat before its epoch ends; a small one shows a new
+    epoch's order each time). set_epoch restarted every source at epoch e: the small source's earlier
+    epochs came back (two mix epochs in a row showed it in the same order) and most of the large one's
+    samples were never seen."""
+    mix = MixBatchDataset((seq("a", 6), 1), (seq("b", 100), 1), batch_size=4, counts=counts, world_size=1)
+    loader = DataLoader(mix, rank=0, world_size=1)
+    per_epoch: list[list[str]] = []
+    for e in range(4):
+        loader.set_epoch(e)
+        per_epoch.append([k for _, b in zip(range(6), loader, strict=False) for k in b["__key__"]])
+    large = [k for keys in per_epoch for k in keys if k[0] == "b"]
+    assert len(large) == len(set(large)) > 30
+    small = [[k for k in keys if k[0] == "a"] for keys in per_epoch]
+    assert all(a != b for a, b in itertools.pairwise(small))
+    assert mix.state_dict()["children"][1]["epoch"] == 0  # 100 samples: still in its first epoch
 
 
 def test_source_smaller_than_its_share_cycles_inside_a_batch_with_repeat() -> None:
@@ -189,6 +211,26 @@ def test_concat_pad_and_homogeneous_concat_mix() -> None:
         homogeneous_concat_mix([{"x": a}, [a]])
     with pytest.raises(PrepError, match="ranks"):
         concat_pad([torch.ones(1, 2), torch.ones(1, 2, 2)])
+
+
+def test_sources_that_list_the_same_fields_in_another_order_concatenate() -> None:
+    """Samples with the same fields in another order (shards written by other tools order members
+    differently) are concatenated field by field; they raised 'different fields: ['x', 'y'] vs ['x', 'y']'."""
+    first, second = {"x": torch.ones(1, 2), "t": ["p"]}, {"t": ["q"], "x": torch.zeros(1, 2)}
+    mixed = homogeneous_concat_mix([first, second])
+    assert list(mixed) == ["x", "t"] and mixed["t"] == ["p", "q"] and mixed["x"].tolist() == [[1, 1], [0, 0]]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.int64, torch.float32), (torch.float16, torch.float32),
+                                    (torch.uint8, torch.int16), (torch.float32, torch.float64)])
+def test_concat_pad_keeps_every_sources_values_in_the_promoted_type(dtypes: tuple) -> None:
+    """Samples of two dtypes (fp16 latents from one source, fp32 from another; int and float labels)
+    concatenate in the type torch.cat promotes to; they were all cast to the first one's (0.5 -> 0,
+    0.1234567 -> 0.1235 in fp16)."""
+    values = [torch.tensor([[1, 2]]).to(dtypes[0]), torch.tensor([[0.1234567, -300.5]]).to(dtypes[1])]
+    for parts in (values, values[::-1]):
+        out = concat_pad(parts)
+        assert out.dtype == torch.cat(parts).dtype and torch.equal(out, torch.cat(parts))
 
 
 def test_default_mix_collates_padded_batches_with_sources_and_weights() -> None:

@@ -172,6 +172,32 @@ def test_nested_tree_runs_and_tags_sources_and_weights() -> None:
             assert w == pytest.approx(expected["0" if s.startswith("0/") else s])
 
 
+def test_a_sample_weight_below_the_root_gives_every_batch_its_weight_key() -> None:
+    """Only an inner blend or mix has a sample_weight: batches (and samples) of the other branches carry
+    `__weight__` 1.0 too. A blend's other branches had no such key (a KeyError on some batches), and a mix
+    of mixes raised 'batches have different fields'."""
+
+    def inner_blend() -> Any:
+        return BlendDataset(Source(seq("a", 8, 2), 1, sample_weight=2.0), (seq("b", 8, 2), 1), seed=1)
+
+    def inner_mix() -> Any:
+        return MixBatchDataset(Source(seq("a", 8, 1), 1, sample_weight=2.0), (seq("b", 8, 1), 1),
+                               batch_size=2, counts="stratified", world_size=1)
+
+    trees = [
+        BlendDataset((inner_blend(), 1), (seq("c", 8, 2), 1), seed=2),
+        BlendDataset((EpochizeDataset(inner_mix(), 3), 1), (MapDataset(seq("c", 8, 2), _double), 1), seed=2),
+        EpochizeDataset(MixBatchDataset((inner_mix(), 1), (seq("c", 8, 1), 1), batch_size=4,
+                                        counts="stratified", world_size=1), 4),
+    ]
+    for tree in trees:
+        batches = list(DataLoader(tree, rank=0, world_size=1))
+        assert {s.split("/")[0] for b in batches for s in b["__source__"]} == {"0", "1"}
+        for b in batches:
+            weights = {k[0]: w for k, w in zip(b["__key__"], b["__weight__"].tolist(), strict=True)}
+            assert all(w == (2.0 if k == "a" else 1.0) for k, w in weights.items())
+
+
 def test_nested_resume_with_two_workers() -> None:
     check_resume(nested, 24, [11], workers=2)
 
@@ -222,7 +248,9 @@ def test_elastic_resume_on_another_world_size_with_the_same_global_batch() -> No
         mix = MixBatchDataset(
             (leaves[0], 1), (leaves[1], 1), batch_size=per_rank, counts="stratified", world_size=world
         )
-        return BlendDataset((mix, 1), (seq("c", 40, per_rank * world), 1), seed=3, repeat=True)
+        c = SequenceDataset([{"__key__": f"c{i}", "x": torch.tensor([i])} for i in range(40)], per_rank,
+                            shuffle=True, world_size=world)
+        return BlendDataset((mix, 1), (c, 1), seed=3, repeat=True)
 
     reference = take(DataLoader(build(1), rank=0, world_size=1), 12)
     ranks = [DataLoader(build(2), rank=r, world_size=2) for r in range(2)]
@@ -231,6 +259,76 @@ def test_elastic_resume_on_another_world_size_with_the_same_global_batch() -> No
     resumed = DataLoader(build(1), rank=0, world_size=1)
     resumed.load_state_dict(json.loads(json.dumps(ranks[0].state_dict())))
     assert head + take(resumed, 7) == reference
+
+
+def _rows(name: str, n: int, world: int, seed: int = 0) -> SequenceDataset:
+    rows = [{"__key__": f"{name}{i}", "x": torch.tensor([i])} for i in range(n)]
+    return SequenceDataset(rows, 8 // world, shuffle=True, seed=seed, world_size=world)
+
+
+ELASTIC_TREES: dict[str, Callable[[int], Any]] = {
+    "concat": lambda w: ConcatDataset(_rows("a", 21, w), _rows("b", 19, w, 1)),
+    "exhaust blend": lambda w: BlendDataset((_rows("a", 40, w), 2), (_rows("b", 24, w, 1), 1), seed=3,
+                                            mode="exhaust"),
+    "mix of a concat": lambda w: MixBatchDataset((ConcatDataset(_rows("a", 13, w), _rows("c", 9, w)), 2),
+                                                 (_rows("b", 18, w, 1), 1), batch_size=8 // w,
+                                                 counts="stratified", repeat=False, world_size=w),
+    "blend of a mix": lambda w: BlendDataset(
+        (MixBatchDataset((_rows("a", 30, w), 2), (_rows("b", 18, w, 1), 1), batch_size=8 // w, repeat=False,
+                         world_size=w), 1), (_rows("c", 16, w, 2), 1), mode="exhaust"),
+}
+
+
+def _global_epoch(loaders: list[DataLoader]) -> list[tuple[str, ...]]:
+    """The rest of the epoch, all ranks in lockstep: each global batch as its ranks' keys joined."""
+    return [tuple(k for b in parts for k in b["__key__"]) for parts in zip(*loaders, strict=True)]
+
+
+@pytest.mark.parametrize("name", list(ELASTIC_TREES))
+def test_elastic_resume_from_4_ranks_on_2_or_8_sees_every_sample_once(name: str) -> None:
+    """Saved on 4 ranks at batch k (0, inside, the last), resumed on 2 and on 8 (same global batch of 8):
+    the global stream is the uninterrupted one and the epoch holds every sample exactly once."""
+    build = ELASTIC_TREES[name]
+    reference = _global_epoch([DataLoader(build(1), rank=0, world_size=1)])
+    every = sorted(k for b in reference for k in b)
+    assert len(every) == len(set(every))
+    for k in (0, len(reference) // 2, len(reference)):
+        ranks = [DataLoader(build(4), rank=r, world_size=4) for r in range(4)]
+        its = [iter(loader) for loader in ranks]
+        head = [tuple(key for it in its for key in next(it)["__key__"]) for _ in range(k)]
+        state = json.loads(json.dumps(ranks[0].state_dict()))
+        for world in (2, 8):
+            resumed = [DataLoader(build(world), rank=r, world_size=world) for r in range(world)]
+            for loader in resumed:
+                loader.load_state_dict(state)
+            assert head + _global_epoch(resumed) == reference, f"saved at {k}, resumed on {world}"
+
+
+def test_ranks_whose_slice_of_the_final_batch_is_empty_get_the_empty_batch() -> None:
+    """10 samples in global batches of 8 on 4 ranks: the final batch of 2 leaves ranks 2 and 3 without a
+    sample. Every rank gets as many batches as the others (an empty one there) and the epoch holds every
+    sample once; a SequenceDataset (and a per-sample map over it) raised IndexError from default_collate."""
+
+    def build(rank: int) -> list[Any]:
+        rows = [{"__key__": f"a{i}", "x": torch.tensor([i])} for i in range(10)]
+        return [SequenceDataset(rows, 2, shuffle=True, world_size=4),
+                MapDataset(SequenceDataset(rows, 2, world_size=4), _tag_sample, per_sample=True)]
+
+    for k in range(2):
+        per_rank = [[b["__key__"] for b in DataLoader(build(r)[k], rank=r, world_size=4)] for r in range(4)]
+        assert [len(p) for p in per_rank] == [2] * 4
+        assert per_rank[2][1] == per_rank[3][1] == []
+        assert sorted(key for p in per_rank for b in p for key in b) == sorted(f"a{i}" for i in range(10))
+
+
+def test_a_sequence_or_mix_planned_for_another_world_size_is_refused_in_one_line() -> None:
+    """Planned for 1 rank (batch_size 4), loaded on 2: each rank got 2 samples, not its batch_size of 4,
+    silently (ShardDataset refused it already)."""
+    rows = [{"__key__": f"a{i}", "x": torch.tensor([i])} for i in range(16)]
+    for ds in (SequenceDataset(rows, 4, world_size=1),
+               MixBatchDataset((SequenceDataset(rows, 1, world_size=1), 1), batch_size=4, world_size=1)):
+        with pytest.raises(PrepError, match="planned for a world of 1 ranks, the loader runs 2"):
+            next(iter(DataLoader(ds, rank=0, world_size=2)))
 
 
 def test_same_object_twice_is_refused() -> None:

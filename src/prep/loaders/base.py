@@ -41,6 +41,7 @@ import numpy as np
 
 from prep.errors import PrepError
 from prep.loaders import skips
+from prep.loaders.io.collate import collate_samples, default_collate_or_empty
 
 # 2: random streams hash their counters into the key (states of 1 would resume into another order)
 STATE_VERSION = 2
@@ -216,6 +217,17 @@ def pieces_at(lengths: Sequence[int], lo: int, hi: int) -> Iterator[tuple[int, i
             return
 
 
+def check_world(node: Node, planned: int, world: int) -> None:
+    """Refuse to load a batch planned for another world size: each rank would get another share of it than
+    its batch_size asks (the node's batch_size x `planned` samples split over `world` ranks)."""
+    if world != planned:
+        raise PrepError(
+            f"the dataset planned for a world of {planned} ranks, the loader runs {world}",
+            node.path or type(node).__name__,
+            "pass the same rank/world_size to both, or neither",
+        )
+
+
 def rank_slice(n: int, rank: int, world: int) -> slice:
     """Rank r's contiguous part of a global batch of n items (even split; the first n % world ranks get
     one more when n is not divisible, as happens only for a final short batch with drop_last=False)."""
@@ -323,6 +335,12 @@ class Node(ABC):
         raise PrepError(f"{type(self).__name__} cannot be mixed inside a batch", self.path or "loader",
                         "mix shard or local datasets")
 
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        """Samples this node loaded (`fetch_samples`), made into the batch its `fetch` would give: what a
+        per-sample map above it batches its mapped samples with, so the map changes the samples, not the
+        batch's layout. Here torch's `default_collate`; nodes with their own collation override it."""
+        return default_collate_or_empty(samples)
+
 
 def fingerprint_hash(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -380,6 +398,14 @@ Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 Collate = Callable[[list[dict[str, Any]]], Any]
+
+
+def check_batch_size(batch_size: Any, where: str) -> int:
+    """A per-rank batch size: a positive int (a float or a string would fail later, far from its cause)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrepError(f"batch_size {batch_size!r} must be a positive integer", where,
+                        "pass the per-rank batch size")
+    return batch_size
 
 
 def resolve_global_batch(
@@ -467,16 +493,13 @@ class SampleLeaf(Node):
         self.epoch, self.pos = epoch, pos
 
     # ------------------------------------------------------------------------------------- loading
-    def _check_world(self, world: int) -> None:
-        if world != self.world:
-            raise PrepError(
-                f"the dataset planned for a world of {self.world} ranks, the loader runs {world}",
-                self.path or type(self).__name__,
-                "pass the same rank/world_size to both, or neither",
-            )
+    collate: Collate | None = None  # the user's collation, replacing `collate_samples`
+
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        return (self.collate or collate_samples)(samples)
 
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
-        self._check_world(world)
+        check_world(self, self.world, world)
         with skips.leaf(self.path):
             return self.load_batch(slice_refs(self, desc.items, rank, world))
 
@@ -607,6 +630,21 @@ class Source:
     sample_weight: float | None = None
 
 
+def weights_samples(sources: Sequence[Source]) -> bool:
+    """Whether a blend or mix gives its samples `__weight__`: when any source, or any blend or mix below
+    one, has a sample_weight. Every batch then carries the key (1.0 where none applies), whichever branch
+    of the tree it came from, so batches keep one layout through nesting."""
+    return any(
+        s.sample_weight is not None or any(getattr(n, "weighted", False) for n in _walk(s.dataset))
+        for s in sources
+    )
+
+
+def _finite_number(x: Any) -> bool:
+    """An int or float (not a bool, a string or a container) that is finite."""
+    return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
+
+
 def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
     """`(dataset, weight)` tuples or `Source` objects -> validated `Source`s with names."""
     out: list[Source] = []
@@ -622,22 +660,17 @@ def parse_sources(args: Sequence[Any], where: str) -> list[Source]:
                 "pass (dataset, weight) tuples or prep.loaders.Source objects",
             )
         check_node(s.dataset, f"{where} source {i}")
-        if (
-            isinstance(s.weight, bool)
-            or not isinstance(s.weight, int | float)
-            or not math.isfinite(s.weight)
-            or s.weight <= 0
-        ):
+        if not _finite_number(s.weight) or s.weight <= 0:
             raise PrepError(
                 f"weight {s.weight!r} of source {i} must be a positive number",
                 where,
                 "give every source a weight > 0 (weights are normalised)",
             )
-        if s.sample_weight is not None and not math.isfinite(s.sample_weight):
+        if s.sample_weight is not None and not _finite_number(s.sample_weight):
             raise PrepError(
-                f"sample_weight {s.sample_weight!r} of source {i} is not finite",
+                f"sample_weight {s.sample_weight!r} of source {i} is not a finite number",
                 where,
-                "pass a finite loss weight",
+                "pass a finite loss weight (a float), or None for none",
             )
         out.append(
             Source(s.dataset, float(s.weight), s.name if s.name is not None else str(i), s.sample_weight)

@@ -310,6 +310,7 @@ class ChunkedDataLoader:
         self.rank, self.world = dist_info(rank, world_size)
         self.chunk = 0  # the chunk index, or the epoch when not chunked
         self.batch_in_chunk = 0
+        self._hold = False  # set_chunk asked for the current chunk after its last batch (its empty rest)
         self.batches_consumed = 0
         self.is_tree = isinstance(dataset, Node)
         limit_to_batches(self.limit_batches, 1)  # refuse a malformed limit now, not at the first epoch
@@ -319,6 +320,13 @@ class ChunkedDataLoader:
                     "batch_size, shuffle, seed, drop_last and collate_fn apply to map-style datasets only",
                     "ChunkedDataLoader",
                     "set batch size, order and collation on the prep dataset itself",
+                )
+            endless = dataset.batches_per_epoch() is None
+            if endless and not self.chunk_size and not isinstance(limit_batches, int):
+                raise PrepError(
+                    f"{type(dataset).__name__} has no fixed number of batches per epoch: an epoch never ends",
+                    "ChunkedDataLoader",
+                    "pass chunk_size or an integer limit_batches, or wrap it in EpochizeDataset(ds, length)",
                 )
             self._loader = DataLoader(
                 dataset,
@@ -388,10 +396,8 @@ class ChunkedDataLoader:
             if self.chunk_size:
                 return self.chunk_size
             n = self.dataset.batches_per_epoch()
-            if n is None:
-                if self.limit_batches is None or isinstance(self.limit_batches, float):
-                    raise TypeError("this dataset has no fixed number of batches per epoch")
-                return int(self.limit_batches)
+            if n is None:  # endless: an integer limit is the epoch (refused without one at construction)
+                return int(self.limit_batches)  # type: ignore[arg-type]
             return limit_to_batches(self.limit_batches, n)
         n = self.sampler.chunk_length(k)
         full = n // self.global_batch_size if self.drop_last else -(-n // self.global_batch_size)
@@ -406,11 +412,17 @@ class ChunkedDataLoader:
 
     # -------------------------------------------------------------------------------- iteration
     def set_chunk(self, chunk: int) -> None:
-        """Jump to chunk (or epoch) `chunk`; the current one keeps its position."""
+        """Jump to chunk (or epoch) `chunk`; the current one keeps its position (a finished one: the next
+        iter() is its empty rest, not the next chunk, so a resumed trainer's `set_epoch(k)` still means
+        chunk k). Moving on from a finished chunk to the next is no jump."""
         if chunk == self.chunk:
+            self._hold = self.batch_in_chunk > 0 and self.remaining == 0
             return
         if chunk < 0:
             raise PrepError(f"chunk {chunk} is negative", "ChunkedDataLoader.set_chunk", "pass an index >= 0")
+        if chunk == self.chunk + 1 and self.remaining == 0:
+            self._advance()
+            return
         if self.is_tree:
             if self.chunk_size:
                 raise PrepError(
@@ -426,25 +438,30 @@ class ChunkedDataLoader:
         self.set_chunk(epoch)
 
     def _advance(self) -> None:
-        self.chunk, self.batch_in_chunk = self.chunk + 1, 0
+        self.chunk, self.batch_in_chunk, self._hold = self.chunk + 1, 0, False
         if self.is_tree and not self.chunk_size:
             self._loader.set_epoch(self.chunk)  # a limited epoch ends early: the next starts afresh
 
     def __iter__(self) -> Iterator[Any]:
-        if self.remaining == 0:
+        """The rest of the current chunk, then the cursor moves to the next; a chunk that was finished
+        without its loop running out (a break after its last batch, a restore there) is left for the
+        next one first, unless `set_chunk` asked for it. Nothing is drawn from the source once the
+        chunk is full (a tree's loader counts what it hands out as consumed)."""
+        if self.batch_in_chunk and self.remaining == 0 and not self._hold:
             self._advance()
-        source = self._tree_batches() if self.is_tree else iter(self._torch)
-        try:
-            for batch in source:
-                self.batch_in_chunk += 1
-                self.batches_consumed += 1
-                yield batch
-                if self.batch_in_chunk >= self.chunk_batches(self.chunk):
-                    break
-        finally:
-            if hasattr(source, "close"):
-                source.close()
-        if self.batch_in_chunk >= self.chunk_batches(self.chunk):
+        if self.remaining:
+            source = self._tree_batches() if self.is_tree else iter(self._torch)
+            try:
+                for batch in source:
+                    self.batch_in_chunk += 1
+                    self.batches_consumed += 1
+                    yield batch
+                    if self.remaining == 0:
+                        break
+            finally:
+                if hasattr(source, "close"):
+                    source.close()
+        if self.remaining == 0:
             self._advance()
 
     def _tree_batches(self) -> Iterator[Any]:
@@ -511,4 +528,4 @@ class ChunkedDataLoader:
         if self.is_tree:
             self._loader.load_state_dict(state["loader"])
         self.chunk, self.batch_in_chunk = int(state["chunk"]), int(state["batch_in_chunk"])
-        self.batches_consumed = int(state["batches_consumed"])
+        self.batches_consumed, self._hold = int(state["batches_consumed"]), False

@@ -35,6 +35,7 @@ from prep.loaders.base import (
     known_sizes,
     parse_sources,
     sum_of_sizes,
+    weights_samples,
 )
 
 Schedule = Literal["random", "smooth"]
@@ -171,7 +172,7 @@ class BlendDataset(Combinator):
                 "pass schedule='random' or schedule='smooth'",
             )
         self.mode, self.length = _resolve_mode(mode, repeat, epoch_batches, self._children)
-        self.weighted = any(s.sample_weight is not None for s in self.sources)
+        self.weighted = weights_samples(self.sources)
         self.seed = seed
         self.schedule = schedule
         self._block: tuple[tuple[Any, ...], list[int]] | None = None

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch.utils.data import default_collate
-
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Combinator, Node, load_samples
+from prep.loaders.base import BatchDesc, Collate, Combinator, Node, load_samples
 
 
 class MapDataset(Combinator):
     """Apply `fn` to each batch the child loads (energon's `MapDataset` after batching), or with
-    `per_sample=True` to each sample before collation, which also works under `MixBatchDataset`.
+    `per_sample=True` to each sample before collation, which also works under `MixBatchDataset`. The
+    mapped samples are collated as the child collates its own (its `collate`, a mix's `batch_mix_fn`),
+    unless `collate_fn` is given.
 
     `fn` runs in the loader workers, so it must be picklable (a module-level function or a
     functools.partial of one). It does not change the order, so it is not part of the fingerprint.
@@ -32,7 +32,7 @@ class MapDataset(Combinator):
             raise PrepError(f"fn {fn!r} is not callable", "MapDataset", "pass a function")
         self.fn = fn
         self.per_sample = per_sample
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn = collate_fn
 
     @property
     def child(self) -> Node:
@@ -66,10 +66,23 @@ class MapDataset(Combinator):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         if desc.node != self.path:
             return self.fetch_desc(desc, rank, world)
-        (d,) = desc.items
         if not self.per_sample:
+            (d,) = desc.items
             return self.fn(self.fetch_desc(d, rank, world))
-        return self.collate_fn([self.fn(s) for s in load_samples(self.node_at(d.node), d, rank, world)])
+        collate, samples = self.mapped_samples(desc, rank, world)
+        return collate(samples)
+
+    def mapped_samples(self, desc: BatchDesc, rank: int, world: int) -> tuple[Collate, list[Any]]:
+        """Rank's samples of a batch this per-sample map planned, mapped, and how to batch them: its own
+        `collate_fn`, else as the node below batches its samples. Per-sample maps below it are loaded
+        through (each maps in turn), as they are under a mix."""
+        (d,) = desc.items
+        node = self.node_at(d.node)
+        if isinstance(node, MapDataset) and node.per_sample:
+            collate, samples = node.mapped_samples(d, rank, world)
+        else:
+            collate, samples = node.collate_loaded, load_samples(node, d, rank, world)
+        return self.collate_fn or collate, [self.fn(s) for s in samples]
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
         if not self.per_sample:

@@ -27,6 +27,7 @@ build anything for heterogeneous sources. Samples carry `__source__` and, when a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from bisect import bisect_left
 from collections import defaultdict
@@ -46,13 +47,17 @@ from prep.loaders.base import (
     Node,
     Planned,
     Source,
+    check_batch_size,
+    check_world,
     counter_rng,
     dist_info,
     parse_sources,
     pieces_at,
     slice_refs,
+    weights_samples,
 )
 from prep.loaders.combinators.blend import exact_weights, loss_weight
+from prep.loaders.io.collate import empty_batch
 
 Counts = Literal["multinomial", "stratified"]
 _SCALAR = (str, bytes, int, float, bool, type(None))
@@ -66,7 +71,9 @@ LEAF_POSITIONS = 256  # the random interleave's tree stops here and shuffles the
 
 # ----------------------------------------------------------------------------------- batch_mix_fn
 def concat_pad(batch: Sequence[Any]) -> Any:
-    """Concatenate tensors (or arrays) along dim 0, zero-padding every other dim to the largest size."""
+    """Concatenate tensors (or arrays) along dim 0, zero-padding every other dim to the largest size, in
+    the type they promote to (as torch.cat and numpy do: float16 with float32 is float32, ints with
+    floats are floats), so no source's values are cast down to another's."""
     first = batch[0]
     if any(b.ndim != first.ndim for b in batch) or first.ndim == 0:
         raise PrepError(
@@ -77,7 +84,8 @@ def concat_pad(batch: Sequence[Any]) -> Any:
     total = sum(int(b.shape[0]) for b in batch)
     size = [max(int(b.shape[d]) for b in batch) for d in range(1, first.ndim)]
     if isinstance(first, torch.Tensor):
-        out: Any = first.new_zeros((total, *size))
+        dtype = functools.reduce(torch.promote_types, (b.dtype for b in batch))
+        out: Any = first.new_zeros((total, *size), dtype=dtype)
     else:
         out = np.zeros((total, *size), dtype=np.result_type(*batch))
     start = 0
@@ -94,10 +102,10 @@ def generic_concat(batch: Sequence[Any]) -> Any:
     first = batch[0]
     if isinstance(first, torch.Tensor | np.ndarray):
         return concat_pad(batch)
-    if isinstance(first, Mapping):
+    if isinstance(first, Mapping):  # by name, in the first one's order (other sources may list another)
         keys = list(first)
         for b in batch[1:]:
-            if list(b) != keys:
+            if set(b) != set(keys):
                 raise PrepError(
                     f"batches have different fields: {sorted(keys)} vs {sorted(b)}",
                     "homogeneous_concat_mix",
@@ -118,7 +126,10 @@ def generic_concat(batch: Sequence[Any]) -> Any:
 
 
 def homogeneous_concat_mix(samples: Sequence[Any]) -> Any:
-    """Mix batches of one type into one batch by concatenation (energon's helper of the same name)."""
+    """Mix batches of one type into one batch by concatenation (energon's helper of the same name); none
+    (a rank's samples all skipped as bad) give `empty_batch()`."""
+    if not samples:
+        return empty_batch()
     kinds = {type(s) for s in samples}
     if len(kinds) != 1:
         raise PrepError(
@@ -283,12 +294,7 @@ class MixBatchDataset(Combinator):
                 "MixBatchDataset",
                 "pass counts='multinomial' or counts='stratified'",
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise PrepError(
-                f"batch_size {batch_size!r} must be a positive integer",
-                "MixBatchDataset",
-                "pass the per-rank batch size",
-            )
+        check_batch_size(batch_size, "MixBatchDataset")
         self.world = dist_info()[1] if world_size is None else world_size
         if self.world < 1:
             raise PrepError(
@@ -300,11 +306,21 @@ class MixBatchDataset(Combinator):
         self.global_batch_size = batch_size * self.world
         self.batch_mix_fn = batch_mix_fn
         self.collate_fn = collate_fn or default_collate
-        self.weighted = any(s.sample_weight is not None for s in self.sources)
+        self.weighted = weights_samples(self.sources)
         self.count_mode = counts
         self.seed = seed
         self.repeat = repeat
         self.reset_cursor()
+
+    def set_epoch(self, epoch: int) -> None:
+        """repeat=False: every source starts its epoch `epoch` (they end with the mix's). repeat=True: only
+        the mix's counter (which keys its draws) moves and the sources go on, as under a ratio-mode blend:
+        restarting them replayed a small source's earlier epochs and skipped the rest of a large one's."""
+        if not self.repeat:
+            super().set_epoch(epoch)
+        elif epoch != self.epoch:
+            self.epoch = epoch
+            self.reset_cursor()
 
     def reset_cursor(self) -> None:
         k = len(self.sources)
@@ -457,5 +473,10 @@ class MixBatchDataset(Combinator):
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
         if desc.node != self.path:
             return self.fetch_desc(desc, rank, world)
+        check_world(self, self.world, world)
         samples = self.fetch_samples(slice_refs(self, desc.items, rank, world))
-        return self.batch_mix_fn([self.collate_fn([s]) for s in samples if s is not None])
+        return self.collate_loaded([s for s in samples if s is not None])
+
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        """energon's call: each sample collated as a batch of one, the list of them to `batch_mix_fn`."""
+        return self.batch_mix_fn([self.collate_fn([s]) for s in samples])

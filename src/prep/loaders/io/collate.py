@@ -8,17 +8,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from prep.errors import PrepError
 from prep.loaders.io.shm import pooled_like, shared_empty
 
 
+def empty_batch() -> dict[str, Any]:
+    """The batch of no samples: a rank's slice of a short final batch, or a batch whose samples were all
+    skipped as bad (per-rank batches of one make that every bad sample's)."""
+    return {"__key__": []}
+
+
+def default_collate_or_empty(samples: Sequence[Any]) -> Any:
+    """torch's `default_collate`, which cannot collate an empty list, and `empty_batch()` for one."""
+    return default_collate(list(samples)) if samples else empty_batch()
+
+
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack what stacks (same-shape tensors and arrays, numbers), list the rest (str, bytes, dicts, PIL).
 
-    An empty list gives {"__key__": []} (a rank's slice of a short final batch can be empty)."""
+    An empty list gives `empty_batch()`."""
     if not samples:
-        return {"__key__": []}
+        return empty_batch()
     out: dict[str, Any] = {}
     for name in samples[0]:
         values = [s[name] for s in samples]

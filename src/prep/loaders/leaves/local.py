@@ -364,13 +364,17 @@ class LocalDataset(SampleLeaf):
             out.append((self.keys[r], members, where, epoch))
         return out
 
+    def _decoder(self, refs: Sequence[Any]) -> Decoder:
+        """The decoder of these references' bucket (a planned batch holds one; without buckets, the one)."""
+        return self.decoders[refs[0][2]] if refs else self.decoders[0]
+
     def load_batch(self, refs: Sequence[Any]) -> Any:
-        decoder = self.decoders[refs[0][2]] if refs else self.decoders[0]
-        return decoder.decode_batch(self._parsed(refs), self.transform, self.collate)
+        return self._decoder(refs).decode_batch(self._parsed(refs), self.transform, self.collate)
 
     def fetch_samples(self, refs: Sequence[Any]) -> list[dict[str, Any] | None]:
-        with skips.leaf(self.path):  # mixed samples come from the unbucketed decoder (buckets cannot mix)
-            return self.decoders[0].finish_all(self._parsed(refs, True), self.transform)
+        """Samples of one batch, as a per-sample map above loads them (bucketed ones cannot be mixed)."""
+        with skips.leaf(self.path):
+            return self._decoder(refs).finish_all(self._parsed(refs, True), self.transform)
 
 
 def text_line_of(data: bytes, offset: int) -> int:

@@ -13,10 +13,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import default_collate
 
 from prep.errors import PrepError
-from prep.loaders.base import BatchDesc, Node, Span, counter_rng, dist_info, slice_refs, take_positions
+from prep.loaders.base import (
+    BatchDesc,
+    Node,
+    Span,
+    check_batch_size,
+    check_world,
+    counter_rng,
+    dist_info,
+    slice_refs,
+    take_positions,
+)
+from prep.loaders.io.collate import default_collate_or_empty
 
 Sample = dict[str, Any]
 
@@ -50,10 +60,7 @@ class SequenceDataset(Node):
         collate_fn: Callable[[list[Sample]], Any] | None = None,
         world_size: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise PrepError(
-                f"batch_size {batch_size} must be at least 1", "SequenceDataset", "pass a positive batch_size"
-            )
+        check_batch_size(batch_size, "SequenceDataset")
         self.samples = [_as_sample(s, i) for i, s in enumerate(samples)]
         if not self.samples:
             raise PrepError("the sample list is empty", "SequenceDataset", "pass at least one sample")
@@ -70,7 +77,7 @@ class SequenceDataset(Node):
         self.seed = seed
         self.drop_last = drop_last
         self.transform = transform
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn = collate_fn or default_collate_or_empty
         self.epoch = 0
         self.pos = 0
         self._order: tuple[tuple[str, int], np.ndarray] | None = None
@@ -151,5 +158,9 @@ class SequenceDataset(Node):
     def fetch_samples(self, refs: Sequence[int]) -> list[Sample | None]:
         return list(self._load(refs))  # no None: samples held in memory are never bad
 
+    def collate_loaded(self, samples: list[Any]) -> Any:
+        return self.collate_fn(samples)
+
     def fetch(self, desc: BatchDesc, rank: int, world: int) -> Any:
-        return self.collate_fn(self._load(slice_refs(self, desc.items, rank, world)))
+        check_world(self, self.world, world)
+        return self.collate_loaded(self._load(slice_refs(self, desc.items, rank, world)))
