@@ -389,3 +389,46 @@ def test_progress_and_summary_fit_80_columns_and_show_every_name_whole(data, tmp
         assert shown
         for k, v in shown.items():  # a row per metric: its name and value on one line
             assert any(k in line and f"{v:.4g}" in line for line in lines), k
+
+
+def test_stop_after_on_a_step_end_trains_exactly_that_many(data, tmp_path):
+    """`max_batches` that lands on a step's last batch stops there (the step-end checkpoint), without
+    training a batch of the next step; the resumed run is the uninterrupted one."""
+    steps = [
+        {"name": "a", "max_steps": 5, "train": ["reg"], "freeze": ["enc"], "optimization": OPT_DEC},
+        {"name": "b", "max_steps": 4, "train": ["reg"], "optimization": OPT_BOTH},
+    ]
+    cfg = _config(data, steps)
+    _, modules, trainer = _run(cfg, tmp_path / "ref")
+    orch, _, stopped = _run(cfg, tmp_path / "ck", max_batches=5)
+    assert len(stopped.keys) == 5 and orch.state.global_batches == 5 and orch.state.step_index == 1
+    _resume_matches(cfg, tmp_path / "ck", [], _weights(modules), trainer.keys)
+
+
+def test_gradients_of_a_step_never_reach_the_next_one(data, tmp_path):
+    """A module left trainable but stepped by no optimizer (enc in step a) gathers gradients; they must
+    not join its first update in step b: a run resumed at the step end (no gradients saved) and the
+    uninterrupted run are bitwise the same."""
+    steps = [
+        {"name": "a", "max_steps": 5, "train": ["reg"], "optimization": OPT_DEC},
+        {"name": "b", "max_steps": 4, "train": ["reg"], "optimization": OPT_BOTH},
+    ]
+    cfg = _config(data, steps)
+    _, modules, trainer = _run(cfg, tmp_path / "ref")
+    _resume_matches(cfg, tmp_path / "ck", [3, 5, 6], _weights(modules), trainer.keys)
+
+
+def test_resume_never_refuses_a_folder_that_holds_checkpoints(data, tmp_path):
+    """A fresh run in a folder of another run would have its checkpoints pruned in favour of the old
+    run's (and a later resume would pick the old run): refused, naming the folder."""
+    steps = [{"name": "a", "max_steps": 4, "train": ["reg"], "optimization": OPT_DEC, "checkpoint_every": 1}]
+    cfg = _config(data, steps)
+    _run(cfg, tmp_path / "ck")
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(PrepError) as err:
+        _run(cfg, tmp_path / "ck", resume="never", max_batches=2)
+    assert "holds checkpoints" in err.value.what and err.value.where == str(tmp_path / "ck")
+    assert "--checkpoint-dir" in err.value.fix
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    _, _, trainer = _run(cfg, tmp_path / "empty", resume="never")  # an empty or new folder is fine
+    assert len(trainer.keys) == 4

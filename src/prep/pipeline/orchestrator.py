@@ -211,7 +211,8 @@ def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
 class TrainingPipelineOrchestrator:
     """Run `config`'s steps over `modules` with `trainers`, checkpointing into `checkpoint_dir`.
 
-    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never', or a checkpoint path.
+    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never' (a fresh run: refused
+    when checkpoint_dir holds checkpoints), or a checkpoint path.
     `allow_config_change`: resume even if the current or a finished step's fingerprint changed.
     `args`: the caller's fallback batch_size / workers (see `prep.pipeline.resolve`).
     """
@@ -372,6 +373,13 @@ class TrainingPipelineOrchestrator:
 
     def _find_checkpoint(self) -> Path | None:
         if self.resume == "never":
+            found = broadcast(ckpt.newest(self.dir) if self.dist.main else None, self.dist)
+            if found is not None:  # its checkpoints would outrank the new run's in pruning and resume
+                raise PrepError(
+                    f"--resume never, but the checkpoint folder holds checkpoints of a run ({found.name})",
+                    str(self.dir),
+                    "pass another --checkpoint-dir for a new run, or delete these checkpoints to start over",
+                )
             return None
         if self.resume == "auto":
             path = ckpt.newest(self.dir) if self.dist.main else None
@@ -430,6 +438,9 @@ class TrainingPipelineOrchestrator:
         trained_here = 0
         n = len(self.cfg.steps)
         while self.state.step_index < n:
+            if max_batches is not None and trained_here >= max_batches:  # on a step end: its checkpoint
+                leave(self.dist)
+                return self.summaries
             done, trained = self._run_step(self.state.step_index, payload, meta, max_batches, trained_here)
             trained_here += trained
             payload = meta = None
@@ -582,8 +593,10 @@ class TrainingPipelineOrchestrator:
         st.step_epoch = st.batch_in_epoch = st.step_batches = st.step_samples = st.val_epoch = 0
         st.step_seconds = 0.0
         run.save(step_end=True)
-        for o in optimizers.values():
-            o.zero_grad(set_to_none=True)
+        # every module's: a trainable module no optimizer stepped gathered gradients all step, which
+        # would join its first update in a later step (and a resume, which saves no gradients, not)
+        for m in self.modules.values():
+            m.zero_grad(set_to_none=True)
         del optimizers, schedulers, ctx, run
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
