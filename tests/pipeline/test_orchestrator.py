@@ -12,6 +12,7 @@ from prep.errors import PrepError, PrepErrorGroup
 from prep.pipeline import checkpoint as ckpt
 from prep.pipeline import parse_pipeline_config
 from prep.pipeline.orchestrator import TrainingPipelineOrchestrator
+from prep.pipeline.plan import make_plan
 from prep.testing.loader_data import make_shards
 from prep.testing.pipeline_data import RegressionTrainer, tiny_modules
 
@@ -432,3 +433,53 @@ def test_resume_never_refuses_a_folder_that_holds_checkpoints(data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
     _, _, trainer = _run(cfg, tmp_path / "empty", resume="never")  # an empty or new folder is fine
     assert len(trainer.keys) == 4
+
+
+class _Counting(RegressionTrainer):
+    """Also records the learning rate each batch trained with, and counts validation batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lrs: list[float] = []
+        self.val_batches = 0
+
+    def train_step(self, batch, ctx):
+        self.lrs.append(ctx.optimizers["dec"].param_groups[0]["lr"])
+        return super().train_step(batch, ctx)
+
+    def val_step(self, batch, ctx):
+        self.val_batches += 1
+        return super().val_step(batch, ctx)
+
+
+def test_batch_limits_above_the_epoch_are_the_epoch(data, tmp_path):
+    """Lightning's convention: a limit above the epoch's batches is the whole epoch. T_max: auto is then
+    the step's real length (the cosine reaches its end), and validation reads the set once."""
+    step = {
+        "name": "a",
+        "n_epochs": 2,
+        "train": ["reg"],
+        "optimization": {**OPT_DEC, "schedulers": {"dec": {"type": "CosineAnnealingLR", "T_max": "auto"}}},
+        "validation": {"dataset": "v", "every": "1ep", "limit_train_batches": 100, "limit_val_batches": 50},
+    }
+    trainer = _Counting()
+    orch = TrainingPipelineOrchestrator(
+        _config(data, [step]), tiny_modules(0), {"reg": trainer}, tmp_path / "ck", progress=False
+    )
+    orch.run()
+    assert len(trainer.lrs) == 12
+    assert trainer.lrs[6] == pytest.approx(0.005) and trainer.lrs[-1] < 0.001  # half-way, then near 0
+    assert trainer.val_batches == 2 * 3  # 5 samples in batches of 2, once per epoch
+
+
+def test_a_train_limit_of_no_batches_is_refused_by_its_key(data, tmp_path):
+    step = {"name": "a", "n_epochs": 1, "train": ["reg"], "optimization": OPT_DEC}
+    with pytest.raises(PrepErrorGroup, match=r"limit_train_batches: .*greater than 0"):
+        _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0}}])
+    cfg = _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0.1}}])
+    [plan] = make_plan(cfg)
+    assert any("limit_train_batches=0.1 leaves no batch of the epoch's 6" in p for p in plan.problems)
+    with pytest.raises(PrepError) as err:
+        _run(cfg, tmp_path / "ck")
+    assert "limit_train_batches=0.1 leaves no batch" in err.value.what
+    assert err.value.fix.startswith("raise it")

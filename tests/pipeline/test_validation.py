@@ -389,3 +389,19 @@ def test_a_bad_set_value_is_placed_at_the_set(tmp_path):
     text = HEAD + "      - name: s\n        n_epochs: 2\n"
     errors = _errors(tmp_path, text, overrides=["training.pipeline.steps.0.n_epochs=zero"])
     assert errors[0].where == "--set" and "training.pipeline.steps.0.n_epochs:" in errors[0].what
+
+
+def test_a_key_of_several_types_is_one_error_named_by_its_key(tmp_path):
+    """`image_size: int | [H, W]`, `limit_val_batches: count | fraction`: pydantic tries each type and
+    names the member it tried after the key; the user gets one line per key, named as written."""
+    text = HEAD.replace(
+        "    default_dataset", "      c: {type: prep, path: /x, image_size: 0}\n    default_dataset"
+    ) + "      - name: s\n        n_epochs: 1\n        validation: {dataset: a, limit_val_batches: -1}\n"
+    errors = _errors(tmp_path, text)
+    keys = [e.what.split(":")[0] for e in errors]
+    assert keys == [
+        "training.pipeline.datasets.c.image_size",
+        "training.pipeline.steps.0.validation.limit_val_batches",
+    ], [e.line() for e in errors]
+    assert "greater than 0; or Input should be a valid list (got 0)" in errors[0].what
+    assert errors[0].where.endswith("p.yaml:6") and errors[1].where.endswith("p.yaml:11")

@@ -48,6 +48,7 @@ NonNegInt = Annotated[Int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 DurationField = Annotated[Duration, PlainValidator(parse_duration), PlainSerializer(str, return_type=str)]
 Limit = NonNegInt | Annotated[float, Field(ge=0, le=1)]
+TrainLimit = PosInt | Annotated[float, Field(gt=0, le=1)]  # 0 would train nothing
 
 # FluxFlow's per-step booleans and the trainer names they select. `train_diff_full` is the flow trainer
 # too (what "full" trains is the step's optimizers: a text_encoder optimizer trains the text encoder);
@@ -217,7 +218,7 @@ class ValidationConfig(_Model):
     batch_size: PosInt | None = None
     train_chunk_size: PosInt | None = None
     val_chunk_size: PosInt | None = None
-    limit_train_batches: Limit | None = None
+    limit_train_batches: TrainLimit | None = None
     limit_val_batches: Limit | None = None
 
 
@@ -375,12 +376,15 @@ class _Collector:
         place = "--set" if by_set else place_of(self.where, self.lines, full)
         self.errors.append(PrepError(f"{key}: {what}", place, fix))
 
-    def pydantic(self, err: ValidationError, prefix: Sequence[str], known: set[str]) -> None:
+    def pydantic(self, err: ValidationError, prefix: Sequence[str], data: Any, known: set[str]) -> None:
+        """pydantic's errors on `data` (the raw mapping below `prefix`), one per key: the members of a
+        union (`image_size: int | [H, W]`) each report the same key, and are joined into one line."""
+        joined: dict[tuple[str, ...], list[str]] = {}
+        got: dict[tuple[str, ...], Any] = {}
         for e in err.errors():
-            loc = [str(p) for p in e["loc"]]
-            path = (*prefix, *loc)
+            path = (*prefix, *_key_path(e["loc"], data, e["type"] == "missing"))
             if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(loc[-1], sorted(known), n=1, cutoff=0.6)
+                close = difflib.get_close_matches(path[-1], sorted(known), n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self.add(
                     path,
@@ -389,11 +393,29 @@ class _Collector:
                 )
             elif e["type"] == "missing":
                 self.add(path, "required key is missing", "add it")
-            else:
-                got = e.get("input")
-                secret = any(_SECRET_KEY.search(p) for p in path)
-                shown = "" if secret or isinstance(got, dict | list) else f" (got {got!r})"
-                self.add(path, f"{e['msg']}{shown}", "correct the value")
+            elif e["msg"] not in joined.setdefault(path, []):
+                joined[path].append(e["msg"])
+                got.setdefault(path, e.get("input"))
+        for path, msgs in joined.items():
+            secret = any(_SECRET_KEY.search(p) for p in path)
+            value = got[path]
+            shown = "" if secret or isinstance(value, dict | list) else f" (got {value!r})"
+            self.add(path, f"{'; or '.join(msgs)}{shown}", "correct the value")
+
+
+def _key_path(loc: Sequence[Any], data: Any, missing: bool) -> list[str]:
+    """The part of an error's location that names keys of the config: pydantic appends the union member
+    it tried (`function-after[...]`, `constrained-float`, `list[...]`), which no user wrote. A missing
+    key is the one element that is not in the data."""
+    path: list[str] = []
+    for i, p in enumerate(loc):
+        in_list = isinstance(data, list) and isinstance(p, int) and 0 <= p < len(data)
+        if (isinstance(data, dict) and p in data) or in_list:
+            data = data[p]
+        elif not (missing and i == len(loc) - 1):
+            break
+        path.append(str(p))
+    return path
 
 
 def _read(
@@ -461,7 +483,7 @@ def parse_pipeline_config(
     try:
         base = PipelineConfig.model_validate(top)
     except ValidationError as err:
-        out.pydantic(err, (), known)
+        out.pydantic(err, (), top, known)
         base = None
     datasets: dict[str, Any] = {}
     raw_sets = section.get("datasets") or {}
@@ -483,7 +505,7 @@ def parse_pipeline_config(
         try:
             datasets[name] = model.model_validate(raw)
         except ValidationError as err:
-            out.pydantic(err, ("datasets", name), known)
+            out.pydantic(err, ("datasets", name), raw, known)
     steps: list[StepConfig | None] = []
     raw_steps = section.get("steps")
     if raw_steps is None or raw_steps == []:
@@ -496,7 +518,7 @@ def parse_pipeline_config(
         try:
             steps.append(StepConfig.model_validate(raw))
         except ValidationError as err:
-            out.pydantic(err, ("steps", str(i)), known)
+            out.pydantic(err, ("steps", str(i)), raw, known)
             steps.append(None)
     if base is not None:
         declared_modules = list(modules) if modules is not None else base.module_names

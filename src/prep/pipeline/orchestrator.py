@@ -38,6 +38,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from prep.errors import PrepError
+from prep.loaders.chunked import limit_to_batches
 from prep.pipeline import checkpoint as ckpt
 from prep.pipeline.checks import AUTO_KWARGS, optimizer_class, scheduler_class
 from prep.pipeline.config import PipelineConfig, StepConfig
@@ -45,7 +46,7 @@ from prep.pipeline.data import build_loader, resolve_batch_sizes
 from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, leave, wrap
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
-from prep.pipeline.plan import step_chunks, step_length
+from prep.pipeline.plan import step_chunks, step_length, train_batches_per_epoch
 from prep.pipeline.transitions import Metrics, Transition
 
 
@@ -492,11 +493,8 @@ class TrainingPipelineOrchestrator:
                 self.cfg.place(("steps", str(index))),
                 "give the dataset epoch_length, or the step max_steps / a duration in ba or sp",
             )
-        limit = step.validation.limit_train_batches if step.validation else None
         chunk = self._chunking(step, bpe, val_loader)
-        epoch_batches = bpe
-        if limit is not None and not chunk and bpe is not None:
-            epoch_batches = int(limit) if isinstance(limit, int) else int(limit * bpe)
+        epoch_batches = train_batches_per_epoch(self.cfg, index, bpe, chunk is not None)
         batches_target = None if by_epochs else length.batches
         total_batches = (
             epochs_target * epoch_batches if epochs_target is not None and epoch_batches else batches_target
@@ -843,7 +841,9 @@ class _StepRun:
             lim = self.step.validation.limit_val_batches if self.step.validation else None
             if lim is not None:
                 bpe = self.val_loader.dataset.batches_per_epoch()
-                limit = int(lim) if isinstance(lim, int) else int(lim * (bpe or 0))
+                # a count above the set is the set (not read twice); of an endless set, a fraction is none
+                endless = lim if isinstance(lim, int) else 0
+                limit = limit_to_batches(lim, bpe) if bpe is not None else endless
         modes = {n: m.training for n, m in self.o.modules.items()}
         for m in self.o.modules.values():
             m.eval()

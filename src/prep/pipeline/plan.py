@@ -178,6 +178,27 @@ def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | 
     )
 
 
+def train_batches_per_epoch(cfg: PipelineConfig, index: int, bpe: int | None, chunked: bool) -> int | None:
+    """Batches step `index` trains per epoch of `bpe` batches: `validation.limit_train_batches` cuts it
+    (Lightning's convention, `limit_to_batches`: a count above the epoch is the epoch, a float a fraction
+    of it); chunking ignores the limit (a chunk size beats it). A limit that leaves no batch is refused."""
+    from prep.loaders.chunked import limit_to_batches
+
+    v = cfg.steps[index].validation
+    if v is None or v.limit_train_batches is None or chunked or bpe is None:
+        return bpe
+    n = limit_to_batches(v.limit_train_batches, bpe)
+    if n == 0:
+        path = ("steps", str(index), "validation", "limit_train_batches")
+        raise PrepError(
+            f"{cfg.dotted(path)}: limit_train_batches={v.limit_train_batches} leaves no batch of the "
+            f"epoch's {bpe}",
+            cfg.place(path),
+            f"raise it to at least {1 / bpe:.3g} (or a count of batches), or remove it",
+        )
+    return n
+
+
 def make_plan(
     cfg: PipelineConfig,
     *,
@@ -239,6 +260,11 @@ def make_plan(
                     problems.append(
                         f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
                     )
+            try:
+                chunked = v.train_chunk_size is not None or v.val_chunk_size is not None
+                train_batches_per_epoch(cfg, i, bpe, chunked)
+            except PrepError as err:
+                problems.append(err.line())
         doc = step_doc(
             cfg,
             i,
