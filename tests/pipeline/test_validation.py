@@ -314,6 +314,13 @@ DECLARED_CASES = {
         "steps.0.transition_on.metric",
         "no trainer of this step reports 'flow_loss'",
     ),
+    "plateau scheduler watching a metric no trainer reports": (
+        "      - name: s\n        n_epochs: 5\n        train: [vae]\n        optimization:\n"
+        "          optimizers: {enc: {type: SGD, lr: 0.1}}\n          schedulers:\n"
+        "            enc: {type: ReduceLROnPlateau, monitor: vae_los}  # <-\n",
+        "steps.0.optimization.schedulers.enc.monitor",
+        "no trainer of this step reports 'vae_los' (did you mean vae_loss?)",
+    ),
     "FluxFlow alias selects the trainer": (
         "      - name: s\n        n_epochs: 5\n        train_diff: true\n        transition_on:\n"
         "          mode: plateau\n          metric: vae_loss  # <-\n",

@@ -211,6 +211,8 @@ def _check_step(
                 "name the scheduler after the optimizer it drives",
             )
         yield from (((*path, *p), w, f) for p, w, f in _check_scheduler(s))
+        if s.monitor is not None:
+            yield from _unreported((*path, "monitor"), s.monitor, step, trainers)
 
 
 def _check_length(step: StepConfig) -> Iterator[Problem]:
@@ -276,15 +278,25 @@ def _check_transition(step: StepConfig, trainers: Mapping[str, Sequence[str]] | 
             "a validation metric is watched but the step has no validation",
             "add validation: {dataset: ..., every: ...} or use source: train",
         )
-    if tr.metric is not None and trainers is not None:
-        declared = sorted({m for t in step.trainers for m in trainers.get(t, ())})
-        if tr.metric not in declared:
-            yield (
-                ("transition_on", "metric"),
-                f"no trainer of this step reports {tr.metric!r}"
-                f"{_suggest(tr.metric, declared)} (they report: {', '.join(declared) or 'nothing'})",
-                "watch a metric a trainer of this step reports, or train the trainer that reports it",
-            )
+    if tr.metric is not None:
+        yield from _unreported(("transition_on", "metric"), tr.metric, step, trainers)
+
+
+def _unreported(
+    path: tuple[str, ...], metric: str, step: StepConfig, trainers: Mapping[str, Sequence[str]] | None
+) -> Iterator[Problem]:
+    """A watched metric (a transition's, a ReduceLROnPlateau's `monitor`) that none of the step's
+    trainers reports: the rule would never fire, silently (FluxFlow accepted it)."""
+    if trainers is None:
+        return
+    declared = sorted({m for t in step.trainers for m in trainers.get(t, ())})
+    if metric not in declared:
+        yield (
+            path,
+            f"no trainer of this step reports {metric!r}"
+            f"{_suggest(metric, declared)} (they report: {', '.join(declared) or 'nothing'})",
+            "watch a metric a trainer of this step reports, or train the trainer that reports it",
+        )
 
 
 def _check_modules(step: StepConfig, modules: Sequence[str] | None) -> Iterator[Problem]:
