@@ -412,3 +412,20 @@ def test_a_key_of_several_types_is_one_error_named_by_its_key(tmp_path):
     ], [e.line() for e in errors]
     assert "greater than 0; or Input should be a valid list (got 0)" in errors[0].what
     assert errors[0].where.endswith("p.yaml:6") and errors[1].where.endswith("p.yaml:11")
+
+
+BLEND_OF_A = "      c: {type: blend, sources: [{dataset: a}]}\n"
+
+
+def test_a_broken_dataset_is_reported_once_not_again_by_every_reference(tmp_path):
+    """A dataset with its own error still exists: the steps, blends and default_dataset that name it are
+    not told it is missing (which sent the user to look for a name that was there)."""
+    text = (
+        HEAD.replace("a: {type: prep, path: /data/a}", "a: {type: prep, path: /data/a, batch_size: 0}")
+        .replace("    default_dataset", BLEND_OF_A + "    default_dataset")
+        + "      - name: s\n        dataset: a\n        n_epochs: 1\n        validation: {dataset: a}\n"
+    )
+    errors = _errors(tmp_path, text)
+    assert [e.what.split(":")[0] for e in errors] == ["training.pipeline.datasets.a.batch_size"], [
+        e.line() for e in errors
+    ]

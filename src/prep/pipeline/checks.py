@@ -42,17 +42,15 @@ def check_config(
     steps: Sequence[StepConfig | None],
     modules: Sequence[str] | None,
     trainers: Mapping[str, Sequence[str]] | None,
+    defined: Sequence[str] | None = None,
 ) -> list[Problem]:
+    """`defined`: every dataset name of the config, also those that failed the schema (reported there;
+    a reference to one is not an unknown name). Default: the names of `datasets`."""
+    names = list(defined) if defined is not None else list(datasets)
     out: list[Problem] = []
-    out += _check_datasets(datasets)
-    if base.default_dataset is not None and base.default_dataset not in datasets:
-        out.append(
-            (
-                ("default_dataset",),
-                f"names no dataset: {base.default_dataset!r}{_suggest(base.default_dataset, list(datasets))}",
-                f"use one of: {', '.join(datasets) or '(no datasets defined)'}",
-            )
-        )
+    out += _check_datasets(datasets, names)
+    if base.default_dataset is not None:
+        out += _unknown_dataset(("default_dataset",), base.default_dataset, names)
     seen: dict[str, int] = {}
     for i, step in enumerate(steps):
         if step is None:
@@ -68,24 +66,29 @@ def check_config(
         seen.setdefault(step.name, i)
         out += [
             (("steps", str(i), *p), w, f)
-            for p, w, f in _check_step(step, base.default_dataset, datasets, modules, trainers)
+            for p, w, f in _check_step(step, base.default_dataset, names, modules, trainers)
         ]
     return out
 
 
 # ------------------------------------------------------------------------------------------ datasets
-def _check_datasets(datasets: Mapping[str, DatasetConfig]) -> list[Problem]:
+def _unknown_dataset(path: tuple[str, ...], ref: str, names: Sequence[str]) -> list[Problem]:
+    if ref in names:
+        return []
+    return [
+        (
+            path,
+            f"names no dataset: {ref!r}{_suggest(ref, names)}",
+            f"use one of: {', '.join(names) or '(no datasets defined)'}",
+        )
+    ]
+
+
+def _check_datasets(datasets: Mapping[str, DatasetConfig], names: Sequence[str]) -> list[Problem]:
     out: list[Problem] = []
     for name, ds in datasets.items():
         for path, ref in dataset_refs(ds):
-            if ref not in datasets:
-                out.append(
-                    (
-                        ("datasets", name, *path),
-                        f"names no dataset: {ref!r}{_suggest(ref, list(datasets))}",
-                        f"use one of: {', '.join(datasets)}",
-                    )
-                )
+            out += _unknown_dataset(("datasets", name, *path), ref, names)
         if isinstance(ds, WebDatasetConfig):
             url = ds.webdataset_url
             if url.startswith("pipe:") and not ds.allow_pipe:
@@ -165,29 +168,20 @@ def import_callable(spec: str) -> Any:
 def _check_step(
     step: StepConfig,
     default_dataset: str | None,
-    datasets: Mapping[str, DatasetConfig],
+    datasets: Sequence[str],
     modules: Sequence[str] | None,
     trainers: Mapping[str, Sequence[str]] | None,
 ) -> Iterator[Problem]:
-    if step.dataset is not None and step.dataset not in datasets:
-        yield (
-            ("dataset",),
-            f"names no dataset: {step.dataset!r}{_suggest(step.dataset, list(datasets))}",
-            f"use one of: {', '.join(datasets) or '(no datasets defined)'}",
-        )
+    if step.dataset is not None:
+        yield from _unknown_dataset(("dataset",), step.dataset, datasets)
     if step.dataset is None and default_dataset is None:
         yield (
             ("name",),
             f"step {step.name!r} has no dataset and the pipeline has no default_dataset",
             "set dataset: NAME on the step, or default_dataset: NAME on the pipeline",
         )
-    if step.validation is not None and step.validation.dataset not in datasets:
-        ref = step.validation.dataset
-        yield (
-            ("validation", "dataset"),
-            f"names no dataset: {ref!r}{_suggest(ref, list(datasets))}",
-            f"use one of: {', '.join(datasets) or '(no datasets defined)'}",
-        )
+    if step.validation is not None:
+        yield from _unknown_dataset(("validation", "dataset"), step.validation.dataset, datasets)
     yield from _check_length(step)
     yield from _check_transition(step, trainers)
     yield from _check_modules(step, modules)

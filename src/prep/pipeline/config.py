@@ -525,7 +525,10 @@ def parse_pipeline_config(
         declared_trainers = (
             {k: list(v) for k, v in trainers.items()} if trainers is not None else base.trainers
         )
-        for path, what, fix in check_config(base, datasets, steps, declared_modules, declared_trainers):
+        defined = [str(n) for n in raw_sets]
+        for path, what, fix in check_config(
+            base, datasets, steps, declared_modules, declared_trainers, defined
+        ):
             out.add(path, what, fix)
     if out.errors:
         raise PrepErrorGroup(out.errors)
