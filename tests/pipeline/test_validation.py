@@ -429,3 +429,14 @@ def test_a_broken_dataset_is_reported_once_not_again_by_every_reference(tmp_path
     assert [e.what.split(":")[0] for e in errors] == ["training.pipeline.datasets.a.batch_size"], [
         e.line() for e in errors
     ]
+
+
+def test_did_you_mean_suggests_only_keys_of_that_place(tmp_path):
+    """A step's key written on a dataset is not met with 'did you mean <the same key>?', and a typo in
+    a nested section is matched against that section's keys."""
+    text = HEAD.replace("a: {type: prep, path: /data/a}", "a: {type: prep, path: /data/a, n_epochs: 2}") + (
+        "      - name: s\n        n_epochs: 1\n        transition_on: {max_epoch: 1}\n"
+    )
+    errors = {e.what.split(":")[0]: e.what for e in _errors(tmp_path, text)}
+    assert "did you mean" not in errors["training.pipeline.datasets.a.n_epochs"]
+    assert "did you mean max_epochs?" in errors["training.pipeline.steps.0.transition_on.max_epoch"]

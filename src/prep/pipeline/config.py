@@ -15,7 +15,8 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -338,22 +339,35 @@ def place_of(where: str, lines: Mapping[tuple[str, ...], int], path: tuple[str, 
     return where
 
 
-def _vocabulary() -> set[str]:
-    models: list[type[BaseModel]] = [
-        *DATASET_TYPES.values(),
-        SourceRef,
-        OptimizerConfig,
-        SchedulerConfig,
-        OptimizationConfig,
-        TransitionConfig,
-        ValidationConfig,
-        EmaConfig,
-        StepConfig,
-        ModelConfig,
-        Defaults,
-        PipelineConfig,
-    ]
-    return {f for m in models for f in m.model_fields} - {"source", "root", "lines"}
+def _keys_at(model: type[BaseModel], path: Sequence[str]) -> list[str]:
+    """The keys the config accepts at `path` inside `model`: a did-you-mean suggests among them only (a
+    step's key on a dataset is not answered 'did you mean' that same key)."""
+    tp: Any = model
+    for p in path:
+        tp = _inner(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
+            if p not in fields:
+                return []
+            tp = fields[p].annotation
+        elif get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]  # past the item's index or the entry's name
+        else:
+            return []
+    tp = _inner(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return sorted(f.alias or n for n, f in tp.model_fields.items() if not f.exclude)
+    return []
+
+
+def _inner(tp: Any) -> Any:
+    """Through `Annotated[...]` and `X | None` to the model, list or dict a key's value is."""
+    while True:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) is Annotated or (get_origin(tp) in (Union, UnionType) and len(args) == 1):
+            tp = args[0]
+        else:
+            return tp
 
 
 class _Collector:
@@ -376,15 +390,18 @@ class _Collector:
         place = "--set" if by_set else place_of(self.where, self.lines, full)
         self.errors.append(PrepError(f"{key}: {what}", place, fix))
 
-    def pydantic(self, err: ValidationError, prefix: Sequence[str], data: Any, known: set[str]) -> None:
-        """pydantic's errors on `data` (the raw mapping below `prefix`), one per key: the members of a
-        union (`image_size: int | [H, W]`) each report the same key, and are joined into one line."""
+    def pydantic(
+        self, err: ValidationError, prefix: Sequence[str], data: Any, model: type[BaseModel]
+    ) -> None:
+        """pydantic's errors of `model` on `data` (the raw mapping below `prefix`), one per key: the
+        members of a union (`image_size: int | [H, W]`) each report the same key, joined into one line."""
         joined: dict[tuple[str, ...], list[str]] = {}
         got: dict[tuple[str, ...], Any] = {}
         for e in err.errors():
             path = (*prefix, *_key_path(e["loc"], data, e["type"] == "missing"))
             if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(path[-1], sorted(known), n=1, cutoff=0.6)
+                known = _keys_at(model, path[len(prefix) : -1])
+                close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self.add(
                     path,
@@ -478,12 +495,11 @@ def parse_pipeline_config(
     root = pipeline_root(data)
     section = data["training"]["pipeline"] if root else data
     out = _Collector(where, lines, root, overridden)
-    known = _vocabulary()
     top = {k: v for k, v in section.items() if k not in ("datasets", "steps")}
     try:
         base = PipelineConfig.model_validate(top)
     except ValidationError as err:
-        out.pydantic(err, (), top, known)
+        out.pydantic(err, (), top, PipelineConfig)
         base = None
     datasets: dict[str, Any] = {}
     raw_sets = section.get("datasets") or {}
@@ -505,7 +521,7 @@ def parse_pipeline_config(
         try:
             datasets[name] = model.model_validate(raw)
         except ValidationError as err:
-            out.pydantic(err, ("datasets", name), raw, known)
+            out.pydantic(err, ("datasets", name), raw, model)
     steps: list[StepConfig | None] = []
     raw_steps = section.get("steps")
     if raw_steps is None or raw_steps == []:
@@ -518,7 +534,7 @@ def parse_pipeline_config(
         try:
             steps.append(StepConfig.model_validate(raw))
         except ValidationError as err:
-            out.pydantic(err, ("steps", str(i)), raw, known)
+            out.pydantic(err, ("steps", str(i)), raw, StepConfig)
             steps.append(None)
     if base is not None:
         declared_modules = list(modules) if modules is not None else base.module_names
