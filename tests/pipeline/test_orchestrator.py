@@ -483,3 +483,14 @@ def test_a_train_limit_of_no_batches_is_refused_by_its_key(data, tmp_path):
         _run(cfg, tmp_path / "ck")
     assert "limit_train_batches=0.1 leaves no batch" in err.value.what
     assert err.value.fix.startswith("raise it")
+
+
+def test_changed_trainer_options_of_a_started_step_refused(data, tmp_path):
+    """`trainer_options` decide the loss (kl_weight, gan_weight...): a resume into a step whose trainers'
+    options changed is refused like any other change of the step; other trainers' options may change."""
+    opts = {"reg": {"weight": 1.0}}
+    _run(_config(data, TWO_STEPS, trainer_options=opts), tmp_path / "ck", max_batches=5)
+    with pytest.raises(PrepError, match=r"trainer_options\.reg\.weight: 1\.0 -> 2\.0"):
+        _run(_config(data, TWO_STEPS, trainer_options={"reg": {"weight": 2.0}}), tmp_path / "ck")
+    orch, _, _ = _run(_config(data, TWO_STEPS, trainer_options={**opts, "gan": {"x": 1}}), tmp_path / "ck")
+    assert [s.name for s in orch.summaries] == ["dec_only", "both"]
