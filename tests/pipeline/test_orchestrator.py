@@ -494,3 +494,19 @@ def test_changed_trainer_options_of_a_started_step_refused(data, tmp_path):
         _run(_config(data, TWO_STEPS, trainer_options={"reg": {"weight": 2.0}}), tmp_path / "ck")
     orch, _, _ = _run(_config(data, TWO_STEPS, trainer_options={**opts, "gan": {"x": 1}}), tmp_path / "ck")
     assert [s.name for s in orch.summaries] == ["dec_only", "both"]
+
+
+def test_a_transition_checked_at_epoch_ends_of_a_step_without_one_is_a_problem(data):
+    """Without check_every a rule is checked at epoch ends; a step of max_steps up to one epoch (6
+    batches here) has none, so the rule could never fire: the plan says so. Longer, or with
+    check_every, it is fine."""
+    rule = {"mode": "loss_threshold", "metric": "loss", "threshold": 1.0}
+    step = {"name": "a", "train": ["reg"], "optimization": OPT_DEC, "transition_on": rule}
+    [short] = make_plan(_config(data, [{**step, "max_steps": 6}]))
+    [problem] = short.problems
+    assert "steps.0.transition_on: loss_threshold is checked at epoch ends" in problem
+    assert "ends after 6 batches, before its first epoch end (6 batches)" in problem
+    assert "fix: set transition_on.check_every" in problem
+    assert not make_plan(_config(data, [{**step, "max_steps": 7}]))[0].problems
+    checked = {**step, "max_steps": 6, "transition_on": {**rule, "check_every": "2ba"}}
+    assert not make_plan(_config(data, [checked]))[0].problems

@@ -46,7 +46,7 @@ from prep.pipeline.data import build_loader, resolve_batch_sizes
 from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, leave, wrap
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
-from prep.pipeline.plan import step_chunks, step_length, train_batches_per_epoch
+from prep.pipeline.plan import counted_in_epochs, step_chunks, step_length, train_batches_per_epoch
 from prep.pipeline.transitions import Metrics, Transition
 
 
@@ -483,9 +483,7 @@ class TrainingPipelineOrchestrator:
             if built.samples_per_epoch and bpe
             else ((built.batch_size.value if built.batch_size else 1) * self.dist.world)
         )
-        by_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
-            step.duration is not None and step.duration.unit == "ep"
-        )
+        by_epochs = counted_in_epochs(length)
         epochs_target = int(length.epochs) if by_epochs and length.epochs is not None else None
         if by_epochs and bpe is None:
             raise PrepError(

@@ -128,6 +128,37 @@ def _declared_size(ds: Any) -> int | None:
     return None
 
 
+def counted_in_epochs(length: Length) -> bool:
+    """Whether a step's length counts epochs (n_epochs, a duration in ep, the max_epochs cap)."""
+    rule = length.rule
+    return rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
+        rule.startswith("duration") and rule.endswith("ep")
+    )
+
+
+def _unchecked_problems(
+    cfg: PipelineConfig, index: int, epoch_batches: int | None, length: Length
+) -> list[str]:
+    """A rule checked at epoch ends (no `check_every`) on a step counted in batches that ends at or
+    before its first epoch end, or whose data has no epoch end: it could never fire."""
+    tr = cfg.steps[index].transition_on
+    if tr.mode not in ("loss_threshold", "plateau") or tr.check_every is not None or length.batches is None:
+        return []
+    if counted_in_epochs(length) or (epoch_batches is not None and length.batches > epoch_batches):
+        return []
+    first = (
+        f"before its first epoch end ({epoch_batches:,} batches)"
+        if epoch_batches is not None
+        else "and its data has no epoch end (it repeats)"
+    )
+    path = ("steps", str(index), "transition_on")
+    return [
+        f"{cfg.place(path)}: {cfg.dotted(path)}: {tr.mode} is checked at epoch ends (no check_every), but "
+        f"the step ends after {length.batches:,} batches, {first}: it never fires — fix: set "
+        f"transition_on.check_every (e.g. {max(1, length.batches // 10)}ba)"
+    ]
+
+
 def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[str]:
     """A transition cap in the other unit than the step's length (max_epochs on a step counted in
     batches, or max_steps on one counted in epochs): compared once the epoch's size is known (caps in
@@ -140,10 +171,7 @@ def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Leng
         value = getattr(tr, cap)
         if value is None or length.rule.startswith(f"transition_on.{cap}") or value * per == length.batches:
             continue
-        counted_in_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
-            length.rule.startswith("duration") and length.rule.endswith("ep")
-        )
-        if counted_in_epochs == (cap == "max_epochs"):
+        if counted_in_epochs(length) == (cap == "max_epochs"):
             continue  # same unit: the config check reported it
         side = "above" if value * per > length.batches else "below"
         effect = (
@@ -260,11 +288,14 @@ def make_plan(
                     problems.append(
                         f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
                     )
-            try:
-                chunked = v.train_chunk_size is not None or v.val_chunk_size is not None
-                train_batches_per_epoch(cfg, i, bpe, chunked)
-            except PrepError as err:
-                problems.append(err.line())
+        chunked = v is not None and (v.train_chunk_size is not None or v.val_chunk_size is not None)
+        try:
+            epoch_batches = train_batches_per_epoch(cfg, i, bpe, chunked)
+        except PrepError as err:
+            problems.append(err.line())
+            epoch_batches = bpe
+        if built is not None or bpe is not None:  # an epoch's size is known, or it has none
+            problems += _unchecked_problems(cfg, i, epoch_batches, length)
         doc = step_doc(
             cfg,
             i,
