@@ -510,3 +510,26 @@ def test_a_transition_checked_at_epoch_ends_of_a_step_without_one_is_a_problem(d
     assert not make_plan(_config(data, [{**step, "max_steps": 7}]))[0].problems
     checked = {**step, "max_steps": 6, "transition_on": {**rule, "check_every": "2ba"}}
     assert not make_plan(_config(data, [checked]))[0].problems
+
+
+def test_a_kept_ema_averages_with_the_new_steps_decay(data, tmp_path):
+    """`policy: keep` carries the average, not the old decay: at decay ~0 the average is the weights,
+    in a run resumed inside the step (the average rebuilt) and in the uninterrupted one alike."""
+    steps = [
+        {"name": "a", "max_steps": 4, "train": ["reg"], "optimization": OPT_DEC, "ema": {"decay": 0.999}},
+        {
+            "name": "b",
+            "max_steps": 4,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "ema": {"decay": 1e-9, "policy": "keep"},
+        },
+    ]
+    cfg = _config(data, steps)
+    for folder, stops in (("ref", []), ("resumed", [6])):
+        for stop in stops:
+            _run(cfg, tmp_path / folder, max_batches=stop)
+        _, modules, _ = _run(cfg, tmp_path / folder)
+        ema = _step_end(tmp_path / folder, 1)["ema"]["dec"]
+        assert int(ema["n_averaged"]) == 8
+        assert torch.allclose(ema["module.weight"], modules["dec"].weight, atol=1e-6), folder

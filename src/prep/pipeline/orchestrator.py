@@ -615,14 +615,13 @@ class TrainingPipelineOrchestrator:
             {m for n, o in step.optimization.optimizers.items() for m in (o.params or [n])} - frozen
         )
         keep = step.ema.policy == "keep"
+        avg = get_ema_multi_avg_fn(step.ema.decay)
         self.ema = {
-            n: (
-                self.ema[n]
-                if keep and n in self.ema
-                else AveragedModel(self.modules[n], multi_avg_fn=get_ema_multi_avg_fn(step.ema.decay))
-            )
+            n: self.ema[n] if keep and n in self.ema else AveragedModel(self.modules[n], multi_avg_fn=avg)
             for n in names
         }
+        for e in self.ema.values():  # a kept average goes on with this step's decay
+            e.multi_avg_fn = avg
 
     def print_summary(self) -> None:
         """A table of the steps, then one of their final metrics, a row per metric: in one column
