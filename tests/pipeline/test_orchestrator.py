@@ -533,3 +533,22 @@ def test_a_kept_ema_averages_with_the_new_steps_decay(data, tmp_path):
         ema = _step_end(tmp_path / folder, 1)["ema"]["dec"]
         assert int(ema["n_averaged"]) == 8
         assert torch.allclose(ema["module.weight"], modules["dec"].weight, atol=1e-6), folder
+
+
+def test_an_optimizer_without_trainable_parameters_is_named_at_its_line(data, tmp_path):
+    """Modules come at run time, so validate cannot see it: the run names the optimizer's key and line."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"datasets:\n  d: {{type: prep, path: {data / 'd'}, decode: raw, batch_size: 4}}\n"
+        "defaults: {workers: 0}\nsteps:\n  - name: s\n    dataset: d\n    max_steps: 2\n    train: [reg]\n"
+        "    optimization:\n      optimizers:\n        dec: {type: SGD, lr: 0.1}\n"
+    )
+    modules = tiny_modules(0)
+    modules["dec"].requires_grad_(False)  # e.g. a pretrained part the caller built frozen
+    orch = TrainingPipelineOrchestrator(
+        parse_pipeline_config(path), modules, {"reg": RegressionTrainer()}, tmp_path / "ck", progress=False
+    )
+    with pytest.raises(PrepError) as err:
+        orch.run()
+    assert err.value.where == f"{path}:11"
+    assert err.value.what.startswith("steps.0.optimization.optimizers.dec: optimizer 'dec' has no trainable")

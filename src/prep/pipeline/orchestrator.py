@@ -307,10 +307,11 @@ class TrainingPipelineOrchestrator:
                         seen.add(id(p))
                         params.append(p)
             if not params:
+                path = ("steps", str(self.state.step_index), "optimization", "optimizers", name)
                 raise PrepError(
-                    f"optimizer {name!r} has no trainable parameters",
-                    step.name,
-                    "check params and freeze for this step",
+                    f"{self.cfg.dotted(path)}: optimizer {name!r} has no trainable parameters",
+                    self.cfg.place(path),
+                    "check params and freeze for this step (and requires_grad of the modules you built)",
                 )
             out[name] = optimizer_class(o.type)(params, **o.kwargs)  # type: ignore[misc]
         return out
