@@ -432,8 +432,8 @@ def pipeline_run_cmd(
     set_: list[str] = typer.Option([], "--set", help="override a key (repeatable; values typed as YAML)"),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="where checkpoints go "
                                                "(default: runs/CONFIG-NAME)"),
-    resume: str = typer.Option("auto", "--resume", help="auto (the newest checkpoint there), never (a fresh "
-                               "run; refused if the folder holds checkpoints), or a checkpoint path"),
+    resume: str = typer.Option("auto", "--resume", help="auto (the newest checkpoint there), never, or a "
+                               "checkpoint path; refused if the folder holds checkpoints past the start"),
     allow_config_change: bool = typer.Option(False, "--allow-config-change", help="resume even though the "
                                              "current or a finished step changed"),
     stop_after: int | None = typer.Option(None, "--stop-after", min=1, help="train at most N batches in this "

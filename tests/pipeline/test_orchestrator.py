@@ -419,20 +419,28 @@ def test_gradients_of_a_step_never_reach_the_next_one(data, tmp_path):
     _resume_matches(cfg, tmp_path / "ck", [3, 5, 6], _weights(modules), trainer.keys)
 
 
-def test_resume_never_refuses_a_folder_that_holds_checkpoints(data, tmp_path):
-    """A fresh run in a folder of another run would have its checkpoints pruned in favour of the old
-    run's (and a later resume would pick the old run): refused, naming the folder."""
-    steps = [{"name": "a", "max_steps": 4, "train": ["reg"], "optimization": OPT_DEC, "checkpoint_every": 1}]
+def test_a_run_starting_behind_the_folders_checkpoints_is_refused(data, tmp_path):
+    """A fresh run (--resume never) or a rewind (--resume an older checkpoint) in a folder holding
+    checkpoints past its start would have its own checkpoints pruned as the oldest, and the next
+    --resume auto would pick the abandoned run: refused, naming the folder and the checkpoints."""
+    steps = [{"name": "a", "max_steps": 6, "train": ["reg"], "optimization": OPT_DEC, "checkpoint_every": 1}]
     cfg = _config(data, steps)
-    _run(cfg, tmp_path / "ck")
+    _, ref, _ = _run(cfg, tmp_path / "ck")
     before = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    with pytest.raises(PrepError) as err:
-        _run(cfg, tmp_path / "ck", resume="never", max_batches=2)
-    assert "holds checkpoints" in err.value.what and err.value.where == str(tmp_path / "ck")
-    assert "--checkpoint-dir" in err.value.fix
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    for resume, start in (("never", 0), (tmp_path / "ck" / ckpt.regular_name(4), 4)):
+        with pytest.raises(PrepError) as err:
+            _run(cfg, tmp_path / "ck", resume=resume, max_batches=1)
+        assert f"checkpoint(s) past batch {start}, where this run starts" in err.value.what
+        assert err.value.where == str(tmp_path / "ck") and "--checkpoint-dir" in err.value.fix
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    for name in before:  # the rewind, once the later checkpoints are moved away
+        if name != ckpt.regular_name(4):
+            (tmp_path / "ck" / name).rename(tmp_path / name)
+    _run(cfg, tmp_path / "ck", resume=tmp_path / "ck" / ckpt.regular_name(4), max_batches=1)
+    _, modules, _ = _run(cfg, tmp_path / "ck")  # --resume auto continues the rewound run
+    assert torch.equal(modules["dec"].weight, ref["dec"].weight)
     _, _, trainer = _run(cfg, tmp_path / "empty", resume="never")  # an empty or new folder is fine
-    assert len(trainer.keys) == 4
+    assert len(trainer.keys) == 6
 
 
 class _Counting(RegressionTrainer):

@@ -212,8 +212,8 @@ def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
 class TrainingPipelineOrchestrator:
     """Run `config`'s steps over `modules` with `trainers`, checkpointing into `checkpoint_dir`.
 
-    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never' (a fresh run: refused
-    when checkpoint_dir holds checkpoints), or a checkpoint path.
+    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never', or a checkpoint path;
+    checkpoint_dir may not hold checkpoints past the one the run starts from (another run's).
     `allow_config_change`: resume even if the current or a finished step's fingerprint changed.
     `args`: the caller's fallback batch_size / workers (see `prep.pipeline.resolve`).
     """
@@ -375,18 +375,26 @@ class TrainingPipelineOrchestrator:
 
     def _find_checkpoint(self) -> Path | None:
         if self.resume == "never":
-            found = broadcast(ckpt.newest(self.dir) if self.dist.main else None, self.dist)
-            if found is not None:  # its checkpoints would outrank the new run's in pruning and resume
-                raise PrepError(
-                    f"--resume never, but the checkpoint folder holds checkpoints of a run ({found.name})",
-                    str(self.dir),
-                    "pass another --checkpoint-dir for a new run, or delete these checkpoints to start over",
-                )
             return None
         if self.resume == "auto":
             path = ckpt.newest(self.dir) if self.dist.main else None
             return broadcast(path, self.dist)
         return Path(self.resume)
+
+    def _check_folder(self, start: int) -> None:
+        """Refuse checkpoints in the folder past the batch this run starts from (a fresh run, or one
+        resumed from an older checkpoint): they are another run's, and would outrank this run's in
+        pruning (its new checkpoints deleted as the oldest) and in the next `--resume auto`."""
+        later = broadcast(ckpt.past(self.dir, start) if self.dist.main else None, self.dist)
+        if later:
+            shown = ", ".join(later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
+            raise PrepError(
+                f"the checkpoint folder holds {len(later)} checkpoint(s) past batch {start}, where this "
+                f"run starts: {shown}",
+                str(self.dir),
+                "move or delete them (they would outrank this run's checkpoints when pruning and "
+                "resuming), or pass another --checkpoint-dir",
+            )
 
     def _check_fingerprints(self, meta: dict[str, Any], upto: int, current: dict[str, Any] | None) -> None:
         """Refuse a resume when a step this checkpoint ran differs from the config: steps before `upto`
@@ -424,6 +432,7 @@ class TrainingPipelineOrchestrator:
         path = self._find_checkpoint()
         payload = ckpt.load(path) if path is not None else None
         meta = json.loads(payload["meta"]) if payload is not None else None
+        self._check_folder(meta["state"]["global_batches"] if meta is not None else 0)
         if meta is not None:
             self.state = RunState(**meta["state"])
             index = self.state.step_index
