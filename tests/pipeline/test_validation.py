@@ -144,6 +144,13 @@ STEP_CASES = {
         "steps.0.optimization.optimizers.m.params.0",
         "module 'enc' is frozen and trained by the same step",
     ),
+    "a module in two optimizers (each would step it)": (
+        S1 + "        optimization:\n          optimizers:\n"
+        "            all: {type: SGD, lr: 0.1, params: [enc, dec]}\n"
+        "            dec: {type: AdamW, lr: 0.1}  # <-\n",
+        "steps.0.optimization.optimizers.dec",
+        "module 'dec' is trained by optimizers 'all' and 'dec' of the same step",
+    ),
     "frozen and unfrozen": (
         S1 + "        freeze: [enc]\n        unfreeze:\n          - enc  # <-\n",
         "steps.0.unfreeze.0",

@@ -295,21 +295,29 @@ def _unreported(
 
 def _check_modules(step: StepConfig, modules: Sequence[str] | None) -> Iterator[Problem]:
     trained: dict[str, tuple[str, ...]] = {}
+    by: dict[str, str] = {}
     for name, o in step.optimization.optimizers.items():
         for i, m in enumerate(o.params if o.params is not None else [name]):
-            trained.setdefault(
-                m,
+            path: tuple[str, ...] = (
                 ("optimization", "optimizers", name, "params", str(i))
                 if o.params is not None
-                else ("optimization", "optimizers", name),
+                else ("optimization", "optimizers", name)
             )
+            if by.setdefault(m, name) != name:  # torch.optim would let both step every parameter of it
+                yield (
+                    path,
+                    f"module {m!r} is trained by optimizers {by[m]!r} and {name!r} of the same step "
+                    "(each would step its parameters)",
+                    f"name {m!r} in the params of one of them",
+                )
+            trained.setdefault(m, path)
     for i, m in enumerate(step.unfreeze):
         trained.setdefault(m, ("unfreeze", str(i)))
     frozen = set(step.freeze)
-    for m, path in trained.items():
+    for m, where in trained.items():
         if m in frozen:
             yield (
-                path,
+                where,
                 f"module {m!r} is frozen and trained by the same step",
                 f"remove {m!r} from freeze, or from this optimizer / unfreeze",
             )
