@@ -560,3 +560,16 @@ def test_an_optimizer_without_trainable_parameters_is_named_at_its_line(data, tm
         orch.run()
     assert err.value.where == f"{path}:11"
     assert err.value.what.startswith("steps.0.optimization.optimizers.dec: optimizer 'dec' has no trainable")
+
+
+def test_samples_are_counted_in_the_batch_size(data, tmp_path):
+    """21 samples in batches of 5 (the last one short: 4.2 on average, which rounded to 4): 20sp are 4
+    batches, in the plan and in the run, and a 10sp checkpoint cadence is every 2 batches."""
+    step = {"name": "a", "duration": "20sp", "batch_size": 5, "train": ["reg"], "optimization": OPT_DEC,
+            "checkpoint_every": "10sp"}
+    cfg = _config(data, [step])
+    [plan] = make_plan(cfg)
+    assert (plan.batches_per_epoch, plan.length.batches, plan.length.samples) == (5, 4, 20)
+    _, _, trainer = _run(cfg, tmp_path / "ck")
+    assert [len(k) for k in trainer.keys] == [5, 5, 5, 5]
+    assert [p.name for p in (tmp_path / "ck").glob("ckpt-*")] == [ckpt.regular_name(2)]  # 4 ends the step

@@ -46,7 +46,13 @@ from prep.pipeline.data import build_loader, resolve_batch_sizes
 from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, leave, wrap
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
-from prep.pipeline.plan import counted_in_epochs, step_chunks, step_length, train_batches_per_epoch
+from prep.pipeline.plan import (
+    batch_samples,
+    counted_in_epochs,
+    step_chunks,
+    step_length,
+    train_batches_per_epoch,
+)
 from prep.pipeline.transitions import Metrics, Transition
 
 
@@ -487,12 +493,9 @@ class TrainingPipelineOrchestrator:
         if meta is not None and meta["in_step"]:
             self._check_fingerprints(meta, index, doc)
         bpe = built.batches_per_epoch
-        length = step_length(step, bpe, built.samples_per_epoch)
-        global_batch = (
-            max(1, round(built.samples_per_epoch / bpe))
-            if built.samples_per_epoch and bpe
-            else ((built.batch_size.value if built.batch_size else 1) * self.dist.world)
-        )
+        sizes = resolve_batch_sizes(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
+        batch = batch_samples(sizes, self.dist.world, bpe, built.samples_per_epoch) or 1
+        length = step_length(step, bpe, built.samples_per_epoch, batch)
         by_epochs = counted_in_epochs(length)
         epochs_target = int(length.epochs) if by_epochs and length.epochs is not None else None
         if by_epochs and bpe is None:
@@ -574,7 +577,7 @@ class TrainingPipelineOrchestrator:
             batches_target,
             epoch_batches,
             chunk,
-            global_batch,
+            batch,
         )
         finished, trained, reason = run.loop(None if max_batches is None else max_batches - trained_before)
         if not finished:

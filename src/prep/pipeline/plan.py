@@ -33,8 +33,11 @@ class Length:
     rule: str
 
 
-def step_length(step: StepConfig, batches_per_epoch: int | None, samples_per_epoch: int | None) -> Length:
-    """The length from `n_epochs` / `max_steps` / `duration`, else from the transition's cap."""
+def step_length(
+    step: StepConfig, batches_per_epoch: int | None, samples_per_epoch: int | None, batch: int | None = None
+) -> Length:
+    """The length from `n_epochs` / `max_steps` / `duration`, else from the transition's cap. `batch`:
+    samples per global batch (`batch_samples`), else the epoch's average batch is used."""
     tr = step.transition_on
     if step.n_epochs is not None:
         d, rule = Duration(step.n_epochs, "ep"), f"n_epochs {step.n_epochs}"
@@ -47,19 +50,31 @@ def step_length(step: StepConfig, batches_per_epoch: int | None, samples_per_epo
     else:
         assert tr.max_steps is not None  # validated: a step has a length
         d, rule = Duration(tr.max_steps, "ba"), f"transition_on.max_steps {tr.max_steps}"
-    per_batch = samples_per_epoch / batches_per_epoch if samples_per_epoch and batches_per_epoch else None
     if d.unit == "ep":
         batches = d.value * batches_per_epoch if batches_per_epoch is not None else None
         samples = d.value * samples_per_epoch if samples_per_epoch is not None else None
         return Length(float(d.value), batches, samples, rule)
-    batches = d.value if d.unit == "ba" else (-(-d.value // round(per_batch)) if per_batch else None)
+    average = samples_per_epoch / batches_per_epoch if samples_per_epoch and batches_per_epoch else None
+    if d.unit == "ba":
+        batches, samples = d.value, (round(d.value * average) if average else None)
+    else:  # samples, in whole batches of the batch size
+        per_batch = batch or (round(average) if average else None)
+        batches, samples = (-(-d.value // per_batch) if per_batch else None), d.value
     epochs = batches / batches_per_epoch if batches is not None and batches_per_epoch else None
-    samples = (
-        round(batches * per_batch)
-        if batches is not None and per_batch
-        else (d.value if d.unit == "sp" else None)
-    )
     return Length(epochs, batches, samples, rule)
+
+
+def batch_samples(
+    sizes: list[tuple[str, Resolved]], world_size: int, bpe: int | None, spe: int | None
+) -> int | None:
+    """Samples per global batch, for durations and cadences in samples: the batch size x ranks when every
+    batch-making dataset of the step (`resolve_batch_sizes`) has the same one; else (a blend of several
+    sizes) the epoch's average batch; None when unknown. (The average alone is off with a short last
+    batch: 21 samples in batches of 5 average 4.2, so 10sp were 3 batches.)"""
+    values = {r.value for _, r in sizes}
+    if len(values) == 1:
+        return values.pop() * world_size
+    return max(1, round(spe / bpe)) if spe and bpe else None
 
 
 @dataclass
@@ -265,7 +280,7 @@ def make_plan(
         if built is None and name in cfg.datasets and (guess := _declared_size(cfg.datasets[name])):
             spe = guess
             bpe = -(-guess // (sizes[0][1].value * world_size))
-        length = step_length(step, bpe, spe)
+        length = step_length(step, bpe, spe, batch_samples(sizes, world_size, bpe, spe))
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
                 f"{cfg.place(('steps', str(i)))}: step {step.name!r}: dataset {name!r} has no epoch "
