@@ -573,3 +573,43 @@ def test_samples_are_counted_in_the_batch_size(data, tmp_path):
     _, _, trainer = _run(cfg, tmp_path / "ck")
     assert [len(k) for k in trainer.keys] == [5, 5, 5, 5]
     assert [p.name for p in (tmp_path / "ck").glob("ckpt-*")] == [ckpt.regular_name(2)]  # 4 ends the step
+
+
+def test_a_validation_metric_counts_once_per_validation(data, tmp_path):
+    """A rule on a validation metric checked more often than validation runs (check_every 1ba,
+    validation every epoch) counts each validation once: it fired after one validation, 'not improving
+    for 3 checks' on the same value. Here the plateau needs 3 validations after the best."""
+    steps = [
+        {
+            "name": "a",
+            "n_epochs": 8,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "validation": {"dataset": "v", "every": "6ba"},
+            "transition_on": {"mode": "plateau", "metric": "loss", "source": "val", "patience": 3,
+                              "min_delta": 100.0, "check_every": "1ba"},  # no validation improves
+        }
+    ]
+    orch, _, _ = _run(_config(data, steps), tmp_path / "ck")
+    [summary] = orch.summaries
+    vals = [h["batch"] for h in orch.state.completed[0]["history"] if h["kind"] == "val"]
+    assert summary.reason.startswith("plateau") and vals == [6, 12, 18, 24] and summary.batches == 24
+
+
+def test_a_plateau_scheduler_on_a_validation_metric_steps_once_per_validation(data, tmp_path):
+    """ReduceLROnPlateau watching a validation metric (checks every batch, validation every epoch): the
+    same value was fed at every check, and the rate was cut at every batch after a validation."""
+    sched = {"type": "ReduceLROnPlateau", "monitor": "loss", "patience": 0, "factor": 0.5, "threshold": 10.0}
+    step = {
+        "name": "a",
+        "n_epochs": 2,
+        "train": ["reg"],
+        "optimization": {**OPT_DEC, "schedulers": {"dec": sched}},  # threshold 10: never better, always cut
+        "validation": {"dataset": "v", "every": "6ba"},
+        "transition_on": {"check_every": "1ba"},
+    }
+    trainer = _Counting()
+    TrainingPipelineOrchestrator(
+        _config(data, [step]), tiny_modules(0), {"reg": trainer}, tmp_path / "ck", progress=False
+    ).run()
+    assert len(trainer.lrs) == 12 and len(set(trainer.lrs[6:])) == 1  # no validation in batches 7-12

@@ -832,12 +832,16 @@ class _StepRun:
             return self.transition.check(self.metrics)
         return None
 
-    def _plateau_schedulers(self) -> None:
+    def _plateau_schedulers(self, validated: bool = False) -> None:
+        """Step each ReduceLROnPlateau on its monitor: a validation metric right after each validation
+        (once per value), else the training moving average at each check."""
         for name, sched in self.ctx.schedulers.items():
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 monitor = self.step.optimization.schedulers[name].monitor
-                value = self.metrics.val.get(monitor, self.metrics.averages().get(monitor))  # type: ignore[arg-type]
-                if value is not None:
+                if monitor in self.metrics.val:
+                    if validated:
+                        sched.step(self.metrics.val[monitor])
+                elif not validated and (value := self.metrics.averages().get(monitor)) is not None:  # type: ignore[arg-type]
                     sched.step(value)
 
     # -------------------------------------------------------------------------- validation
@@ -885,8 +889,8 @@ class _StepRun:
         for n, m in self.o.modules.items():
             m.train(modes[n])
         values = average({k: v / max(count, 1) for k, v in sums.items()}, self.o.dist)
-        self.metrics.val = values
-        self.metrics.record("val", self.o.state.step_batches, values)
+        self.metrics.set_val(self.o.state.step_batches, values)
+        self._plateau_schedulers(validated=True)
 
     # ----------------------------------------------------------------------------- samples
     def sample(self) -> None:
