@@ -166,6 +166,11 @@ STEP_CASES = {
         "steps.0.transition_on.source",
         "no validation",
     ),
+    "a rule's key without its mode (the default mode epoch ignores it)": (
+        S1 + "        transition_on:\n          metric: loss\n          threshold: 0.1  # <-\n",
+        "steps.0.transition_on.threshold",
+        "threshold means nothing to mode epoch",
+    ),
     "threshold mode without threshold": (
         S1 + "        transition_on: {mode: loss_threshold, metric: l}  # <-\n",
         "steps.0.transition_on.mode",

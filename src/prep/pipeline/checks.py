@@ -249,8 +249,27 @@ def _check_length(step: StepConfig) -> Iterator[Problem]:
             )
 
 
+# the keys of `transition_on` each mode reads (the caps are every mode's, and check_every also paces
+# ReduceLROnPlateau schedulers)
+_RULE_KEYS: dict[str, frozenset[str]] = {
+    "epoch": frozenset(),
+    "max_steps": frozenset(),
+    "loss_threshold": frozenset({"metric", "source", "threshold", "direction", "patience"}),
+    "plateau": frozenset({"metric", "source", "direction", "patience", "min_delta"}),
+}
+
+
 def _check_transition(step: StepConfig, trainers: Mapping[str, Sequence[str]] | None) -> Iterator[Problem]:
     tr = step.transition_on
+    rule_keys = frozenset().union(*_RULE_KEYS.values())
+    for key in sorted((tr.model_fields_set & rule_keys) - _RULE_KEYS[tr.mode]):
+        readers = [m for m, keys in _RULE_KEYS.items() if key in keys]
+        yield (
+            ("transition_on", key),
+            f"{key} means nothing to mode {tr.mode}: it would be ignored (read by mode "
+            f"{' and '.join(readers)})",
+            f"set mode: {readers[0]}, or remove {key}",
+        )
     if tr.mode in ("loss_threshold", "plateau") and tr.metric is None:
         yield (("transition_on", "mode"), f"mode {tr.mode} needs a metric", "add metric: NAME")
     if tr.mode == "loss_threshold" and tr.threshold is None:
