@@ -613,3 +613,21 @@ def test_a_plateau_scheduler_on_a_validation_metric_steps_once_per_validation(da
         _config(data, [step]), tiny_modules(0), {"reg": trainer}, tmp_path / "ck", progress=False
     ).run()
     assert len(trainer.lrs) == 12 and len(set(trainer.lrs[6:])) == 1  # no validation in batches 7-12
+
+
+def test_data_without_a_whole_batch_is_named_by_validate_and_run(data, tmp_path):
+    """21 samples, batches of 50, the short one dropped: no batch at all. validate said 'no problems'
+    and the run failed with 'train_batches=0 is not a positive number of batches'."""
+    cfg = parse_pipeline_config(
+        {
+            "datasets": {"d": {"type": "prep", "path": str(data / "d"), "batch_size": 50, "drop_last": True}},
+            "default_dataset": "d",
+            "defaults": {"workers": 0},
+            "steps": [{"name": "a", "n_epochs": 1, "train": ["reg"], "optimization": OPT_DEC}],
+        }
+    )
+    [plan] = make_plan(cfg)
+    assert any("dataset 'd' gives no batch per epoch (21 samples" in p for p in plan.problems), plan.problems
+    with pytest.raises(PrepError) as err:
+        _run(cfg, tmp_path / "ck")
+    assert "gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix

@@ -49,6 +49,7 @@ from prep.pipeline.fingerprint import changes, step_doc
 from prep.pipeline.plan import (
     batch_samples,
     counted_in_epochs,
+    require_batches,
     step_chunks,
     step_length,
     train_batches_per_epoch,
@@ -493,6 +494,7 @@ class TrainingPipelineOrchestrator:
         if meta is not None and meta["in_step"]:
             self._check_fingerprints(meta, index, doc)
         bpe = built.batches_per_epoch
+        require_batches(self.cfg, index, bpe, built.samples_per_epoch)
         sizes = resolve_batch_sizes(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
         batch = batch_samples(sizes, self.dist.world, bpe, built.samples_per_epoch) or 1
         length = step_length(step, bpe, built.samples_per_epoch, batch)

@@ -221,6 +221,21 @@ def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | 
     )
 
 
+def require_batches(cfg: PipelineConfig, index: int, bpe: int | None, spe: int | None) -> None:
+    """Refuse data that makes no batch in an epoch (fewer samples than a batch, the short one dropped):
+    the step could train nothing."""
+    if bpe != 0:
+        return
+    name = cfg.step_dataset(index)
+    step = cfg.steps[index].name
+    raise PrepError(
+        f"{cfg.dotted(('steps', str(index)))}: step {step!r}: dataset {name!r} gives no batch per epoch "
+        f"({spe} samples per epoch: fewer than one batch per rank, and the short one is dropped)",
+        cfg.place(("datasets", str(name))),
+        "lower its batch_size, or set drop_last: false",
+    )
+
+
 def train_batches_per_epoch(cfg: PipelineConfig, index: int, bpe: int | None, chunked: bool) -> int | None:
     """Batches step `index` trains per epoch of `bpe` batches: `validation.limit_train_batches` cuts it
     (Lightning's convention, `limit_to_batches`: a count above the epoch is the epoch, a float a fraction
@@ -280,6 +295,11 @@ def make_plan(
         if built is None and name in cfg.datasets and (guess := _declared_size(cfg.datasets[name])):
             spe = guess
             bpe = -(-guess // (sizes[0][1].value * world_size))
+        if built is not None:
+            try:
+                require_batches(cfg, i, bpe, spe)
+            except PrepError as err:
+                problems.append(err.line())
         length = step_length(step, bpe, spe, batch_samples(sizes, world_size, bpe, spe))
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
