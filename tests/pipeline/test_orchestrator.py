@@ -131,7 +131,7 @@ def test_loss_threshold_moves_on_early_and_a_cap_stops_it(data, tmp_path):
     orch, _, trainer = _run(_config(data, [early, never]), tmp_path / "ck")
     s0, s1 = orch.summaries
     assert s0.batches == 6 and s0.reason.startswith("loss_threshold: train loss")  # 3 checks, 2 batches apart
-    assert s1.batches == 30 and s1.reason == "epoch: n_epochs 5 done"
+    assert s1.batches == 30 and s1.reason == "epoch: transition_on.max_epochs 5 done"  # the cap, named
     assert len(trainer.keys) == 36
     history = _step_end(tmp_path / "ck", 1)
     assert "loss" in __import__("json").loads(history["meta"])["metrics"]["recent"]

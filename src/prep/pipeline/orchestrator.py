@@ -720,7 +720,7 @@ class _StepRun:
         st = self.o.state
         trained = 0
         started = time.perf_counter() - st.step_seconds
-        done_epochs = f"epoch: n_epochs {self.epochs_target} done"
+        done_epochs = f"epoch: {step_length(self.step, None, None).rule} done"  # the key that set it
         progress = _Progress(
             self.o, self.index, self.step, self.epochs_target, self.batches_target, self.epoch_batches
         )
