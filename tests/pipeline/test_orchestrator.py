@@ -616,18 +616,27 @@ def test_a_plateau_scheduler_on_a_validation_metric_steps_once_per_validation(da
 
 
 def test_data_without_a_whole_batch_is_named_by_validate_and_run(data, tmp_path):
-    """21 samples, batches of 50, the short one dropped: no batch at all. validate said 'no problems'
-    and the run failed with 'train_batches=0 is not a positive number of batches'."""
-    cfg = parse_pipeline_config(
-        {
-            "datasets": {"d": {"type": "prep", "path": str(data / "d"), "batch_size": 50, "drop_last": True}},
-            "default_dataset": "d",
-            "defaults": {"workers": 0},
-            "steps": [{"name": "a", "n_epochs": 1, "train": ["reg"], "optimization": OPT_DEC}],
-        }
-    )
-    [plan] = make_plan(cfg)
-    assert any("dataset 'd' gives no batch per epoch (21 samples" in p for p in plan.problems), plan.problems
-    with pytest.raises(PrepError) as err:
-        _run(cfg, tmp_path / "ck")
-    assert "gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix
+    """21 samples (or the 5 of the validation set), batches of 50, the short one dropped: no batch at
+    all. validate said 'no problems' and the run failed with 'train_batches=0 is not a positive number
+    of batches' (chunked validation: 'val_batches=0', and without chunks it validated on nothing)."""
+    def config(train_batch: int, val_batch: int) -> object:
+        return parse_pipeline_config(
+            {
+                "datasets": {
+                    n: {"type": "prep", "path": str(data / n), "batch_size": b, "drop_last": True}
+                    for n, b in (("d", train_batch), ("v", val_batch))
+                },
+                "default_dataset": "d",
+                "defaults": {"workers": 0},
+                "steps": [{"name": "a", "n_epochs": 1, "train": ["reg"], "optimization": OPT_DEC,
+                           "validation": {"dataset": "v", "train_chunk_size": 2}}],
+            }
+        )
+
+    for cfg, name, samples in ((config(50, 2), "d", 21), (config(4, 50), "v", 5)):
+        [plan] = make_plan(cfg)
+        assert len(plan.problems) == 1, plan.problems
+        assert f"step 'a': dataset '{name}' gives no batch per epoch ({samples} samples" in plan.problems[0]
+        with pytest.raises(PrepError) as err:
+            _run(cfg, tmp_path / name)
+        assert f"dataset '{name}' gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix

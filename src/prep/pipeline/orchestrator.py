@@ -486,15 +486,17 @@ class TrainingPipelineOrchestrator:
         loader, built, _ = build_loader(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
         val_loader = val_initial = None
         if step.validation is not None:
-            val_loader, _, _ = build_loader(
+            val_loader, val_built, _ = build_loader(
                 self.cfg, step.validation.dataset, args=self.args, batch_size=step.validation.batch_size
             )
             val_initial = val_loader.state_dict()
+            vb, val_name = val_built, step.validation.dataset
+            require_batches(self.cfg, index, val_name, vb.batches_per_epoch, vb.samples_per_epoch)
         doc = self._docs(index, built.node.fingerprint())
         if meta is not None and meta["in_step"]:
             self._check_fingerprints(meta, index, doc)
         bpe = built.batches_per_epoch
-        require_batches(self.cfg, index, bpe, built.samples_per_epoch)
+        require_batches(self.cfg, index, str(self.cfg.step_dataset(index)), bpe, built.samples_per_epoch)
         sizes = resolve_batch_sizes(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
         batch = batch_samples(sizes, self.dist.world, bpe, built.samples_per_epoch) or 1
         length = step_length(step, bpe, built.samples_per_epoch, batch)

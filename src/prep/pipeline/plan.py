@@ -221,17 +221,17 @@ def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | 
     )
 
 
-def require_batches(cfg: PipelineConfig, index: int, bpe: int | None, spe: int | None) -> None:
-    """Refuse data that makes no batch in an epoch (fewer samples than a batch, the short one dropped):
-    the step could train nothing."""
+def require_batches(cfg: PipelineConfig, index: int, name: str, bpe: int | None, spe: int | None) -> None:
+    """Refuse a dataset of step `index` (its data, or its validation data) that makes no batch in an
+    epoch (fewer samples than a batch, the short one dropped): the step would train or validate on
+    nothing (and chunking failed with 'val_batches=0 is not a positive number')."""
     if bpe != 0:
         return
-    name = cfg.step_dataset(index)
     step = cfg.steps[index].name
     raise PrepError(
         f"{cfg.dotted(('steps', str(index)))}: step {step!r}: dataset {name!r} gives no batch per epoch "
         f"({spe} samples per epoch: fewer than one batch per rank, and the short one is dropped)",
-        cfg.place(("datasets", str(name))),
+        cfg.place(("datasets", name)),
         "lower its batch_size, or set drop_last: false",
     )
 
@@ -295,11 +295,14 @@ def make_plan(
         if built is None and name in cfg.datasets and (guess := _declared_size(cfg.datasets[name])):
             spe = guess
             bpe = -(-guess // (sizes[0][1].value * world_size))
-        if built is not None:
+        empty = False
+        for data, b in ((name, built), (step.validation and step.validation.dataset, val)):
             try:
-                require_batches(cfg, i, bpe, spe)
+                if b is not None:
+                    require_batches(cfg, i, str(data), b.batches_per_epoch, b.samples_per_epoch)
             except PrepError as err:
                 problems.append(err.line())
+                empty = True
         length = step_length(step, bpe, spe, batch_samples(sizes, world_size, bpe, spe))
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
@@ -319,7 +322,7 @@ def make_plan(
                         + (f" ({'; '.join(chunk.notes)})" if chunk.notes else "")
                     )
             except PrepError as err:
-                if built is not None:  # without the data, the partition sizes are unknown
+                if built is not None and not empty:  # without the data, the partition sizes are unknown
                     problems.append(
                         f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
                     )
