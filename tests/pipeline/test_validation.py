@@ -3,7 +3,7 @@
 
 import pytest
 
-from prep.errors import PrepErrorGroup
+from prep.errors import PrepError, PrepErrorGroup
 from prep.pipeline import parse_pipeline_config
 
 HEAD = """\
@@ -452,3 +452,13 @@ def test_did_you_mean_suggests_only_keys_of_that_place(tmp_path):
     errors = {e.what.split(":")[0]: e.what for e in _errors(tmp_path, text)}
     assert "did you mean" not in errors["training.pipeline.datasets.a.n_epochs"]
     assert "did you mean max_epochs?" in errors["training.pipeline.steps.0.transition_on.max_epoch"]
+
+
+def test_a_set_without_the_pipeline_prefix_in_a_full_config_is_refused(tmp_path):
+    """In a file with the pipeline under training.pipeline, `--set steps.0.n_epochs=3` made a new
+    top-level `steps` that nothing reads: the run kept n_epochs 2 and said nothing."""
+    (tmp_path / "p.yaml").write_text(HEAD + "      - name: s\n        n_epochs: 2\n")
+    with pytest.raises(PrepError) as err:
+        parse_pipeline_config(tmp_path / "p.yaml", overrides=["steps.0.n_epochs=3"])
+    assert err.value.where == "--set steps.0.n_epochs" and "training.pipeline" in err.value.what
+    assert err.value.fix == "write --set training.pipeline.steps.0.n_epochs=3"

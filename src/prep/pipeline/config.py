@@ -457,8 +457,26 @@ def _read(
             raise PrepError(
                 "the pipeline config must be a mapping", where, "start from `prep pipeline example`"
             )
-    overridden = frozenset(apply_override(data, assignment) for assignment in overrides)
+    root, top = pipeline_root(data), set(data)
+    overridden = frozenset(_outside_check(apply_override(data, a), a, root, top) for a in overrides)
     return interpolate(data, where, lines), where, lines, overridden
+
+
+def _outside_check(
+    path: tuple[str, ...], assignment: str, root: tuple[str, ...], top: set[str]
+) -> tuple[str, ...]:
+    """Refuse an override that names a pipeline key at the top of a file that holds the pipeline under
+    `training.pipeline`: it would make a new top-level key that nothing reads."""
+    keys = {n for n, f in PipelineConfig.model_fields.items() if not f.exclude}
+    if root and path[0] not in top and path[0] in keys:
+        key = ".".join(path)
+        raise PrepError(
+            f"the file holds the pipeline under {'.'.join(root)}; {key} would be a new top-level key that "
+            "nothing reads",
+            f"--set {key}",
+            f"write --set {'.'.join(root)}.{assignment.strip()}",
+        )
+    return path
 
 
 def _plain(value: Any) -> Any:
