@@ -440,7 +440,7 @@ def pipeline_run_cmd(
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="where checkpoints go "
                                                "(default: runs/CONFIG-NAME)"),
     resume: str = typer.Option("auto", "--resume", help="auto (the newest checkpoint there), never, or a "
-                               "checkpoint path"),
+                               "checkpoint path; refused if the folder holds checkpoints past the start"),
     allow_config_change: bool = typer.Option(False, "--allow-config-change", help="resume even though the "
                                              "current or a finished step changed"),
     stop_after: int | None = typer.Option(None, "--stop-after", min=1, help="train at most N batches in this "

@@ -64,3 +64,14 @@ def test_cap_is_the_length_when_no_length_key():
     )
     assert (length.epochs, length.batches, length.rule) == (4, 40, "transition_on.max_epochs 4")
     assert step_length(_step(n_epochs=3), None, None).batches is None  # endless or unbuilt: unknown
+
+
+@given(st.integers(2, 40), st.integers(2, 16), st.data())
+def test_samples_count_in_the_batch_size_despite_a_short_last_batch(bpe, batch, data):
+    """An epoch of bpe batches whose last one is short: `k * batch` samples are k batches (the average
+    batch of the epoch, rounded, was used and gave more or fewer)."""
+    short = data.draw(st.integers(1, batch - 1))
+    spe = (bpe - 1) * batch + short
+    k = data.draw(st.integers(1, 3 * bpe))
+    length = step_length(_step(duration=f"{k * batch}sp"), bpe, spe, batch)
+    assert length.batches == k and length.samples == k * batch

@@ -12,6 +12,7 @@ from prep.errors import PrepError, PrepErrorGroup
 from prep.pipeline import checkpoint as ckpt
 from prep.pipeline import parse_pipeline_config
 from prep.pipeline.orchestrator import TrainingPipelineOrchestrator
+from prep.pipeline.plan import make_plan
 from prep.testing.loader_data import make_shards
 from prep.testing.pipeline_data import RegressionTrainer, tiny_modules
 
@@ -130,7 +131,7 @@ def test_loss_threshold_moves_on_early_and_a_cap_stops_it(data, tmp_path):
     orch, _, trainer = _run(_config(data, [early, never]), tmp_path / "ck")
     s0, s1 = orch.summaries
     assert s0.batches == 6 and s0.reason.startswith("loss_threshold: train loss")  # 3 checks, 2 batches apart
-    assert s1.batches == 30 and s1.reason == "epoch: n_epochs 5 done"
+    assert s1.batches == 30 and s1.reason == "epoch: transition_on.max_epochs 5 done"  # the cap, named
     assert len(trainer.keys) == 36
     history = _step_end(tmp_path / "ck", 1)
     assert "loss" in __import__("json").loads(history["meta"])["metrics"]["recent"]
@@ -389,3 +390,253 @@ def test_progress_and_summary_fit_80_columns_and_show_every_name_whole(data, tmp
         assert shown
         for k, v in shown.items():  # a row per metric: its name and value on one line
             assert any(k in line and f"{v:.4g}" in line for line in lines), k
+
+
+def test_stop_after_on_a_step_end_trains_exactly_that_many(data, tmp_path):
+    """`max_batches` that lands on a step's last batch stops there (the step-end checkpoint), without
+    training a batch of the next step; the resumed run is the uninterrupted one."""
+    steps = [
+        {"name": "a", "max_steps": 5, "train": ["reg"], "freeze": ["enc"], "optimization": OPT_DEC},
+        {"name": "b", "max_steps": 4, "train": ["reg"], "optimization": OPT_BOTH},
+    ]
+    cfg = _config(data, steps)
+    _, modules, trainer = _run(cfg, tmp_path / "ref")
+    orch, _, stopped = _run(cfg, tmp_path / "ck", max_batches=5)
+    assert len(stopped.keys) == 5 and orch.state.global_batches == 5 and orch.state.step_index == 1
+    _resume_matches(cfg, tmp_path / "ck", [], _weights(modules), trainer.keys)
+
+
+def test_gradients_of_a_step_never_reach_the_next_one(data, tmp_path):
+    """A module left trainable but stepped by no optimizer (enc in step a) gathers gradients; they must
+    not join its first update in step b: a run resumed at the step end (no gradients saved) and the
+    uninterrupted run are bitwise the same."""
+    steps = [
+        {"name": "a", "max_steps": 5, "train": ["reg"], "optimization": OPT_DEC},
+        {"name": "b", "max_steps": 4, "train": ["reg"], "optimization": OPT_BOTH},
+    ]
+    cfg = _config(data, steps)
+    _, modules, trainer = _run(cfg, tmp_path / "ref")
+    _resume_matches(cfg, tmp_path / "ck", [3, 5, 6], _weights(modules), trainer.keys)
+
+
+def test_a_run_starting_behind_the_folders_checkpoints_is_refused(data, tmp_path):
+    """A fresh run (--resume never) or a rewind (--resume an older checkpoint) in a folder holding
+    checkpoints past its start would have its own checkpoints pruned as the oldest, and the next
+    --resume auto would pick the abandoned run: refused, naming the folder and the checkpoints."""
+    steps = [{"name": "a", "max_steps": 6, "train": ["reg"], "optimization": OPT_DEC, "checkpoint_every": 1}]
+    cfg = _config(data, steps)
+    _, ref, _ = _run(cfg, tmp_path / "ck")
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    for resume, start in (("never", 0), (tmp_path / "ck" / ckpt.regular_name(4), 4)):
+        with pytest.raises(PrepError) as err:
+            _run(cfg, tmp_path / "ck", resume=resume, max_batches=1)
+        assert f"checkpoint(s) past batch {start}, where this run starts" in err.value.what
+        assert err.value.where == str(tmp_path / "ck") and "--checkpoint-dir" in err.value.fix
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    for name in before:  # the rewind, once the later checkpoints are moved away
+        if name != ckpt.regular_name(4):
+            (tmp_path / "ck" / name).rename(tmp_path / name)
+    _run(cfg, tmp_path / "ck", resume=tmp_path / "ck" / ckpt.regular_name(4), max_batches=1)
+    _, modules, _ = _run(cfg, tmp_path / "ck")  # --resume auto continues the rewound run
+    assert torch.equal(modules["dec"].weight, ref["dec"].weight)
+    _, _, trainer = _run(cfg, tmp_path / "empty", resume="never")  # an empty or new folder is fine
+    assert len(trainer.keys) == 6
+
+
+class _Counting(RegressionTrainer):
+    """Also records the learning rate each batch trained with, and counts validation batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lrs: list[float] = []
+        self.val_batches = 0
+
+    def train_step(self, batch, ctx):
+        self.lrs.append(ctx.optimizers["dec"].param_groups[0]["lr"])
+        return super().train_step(batch, ctx)
+
+    def val_step(self, batch, ctx):
+        self.val_batches += 1
+        return super().val_step(batch, ctx)
+
+
+def test_batch_limits_above_the_epoch_are_the_epoch(data, tmp_path):
+    """Lightning's convention: a limit above the epoch's batches is the whole epoch. T_max: auto is then
+    the step's real length (the cosine reaches its end), and validation reads the set once."""
+    step = {
+        "name": "a",
+        "n_epochs": 2,
+        "train": ["reg"],
+        "optimization": {**OPT_DEC, "schedulers": {"dec": {"type": "CosineAnnealingLR", "T_max": "auto"}}},
+        "validation": {"dataset": "v", "every": "1ep", "limit_train_batches": 100, "limit_val_batches": 50},
+    }
+    trainer = _Counting()
+    orch = TrainingPipelineOrchestrator(
+        _config(data, [step]), tiny_modules(0), {"reg": trainer}, tmp_path / "ck", progress=False
+    )
+    orch.run()
+    assert len(trainer.lrs) == 12
+    assert trainer.lrs[6] == pytest.approx(0.005) and trainer.lrs[-1] < 0.001  # half-way, then near 0
+    assert trainer.val_batches == 2 * 3  # 5 samples in batches of 2, once per epoch
+
+
+def test_a_train_limit_of_no_batches_is_refused_by_its_key(data, tmp_path):
+    step = {"name": "a", "n_epochs": 1, "train": ["reg"], "optimization": OPT_DEC}
+    with pytest.raises(PrepErrorGroup, match=r"limit_train_batches: .*greater than 0"):
+        _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0}}])
+    cfg = _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0.1}}])
+    [plan] = make_plan(cfg)
+    assert any("limit_train_batches=0.1 leaves no batch of the epoch's 6" in p for p in plan.problems)
+    with pytest.raises(PrepError) as err:
+        _run(cfg, tmp_path / "ck")
+    assert "limit_train_batches=0.1 leaves no batch" in err.value.what
+    assert err.value.fix.startswith("raise it")
+
+
+def test_changed_trainer_options_of_a_started_step_refused(data, tmp_path):
+    """`trainer_options` decide the loss (kl_weight, gan_weight...): a resume into a step whose trainers'
+    options changed is refused like any other change of the step; other trainers' options may change."""
+    opts = {"reg": {"weight": 1.0}}
+    _run(_config(data, TWO_STEPS, trainer_options=opts), tmp_path / "ck", max_batches=5)
+    with pytest.raises(PrepError, match=r"trainer_options\.reg\.weight: 1\.0 -> 2\.0"):
+        _run(_config(data, TWO_STEPS, trainer_options={"reg": {"weight": 2.0}}), tmp_path / "ck")
+    orch, _, _ = _run(_config(data, TWO_STEPS, trainer_options={**opts, "gan": {"x": 1}}), tmp_path / "ck")
+    assert [s.name for s in orch.summaries] == ["dec_only", "both"]
+
+
+def test_a_transition_checked_at_epoch_ends_of_a_step_without_one_is_a_problem(data):
+    """Without check_every a rule is checked at epoch ends; a step of max_steps up to one epoch (6
+    batches here) has none, so the rule could never fire: the plan says so. Longer, or with
+    check_every, it is fine."""
+    rule = {"mode": "loss_threshold", "metric": "loss", "threshold": 1.0}
+    step = {"name": "a", "train": ["reg"], "optimization": OPT_DEC, "transition_on": rule}
+    [short] = make_plan(_config(data, [{**step, "max_steps": 6}]))
+    [problem] = short.problems
+    assert "steps.0.transition_on: loss_threshold is checked at epoch ends" in problem
+    assert "ends after 6 batches, before its first epoch end (6 batches)" in problem
+    assert "fix: set transition_on.check_every" in problem
+    assert not make_plan(_config(data, [{**step, "max_steps": 7}]))[0].problems
+    checked = {**step, "max_steps": 6, "transition_on": {**rule, "check_every": "2ba"}}
+    assert not make_plan(_config(data, [checked]))[0].problems
+
+
+def test_a_kept_ema_averages_with_the_new_steps_decay(data, tmp_path):
+    """`policy: keep` carries the average, not the old decay: at decay ~0 the average is the weights,
+    in a run resumed inside the step (the average rebuilt) and in the uninterrupted one alike."""
+    steps = [
+        {"name": "a", "max_steps": 4, "train": ["reg"], "optimization": OPT_DEC, "ema": {"decay": 0.999}},
+        {
+            "name": "b",
+            "max_steps": 4,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "ema": {"decay": 1e-9, "policy": "keep"},
+        },
+    ]
+    cfg = _config(data, steps)
+    for folder, stops in (("ref", []), ("resumed", [6])):
+        for stop in stops:
+            _run(cfg, tmp_path / folder, max_batches=stop)
+        _, modules, _ = _run(cfg, tmp_path / folder)
+        ema = _step_end(tmp_path / folder, 1)["ema"]["dec"]
+        assert int(ema["n_averaged"]) == 8
+        assert torch.allclose(ema["module.weight"], modules["dec"].weight, atol=1e-6), folder
+
+
+def test_an_optimizer_without_trainable_parameters_is_named_at_its_line(data, tmp_path):
+    """Modules come at run time, so validate cannot see it: the run names the optimizer's key and line."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"datasets:\n  d: {{type: prep, path: {data / 'd'}, decode: raw, batch_size: 4}}\n"
+        "defaults: {workers: 0}\nsteps:\n  - name: s\n    dataset: d\n    max_steps: 2\n    train: [reg]\n"
+        "    optimization:\n      optimizers:\n        dec: {type: SGD, lr: 0.1}\n"
+    )
+    modules = tiny_modules(0)
+    modules["dec"].requires_grad_(False)  # e.g. a pretrained part the caller built frozen
+    orch = TrainingPipelineOrchestrator(
+        parse_pipeline_config(path), modules, {"reg": RegressionTrainer()}, tmp_path / "ck", progress=False
+    )
+    with pytest.raises(PrepError) as err:
+        orch.run()
+    assert err.value.where == f"{path}:11"
+    assert err.value.what.startswith("steps.0.optimization.optimizers.dec: optimizer 'dec' has no trainable")
+
+
+def test_samples_are_counted_in_the_batch_size(data, tmp_path):
+    """21 samples in batches of 5 (the last one short: 4.2 on average, which rounded to 4): 20sp are 4
+    batches, in the plan and in the run, and a 10sp checkpoint cadence is every 2 batches."""
+    step = {"name": "a", "duration": "20sp", "batch_size": 5, "train": ["reg"], "optimization": OPT_DEC,
+            "checkpoint_every": "10sp"}
+    cfg = _config(data, [step])
+    [plan] = make_plan(cfg)
+    assert (plan.batches_per_epoch, plan.length.batches, plan.length.samples) == (5, 4, 20)
+    _, _, trainer = _run(cfg, tmp_path / "ck")
+    assert [len(k) for k in trainer.keys] == [5, 5, 5, 5]
+    assert [p.name for p in (tmp_path / "ck").glob("ckpt-*")] == [ckpt.regular_name(2)]  # 4 ends the step
+
+
+def test_a_validation_metric_counts_once_per_validation(data, tmp_path):
+    """A rule on a validation metric checked more often than validation runs (check_every 1ba,
+    validation every epoch) counts each validation once: it fired after one validation, 'not improving
+    for 3 checks' on the same value. Here the plateau needs 3 validations after the best."""
+    steps = [
+        {
+            "name": "a",
+            "n_epochs": 8,
+            "train": ["reg"],
+            "optimization": OPT_DEC,
+            "validation": {"dataset": "v", "every": "6ba"},
+            "transition_on": {"mode": "plateau", "metric": "loss", "source": "val", "patience": 3,
+                              "min_delta": 100.0, "check_every": "1ba"},  # no validation improves
+        }
+    ]
+    orch, _, _ = _run(_config(data, steps), tmp_path / "ck")
+    [summary] = orch.summaries
+    vals = [h["batch"] for h in orch.state.completed[0]["history"] if h["kind"] == "val"]
+    assert summary.reason.startswith("plateau") and vals == [6, 12, 18, 24] and summary.batches == 24
+
+
+def test_a_plateau_scheduler_on_a_validation_metric_steps_once_per_validation(data, tmp_path):
+    """ReduceLROnPlateau watching a validation metric (checks every batch, validation every epoch): the
+    same value was fed at every check, and the rate was cut at every batch after a validation."""
+    sched = {"type": "ReduceLROnPlateau", "monitor": "loss", "patience": 0, "factor": 0.5, "threshold": 10.0}
+    step = {
+        "name": "a",
+        "n_epochs": 2,
+        "train": ["reg"],
+        "optimization": {**OPT_DEC, "schedulers": {"dec": sched}},  # threshold 10: never better, always cut
+        "validation": {"dataset": "v", "every": "6ba"},
+        "transition_on": {"check_every": "1ba"},
+    }
+    trainer = _Counting()
+    TrainingPipelineOrchestrator(
+        _config(data, [step]), tiny_modules(0), {"reg": trainer}, tmp_path / "ck", progress=False
+    ).run()
+    assert len(trainer.lrs) == 12 and len(set(trainer.lrs[6:])) == 1  # no validation in batches 7-12
+
+
+def test_data_without_a_whole_batch_is_named_by_validate_and_run(data, tmp_path):
+    """21 samples (or the 5 of the validation set), batches of 50, the short one dropped: no batch at
+    all. validate said 'no problems' and the run failed with 'train_batches=0 is not a positive number
+    of batches' (chunked validation: 'val_batches=0', and without chunks it validated on nothing)."""
+    def config(train_batch: int, val_batch: int) -> object:
+        return parse_pipeline_config(
+            {
+                "datasets": {
+                    n: {"type": "prep", "path": str(data / n), "batch_size": b, "drop_last": True}
+                    for n, b in (("d", train_batch), ("v", val_batch))
+                },
+                "default_dataset": "d",
+                "defaults": {"workers": 0},
+                "steps": [{"name": "a", "n_epochs": 1, "train": ["reg"], "optimization": OPT_DEC,
+                           "validation": {"dataset": "v", "train_chunk_size": 2}}],
+            }
+        )
+
+    for cfg, name, samples in ((config(50, 2), "d", 21), (config(4, 50), "v", 5)):
+        [plan] = make_plan(cfg)
+        assert len(plan.problems) == 1, plan.problems
+        assert f"step 'a': dataset '{name}' gives no batch per epoch ({samples} samples" in plan.problems[0]
+        with pytest.raises(PrepError) as err:
+            _run(cfg, tmp_path / name)
+        assert f"dataset '{name}' gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix

@@ -3,7 +3,7 @@
 
 import pytest
 
-from prep.errors import PrepErrorGroup
+from prep.errors import PrepError, PrepErrorGroup
 from prep.pipeline import parse_pipeline_config
 
 HEAD = """\
@@ -144,6 +144,13 @@ STEP_CASES = {
         "steps.0.optimization.optimizers.m.params.0",
         "module 'enc' is frozen and trained by the same step",
     ),
+    "a module in two optimizers (each would step it)": (
+        S1 + "        optimization:\n          optimizers:\n"
+        "            all: {type: SGD, lr: 0.1, params: [enc, dec]}\n"
+        "            dec: {type: AdamW, lr: 0.1}  # <-\n",
+        "steps.0.optimization.optimizers.dec",
+        "module 'dec' is trained by optimizers 'all' and 'dec' of the same step",
+    ),
     "frozen and unfrozen": (
         S1 + "        freeze: [enc]\n        unfreeze:\n          - enc  # <-\n",
         "steps.0.unfreeze.0",
@@ -158,6 +165,11 @@ STEP_CASES = {
         S1 + "        transition_on: {mode: plateau, metric: l, source: val}  # <-\n",
         "steps.0.transition_on.source",
         "no validation",
+    ),
+    "a rule's key without its mode (the default mode epoch ignores it)": (
+        S1 + "        transition_on:\n          metric: loss\n          threshold: 0.1  # <-\n",
+        "steps.0.transition_on.threshold",
+        "threshold means nothing to mode epoch",
     ),
     "threshold mode without threshold": (
         S1 + "        transition_on: {mode: loss_threshold, metric: l}  # <-\n",
@@ -314,6 +326,13 @@ DECLARED_CASES = {
         "steps.0.transition_on.metric",
         "no trainer of this step reports 'flow_loss'",
     ),
+    "plateau scheduler watching a metric no trainer reports": (
+        "      - name: s\n        n_epochs: 5\n        train: [vae]\n        optimization:\n"
+        "          optimizers: {enc: {type: SGD, lr: 0.1}}\n          schedulers:\n"
+        "            enc: {type: ReduceLROnPlateau, monitor: vae_los}  # <-\n",
+        "steps.0.optimization.schedulers.enc.monitor",
+        "no trainer of this step reports 'vae_los' (did you mean vae_loss?)",
+    ),
     "FluxFlow alias selects the trainer": (
         "      - name: s\n        n_epochs: 5\n        train_diff: true\n        transition_on:\n"
         "          mode: plateau\n          metric: vae_loss  # <-\n",
@@ -389,3 +408,57 @@ def test_a_bad_set_value_is_placed_at_the_set(tmp_path):
     text = HEAD + "      - name: s\n        n_epochs: 2\n"
     errors = _errors(tmp_path, text, overrides=["training.pipeline.steps.0.n_epochs=zero"])
     assert errors[0].where == "--set" and "training.pipeline.steps.0.n_epochs:" in errors[0].what
+
+
+def test_a_key_of_several_types_is_one_error_named_by_its_key(tmp_path):
+    """`image_size: int | [H, W]`, `limit_val_batches: count | fraction`: pydantic tries each type and
+    names the member it tried after the key; the user gets one line per key, named as written."""
+    text = HEAD.replace(
+        "    default_dataset", "      c: {type: prep, path: /x, image_size: 0}\n    default_dataset"
+    ) + "      - name: s\n        n_epochs: 1\n        validation: {dataset: a, limit_val_batches: -1}\n"
+    errors = _errors(tmp_path, text)
+    keys = [e.what.split(":")[0] for e in errors]
+    assert keys == [
+        "training.pipeline.datasets.c.image_size",
+        "training.pipeline.steps.0.validation.limit_val_batches",
+    ], [e.line() for e in errors]
+    assert "greater than 0; or Input should be a valid list (got 0)" in errors[0].what
+    assert errors[0].where.endswith("p.yaml:6") and errors[1].where.endswith("p.yaml:11")
+
+
+BLEND_OF_A = "      c: {type: blend, sources: [{dataset: a}]}\n"
+
+
+def test_a_broken_dataset_is_reported_once_not_again_by_every_reference(tmp_path):
+    """A dataset with its own error still exists: the steps, blends and default_dataset that name it are
+    not told it is missing (which sent the user to look for a name that was there)."""
+    text = (
+        HEAD.replace("a: {type: prep, path: /data/a}", "a: {type: prep, path: /data/a, batch_size: 0}")
+        .replace("    default_dataset", BLEND_OF_A + "    default_dataset")
+        + "      - name: s\n        dataset: a\n        n_epochs: 1\n        validation: {dataset: a}\n"
+    )
+    errors = _errors(tmp_path, text)
+    assert [e.what.split(":")[0] for e in errors] == ["training.pipeline.datasets.a.batch_size"], [
+        e.line() for e in errors
+    ]
+
+
+def test_did_you_mean_suggests_only_keys_of_that_place(tmp_path):
+    """A step's key written on a dataset is not met with 'did you mean <the same key>?', and a typo in
+    a nested section is matched against that section's keys."""
+    text = HEAD.replace("a: {type: prep, path: /data/a}", "a: {type: prep, path: /data/a, n_epochs: 2}") + (
+        "      - name: s\n        n_epochs: 1\n        transition_on: {max_epoch: 1}\n"
+    )
+    errors = {e.what.split(":")[0]: e.what for e in _errors(tmp_path, text)}
+    assert "did you mean" not in errors["training.pipeline.datasets.a.n_epochs"]
+    assert "did you mean max_epochs?" in errors["training.pipeline.steps.0.transition_on.max_epoch"]
+
+
+def test_a_set_without_the_pipeline_prefix_in_a_full_config_is_refused(tmp_path):
+    """In a file with the pipeline under training.pipeline, `--set steps.0.n_epochs=3` made a new
+    top-level `steps` that nothing reads: the run kept n_epochs 2 and said nothing."""
+    (tmp_path / "p.yaml").write_text(HEAD + "      - name: s\n        n_epochs: 2\n")
+    with pytest.raises(PrepError) as err:
+        parse_pipeline_config(tmp_path / "p.yaml", overrides=["steps.0.n_epochs=3"])
+    assert err.value.where == "--set steps.0.n_epochs" and "training.pipeline" in err.value.what
+    assert err.value.fix == "write --set training.pipeline.steps.0.n_epochs=3"

@@ -78,17 +78,28 @@ def remove_temps(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def newest(folder: Path) -> Path | None:
-    """The checkpoint with the most batches trained (a step end beats a regular one of the same count)."""
+def _ranked(folder: Path) -> list[tuple[int, int, str]]:
+    """(batches trained, 1 for a step end else 0, name) of every checkpoint in `folder`."""
     if not folder.is_dir():
-        return None
+        return []
     found: list[tuple[int, int, str]] = []
     for p in folder.iterdir():
         if m := _CKPT.match(p.name):
             found.append((int(m.group(1)), 0, p.name))
         elif m := _STEP_END.match(p.name):
             found.append((int(m.group(2)), 1, p.name))
-    return folder / max(found)[2] if found else None
+    return sorted(found)
+
+
+def newest(folder: Path) -> Path | None:
+    """The checkpoint with the most batches trained (a step end beats a regular one of the same count)."""
+    found = _ranked(folder)
+    return folder / found[-1][2] if found else None
+
+
+def past(folder: Path, batches: int) -> list[str]:
+    """Names of the checkpoints in `folder` with more than `batches` batches trained, oldest first."""
+    return [name for n, _, name in _ranked(folder) if n > batches]
 
 
 def load(path: Path) -> dict[str, Any]:

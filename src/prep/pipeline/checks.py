@@ -42,17 +42,15 @@ def check_config(
     steps: Sequence[StepConfig | None],
     modules: Sequence[str] | None,
     trainers: Mapping[str, Sequence[str]] | None,
+    defined: Sequence[str] | None = None,
 ) -> list[Problem]:
+    """`defined`: every dataset name of the config, also those that failed the schema (reported there;
+    a reference to one is not an unknown name). Default: the names of `datasets`."""
+    names = list(defined) if defined is not None else list(datasets)
     out: list[Problem] = []
-    out += _check_datasets(datasets)
-    if base.default_dataset is not None and base.default_dataset not in datasets:
-        out.append(
-            (
-                ("default_dataset",),
-                f"names no dataset: {base.default_dataset!r}{_suggest(base.default_dataset, list(datasets))}",
-                f"use one of: {', '.join(datasets) or '(no datasets defined)'}",
-            )
-        )
+    out += _check_datasets(datasets, names)
+    if base.default_dataset is not None:
+        out += _unknown_dataset(("default_dataset",), base.default_dataset, names)
     seen: dict[str, int] = {}
     for i, step in enumerate(steps):
         if step is None:
@@ -68,24 +66,29 @@ def check_config(
         seen.setdefault(step.name, i)
         out += [
             (("steps", str(i), *p), w, f)
-            for p, w, f in _check_step(step, base.default_dataset, datasets, modules, trainers)
+            for p, w, f in _check_step(step, base.default_dataset, names, modules, trainers)
         ]
     return out
 
 
 # ------------------------------------------------------------------------------------------ datasets
-def _check_datasets(datasets: Mapping[str, DatasetConfig]) -> list[Problem]:
+def _unknown_dataset(path: tuple[str, ...], ref: str, names: Sequence[str]) -> list[Problem]:
+    if ref in names:
+        return []
+    return [
+        (
+            path,
+            f"names no dataset: {ref!r}{_suggest(ref, names)}",
+            f"use one of: {', '.join(names) or '(no datasets defined)'}",
+        )
+    ]
+
+
+def _check_datasets(datasets: Mapping[str, DatasetConfig], names: Sequence[str]) -> list[Problem]:
     out: list[Problem] = []
     for name, ds in datasets.items():
         for path, ref in dataset_refs(ds):
-            if ref not in datasets:
-                out.append(
-                    (
-                        ("datasets", name, *path),
-                        f"names no dataset: {ref!r}{_suggest(ref, list(datasets))}",
-                        f"use one of: {', '.join(datasets)}",
-                    )
-                )
+            out += _unknown_dataset(("datasets", name, *path), ref, names)
         if isinstance(ds, WebDatasetConfig):
             url = ds.webdataset_url
             if url.startswith("pipe:") and not ds.allow_pipe:
@@ -165,29 +168,20 @@ def import_callable(spec: str) -> Any:
 def _check_step(
     step: StepConfig,
     default_dataset: str | None,
-    datasets: Mapping[str, DatasetConfig],
+    datasets: Sequence[str],
     modules: Sequence[str] | None,
     trainers: Mapping[str, Sequence[str]] | None,
 ) -> Iterator[Problem]:
-    if step.dataset is not None and step.dataset not in datasets:
-        yield (
-            ("dataset",),
-            f"names no dataset: {step.dataset!r}{_suggest(step.dataset, list(datasets))}",
-            f"use one of: {', '.join(datasets) or '(no datasets defined)'}",
-        )
+    if step.dataset is not None:
+        yield from _unknown_dataset(("dataset",), step.dataset, datasets)
     if step.dataset is None and default_dataset is None:
         yield (
             ("name",),
             f"step {step.name!r} has no dataset and the pipeline has no default_dataset",
             "set dataset: NAME on the step, or default_dataset: NAME on the pipeline",
         )
-    if step.validation is not None and step.validation.dataset not in datasets:
-        ref = step.validation.dataset
-        yield (
-            ("validation", "dataset"),
-            f"names no dataset: {ref!r}{_suggest(ref, list(datasets))}",
-            f"use one of: {', '.join(datasets) or '(no datasets defined)'}",
-        )
+    if step.validation is not None:
+        yield from _unknown_dataset(("validation", "dataset"), step.validation.dataset, datasets)
     yield from _check_length(step)
     yield from _check_transition(step, trainers)
     yield from _check_modules(step, modules)
@@ -211,6 +205,8 @@ def _check_step(
                 "name the scheduler after the optimizer it drives",
             )
         yield from (((*path, *p), w, f) for p, w, f in _check_scheduler(s))
+        if s.monitor is not None:
+            yield from _unreported((*path, "monitor"), s.monitor, step, trainers)
 
 
 def _check_length(step: StepConfig) -> Iterator[Problem]:
@@ -253,8 +249,27 @@ def _check_length(step: StepConfig) -> Iterator[Problem]:
             )
 
 
+# the keys of `transition_on` each mode reads (the caps are every mode's, and check_every also paces
+# ReduceLROnPlateau schedulers)
+_RULE_KEYS: dict[str, frozenset[str]] = {
+    "epoch": frozenset(),
+    "max_steps": frozenset(),
+    "loss_threshold": frozenset({"metric", "source", "threshold", "direction", "patience"}),
+    "plateau": frozenset({"metric", "source", "direction", "patience", "min_delta"}),
+}
+
+
 def _check_transition(step: StepConfig, trainers: Mapping[str, Sequence[str]] | None) -> Iterator[Problem]:
     tr = step.transition_on
+    rule_keys = frozenset().union(*_RULE_KEYS.values())
+    for key in sorted((tr.model_fields_set & rule_keys) - _RULE_KEYS[tr.mode]):
+        readers = [m for m, keys in _RULE_KEYS.items() if key in keys]
+        yield (
+            ("transition_on", key),
+            f"{key} means nothing to mode {tr.mode}: it would be ignored (read by mode "
+            f"{' and '.join(readers)})",
+            f"set mode: {readers[0]}, or remove {key}",
+        )
     if tr.mode in ("loss_threshold", "plateau") and tr.metric is None:
         yield (("transition_on", "mode"), f"mode {tr.mode} needs a metric", "add metric: NAME")
     if tr.mode == "loss_threshold" and tr.threshold is None:
@@ -276,34 +291,52 @@ def _check_transition(step: StepConfig, trainers: Mapping[str, Sequence[str]] | 
             "a validation metric is watched but the step has no validation",
             "add validation: {dataset: ..., every: ...} or use source: train",
         )
-    if tr.metric is not None and trainers is not None:
-        declared = sorted({m for t in step.trainers for m in trainers.get(t, ())})
-        if tr.metric not in declared:
-            yield (
-                ("transition_on", "metric"),
-                f"no trainer of this step reports {tr.metric!r}"
-                f"{_suggest(tr.metric, declared)} (they report: {', '.join(declared) or 'nothing'})",
-                "watch a metric a trainer of this step reports, or train the trainer that reports it",
-            )
+    if tr.metric is not None:
+        yield from _unreported(("transition_on", "metric"), tr.metric, step, trainers)
+
+
+def _unreported(
+    path: tuple[str, ...], metric: str, step: StepConfig, trainers: Mapping[str, Sequence[str]] | None
+) -> Iterator[Problem]:
+    """A watched metric (a transition's, a ReduceLROnPlateau's `monitor`) that none of the step's
+    trainers reports: the rule would never fire, silently (FluxFlow accepted it)."""
+    if trainers is None:
+        return
+    declared = sorted({m for t in step.trainers for m in trainers.get(t, ())})
+    if metric not in declared:
+        yield (
+            path,
+            f"no trainer of this step reports {metric!r}"
+            f"{_suggest(metric, declared)} (they report: {', '.join(declared) or 'nothing'})",
+            "watch a metric a trainer of this step reports, or train the trainer that reports it",
+        )
 
 
 def _check_modules(step: StepConfig, modules: Sequence[str] | None) -> Iterator[Problem]:
     trained: dict[str, tuple[str, ...]] = {}
+    by: dict[str, str] = {}
     for name, o in step.optimization.optimizers.items():
         for i, m in enumerate(o.params if o.params is not None else [name]):
-            trained.setdefault(
-                m,
+            path: tuple[str, ...] = (
                 ("optimization", "optimizers", name, "params", str(i))
                 if o.params is not None
-                else ("optimization", "optimizers", name),
+                else ("optimization", "optimizers", name)
             )
+            if by.setdefault(m, name) != name:  # torch.optim would let both step every parameter of it
+                yield (
+                    path,
+                    f"module {m!r} is trained by optimizers {by[m]!r} and {name!r} of the same step "
+                    "(each would step its parameters)",
+                    f"name {m!r} in the params of one of them",
+                )
+            trained.setdefault(m, path)
     for i, m in enumerate(step.unfreeze):
         trained.setdefault(m, ("unfreeze", str(i)))
     frozen = set(step.freeze)
-    for m, path in trained.items():
+    for m, where in trained.items():
         if m in frozen:
             yield (
-                path,
+                where,
                 f"module {m!r} is frozen and trained by the same step",
                 f"remove {m!r} from freeze, or from this optimizer / unfreeze",
             )

@@ -15,7 +15,8 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -48,6 +49,7 @@ NonNegInt = Annotated[Int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 DurationField = Annotated[Duration, PlainValidator(parse_duration), PlainSerializer(str, return_type=str)]
 Limit = NonNegInt | Annotated[float, Field(ge=0, le=1)]
+TrainLimit = PosInt | Annotated[float, Field(gt=0, le=1)]  # 0 would train nothing
 
 # FluxFlow's per-step booleans and the trainer names they select. `train_diff_full` is the flow trainer
 # too (what "full" trains is the step's optimizers: a text_encoder optimizer trains the text encoder);
@@ -217,7 +219,7 @@ class ValidationConfig(_Model):
     batch_size: PosInt | None = None
     train_chunk_size: PosInt | None = None
     val_chunk_size: PosInt | None = None
-    limit_train_batches: Limit | None = None
+    limit_train_batches: TrainLimit | None = None
     limit_val_batches: Limit | None = None
 
 
@@ -337,22 +339,35 @@ def place_of(where: str, lines: Mapping[tuple[str, ...], int], path: tuple[str, 
     return where
 
 
-def _vocabulary() -> set[str]:
-    models: list[type[BaseModel]] = [
-        *DATASET_TYPES.values(),
-        SourceRef,
-        OptimizerConfig,
-        SchedulerConfig,
-        OptimizationConfig,
-        TransitionConfig,
-        ValidationConfig,
-        EmaConfig,
-        StepConfig,
-        ModelConfig,
-        Defaults,
-        PipelineConfig,
-    ]
-    return {f for m in models for f in m.model_fields} - {"source", "root", "lines"}
+def _keys_at(model: type[BaseModel], path: Sequence[str]) -> list[str]:
+    """The keys the config accepts at `path` inside `model`: a did-you-mean suggests among them only (a
+    step's key on a dataset is not answered 'did you mean' that same key)."""
+    tp: Any = model
+    for p in path:
+        tp = _inner(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
+            if p not in fields:
+                return []
+            tp = fields[p].annotation
+        elif get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]  # past the item's index or the entry's name
+        else:
+            return []
+    tp = _inner(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return sorted(f.alias or n for n, f in tp.model_fields.items() if not f.exclude)
+    return []
+
+
+def _inner(tp: Any) -> Any:
+    """Through `Annotated[...]` and `X | None` to the model, list or dict a key's value is."""
+    while True:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) is Annotated or (get_origin(tp) in (Union, UnionType) and len(args) == 1):
+            tp = args[0]
+        else:
+            return tp
 
 
 class _Collector:
@@ -375,12 +390,18 @@ class _Collector:
         place = "--set" if by_set else place_of(self.where, self.lines, full)
         self.errors.append(PrepError(f"{key}: {what}", place, fix))
 
-    def pydantic(self, err: ValidationError, prefix: Sequence[str], known: set[str]) -> None:
+    def pydantic(
+        self, err: ValidationError, prefix: Sequence[str], data: Any, model: type[BaseModel]
+    ) -> None:
+        """pydantic's errors of `model` on `data` (the raw mapping below `prefix`), one per key: the
+        members of a union (`image_size: int | [H, W]`) each report the same key, joined into one line."""
+        joined: dict[tuple[str, ...], list[str]] = {}
+        got: dict[tuple[str, ...], Any] = {}
         for e in err.errors():
-            loc = [str(p) for p in e["loc"]]
-            path = (*prefix, *loc)
+            path = (*prefix, *_key_path(e["loc"], data, e["type"] == "missing"))
             if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(loc[-1], sorted(known), n=1, cutoff=0.6)
+                known = _keys_at(model, path[len(prefix) : -1])
+                close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self.add(
                     path,
@@ -389,11 +410,29 @@ class _Collector:
                 )
             elif e["type"] == "missing":
                 self.add(path, "required key is missing", "add it")
-            else:
-                got = e.get("input")
-                secret = any(_SECRET_KEY.search(p) for p in path)
-                shown = "" if secret or isinstance(got, dict | list) else f" (got {got!r})"
-                self.add(path, f"{e['msg']}{shown}", "correct the value")
+            elif e["msg"] not in joined.setdefault(path, []):
+                joined[path].append(e["msg"])
+                got.setdefault(path, e.get("input"))
+        for path, msgs in joined.items():
+            secret = any(_SECRET_KEY.search(p) for p in path)
+            value = got[path]
+            shown = "" if secret or isinstance(value, dict | list) else f" (got {value!r})"
+            self.add(path, f"{'; or '.join(msgs)}{shown}", "correct the value")
+
+
+def _key_path(loc: Sequence[Any], data: Any, missing: bool) -> list[str]:
+    """The part of an error's location that names keys of the config: pydantic appends the union member
+    it tried (`function-after[...]`, `constrained-float`, `list[...]`), which no user wrote. A missing
+    key is the one element that is not in the data."""
+    path: list[str] = []
+    for i, p in enumerate(loc):
+        in_list = isinstance(data, list) and isinstance(p, int) and 0 <= p < len(data)
+        if (isinstance(data, dict) and p in data) or in_list:
+            data = data[p]
+        elif not (missing and i == len(loc) - 1):
+            break
+        path.append(str(p))
+    return path
 
 
 def _read(
@@ -418,8 +457,26 @@ def _read(
             raise PrepError(
                 "the pipeline config must be a mapping", where, "start from `prep pipeline example`"
             )
-    overridden = frozenset(apply_override(data, assignment) for assignment in overrides)
+    root, top = pipeline_root(data), set(data)
+    overridden = frozenset(_outside_check(apply_override(data, a), a, root, top) for a in overrides)
     return interpolate(data, where, lines), where, lines, overridden
+
+
+def _outside_check(
+    path: tuple[str, ...], assignment: str, root: tuple[str, ...], top: set[str]
+) -> tuple[str, ...]:
+    """Refuse an override that names a pipeline key at the top of a file that holds the pipeline under
+    `training.pipeline`: it would make a new top-level key that nothing reads."""
+    keys = {n for n, f in PipelineConfig.model_fields.items() if not f.exclude}
+    if root and path[0] not in top and path[0] in keys:
+        key = ".".join(path)
+        raise PrepError(
+            f"the file holds the pipeline under {'.'.join(root)}; {key} would be a new top-level key that "
+            "nothing reads",
+            f"--set {key}",
+            f"write --set {'.'.join(root)}.{assignment.strip()}",
+        )
+    return path
 
 
 def _plain(value: Any) -> Any:
@@ -456,12 +513,11 @@ def parse_pipeline_config(
     root = pipeline_root(data)
     section = data["training"]["pipeline"] if root else data
     out = _Collector(where, lines, root, overridden)
-    known = _vocabulary()
     top = {k: v for k, v in section.items() if k not in ("datasets", "steps")}
     try:
         base = PipelineConfig.model_validate(top)
     except ValidationError as err:
-        out.pydantic(err, (), known)
+        out.pydantic(err, (), top, PipelineConfig)
         base = None
     datasets: dict[str, Any] = {}
     raw_sets = section.get("datasets") or {}
@@ -483,7 +539,7 @@ def parse_pipeline_config(
         try:
             datasets[name] = model.model_validate(raw)
         except ValidationError as err:
-            out.pydantic(err, ("datasets", name), known)
+            out.pydantic(err, ("datasets", name), raw, model)
     steps: list[StepConfig | None] = []
     raw_steps = section.get("steps")
     if raw_steps is None or raw_steps == []:
@@ -496,14 +552,17 @@ def parse_pipeline_config(
         try:
             steps.append(StepConfig.model_validate(raw))
         except ValidationError as err:
-            out.pydantic(err, ("steps", str(i)), known)
+            out.pydantic(err, ("steps", str(i)), raw, StepConfig)
             steps.append(None)
     if base is not None:
         declared_modules = list(modules) if modules is not None else base.module_names
         declared_trainers = (
             {k: list(v) for k, v in trainers.items()} if trainers is not None else base.trainers
         )
-        for path, what, fix in check_config(base, datasets, steps, declared_modules, declared_trainers):
+        defined = [str(n) for n in raw_sets]
+        for path, what, fix in check_config(
+            base, datasets, steps, declared_modules, declared_trainers, defined
+        ):
             out.add(path, what, fix)
     if out.errors:
         raise PrepErrorGroup(out.errors)

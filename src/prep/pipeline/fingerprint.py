@@ -2,8 +2,8 @@
 
 Part of it: the data tree (each dataset's config with references expanded, tokens and worker counts
 left out, plus the built loader's own fingerprint when there is one), the resolved batch size, the
-length, trainers, freeze/unfreeze sets, optimizers, schedulers, the transition rule, validation,
-precision, accumulation, clipping and EMA. Not part of it: `workers`, `checkpoint_every`,
+length, trainers and their `trainer_options`, freeze/unfreeze sets, optimizers, schedulers, the transition
+rule, validation, precision, accumulation, clipping and EMA. Not part of it: `workers`, `checkpoint_every`,
 `sample_every`, `description` (they change no number the step computes), so a resume may change
 them. A checkpoint stores each step's document; resuming into a step whose document changed is refused
 with the keys that changed (`diff_fingerprints`), unless the caller allows it.
@@ -49,6 +49,9 @@ def step_doc(
     step = cfg.steps[index]
     doc = step.model_dump(mode="json", exclude=_STEP_NOT_DECIDING | {"train", *TRAINER_ALIASES})
     doc["trainers"] = step.trainers
+    options = {t: cfg.trainer_options[t] for t in step.trainers if t in cfg.trainer_options}
+    if options:  # they decide the loss (kl_weight, gan_weight...); left out when none, as before
+        doc["trainer_options"] = options
     name = cfg.step_dataset(index)
     doc["dataset"] = dataset_doc(cfg, name) if name else None
     if step.validation is not None:

@@ -38,6 +38,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from prep.errors import PrepError
+from prep.loaders.chunked import limit_to_batches
 from prep.pipeline import checkpoint as ckpt
 from prep.pipeline.checks import AUTO_KWARGS, optimizer_class, scheduler_class
 from prep.pipeline.config import PipelineConfig, StepConfig
@@ -45,7 +46,14 @@ from prep.pipeline.data import build_loader, resolve_batch_sizes
 from prep.pipeline.distributed import Dist, average, barrier, broadcast, gather, init, leave, wrap
 from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
-from prep.pipeline.plan import step_chunks, step_length
+from prep.pipeline.plan import (
+    batch_samples,
+    counted_in_epochs,
+    require_batches,
+    step_chunks,
+    step_length,
+    train_batches_per_epoch,
+)
 from prep.pipeline.transitions import Metrics, Transition
 
 
@@ -211,7 +219,8 @@ def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
 class TrainingPipelineOrchestrator:
     """Run `config`'s steps over `modules` with `trainers`, checkpointing into `checkpoint_dir`.
 
-    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never', or a checkpoint path.
+    `resume`: 'auto' (the newest checkpoint in checkpoint_dir, if any), 'never', or a checkpoint path;
+    checkpoint_dir may not hold checkpoints past the one the run starts from (another run's).
     `allow_config_change`: resume even if the current or a finished step's fingerprint changed.
     `args`: the caller's fallback batch_size / workers (see `prep.pipeline.resolve`).
     """
@@ -305,10 +314,11 @@ class TrainingPipelineOrchestrator:
                         seen.add(id(p))
                         params.append(p)
             if not params:
+                path = ("steps", str(self.state.step_index), "optimization", "optimizers", name)
                 raise PrepError(
-                    f"optimizer {name!r} has no trainable parameters",
-                    step.name,
-                    "check params and freeze for this step",
+                    f"{self.cfg.dotted(path)}: optimizer {name!r} has no trainable parameters",
+                    self.cfg.place(path),
+                    "check params and freeze for this step (and requires_grad of the modules you built)",
                 )
             out[name] = optimizer_class(o.type)(params, **o.kwargs)  # type: ignore[misc]
         return out
@@ -378,6 +388,21 @@ class TrainingPipelineOrchestrator:
             return broadcast(path, self.dist)
         return Path(self.resume)
 
+    def _check_folder(self, start: int) -> None:
+        """Refuse checkpoints in the folder past the batch this run starts from (a fresh run, or one
+        resumed from an older checkpoint): they are another run's, and would outrank this run's in
+        pruning (its new checkpoints deleted as the oldest) and in the next `--resume auto`."""
+        later = broadcast(ckpt.past(self.dir, start) if self.dist.main else None, self.dist)
+        if later:
+            shown = ", ".join(later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
+            raise PrepError(
+                f"the checkpoint folder holds {len(later)} checkpoint(s) past batch {start}, where this "
+                f"run starts: {shown}",
+                str(self.dir),
+                "move or delete them (they would outrank this run's checkpoints when pruning and "
+                "resuming), or pass another --checkpoint-dir",
+            )
+
     def _check_fingerprints(self, meta: dict[str, Any], upto: int, current: dict[str, Any] | None) -> None:
         """Refuse a resume when a step this checkpoint ran differs from the config: steps before `upto`
         by their config, step `upto` (when `current` is given: the step it stopped inside) with its
@@ -414,6 +439,7 @@ class TrainingPipelineOrchestrator:
         path = self._find_checkpoint()
         payload = ckpt.load(path) if path is not None else None
         meta = json.loads(payload["meta"]) if payload is not None else None
+        self._check_folder(meta["state"]["global_batches"] if meta is not None else 0)
         if meta is not None:
             self.state = RunState(**meta["state"])
             index = self.state.step_index
@@ -430,6 +456,9 @@ class TrainingPipelineOrchestrator:
         trained_here = 0
         n = len(self.cfg.steps)
         while self.state.step_index < n:
+            if max_batches is not None and trained_here >= max_batches:  # on a step end: its checkpoint
+                leave(self.dist)
+                return self.summaries
             done, trained = self._run_step(self.state.step_index, payload, meta, max_batches, trained_here)
             trained_here += trained
             payload = meta = None
@@ -457,23 +486,21 @@ class TrainingPipelineOrchestrator:
         loader, built, _ = build_loader(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
         val_loader = val_initial = None
         if step.validation is not None:
-            val_loader, _, _ = build_loader(
+            val_loader, val_built, _ = build_loader(
                 self.cfg, step.validation.dataset, args=self.args, batch_size=step.validation.batch_size
             )
             val_initial = val_loader.state_dict()
+            vb, val_name = val_built, step.validation.dataset
+            require_batches(self.cfg, index, val_name, vb.batches_per_epoch, vb.samples_per_epoch)
         doc = self._docs(index, built.node.fingerprint())
         if meta is not None and meta["in_step"]:
             self._check_fingerprints(meta, index, doc)
         bpe = built.batches_per_epoch
-        length = step_length(step, bpe, built.samples_per_epoch)
-        global_batch = (
-            max(1, round(built.samples_per_epoch / bpe))
-            if built.samples_per_epoch and bpe
-            else ((built.batch_size.value if built.batch_size else 1) * self.dist.world)
-        )
-        by_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
-            step.duration is not None and step.duration.unit == "ep"
-        )
+        require_batches(self.cfg, index, str(self.cfg.step_dataset(index)), bpe, built.samples_per_epoch)
+        sizes = resolve_batch_sizes(self.cfg, self.cfg.step_dataset(index), step=step, args=self.args)  # type: ignore[arg-type]
+        batch = batch_samples(sizes, self.dist.world, bpe, built.samples_per_epoch) or 1
+        length = step_length(step, bpe, built.samples_per_epoch, batch)
+        by_epochs = counted_in_epochs(length)
         epochs_target = int(length.epochs) if by_epochs and length.epochs is not None else None
         if by_epochs and bpe is None:
             raise PrepError(
@@ -481,11 +508,8 @@ class TrainingPipelineOrchestrator:
                 self.cfg.place(("steps", str(index))),
                 "give the dataset epoch_length, or the step max_steps / a duration in ba or sp",
             )
-        limit = step.validation.limit_train_batches if step.validation else None
         chunk = self._chunking(step, bpe, val_loader)
-        epoch_batches = bpe
-        if limit is not None and not chunk and bpe is not None:
-            epoch_batches = int(limit) if isinstance(limit, int) else int(limit * bpe)
+        epoch_batches = train_batches_per_epoch(self.cfg, index, bpe, chunk is not None)
         batches_target = None if by_epochs else length.batches
         total_batches = (
             epochs_target * epoch_batches if epochs_target is not None and epoch_batches else batches_target
@@ -557,7 +581,7 @@ class TrainingPipelineOrchestrator:
             batches_target,
             epoch_batches,
             chunk,
-            global_batch,
+            batch,
         )
         finished, trained, reason = run.loop(None if max_batches is None else max_batches - trained_before)
         if not finished:
@@ -582,8 +606,10 @@ class TrainingPipelineOrchestrator:
         st.step_epoch = st.batch_in_epoch = st.step_batches = st.step_samples = st.val_epoch = 0
         st.step_seconds = 0.0
         run.save(step_end=True)
-        for o in optimizers.values():
-            o.zero_grad(set_to_none=True)
+        # every module's: a trainable module no optimizer stepped gathered gradients all step, which
+        # would join its first update in a later step (and a resume, which saves no gradients, not)
+        for m in self.modules.values():
+            m.zero_grad(set_to_none=True)
         del optimizers, schedulers, ctx, run
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -606,14 +632,13 @@ class TrainingPipelineOrchestrator:
             {m for n, o in step.optimization.optimizers.items() for m in (o.params or [n])} - frozen
         )
         keep = step.ema.policy == "keep"
+        avg = get_ema_multi_avg_fn(step.ema.decay)
         self.ema = {
-            n: (
-                self.ema[n]
-                if keep and n in self.ema
-                else AveragedModel(self.modules[n], multi_avg_fn=get_ema_multi_avg_fn(step.ema.decay))
-            )
+            n: self.ema[n] if keep and n in self.ema else AveragedModel(self.modules[n], multi_avg_fn=avg)
             for n in names
         }
+        for e in self.ema.values():  # a kept average goes on with this step's decay
+            e.multi_avg_fn = avg
 
     def print_summary(self) -> None:
         """A table of the steps, then one of their final metrics, a row per metric: in one column
@@ -697,7 +722,7 @@ class _StepRun:
         st = self.o.state
         trained = 0
         started = time.perf_counter() - st.step_seconds
-        done_epochs = f"epoch: n_epochs {self.epochs_target} done"
+        done_epochs = f"epoch: {step_length(self.step, None, None).rule} done"  # the key that set it
         progress = _Progress(
             self.o, self.index, self.step, self.epochs_target, self.batches_target, self.epoch_batches
         )
@@ -811,12 +836,16 @@ class _StepRun:
             return self.transition.check(self.metrics)
         return None
 
-    def _plateau_schedulers(self) -> None:
+    def _plateau_schedulers(self, validated: bool = False) -> None:
+        """Step each ReduceLROnPlateau on its monitor: a validation metric right after each validation
+        (once per value), else the training moving average at each check."""
         for name, sched in self.ctx.schedulers.items():
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 monitor = self.step.optimization.schedulers[name].monitor
-                value = self.metrics.val.get(monitor, self.metrics.averages().get(monitor))  # type: ignore[arg-type]
-                if value is not None:
+                if monitor in self.metrics.val:
+                    if validated:
+                        sched.step(self.metrics.val[monitor])
+                elif not validated and (value := self.metrics.averages().get(monitor)) is not None:  # type: ignore[arg-type]
                     sched.step(value)
 
     # -------------------------------------------------------------------------- validation
@@ -830,7 +859,9 @@ class _StepRun:
             lim = self.step.validation.limit_val_batches if self.step.validation else None
             if lim is not None:
                 bpe = self.val_loader.dataset.batches_per_epoch()
-                limit = int(lim) if isinstance(lim, int) else int(lim * (bpe or 0))
+                # a count above the set is the set (not read twice); of an endless set, a fraction is none
+                endless = lim if isinstance(lim, int) else 0
+                limit = limit_to_batches(lim, bpe) if bpe is not None else endless
         modes = {n: m.training for n, m in self.o.modules.items()}
         for m in self.o.modules.values():
             m.eval()
@@ -862,8 +893,8 @@ class _StepRun:
         for n, m in self.o.modules.items():
             m.train(modes[n])
         values = average({k: v / max(count, 1) for k, v in sums.items()}, self.o.dist)
-        self.metrics.val = values
-        self.metrics.record("val", self.o.state.step_batches, values)
+        self.metrics.set_val(self.o.state.step_batches, values)
+        self._plateau_schedulers(validated=True)
 
     # ----------------------------------------------------------------------------- samples
     def sample(self) -> None:

@@ -33,8 +33,11 @@ class Length:
     rule: str
 
 
-def step_length(step: StepConfig, batches_per_epoch: int | None, samples_per_epoch: int | None) -> Length:
-    """The length from `n_epochs` / `max_steps` / `duration`, else from the transition's cap."""
+def step_length(
+    step: StepConfig, batches_per_epoch: int | None, samples_per_epoch: int | None, batch: int | None = None
+) -> Length:
+    """The length from `n_epochs` / `max_steps` / `duration`, else from the transition's cap. `batch`:
+    samples per global batch (`batch_samples`), else the epoch's average batch is used."""
     tr = step.transition_on
     if step.n_epochs is not None:
         d, rule = Duration(step.n_epochs, "ep"), f"n_epochs {step.n_epochs}"
@@ -47,19 +50,31 @@ def step_length(step: StepConfig, batches_per_epoch: int | None, samples_per_epo
     else:
         assert tr.max_steps is not None  # validated: a step has a length
         d, rule = Duration(tr.max_steps, "ba"), f"transition_on.max_steps {tr.max_steps}"
-    per_batch = samples_per_epoch / batches_per_epoch if samples_per_epoch and batches_per_epoch else None
     if d.unit == "ep":
         batches = d.value * batches_per_epoch if batches_per_epoch is not None else None
         samples = d.value * samples_per_epoch if samples_per_epoch is not None else None
         return Length(float(d.value), batches, samples, rule)
-    batches = d.value if d.unit == "ba" else (-(-d.value // round(per_batch)) if per_batch else None)
+    average = samples_per_epoch / batches_per_epoch if samples_per_epoch and batches_per_epoch else None
+    if d.unit == "ba":
+        batches, samples = d.value, (round(d.value * average) if average else None)
+    else:  # samples, in whole batches of the batch size
+        per_batch = batch or (round(average) if average else None)
+        batches, samples = (-(-d.value // per_batch) if per_batch else None), d.value
     epochs = batches / batches_per_epoch if batches is not None and batches_per_epoch else None
-    samples = (
-        round(batches * per_batch)
-        if batches is not None and per_batch
-        else (d.value if d.unit == "sp" else None)
-    )
     return Length(epochs, batches, samples, rule)
+
+
+def batch_samples(
+    sizes: list[tuple[str, Resolved]], world_size: int, bpe: int | None, spe: int | None
+) -> int | None:
+    """Samples per global batch, for durations and cadences in samples: the batch size x ranks when every
+    batch-making dataset of the step (`resolve_batch_sizes`) has the same one; else (a blend of several
+    sizes) the epoch's average batch; None when unknown. (The average alone is off with a short last
+    batch: 21 samples in batches of 5 average 4.2, so 10sp were 3 batches.)"""
+    values = {r.value for _, r in sizes}
+    if len(values) == 1:
+        return values.pop() * world_size
+    return max(1, round(spe / bpe)) if spe and bpe else None
 
 
 @dataclass
@@ -128,6 +143,37 @@ def _declared_size(ds: Any) -> int | None:
     return None
 
 
+def counted_in_epochs(length: Length) -> bool:
+    """Whether a step's length counts epochs (n_epochs, a duration in ep, the max_epochs cap)."""
+    rule = length.rule
+    return rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
+        rule.startswith("duration") and rule.endswith("ep")
+    )
+
+
+def _unchecked_problems(
+    cfg: PipelineConfig, index: int, epoch_batches: int | None, length: Length
+) -> list[str]:
+    """A rule checked at epoch ends (no `check_every`) on a step counted in batches that ends at or
+    before its first epoch end, or whose data has no epoch end: it could never fire."""
+    tr = cfg.steps[index].transition_on
+    if tr.mode not in ("loss_threshold", "plateau") or tr.check_every is not None or length.batches is None:
+        return []
+    if counted_in_epochs(length) or (epoch_batches is not None and length.batches > epoch_batches):
+        return []
+    first = (
+        f"before its first epoch end ({epoch_batches:,} batches)"
+        if epoch_batches is not None
+        else "and its data has no epoch end (it repeats)"
+    )
+    path = ("steps", str(index), "transition_on")
+    return [
+        f"{cfg.place(path)}: {cfg.dotted(path)}: {tr.mode} is checked at epoch ends (no check_every), but "
+        f"the step ends after {length.batches:,} batches, {first}: it never fires — fix: set "
+        f"transition_on.check_every (e.g. {max(1, length.batches // 10)}ba)"
+    ]
+
+
 def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[str]:
     """A transition cap in the other unit than the step's length (max_epochs on a step counted in
     batches, or max_steps on one counted in epochs): compared once the epoch's size is known (caps in
@@ -140,10 +186,7 @@ def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Leng
         value = getattr(tr, cap)
         if value is None or length.rule.startswith(f"transition_on.{cap}") or value * per == length.batches:
             continue
-        counted_in_epochs = length.rule.startswith(("n_epochs", "transition_on.max_epochs")) or (
-            length.rule.startswith("duration") and length.rule.endswith("ep")
-        )
-        if counted_in_epochs == (cap == "max_epochs"):
+        if counted_in_epochs(length) == (cap == "max_epochs"):
             continue  # same unit: the config check reported it
         side = "above" if value * per > length.batches else "below"
         effect = (
@@ -176,6 +219,42 @@ def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | 
         train_batches=train_batches,
         val_batches=val_batches,
     )
+
+
+def require_batches(cfg: PipelineConfig, index: int, name: str, bpe: int | None, spe: int | None) -> None:
+    """Refuse a dataset of step `index` (its data, or its validation data) that makes no batch in an
+    epoch (fewer samples than a batch, the short one dropped): the step would train or validate on
+    nothing (and chunking failed with 'val_batches=0 is not a positive number')."""
+    if bpe != 0:
+        return
+    step = cfg.steps[index].name
+    raise PrepError(
+        f"{cfg.dotted(('steps', str(index)))}: step {step!r}: dataset {name!r} gives no batch per epoch "
+        f"({spe} samples per epoch: fewer than one batch per rank, and the short one is dropped)",
+        cfg.place(("datasets", name)),
+        "lower its batch_size, or set drop_last: false",
+    )
+
+
+def train_batches_per_epoch(cfg: PipelineConfig, index: int, bpe: int | None, chunked: bool) -> int | None:
+    """Batches step `index` trains per epoch of `bpe` batches: `validation.limit_train_batches` cuts it
+    (Lightning's convention, `limit_to_batches`: a count above the epoch is the epoch, a float a fraction
+    of it); chunking ignores the limit (a chunk size beats it). A limit that leaves no batch is refused."""
+    from prep.loaders.chunked import limit_to_batches
+
+    v = cfg.steps[index].validation
+    if v is None or v.limit_train_batches is None or chunked or bpe is None:
+        return bpe
+    n = limit_to_batches(v.limit_train_batches, bpe)
+    if n == 0:
+        path = ("steps", str(index), "validation", "limit_train_batches")
+        raise PrepError(
+            f"{cfg.dotted(path)}: limit_train_batches={v.limit_train_batches} leaves no batch of the "
+            f"epoch's {bpe}",
+            cfg.place(path),
+            f"raise it to at least {1 / bpe:.3g} (or a count of batches), or remove it",
+        )
+    return n
 
 
 def make_plan(
@@ -216,7 +295,15 @@ def make_plan(
         if built is None and name in cfg.datasets and (guess := _declared_size(cfg.datasets[name])):
             spe = guess
             bpe = -(-guess // (sizes[0][1].value * world_size))
-        length = step_length(step, bpe, spe)
+        empty = False
+        for data, b in ((name, built), (step.validation and step.validation.dataset, val)):
+            try:
+                if b is not None:
+                    require_batches(cfg, i, str(data), b.batches_per_epoch, b.samples_per_epoch)
+            except PrepError as err:
+                problems.append(err.line())
+                empty = True
+        length = step_length(step, bpe, spe, batch_samples(sizes, world_size, bpe, spe))
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
                 f"{cfg.place(('steps', str(i)))}: step {step.name!r}: dataset {name!r} has no epoch "
@@ -235,10 +322,18 @@ def make_plan(
                         + (f" ({'; '.join(chunk.notes)})" if chunk.notes else "")
                     )
             except PrepError as err:
-                if built is not None:  # without the data, the partition sizes are unknown
+                if built is not None and not empty:  # without the data, the partition sizes are unknown
                     problems.append(
                         f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
                     )
+        chunked = v is not None and (v.train_chunk_size is not None or v.val_chunk_size is not None)
+        try:
+            epoch_batches = train_batches_per_epoch(cfg, i, bpe, chunked)
+        except PrepError as err:
+            problems.append(err.line())
+            epoch_batches = bpe
+        if built is not None or bpe is not None:  # an epoch's size is known, or it has none
+            problems += _unchecked_problems(cfg, i, epoch_batches, length)
         doc = step_doc(
             cfg,
             i,

@@ -24,6 +24,7 @@ class Metrics:
     recent: dict[str, deque[float]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     val: dict[str, float] = field(default_factory=dict)
+    validations: int = 0  # how many validations set `val`: a rule on it counts each once
 
     def add(self, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -35,12 +36,19 @@ class Metrics:
     def record(self, kind: str, at: int, values: dict[str, float]) -> None:
         self.history.append({"kind": kind, "batch": at, **{k: float(v) for k, v in values.items()}})
 
+    def set_val(self, at: int, values: dict[str, float]) -> None:
+        """A validation's metrics, after `at` batches of the step."""
+        self.val = dict(values)
+        self.validations += 1
+        self.record("val", at, values)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "window": self.window,
             "recent": {k: list(d) for k, d in self.recent.items()},
             "history": list(self.history),
             "val": dict(self.val),
+            "validations": self.validations,
         }
 
     @classmethod
@@ -49,6 +57,7 @@ class Metrics:
         m.recent = {k: deque(v, maxlen=m.window) for k, v in state["recent"].items()}
         m.history = list(state["history"])
         m.val = dict(state["val"])
+        m.validations = int(state.get("validations", 0))
         return m
 
 
@@ -60,6 +69,7 @@ class Transition:
     count: int = 0
     best: float | None = None
     checks: int = 0
+    validations: int = 0  # the validation a `source: val` rule last looked at
 
     def watched(self, metrics: Metrics) -> float | None:
         if self.rule.metric is None:
@@ -69,10 +79,15 @@ class Transition:
 
     def check(self, metrics: Metrics) -> str | None:
         """Count one check; return the reason when the rule fires (None otherwise, and always for the
-        length-only modes). A metric that is not reported yet counts as a failed check."""
+        length-only modes). A metric that is not reported yet counts as a failed check; a validation
+        metric is looked at once per validation (a check with no new validation is none)."""
         r = self.rule
         if r.mode not in ("loss_threshold", "plateau"):
             return None
+        if r.source == "val":
+            if metrics.validations == self.validations:
+                return None
+            self.validations = metrics.validations
         self.checks += 1
         value = self.watched(metrics)
         sign = 1.0 if r.direction == "min" else -1.0
@@ -100,7 +115,13 @@ class Transition:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "best": self.best, "checks": self.checks}
+        return {
+            "count": self.count,
+            "best": self.best,
+            "checks": self.checks,
+            "validations": self.validations,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count, self.best, self.checks = int(state["count"]), state["best"], int(state["checks"])
+        self.validations = int(state.get("validations", 0))
