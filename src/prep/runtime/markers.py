@@ -74,36 +74,56 @@ FINALIZED = ".finalized"  # no `.json` suffix, so no task id can name it
 
 
 def folder_listing(places: list[Path]) -> dict[str, tuple[int, int]]:
-    """{path: (bytes, mtime_ns)} of the files directly in `places` (what finalize writes lives there:
-    manifest.json, wdinfo.pkl, ...), or of a place that is itself a file."""
+    """{path: (bytes, mtime_ns)} of the files directly in `places` and in their hidden folders (what
+    finalize writes lives there: manifest.json, wdinfo.pkl, .nv-meta/, .prep/ reports), or of a place
+    that is itself a file. Shards in ordinary sub-folders are tasks' outputs, which markers track."""
     out: dict[str, tuple[int, int]] = {}
     for place in places:
         try:
-            entries = [os.stat(place)] if os.path.isfile(place) else None
-            if entries is not None:
-                out[str(place)] = (entries[0].st_size, entries[0].st_mtime_ns)
+            if os.path.isfile(place):
+                st = os.stat(place)
+                out[str(place)] = (st.st_size, st.st_mtime_ns)
                 continue
-            for e in os.scandir(place):
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out[e.path] = (st.st_size, st.st_mtime_ns)
+            folders = [str(place)]
+            while folders:
+                for e in os.scandir(folders.pop()):
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out[e.path] = (st.st_size, st.st_mtime_ns)
+                    elif e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                        folders.append(e.path)
         except OSError:
             continue
     return out
 
 
-def finalize_digest(fingerprints: list[tuple[str, str]]) -> str:
-    """What a finalize depends on: every task of the whole plan and its fingerprint."""
-    return hashlib.sha256(json.dumps(sorted(fingerprints)).encode()).hexdigest()
+def finalize_digest(fingerprints: list[tuple[str, str]], settings: dict[str, Any]) -> str:
+    """What a finalize depends on: every task of the whole plan and its fingerprint, and the settings
+    finalize reads besides the tasks' results (the stage's config section, --strict): wdinfo.pkl's
+    chunk_size, whether .nv-meta/ is written, whether damage or missing members fail the stage."""
+    doc = json.dumps([sorted(fingerprints), settings], sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()
 
 
 def write_finalized(marker_dir: Path, digest: str, before: dict[str, tuple[int, int]],
                     after: dict[str, tuple[int, int]]) -> None:
-    """Record that finalize ran for this plan, and the files it wrote (new or changed between the two
-    listings). A later stage may rewrite them (generate_wdinfo extends a manifest): only their
-    presence is checked."""
-    wrote = sorted(p for p, st in after.items() if before.get(p) != st)
-    write_text_atomic(marker_dir / FINALIZED, json.dumps({"digest": digest, "wrote": wrote}, indent=1))
+    """Record that finalize ran for this plan, and the files it wrote: new or changed between the two
+    listings, plus those an earlier finalize recorded that are still there (a finalize that rewrites a
+    file with the same bytes leaves it untouched, yet it is still finalize's). A later stage may rewrite
+    them (generate_wdinfo extends a manifest): only their presence is checked."""
+    wrote = {p for p, st in after.items() if before.get(p) != st}
+    wrote.update(p for p in _recorded(marker_dir) if p in after)
+    doc = {"digest": digest, "wrote": sorted(wrote)}
+    write_text_atomic(marker_dir / FINALIZED, json.dumps(doc, indent=1))
+
+
+def _recorded(marker_dir: Path) -> list[str]:
+    """The files the last finalize recorded ([] when none did, or its record is unreadable)."""
+    try:
+        wrote = json.loads((marker_dir / FINALIZED).read_text("utf-8"))["wrote"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+    return [p for p in wrote if isinstance(p, str)] if isinstance(wrote, list) else []
 
 
 def finalized_already(marker_dir: Path, digest: str) -> bool:

@@ -233,7 +233,8 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         finally:
             executor.shutdown()
     run.results = [results[t.id] for t in mine]
-    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks])
+    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks],
+                             {"config": getattr(cfg, name).model_dump(mode="json"), "strict": opts.strict})
     if run.ok:
         everything: list[TaskResult] = []
         for t in tasks:
