@@ -326,3 +326,24 @@ def test_resume_keeps_shards_unless_the_part_or_shaping_settings_change(tmp_path
                     RunOptions(quiet=True))
     assert run.ok and len(calls) == 2 and run.counts()["shards_downloaded_now"] == 2
     assert "downloaded again" in run.to_json()["notes"][0]
+
+
+def test_a_part_folder_no_longer_planned_is_named(tmp_path, monkeypatch):
+    """Its tars would join reorganize_tar's input beside the current parts (a part removed by a re-split
+    holds rows the other parts now hold too): the summary names it."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(2):
+        pq.write_table(url_table([(f"http://x/{k}/{i}.jpg", f"c{i}") for i in range(2)]),
+                       inp / f"p.part{k}.parquet")
+
+    def finishes_everything(url_list, output_folder, args, where):
+        _fake_i2d_shard(output_folder, "00000", ["0", "1"], ["a", "b"])
+
+    monkeypatch.setattr(di, "call_img2dataset", finishes_everything)
+    first = run_stage("download_images", _cfg(tmp_path, inp), RunOptions(quiet=True))
+    assert first.ok and not any("WARNING" in n for n in first.finalize_notes)
+    (inp / "p.part1.parquet").unlink()
+    again = run_stage("download_images", _cfg(tmp_path, inp), RunOptions(quiet=True))
+    assert again.ok
+    assert any(n.startswith("WARNING") and "tars in p.part1," in n for n in again.finalize_notes)

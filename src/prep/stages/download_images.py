@@ -43,6 +43,7 @@ from prep.stages.parquet_parts import (
     check_columns,
     key_prefix,
     load_img2dataset,
+    other_parts_warning,
     reading_parquet,
     shard_name,
     write_parquet,
@@ -724,4 +725,4 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
     if ok == 0 and tried:
         notes.append("WARNING: no image was downloaded; check url_col, the network and the failure "
                      "reasons (the dropped rows)")
-    return notes
+    return notes + other_parts_warning(_dirs(root)[1], {r.task_id for r in results})

@@ -36,7 +36,13 @@ from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
-from prep.stages.parquet_parts import key_prefix, load_img2dataset, shard_name, write_parquet
+from prep.stages.parquet_parts import (
+    key_prefix,
+    load_img2dataset,
+    other_parts_warning,
+    shard_name,
+    write_parquet,
+)
 
 NAME = "ingest_local"
 TITLE = "turn an image folder or a table of image paths/URLs into checked tars (download_images' layout)"
@@ -708,8 +714,6 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
                    if f.is_file() and _SHARD_FILE.match(f.name) and f"{part}/{f.name}" not in planned)
     for f in stale:
         os.unlink(f)
-    others = sorted(d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
-                    and d.name not in parts and any(d.glob("*.tar")))
     bad = sorted(tuple(b) for r in results for b in r.data.get("dropped", []))
     write_text_atomic(out / ".prep" / DROPPED_REPORT,
                       "".join(json.dumps({"path": p, "reason": r, "message": m}, ensure_ascii=False) + "\n"
@@ -731,9 +735,7 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(f"every dropped image, by path and reason: {out / '.prep' / DROPPED_REPORT}")
     if stale:
         notes.append(f"removed {len(stale)} shard file(s) an earlier run wrote that this plan no longer has")
-    if others:
-        notes.append(f"WARNING: {out} also holds tars in {', '.join(others)}, which this plan did not write; "
-                     "reorganize_tar reads them too: remove them if they are stale")
+    notes += other_parts_warning(out, parts)
     if total["samples_out"] == 0:
         notes.append("WARNING: no image was kept; see the reasons above")
     return notes
