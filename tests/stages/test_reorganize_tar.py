@@ -266,6 +266,23 @@ def test_fill_cycles_when_there_are_fewer_samples_than_a_shard(tmp_path):
     assert keys == sorted(["k0", "k1", "k2", "k0_fill0", "k1_fill0", "k2_fill0", "k0_fill1", "k1_fill1"])
 
 
+def test_a_tar_with_a_samples_members_apart_says_how_to_fix_it(tmp_path):
+    """`tar -cf` of a folder lists files in directory order, so a.txt may follow b.jpg: the note says
+    what is wrong and how to re-create the tar, and does not call the readable rest unreadable."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with tarfile.open(inp / "x.tar", "w") as tf:
+        for name in ("a.jpg", "b.jpg", "a.txt", "b.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    result = run(inp, tmp_path / "out", file_ext_in_tar="[]")
+    notes = "\n".join(result.to_json()["notes"])
+    assert "x.tar: damaged at byte 2048 (key 'a' appears twice, apart, in one tar)" in notes
+    assert "fix: write each sample's members next to each other (tar --sort=name)" in notes
+    assert "unreadable" not in notes
+
+
 def test_duplicate_keys_across_inputs_name_both_tars(tmp_path):
     inp = tmp_path / "in"
     _write_tar(inp / "a/00000.tar", [(f"{i:04d}", {"jpg": b"a", "txt": b"x"}) for i in range(5)])

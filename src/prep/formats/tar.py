@@ -342,7 +342,8 @@ def iter_samples(
             continue
         if key in seen:
             raise TarFormatError(f"key {key!r} appears twice, apart, in one tar", path,
-                                 "write each sample's members next to each other", member.header_offset)
+                                 "write each sample's members next to each other (tar --sort=name)",
+                                 member.header_offset)
         seen.add(key)
         current = Sample(key, {ext: member}, member.header_offset, end,
                          {ext: data} if data is not None else None)

@@ -560,7 +560,8 @@ def _run_task(task: Task, root: PrepConfig) -> TaskResult:
             counts["damaged_tars"] += 1
             err = s.scan.error
             notes.append(f"{meta['rel']}: damaged at byte {err.offset} ({err.what}); kept the "
-                         f"{len(s.scan.samples)} whole samples before it, the rest of the tar is unreadable")
+                         f"{len(s.scan.samples)} whole samples before it, the rest is not read — fix: "
+                         f"{err.fix}")
         if not s.scan.samples:
             counts["inputs_empty"] += 1
             if s.scan.error is None:  # a damaged one is named above
