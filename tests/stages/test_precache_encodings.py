@@ -257,6 +257,27 @@ def test_rerun_with_every_shard_done_loads_no_model(tmp_path: Path, models: Path
 
 
 @pytest.mark.slow
+def test_an_in_place_merge_leaves_precache_done(tmp_path: Path, models: Path) -> None:
+    """With keep_source: false the chain merges the source members into precache's own shards: a re-run
+    of the chain must find both stages done, not re-encode every shard because the files grew."""
+    make_shards(tmp_path / "in", n_shards=2, per_shard=2)
+    section = {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"), "num_workers": 0,
+               "keep_source": False, "encoders": [vae(models, resolution=16)]}
+    cfg = PrepConfig.model_validate({STAGE: section, "merge_source_tar": {"source_extensions": []}})
+    assert cfg.merge_source_tar.enable and cfg.merge_source_tar.output_dir is None  # in place
+    for stage in (STAGE, "merge_source_tar"):
+        assert run_stage(stage, cfg, RunOptions(quiet=True)).ok
+    merged = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*.tar*"))}
+    for stage in (STAGE, "merge_source_tar"):
+        again = run_stage(stage, cfg, RunOptions(quiet=True, verify_markers=True))
+        assert again.ok and again.nothing_to_do, (stage, [r.status for r in again.results])
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*.tar*"))} == merged
+    assert "jpg" in read_shard(tmp_path / "out" / "part" / "00000.tar")["00000000"]  # merged, and still so
+    (tmp_path / "in" / "part" / "00001.tar").touch()  # a changed source: precache redoes its shard
+    assert [r.status for r in run_stage(STAGE, cfg, RunOptions(quiet=True)).results] == ["skipped", "done"]
+
+
+@pytest.mark.slow
 def test_keep_source_false_buckets_sample_mode_and_drops(tmp_path: Path, models: Path) -> None:
     make_shards(tmp_path / "in", n_shards=2, broken=True)
     buckets = [[32, 16], [16, 32], [24, 24]]

@@ -39,6 +39,53 @@ def describe_outputs(paths: tuple[str, ...], known: dict[str, dict[str, Any]]) -
     return out
 
 
+REWRITTEN = ".prep/rewritten"  # beside a file a later stage rewrote in place: what it was, what it is
+
+
+def rewrite_record(path: str) -> Path:
+    p = Path(path)
+    return p.parent / REWRITTEN / f"{p.name}.json"
+
+
+def record_rewrites(rewrote: dict[str, dict[str, Any]], outputs: dict[str, dict[str, Any]]) -> None:
+    """Record that a task rewrote files an earlier stage wrote (`rewrote`: path -> the {bytes, checksum}
+    it replaced) into `outputs[path]`. The earlier stage's done-marker names the old file; with this
+    record it stays valid while the new file is intact, so re-running the chain (precache, then an
+    in-place merge_source_tar) does not redo the earlier stage. Records chain: a file rewritten again
+    keeps its link back to the first writer."""
+    for p, before in rewrote.items():
+        after = outputs[p]
+        if before["checksum"] == after["checksum"]:
+            continue  # the same bytes again (a forced re-run): nothing to link
+        chain = _rewrites(p)
+        chain[before["checksum"]] = {"bytes": int(after["bytes"]), "checksum": after["checksum"]}
+        write_text_atomic(rewrite_record(p), json.dumps(chain, indent=1, sort_keys=True))
+
+
+def _rewrites(path: str) -> dict[str, dict[str, Any]]:
+    """{checksum the file had: {bytes, checksum} it was rewritten to} for `path` ({} when never)."""
+    try:
+        doc = json.loads(rewrite_record(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _intact(path: str, meta: dict[str, Any], verify: bool) -> bool:
+    """Whether `path` still is what a marker recorded (`meta`), or what later stages rewrote that into in
+    place (`record_rewrites`)."""
+    chain = None
+    for _ in range(64):  # a chain of rewrites, never a loop
+        if os.path.getsize(path) == meta["bytes"] and (not verify or file_matches(path, meta["checksum"])):
+            return True
+        chain = _rewrites(path) if chain is None else chain
+        nxt = chain.get(meta["checksum"])
+        if not isinstance(nxt, dict) or "bytes" not in nxt or "checksum" not in nxt:
+            return False
+        meta = nxt
+    return False
+
+
 def write_marker(marker_dir: Path, task: Task, fingerprint: str, result: TaskResult) -> None:
     doc = {"task_id": task.id, "fingerprint": fingerprint, "outputs": result.outputs,
            "result": result.to_json()}
@@ -60,7 +107,7 @@ def read_valid_marker(marker_dir: Path, task: Task, fingerprint: str, *,
         return None
     try:
         for p, meta in outputs.items():
-            if os.path.getsize(p) != meta["bytes"] or (verify and not file_matches(p, meta["checksum"])):
+            if not _intact(p, meta, verify):
                 return None
         result = TaskResult.from_json(doc["result"])
     except (OSError, KeyError, TypeError, AttributeError):  # output gone, or a marker from elsewhere

@@ -27,6 +27,7 @@ from prep.runtime.markers import (
     finalized_already,
     folder_listing,
     read_valid_marker,
+    record_rewrites,
     write_finalized,
     write_marker,
 )
@@ -225,6 +226,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                     if r.status != "failed":
                         try:
                             r.outputs = describe_outputs(t.outputs, r.outputs)
+                            record_rewrites(r.rewrote, r.outputs)
                             write_marker(markers, t, t.fingerprint(name, version), r)
                         except OSError as err:
                             r.status, r.error = "failed", f"output missing after the task ran ({err})"

@@ -90,7 +90,9 @@ class Task:
 class TaskResult:
     """What a task did. `counts` adds up across tasks (samples_in, samples_out, ...); `dropped` maps a
     reason to a count; `notes` are human lines (dropped keys, warnings); `data` is JSON for finalize;
-    `outputs` maps output path to {bytes, checksum} where the task already knows them."""
+    `outputs` maps output path to {bytes, checksum} where the task already knows them; `rewrote` maps a
+    file an earlier stage wrote and this task rewrote in place (an in-place merge) to the {bytes, checksum}
+    it replaced, so that stage's done-marker stays valid (`runtime.markers.record_rewrites`)."""
 
     task_id: str
     status: str = "done"  # done | skipped | failed
@@ -101,17 +103,19 @@ class TaskResult:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    rewrote: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "status": self.status, "counts": self.counts,
                 "dropped": self.dropped, "notes": self.notes, "data": self.data,
-                "outputs": self.outputs, "error": self.error, "seconds": round(self.seconds, 3)}
+                "outputs": self.outputs, "error": self.error, "seconds": round(self.seconds, 3),
+                "rewrote": self.rewrote}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TaskResult:
         return cls(doc["task_id"], doc.get("status", "done"), doc.get("counts", {}), doc.get("dropped", {}),
                    doc.get("notes", []), doc.get("data", {}), doc.get("outputs", {}), doc.get("error"),
-                   doc.get("seconds", 0.0))
+                   doc.get("seconds", 0.0), doc.get("rewrote", {}))
 
 
 @dataclass
