@@ -65,7 +65,8 @@ class Config(StageConfig):
                                      "(they are then only required, not selected)")
     count_from: Literal["auto", "scan", "stats"] = Field(
         "auto", description="how the plan counts samples per input tar: scan = read tar headers; stats = "
-        "img2dataset's NNNNN_stats.json (must exist for every tar); auto = stats when trustworthy, else scan")
+        "img2dataset's NNNNN_stats.json (must exist for every tar); auto = stats when trustworthy and "
+        "file_ext_in_tar is empty (stats count samples, not those with every listed member), else scan")
     scan_threads: int | None = Field(
         None, ge=1, description="threads that scan input headers while planning; unset: 8 on a network "
         "filesystem (nfs, lustre, gpfs, beegfs, ceph, cifs, fuse), where each read waits on the network, "
@@ -262,6 +263,13 @@ def stats_count(tar: Path, size: int, mtime_ns: int) -> int | None:
     return n
 
 
+def stats_may_count(count_from: str, sel: Selection) -> bool:
+    """Whether img2dataset's stats may stand for a tar's usable samples: they count every sample written,
+    so under `auto` only when no member is required (a PNG, or a sample without a caption, would be
+    counted yet dropped, and the plan's layout would be off); `stats` is the user's word for it."""
+    return count_from == "stats" or (count_from == "auto" and not sel.required)
+
+
 @dataclass(frozen=True)
 class Counted:
     count: int
@@ -320,7 +328,7 @@ def count_inputs(tars: list[Path], cfg: Config, sel: Selection, cache_path: Path
     out: list[Counted | None] = [None] * len(tars)
     to_scan: list[int] = []
     for i, (tar, st) in enumerate(zip(tars, stats, strict=True)):
-        if cfg.count_from != "scan":
+        if stats_may_count(cfg.count_from, sel):
             n = stats_count(tar, st.st_size, st.st_mtime_ns)
             if n is not None:
                 out[i] = Counted(n, "stats", None)
