@@ -21,7 +21,7 @@ from prep.formats.atomic import write_text_atomic
 from prep.formats.checksum import file_checksum
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import Sample, scan_tar, shard_folder
+from prep.formats.tar import Sample, scan_tar, shard_files, shard_folder
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
@@ -213,4 +213,11 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
     if missing:
         notes.append("source samples missing listed members: "
                      + ", ".join(f".{e}: {n}" for e, n in sorted(missing.items())))
+    merged = {r.data["rel"] for r in results}
+    unmatched = [rel for rel in (t.relative_to(src).as_posix() for t in shard_files(src, skip=out))
+                 if rel not in merged] if src.is_dir() else []
+    if unmatched:
+        notes.append(f"WARNING: {len(unmatched)} source shard(s) have no precached shard, so none of their "
+                     f"samples is in {out} (first: {unmatched[0]}); run precache_encodings for them, or "
+                     "check merge_source_tar.input_dir")
     return notes
