@@ -223,6 +223,23 @@ def test_summary_table_and_json(tmp_path: Path) -> None:
     assert doc["ok"] is False and doc["counts"]["samples"] == 3 and doc["tasks_planned"] == 2
 
 
+def test_a_resumed_runs_rate_counts_only_the_samples_it_made(tmp_path: Path) -> None:
+    """3 of 4 shards were done by an earlier run: samples/s (the table's, and the summary file's that
+    `prep report` charts) is this run's 3 samples over its time, not all 12."""
+    make_shards(tmp_path, 4)
+    run(tmp_path)
+    (tmp_path / "shard-002.tar.idx").unlink()
+    resumed = run(tmp_path)
+    assert [r.status for r in resumed.results] == ["skipped", "skipped", "done", "skipped"]
+    assert resumed.counts()["samples"] == 12 and resumed.samples_done() == 3
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))  # noqa: SIM115
+    print_summary(resumed, console)
+    rate = next(line for line in console.export_text().splitlines() if "samples/s" in line)
+    assert rate.split()[-2] == f"{3 / resumed.seconds:,.0f}"
+    kept = json.loads((tmp_path / ".prep/summary/generate_wdinfo.json").read_text())
+    assert kept["samples_done"] == 3
+
+
 def test_unexpected_exceptions_become_failed_results_without_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

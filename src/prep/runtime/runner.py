@@ -70,6 +70,12 @@ class StageRun:
             total.update(r.counts)
         return dict(total)
 
+    def samples_done(self) -> int:
+        """Samples out of the tasks this run did: the rate's numerator (a skipped task's counts describe
+        an earlier run's work, so a resumed run would otherwise claim that work in its own time)."""
+        return sum(r.counts.get("samples_out", r.counts.get("samples", 0)) for r in self.results
+                   if r.status == "done")
+
     def dropped(self) -> dict[str, int]:
         total: Counter[str] = Counter()
         for r in self.results:
@@ -90,7 +96,8 @@ class StageRun:
         return {
             "stage": self.stage, "ok": self.ok, "tasks_planned": self.planned,
             "tasks_in_slice": len(self.results), "done": by_status["done"], "skipped": by_status["skipped"],
-            "failed": by_status["failed"], "counts": self.counts(), "dropped": self.dropped(),
+            "failed": by_status["failed"], "counts": self.counts(), "samples_done": self.samples_done(),
+            "dropped": self.dropped(),
             "seconds": round(self.seconds, 3), "finalized": self.finalized,
             "waiting_for_other_slices": self.waiting_for_other_slices, "nothing_to_do": self.nothing_to_do,
             "notes": [n for r in self.results for n in r.notes] + self.finalize_notes,
