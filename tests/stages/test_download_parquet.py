@@ -201,6 +201,22 @@ def test_fewer_subpartitions_leave_no_parts_of_the_earlier_split(tmp_path):
     assert urls == pq.read_table(src / "a.parquet")["URL"].to_pylist()
 
 
+def test_resplitting_a_deleted_source_says_it_cannot_be_done(tmp_path):
+    """delete_source removed the file: other settings cannot re-split it, and re-running (the generic
+    advice for a file gone since planning) never helps."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.parquet").write_bytes(_parquet(6, "a"))
+    for k in (3, 2):
+        cfg = load_config(None, [f"dataset_output_root={tmp_path / 'out'}",
+                                 f"download_parquet.source_path={src}", "download_parquet.delete_source=true",
+                                 f"download_parquet.parquet_subpartitions={k}"])
+        result = run_stage("download_parquet", cfg, RunOptions(quiet=True))
+    assert not result.ok
+    assert "deleted once its parts were written (delete_source: true)" in result.failed[0].error
+    assert "parquet_subpartitions back" in result.failed[0].error
+
+
 def test_part_rows_and_stems():
     assert part_rows(10, 3) == [4, 3, 3] and part_rows(2, 4) == [1, 1, 0, 0]
     assert sum(part_rows(1001, 7)) == 1001

@@ -215,6 +215,11 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
     fs, path = fsspec.core.url_to_fs(p["url"])
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         if not os.path.isfile(path):
+            if (out / _DELETED / f"{p['stem']}.json").is_file():  # re-running cannot bring it back
+                raise PrepError("the source was deleted once its parts were written (delete_source: "
+                                "true), so they cannot be made again with other settings", p["url"],
+                                "restore the source file, or set download_parquet.parquet_subpartitions back "
+                                "to what it was split with")
             raise PrepError("source file disappeared since planning", p["url"], "re-run to plan again")
         return Path(path), False
     target = out / SOURCE_DIR / p["rel"]
