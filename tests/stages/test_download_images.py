@@ -347,3 +347,27 @@ def test_a_part_folder_no_longer_planned_is_named(tmp_path, monkeypatch):
     again = run_stage("download_images", _cfg(tmp_path, inp), RunOptions(quiet=True))
     assert again.ok
     assert any(n.startswith("WARNING") and "tars in p.part1," in n for n in again.finalize_notes)
+
+
+def test_a_published_shard_lost_later_is_downloaded_again(tmp_path, monkeypatch):
+    """img2dataset skips a shard whose stats are staged; prep keeps them after publishing. A shard lost
+    from output_dir afterwards (a bad disk, deleted by hand) must come back on a re-run, not fail it
+    with "did not finish" on every re-run."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(url_table([(f"http://x/{i}.jpg", f"c{i}") for i in range(4)]), inp / "p.part0.parquet")
+
+    def incremental(url_list, output_folder, args, where):
+        for n in ("00000", "00001"):
+            if not (output_folder / f"{n}_stats.json").exists():  # img2dataset's incremental mode
+                _fake_i2d_shard(output_folder, n, ["0", "1"], [f"{n} a", f"{n} b"])
+
+    monkeypatch.setattr(di, "call_img2dataset", incremental)
+    cfg = _cfg(tmp_path, inp, "download_images.number_sample_per_shard=2")
+    assert run_stage("download_images", cfg, RunOptions(quiet=True)).ok
+    lost = tmp_path / "tarfiles_raw" / "p.part0" / "00001.tar"
+    before = lost.read_bytes()
+    lost.unlink()
+    again = run_stage("download_images", cfg, RunOptions(quiet=True))
+    assert again.ok, again.to_json()["errors"]
+    assert again.counts()["shards_downloaded_now"] == 1 and lost.read_bytes() == before

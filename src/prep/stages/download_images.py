@@ -560,6 +560,8 @@ def _download_part(p: dict[str, Any], where: str) -> tuple[list[str], dict[str, 
     for n in names:  # img2dataset's incremental mode skips a shard when its stats file is there
         if n not in todo and not (staging / f"{n}_stats.json").exists():
             shutil.copyfile(final / f"{n}_stats.json", staging / f"{n}_stats.json")
+        elif n in todo and not (staging / f"{n}.tar").exists():  # published once, then lost from final:
+            (staging / f"{n}_stats.json").unlink(missing_ok=True)  # fetch it again, not skip it forever
     publisher = _Publisher(staging, final, todo, p["prefix"])
     publisher.start()
     try:
