@@ -371,3 +371,10 @@ def test_a_published_shard_lost_later_is_downloaded_again(tmp_path, monkeypatch)
     again = run_stage("download_images", cfg, RunOptions(quiet=True))
     assert again.ok, again.to_json()["errors"]
     assert again.counts()["shards_downloaded_now"] == 1 and lost.read_bytes() == before
+    cut = lost.with_name("00000_stats.json")  # a stats file cut short: named, with how to get it back
+    cut.write_text(cut.read_text()[:20])
+    failed = run_stage("download_images", cfg, RunOptions(quiet=True, force=True))
+    assert not failed.ok and f"{cut}: img2dataset's shard stats are not JSON" in failed.failed[0].error
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        cut.with_name(f"00000{suffix}").unlink()
+    assert run_stage("download_images", cfg, RunOptions(quiet=True)).ok and cut.exists()

@@ -274,7 +274,7 @@ def find_parts(folder: Path, pattern: str) -> list[Path]:
 def _failed_now(final_dir: Path) -> int:
     total = 0
     for stats in final_dir.glob("*_stats.json"):
-        doc = json.loads(stats.read_text("utf-8"))
+        doc = _read_stats(stats)
         total += doc["count"] - doc["successes"]
     return total
 
@@ -393,8 +393,17 @@ def call_img2dataset(url_list: Path, output_folder: Path, args: dict[str, Any], 
             signal.signal(signal.SIGINT, old)
 
 
+class StatsUnreadable(PrepError):
+    """img2dataset's `NNNNN_stats.json` is not JSON: cut, or (staged) still being written."""
+
+
 def _read_stats(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text("utf-8"))
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StatsUnreadable(f"img2dataset's shard stats are not JSON ({err})", str(path),
+                              "delete the shard's .tar, .parquet and _stats.json and re-run: it is fetched "
+                              "again") from None
 
 
 def _prefixed(table: Any, prefix: str) -> Any:
@@ -523,7 +532,7 @@ class _Publisher(threading.Thread):
             if not last:
                 try:
                     _read_stats(stats)
-                except json.JSONDecodeError:  # img2dataset is still writing it
+                except StatsUnreadable:  # img2dataset is still writing it
                     continue
             self.facts[str(self.final / f"{n}.tar")] = publish_shard(self.staging, self.final, n, self.prefix)
             self.published.append(n)
