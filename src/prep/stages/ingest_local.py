@@ -158,6 +158,12 @@ def status_of(reason: str) -> str:
     return "failed_to_download" if reason in UNREADABLE else "failed_to_resize"
 
 
+def shown_path(rel: str) -> str:
+    """A relative path as the json, the parquet and the reports record it: UTF-8 text, so the bytes of a
+    file name that is not UTF-8 (Linux allows any) appear as \\xNN instead of failing its whole shard."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def caption_names(rel: str) -> tuple[str, str]:
     """The names a captions-file line may use for an image: its relative path, with or without extension."""
     return rel, (rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel)
@@ -329,7 +335,7 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
     found: list[Found] = []
     stems_with_image = set()
     for rel, st in images:
-        item = Found(rel, rel, str(folder / rel), [st.st_size, st.st_mtime_ns])
+        item = Found(rel, shown_path(rel), str(folder / rel), [st.st_size, st.st_mtime_ns])
         for name in caption_names(rel):
             if name in mapped:
                 item.caption, item.extra = mapped[name]
