@@ -256,6 +256,19 @@ def test_rerun_with_every_shard_done_loads_no_model(tmp_path: Path, models: Path
         run_stage(STAGE, cfg, RunOptions(quiet=True, dry_run=True))
 
 
+def test_an_output_shard_of_an_earlier_larger_plan_is_named(tmp_path: Path, models: Path) -> None:
+    """reorganize_tar re-cut into fewer shards: precache's shard of the one gone stays in its folder, and
+    generate_wdinfo (or merge) after it would take its samples a second time: the summary names it."""
+    make_shards(tmp_path / "in", n_shards=2, per_shard=1)
+    cfg = config(tmp_path, models, [vae(models, resolution=16)])
+    assert not any("WARNING" in n for n in run_stage(STAGE, cfg, RunOptions(quiet=True)).finalize_notes)
+    (tmp_path / "in" / "part" / "00001.tar").unlink()
+    again = run_stage(STAGE, cfg, RunOptions(quiet=True))
+    assert again.ok and again.planned == 1
+    assert any(n.startswith("WARNING: 1 older shard(s)") and "(first: part/00001.tar)" in n
+               for n in again.finalize_notes), again.finalize_notes
+
+
 @pytest.mark.slow
 def test_an_in_place_merge_leaves_precache_done(tmp_path: Path, models: Path) -> None:
     """With keep_source: false the chain merges the source members into precache's own shards: a re-run

@@ -150,6 +150,22 @@ def slice_tasks(tasks: list[Task], task_index: int | None, num_tasks: int | None
     return tasks[task_index::num_tasks]
 
 
+def unplanned_shards_warning(folder: Path, planned: set[str], *, recursive: bool = True) -> list[str]:
+    """A warning naming the shards in a stage's output `folder` (relative names) that this plan did not
+    write: an earlier, larger plan's. The next stage reads every shard there, so their samples would be
+    in the dataset twice. [] when there are none."""
+    from prep.formats.tar import shard_files
+
+    stale = [p.relative_to(folder).as_posix() for p in shard_files(folder, recursive=recursive)] \
+        if folder.is_dir() else []
+    stale = [r for r in stale if r not in planned]
+    if not stale:
+        return []
+    return [f"WARNING: {len(stale)} older shard(s) in {folder} are not part of this output (first: "
+            f"{stale[0]}); manifest.json lists only the current ones, but the next stage reads every shard "
+            "there — delete the others"]
+
+
 def rel(path: Path, root: Path) -> str:
     """A POSIX path of `path` relative to `root` (for manifests and task ids)."""
     return path.resolve().relative_to(root.resolve()).as_posix()

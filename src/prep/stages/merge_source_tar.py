@@ -23,7 +23,7 @@ from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from prep.formats.tar import Sample, scan_tar, shard_files, shard_folder
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+from prep.stages.base import RunOptions, StageConfig, Task, TaskResult, unplanned_shards_warning
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
@@ -214,6 +214,7 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append("source samples missing listed members: "
                      + ", ".join(f".{e}: {n}" for e, n in sorted(missing.items())))
     merged = {r.data["rel"] for r in results}
+    notes += unplanned_shards_warning(out, merged) if out != inp else []
     unmatched = [rel for rel in (t.relative_to(src).as_posix() for t in shard_files(src, skip=out))
                  if rel not in merged] if src.is_dir() else []
     if unmatched:

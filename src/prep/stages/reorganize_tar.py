@@ -32,7 +32,7 @@ from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
 from prep.formats.tar import Sample, TarScan, gc_paused, scan_tar, shard_folder
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+from prep.stages.base import RunOptions, StageConfig, Task, TaskResult, unplanned_shards_warning
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
@@ -634,9 +634,4 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(f"{len(dropped)} samples dropped (first: {first}); every key and reason is in {report}")
     if damaged:
         notes.append(f"WARNING: {damaged} damaged input tar(s); strict: true (or --strict) fails on this")
-    planned = {e.path for e in entries}
-    stale = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
-    if stale:
-        notes.append(f"WARNING: {len(stale)} older shard(s) in {out} are not part of this output "
-                     f"(first: {stale[0]}); manifest.json lists only the current ones — delete the others")
-    return notes
+    return notes + unplanned_shards_warning(out, {e.path for e in entries}, recursive=False)
