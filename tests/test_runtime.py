@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from prep.config import load_config
 from prep.errors import PrepError
 from prep.formats.checksum import file_checksum
 from prep.formats.tar_write import write_shard
+from prep.formats.wdinfo import read_wdinfo
 from prep.runtime.runner import run_stage
 from prep.runtime.summary import print_summary
 from prep.stages.base import RunOptions, Task, slice_tasks
@@ -78,6 +80,27 @@ def test_a_rerun_with_every_task_done_does_no_work_and_says_so(tmp_path: Path) -
     repaired = run(tmp_path)
     assert not repaired.nothing_to_do and manifest.exists()
     assert {r.status for r in repaired.results} == {"skipped"} and repaired.finalize_notes
+
+
+def test_finalize_reruns_when_a_setting_it_reads_changes_or_any_file_it_wrote_is_gone(tmp_path: Path) -> None:
+    """The tasks stay skipped, but finalize reads settings of its own (wdinfo's chunk_size, write_nv_meta,
+    strict) and writes files in hidden folders (.nv-meta/): a change to either must not be skipped."""
+    make_shards(tmp_path, 3)
+    run(tmp_path)
+    rechunked = run(tmp_path, "generate_wdinfo.tar_chunk_size=4")
+    assert {r.status for r in rechunked.results} == {"skipped"}
+    assert read_wdinfo(tmp_path / "wdinfo.pkl")["chunk_size"] == 4
+    strict = run(tmp_path, "generate_wdinfo.tar_chunk_size=4", strict=True)
+    assert not strict.ok and "do not hold tar_chunk_size=4" in strict.errors[0]
+    run(tmp_path, "generate_wdinfo.write_nv_meta=false")
+    shutil.rmtree(tmp_path / ".nv-meta")
+    run(tmp_path)
+    assert (tmp_path / ".nv-meta" / ".info.json").exists()
+    shutil.rmtree(tmp_path / ".nv-meta")
+    run(tmp_path)
+    assert (tmp_path / ".nv-meta" / ".info.json").exists()
+    (tmp_path / "wdinfo.pkl").unlink()  # unchanged by the last finalize, but finalize's all the same
+    assert run(tmp_path).finalize_notes and (tmp_path / "wdinfo.pkl").exists()
 
 
 def test_changed_input_or_damaged_output_reruns(tmp_path: Path) -> None:
@@ -198,6 +221,23 @@ def test_summary_table_and_json(tmp_path: Path) -> None:
     assert "1 / 0 / 1" in text and "error: 0-shard-001.tar" in text
     doc = json.loads(json.dumps(result.to_json()))
     assert doc["ok"] is False and doc["counts"]["samples"] == 3 and doc["tasks_planned"] == 2
+
+
+def test_a_resumed_runs_rate_counts_only_the_samples_it_made(tmp_path: Path) -> None:
+    """3 of 4 shards were done by an earlier run: samples/s (the table's, and the summary file's that
+    `prep report` charts) is this run's 3 samples over its time, not all 12."""
+    make_shards(tmp_path, 4)
+    run(tmp_path)
+    (tmp_path / "shard-002.tar.idx").unlink()
+    resumed = run(tmp_path)
+    assert [r.status for r in resumed.results] == ["skipped", "skipped", "done", "skipped"]
+    assert resumed.counts()["samples"] == 12 and resumed.samples_done() == 3
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))  # noqa: SIM115
+    print_summary(resumed, console)
+    rate = next(line for line in console.export_text().splitlines() if "samples/s" in line)
+    assert rate.split()[-2] == f"{3 / resumed.seconds:,.0f}"
+    kept = json.loads((tmp_path / ".prep/summary/generate_wdinfo.json").read_text())
+    assert kept["samples_done"] == 3
 
 
 def test_unexpected_exceptions_become_failed_results_without_traceback(

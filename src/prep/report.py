@@ -205,7 +205,7 @@ def timing_chart(root: Path) -> Chart | None:
         if stage not in STAGE_ORDER:
             continue
         counts = doc.get("counts", {})
-        samples = counts.get("samples_out", counts.get("samples", 0))
+        samples = doc.get("samples_done", counts.get("samples_out", counts.get("samples", 0)))
         entry = per.setdefault(stage, {"seconds": 0.0, "samples": 0})
         entry["seconds"] += float(doc.get("seconds", 0.0))
         entry["samples"] += int(samples)

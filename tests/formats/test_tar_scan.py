@@ -123,6 +123,24 @@ def test_skips_metadata_dirs_and_extensionless_members(tmp_path: Path) -> None:
         assert scan.end == t.offset
 
 
+def test_a_tar_of_a_folder_made_with_dot_reads_as_its_samples(tmp_path: Path) -> None:
+    """`tar -cf x.tar -C DIR .` (and tarfile's add(DIR, arcname=".")) archive the folder itself first,
+    as `./`: the archive's root, which is safe, not an empty or unsafe name."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "a.txt", "sub/b.jpg"):
+        (folder / name).write_bytes(name.encode())
+    path = tmp_path / "folder.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+        t.add(folder, arcname=".", recursive=False)
+        for name in ("a.jpg", "a.txt", "sub", "sub/b.jpg"):
+            t.add(folder / name, arcname=f"./{name}", recursive=False)
+    with tarfile.open(path) as t:
+        assert t.getnames()[0] in (".", "./")
+    scan = scan_tar(path)
+    assert [(s.key, sorted(s.members)) for s in scan.samples] == [("a", ["jpg", "txt"]), ("sub/b", ["jpg"])]
+
+
 def test_samples_group_consecutive_members_only(tmp_path: Path) -> None:
     path = make_tar(tmp_path / "dup.tar", [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.txt", b"3")])
     with pytest.raises(TarFormatError, match="appears twice"):

@@ -326,3 +326,55 @@ def test_resume_keeps_shards_unless_the_part_or_shaping_settings_change(tmp_path
                     RunOptions(quiet=True))
     assert run.ok and len(calls) == 2 and run.counts()["shards_downloaded_now"] == 2
     assert "downloaded again" in run.to_json()["notes"][0]
+
+
+def test_a_part_folder_no_longer_planned_is_named(tmp_path, monkeypatch):
+    """Its tars would join reorganize_tar's input beside the current parts (a part removed by a re-split
+    holds rows the other parts now hold too): the summary names it."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(2):
+        pq.write_table(url_table([(f"http://x/{k}/{i}.jpg", f"c{i}") for i in range(2)]),
+                       inp / f"p.part{k}.parquet")
+
+    def finishes_everything(url_list, output_folder, args, where):
+        _fake_i2d_shard(output_folder, "00000", ["0", "1"], ["a", "b"])
+
+    monkeypatch.setattr(di, "call_img2dataset", finishes_everything)
+    first = run_stage("download_images", _cfg(tmp_path, inp), RunOptions(quiet=True))
+    assert first.ok and not any("WARNING" in n for n in first.finalize_notes)
+    (inp / "p.part1.parquet").unlink()
+    again = run_stage("download_images", _cfg(tmp_path, inp), RunOptions(quiet=True))
+    assert again.ok
+    assert any(n.startswith("WARNING") and "tars in p.part1," in n for n in again.finalize_notes)
+
+
+def test_a_published_shard_lost_later_is_downloaded_again(tmp_path, monkeypatch):
+    """img2dataset skips a shard whose stats are staged; prep keeps them after publishing. A shard lost
+    from output_dir afterwards (a bad disk, deleted by hand) must come back on a re-run, not fail it
+    with "did not finish" on every re-run."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(url_table([(f"http://x/{i}.jpg", f"c{i}") for i in range(4)]), inp / "p.part0.parquet")
+
+    def incremental(url_list, output_folder, args, where):
+        for n in ("00000", "00001"):
+            if not (output_folder / f"{n}_stats.json").exists():  # img2dataset's incremental mode
+                _fake_i2d_shard(output_folder, n, ["0", "1"], [f"{n} a", f"{n} b"])
+
+    monkeypatch.setattr(di, "call_img2dataset", incremental)
+    cfg = _cfg(tmp_path, inp, "download_images.number_sample_per_shard=2")
+    assert run_stage("download_images", cfg, RunOptions(quiet=True)).ok
+    lost = tmp_path / "tarfiles_raw" / "p.part0" / "00001.tar"
+    before = lost.read_bytes()
+    lost.unlink()
+    again = run_stage("download_images", cfg, RunOptions(quiet=True))
+    assert again.ok, again.to_json()["errors"]
+    assert again.counts()["shards_downloaded_now"] == 1 and lost.read_bytes() == before
+    cut = lost.with_name("00000_stats.json")  # a stats file cut short: named, with how to get it back
+    cut.write_text(cut.read_text()[:20])
+    failed = run_stage("download_images", cfg, RunOptions(quiet=True, force=True))
+    assert not failed.ok and f"{cut}: img2dataset's shard stats are not JSON" in failed.failed[0].error
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        cut.with_name(f"00000{suffix}").unlink()
+    assert run_stage("download_images", cfg, RunOptions(quiet=True)).ok and cut.exists()

@@ -182,6 +182,41 @@ def test_local_glob_source_delete_source_and_columns_checked_before_any_task(tmp
     assert not (tmp_path / "o2" / "parquet").exists()
 
 
+def test_fewer_subpartitions_leave_no_parts_of_the_earlier_split(tmp_path):
+    """Parts of an earlier split into more parts would be read by download_images beside the new ones,
+    fetching their rows twice: the parts folder holds each source row exactly once, in order."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.parquet").write_bytes(_parquet(10, "a"))
+    (src / "a.part1.parquet").write_bytes(_parquet(3, "p"))  # another source whose stem starts alike
+    for k in (4, 2):
+        cfg = load_config(None, [f"dataset_output_root={tmp_path / 'out'}",
+                                 f"download_parquet.source_path={src}",
+                                 f"download_parquet.parquet_subpartitions={k}"])
+        assert run_stage("download_parquet", cfg, RunOptions(quiet=True)).ok
+    out = tmp_path / "out" / "parquet"
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        "a.part0.parquet", "a.part1.parquet", "a.part1.part0.parquet", "a.part1.part1.parquet"]
+    urls = [u for k in range(2) for u in pq.read_table(out / f"a.part{k}.parquet")["URL"].to_pylist()]
+    assert urls == pq.read_table(src / "a.parquet")["URL"].to_pylist()
+
+
+def test_resplitting_a_deleted_source_says_it_cannot_be_done(tmp_path):
+    """delete_source removed the file: other settings cannot re-split it, and re-running (the generic
+    advice for a file gone since planning) never helps."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.parquet").write_bytes(_parquet(6, "a"))
+    for k in (3, 2):
+        cfg = load_config(None, [f"dataset_output_root={tmp_path / 'out'}",
+                                 f"download_parquet.source_path={src}", "download_parquet.delete_source=true",
+                                 f"download_parquet.parquet_subpartitions={k}"])
+        result = run_stage("download_parquet", cfg, RunOptions(quiet=True))
+    assert not result.ok
+    assert "deleted once its parts were written (delete_source: true)" in result.failed[0].error
+    assert "parquet_subpartitions back" in result.failed[0].error
+
+
 def test_part_rows_and_stems():
     assert part_rows(10, 3) == [4, 3, 3] and part_rows(2, 4) == [1, 1, 0, 0]
     assert sum(part_rows(1001, 7)) == 1001

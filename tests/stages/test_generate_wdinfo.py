@@ -143,6 +143,18 @@ def test_recursive_and_several_folders(tmp_path: Path) -> None:
     assert flat.planned == 1
 
 
+def test_wdinfo_elsewhere_lists_shards_relative_to_its_own_folder(tmp_path: Path) -> None:
+    """NeMo and prep's loaders read tar_files relative to wdinfo.pkl's folder: one placed above the shard
+    folder lists them from there; one beside it could list them only by leaving its folder: refused."""
+    make_shards(tmp_path / "data" / "shards", [2, 2])
+    assert run(tmp_path / "data" / "shards", f"generate_wdinfo.output_wdinfo_path={tmp_path}/wd.pkl").ok
+    wd = read_wdinfo(tmp_path / "wd.pkl")
+    assert wd["tar_files"] == ["data/shards/shard-000.tar", "data/shards/shard-001.tar"]
+    assert all((tmp_path / t).is_file() for t in wd["tar_files"])
+    with pytest.raises(PrepError, match="does not hold the shard folder"):
+        run(tmp_path / "data" / "shards", f"generate_wdinfo.output_wdinfo_path={tmp_path}/data/meta/wd.pkl")
+
+
 def test_keeps_fields_recorded_by_earlier_stages(tmp_path: Path) -> None:
     make_shards(tmp_path, [2])
     run(tmp_path)

@@ -178,6 +178,23 @@ def test_symlinked_folders_are_read_once_and_broken_links_reported(tmp_path: Pat
     assert "1 entry under" in notes and "'gone.jpg'" in notes
 
 
+def test_a_file_name_that_is_not_utf8_is_ingested_with_its_path_escaped(tmp_path: Path) -> None:
+    """Linux file names are bytes; one that is not UTF-8 cannot go into the json or the parquet as it is.
+    It failed its whole shard ('UnicodeEncodeError ... surrogates not allowed', no file named); now the
+    image is kept and its recorded path shows the odd byte as \\xff, everywhere the path is written."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes(make_image(16, 16, "png", seed=1))
+    with open(bytes(imgs) + b"/b\xff.png", "wb") as f:
+        f.write(make_image(16, 16, "png", seed=2))
+    result = run(tmp_path, "ingest_local.enable=true", f"ingest_local.input_dir={imgs}")
+    assert result.ok, result.to_json()["errors"]
+    samples = shard_samples(tmp_path / "tarfiles_ingested").values()
+    assert sorted(json.loads(m["json"])["path"] for m in samples) == ["a.png", "b\\xff.png"]
+    table = pq.read_table(next((tmp_path / "tarfiles_ingested").rglob("*.parquet")))
+    assert sorted(table["path"].to_pylist()) == ["a.png", "b\\xff.png"]
+
+
 def test_missing_caption_drop_and_captions_files(tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     good = image_folder(folder)

@@ -119,6 +119,19 @@ def test_in_place_merge_joins_sorts_reports_and_is_idempotent(tmp_path):
     assert forced.ok and forced.counts()["members_appended"] == 0 and shard_bytes(pre) == first
 
 
+def test_a_source_shard_without_a_precached_one_is_named(tmp_path):
+    """Precache failed on (or never reached) a shard: the merged output silently lacking a whole shard's
+    samples would be off from reorganize_tar's counts, so the summary names it."""
+    pre, src, _ = make_dataset(tmp_path)
+    (pre / "000001.tar").unlink()
+    (pre / "000001.tar.idx").unlink(missing_ok=True)
+    result = run(pre, src, tmp_path / "merged")
+    assert result.ok
+    notes = "\n".join(result.finalize_notes)
+    assert "WARNING: 1 source shard(s) have no precached shard" in notes and "(first: 000001.tar)" in notes
+    assert not any("WARNING: 1 source" in n for n in run(*make_dataset(tmp_path / "b")[:2]).finalize_notes)
+
+
 def test_output_dir_leaves_inputs_untouched_and_matches_in_place(tmp_path):
     pre, src, expected = make_dataset(tmp_path / "a")
     before = {p: file_checksum(p) for p in sorted(pre.rglob("*.tar")) + sorted(src.rglob("*.tar"))}

@@ -256,6 +256,40 @@ def test_rerun_with_every_shard_done_loads_no_model(tmp_path: Path, models: Path
         run_stage(STAGE, cfg, RunOptions(quiet=True, dry_run=True))
 
 
+def test_an_output_shard_of_an_earlier_larger_plan_is_named(tmp_path: Path, models: Path) -> None:
+    """reorganize_tar re-cut into fewer shards: precache's shard of the one gone stays in its folder, and
+    generate_wdinfo (or merge) after it would take its samples a second time: the summary names it."""
+    make_shards(tmp_path / "in", n_shards=2, per_shard=1)
+    cfg = config(tmp_path, models, [vae(models, resolution=16)])
+    assert not any("WARNING" in n for n in run_stage(STAGE, cfg, RunOptions(quiet=True)).finalize_notes)
+    (tmp_path / "in" / "part" / "00001.tar").unlink()
+    again = run_stage(STAGE, cfg, RunOptions(quiet=True))
+    assert again.ok and again.planned == 1
+    assert any(n.startswith("WARNING: 1 older shard(s)") and "(first: part/00001.tar)" in n
+               for n in again.finalize_notes), again.finalize_notes
+
+
+@pytest.mark.slow
+def test_an_in_place_merge_leaves_precache_done(tmp_path: Path, models: Path) -> None:
+    """With keep_source: false the chain merges the source members into precache's own shards: a re-run
+    of the chain must find both stages done, not re-encode every shard because the files grew."""
+    make_shards(tmp_path / "in", n_shards=2, per_shard=2)
+    section = {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"), "num_workers": 0,
+               "keep_source": False, "encoders": [vae(models, resolution=16)]}
+    cfg = PrepConfig.model_validate({STAGE: section, "merge_source_tar": {"source_extensions": []}})
+    assert cfg.merge_source_tar.enable and cfg.merge_source_tar.output_dir is None  # in place
+    for stage in (STAGE, "merge_source_tar"):
+        assert run_stage(stage, cfg, RunOptions(quiet=True)).ok
+    merged = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*.tar*"))}
+    for stage in (STAGE, "merge_source_tar"):
+        again = run_stage(stage, cfg, RunOptions(quiet=True, verify_markers=True))
+        assert again.ok and again.nothing_to_do, (stage, [r.status for r in again.results])
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*.tar*"))} == merged
+    assert "jpg" in read_shard(tmp_path / "out" / "part" / "00000.tar")["00000000"]  # merged, and still so
+    (tmp_path / "in" / "part" / "00001.tar").touch()  # a changed source: precache redoes its shard
+    assert [r.status for r in run_stage(STAGE, cfg, RunOptions(quiet=True)).results] == ["skipped", "done"]
+
+
 @pytest.mark.slow
 def test_keep_source_false_buckets_sample_mode_and_drops(tmp_path: Path, models: Path) -> None:
     make_shards(tmp_path / "in", n_shards=2, broken=True)

@@ -266,6 +266,23 @@ def test_fill_cycles_when_there_are_fewer_samples_than_a_shard(tmp_path):
     assert keys == sorted(["k0", "k1", "k2", "k0_fill0", "k1_fill0", "k2_fill0", "k0_fill1", "k1_fill1"])
 
 
+def test_a_tar_with_a_samples_members_apart_says_how_to_fix_it(tmp_path):
+    """`tar -cf` of a folder lists files in directory order, so a.txt may follow b.jpg: the note says
+    what is wrong and how to re-create the tar, and does not call the readable rest unreadable."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with tarfile.open(inp / "x.tar", "w") as tf:
+        for name in ("a.jpg", "b.jpg", "a.txt", "b.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    result = run(inp, tmp_path / "out", file_ext_in_tar="[]")
+    notes = "\n".join(result.to_json()["notes"])
+    assert "x.tar: damaged at byte 2048 (key 'a' appears twice, apart, in one tar)" in notes
+    assert "fix: write each sample's members next to each other (tar --sort=name)" in notes
+    assert "unreadable" not in notes
+
+
 def test_duplicate_keys_across_inputs_name_both_tars(tmp_path):
     inp = tmp_path / "in"
     _write_tar(inp / "a/00000.tar", [(f"{i:04d}", {"jpg": b"a", "txt": b"x"}) for i in range(5)])
@@ -290,18 +307,35 @@ def test_img2dataset_stats_are_used_when_trustworthy_and_checked(inputs, tmp_pat
     (inp / "00000_stats.json").write_text(json.dumps({"successes": 7, "count": 9}))
     (inp / "00001_stats.json").write_text(json.dumps({"successes": 5, "count": 5}))
     os.utime(inp / "00001_stats.json", ns=(1, 1))  # older than its tar: not trusted
-    cfg = config(inp, tmp_path / "out", tar_chunk_size=4)
-    tasks = rt.plan(cfg, RunOptions())
-    used = {m["rel"]: m["counted_by"] for t in tasks for m in t.payload["inputs"].values()}
-    assert used == {"00000.tar": "stats", "00001.tar": "scan"}
-    assert run(inp, tmp_path / "out", tar_chunk_size=4).ok
+    every = {"tar_chunk_size": 4, "file_ext_in_tar": "[]"}  # stats count samples, not required members
+
+    def counted_by(**sets) -> dict[str, str]:
+        tasks = rt.plan(config(inp, tmp_path / "out", **sets), RunOptions())
+        return {m["rel"]: m["counted_by"] for t in tasks for m in t.payload["inputs"].values()}
+
+    assert counted_by(**every) == {"00000.tar": "stats", "00001.tar": "scan"}
+    assert counted_by(tar_chunk_size=4) == {"00000.tar": "scan", "00001.tar": "scan"}  # jpg, txt required
+    assert run(inp, tmp_path / "out", **every).ok
 
     (inp / "00000_stats.json").write_text(json.dumps({"successes": 8, "count": 9}))  # wrong
-    result = run(inp, tmp_path / "out3", tar_chunk_size=4)
+    result = run(inp, tmp_path / "out3", **every)
     assert not result.ok
     assert any("planned 8 usable samples (from img2dataset's _stats.json) but the tar has 7" in r.error
                for r in result.failed)
     assert run(inp, tmp_path / "out4", tar_chunk_size=4, count_from="scan").ok
+
+
+def test_samples_stats_count_but_file_ext_in_tar_drops_are_dropped_not_a_failure(tmp_path):
+    """An ingested PNG (or a download without captions) is one of img2dataset's successes, yet lacks a
+    required member: with file_ext_in_tar set the plan scans, so it is dropped and reported."""
+    inp = tmp_path / "in"
+    samples = [(f"{i:04d}", {"jpg": b"x" * i, "txt": b"t"}) for i in range(6)]
+    samples[2] = ("0002", {"png": b"p", "txt": b"t"})
+    _write_tar(inp / "00000.tar", samples)
+    (inp / "00000_stats.json").write_text(json.dumps({"successes": 6, "count": 6}))
+    result = run(inp, tmp_path / "out", tar_chunk_size=4)
+    assert result.ok, result.to_json()["errors"]
+    assert result.dropped() == {"missing .jpg": 1} and result.counts()["samples_out"] == 5
 
 
 def test_truncated_tar_with_stats_is_not_trusted(inputs):

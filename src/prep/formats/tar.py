@@ -34,6 +34,7 @@ MAX_EXTENDED_HEADER = 1 << 20  # pax / GNU long-name payloads are read into memo
 FIXED_MTIME = 0  # shards carry no wall-clock time, so the same samples give the same bytes
 _REGULAR = (b"0", b"\x00", b"7")  # regular file, old-style regular file, contiguous file
 _ZERO_BLOCK = bytes(BLOCK)
+_ARCHIVE_ROOT = (".", "./")  # the folder `tar -cf x.tar -C DIR .` archives first: safe, and no sample
 _MAX_FIELD = (1 << 63) - 1  # the largest file offset: a base-256 number above it cannot be a size
 
 
@@ -260,7 +261,8 @@ def iter_members(
             raise TarFormatError("sparse members are not supported", where,
                                  "re-create the tar without --sparse", start)
         if typeflag == b"5":
-            check_member_name(name, where)
+            if name not in _ARCHIVE_ROOT:
+                check_member_name(name, where)
             continue
         name = check_member_name(name, where)
         if typeflag not in _REGULAR:  # unknown types: tarfile and energon do not treat them as files
@@ -340,7 +342,8 @@ def iter_samples(
             continue
         if key in seen:
             raise TarFormatError(f"key {key!r} appears twice, apart, in one tar", path,
-                                 "write each sample's members next to each other", member.header_offset)
+                                 "write each sample's members next to each other (tar --sort=name)",
+                                 member.header_offset)
         seen.add(key)
         current = Sample(key, {ext: member}, member.header_offset, end,
                          {ext: data} if data is not None else None)

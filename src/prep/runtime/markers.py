@@ -39,6 +39,53 @@ def describe_outputs(paths: tuple[str, ...], known: dict[str, dict[str, Any]]) -
     return out
 
 
+REWRITTEN = ".prep/rewritten"  # beside a file a later stage rewrote in place: what it was, what it is
+
+
+def rewrite_record(path: str) -> Path:
+    p = Path(path)
+    return p.parent / REWRITTEN / f"{p.name}.json"
+
+
+def record_rewrites(rewrote: dict[str, dict[str, Any]], outputs: dict[str, dict[str, Any]]) -> None:
+    """Record that a task rewrote files an earlier stage wrote (`rewrote`: path -> the {bytes, checksum}
+    it replaced) into `outputs[path]`. The earlier stage's done-marker names the old file; with this
+    record it stays valid while the new file is intact, so re-running the chain (precache, then an
+    in-place merge_source_tar) does not redo the earlier stage. Records chain: a file rewritten again
+    keeps its link back to the first writer."""
+    for p, before in rewrote.items():
+        after = outputs[p]
+        if before["checksum"] == after["checksum"]:
+            continue  # the same bytes again (a forced re-run): nothing to link
+        chain = _rewrites(p)
+        chain[before["checksum"]] = {"bytes": int(after["bytes"]), "checksum": after["checksum"]}
+        write_text_atomic(rewrite_record(p), json.dumps(chain, indent=1, sort_keys=True))
+
+
+def _rewrites(path: str) -> dict[str, dict[str, Any]]:
+    """{checksum the file had: {bytes, checksum} it was rewritten to} for `path` ({} when never)."""
+    try:
+        doc = json.loads(rewrite_record(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _intact(path: str, meta: dict[str, Any], verify: bool) -> bool:
+    """Whether `path` still is what a marker recorded (`meta`), or what later stages rewrote that into in
+    place (`record_rewrites`)."""
+    chain = None
+    for _ in range(64):  # a chain of rewrites, never a loop
+        if os.path.getsize(path) == meta["bytes"] and (not verify or file_matches(path, meta["checksum"])):
+            return True
+        chain = _rewrites(path) if chain is None else chain
+        nxt = chain.get(meta["checksum"])
+        if not isinstance(nxt, dict) or "bytes" not in nxt or "checksum" not in nxt:
+            return False
+        meta = nxt
+    return False
+
+
 def write_marker(marker_dir: Path, task: Task, fingerprint: str, result: TaskResult) -> None:
     doc = {"task_id": task.id, "fingerprint": fingerprint, "outputs": result.outputs,
            "result": result.to_json()}
@@ -60,7 +107,7 @@ def read_valid_marker(marker_dir: Path, task: Task, fingerprint: str, *,
         return None
     try:
         for p, meta in outputs.items():
-            if os.path.getsize(p) != meta["bytes"] or (verify and not file_matches(p, meta["checksum"])):
+            if not _intact(p, meta, verify):
                 return None
         result = TaskResult.from_json(doc["result"])
     except (OSError, KeyError, TypeError, AttributeError):  # output gone, or a marker from elsewhere
@@ -74,36 +121,56 @@ FINALIZED = ".finalized"  # no `.json` suffix, so no task id can name it
 
 
 def folder_listing(places: list[Path]) -> dict[str, tuple[int, int]]:
-    """{path: (bytes, mtime_ns)} of the files directly in `places` (what finalize writes lives there:
-    manifest.json, wdinfo.pkl, ...), or of a place that is itself a file."""
+    """{path: (bytes, mtime_ns)} of the files directly in `places` and in their hidden folders (what
+    finalize writes lives there: manifest.json, wdinfo.pkl, .nv-meta/, .prep/ reports), or of a place
+    that is itself a file. Shards in ordinary sub-folders are tasks' outputs, which markers track."""
     out: dict[str, tuple[int, int]] = {}
     for place in places:
         try:
-            entries = [os.stat(place)] if os.path.isfile(place) else None
-            if entries is not None:
-                out[str(place)] = (entries[0].st_size, entries[0].st_mtime_ns)
+            if os.path.isfile(place):
+                st = os.stat(place)
+                out[str(place)] = (st.st_size, st.st_mtime_ns)
                 continue
-            for e in os.scandir(place):
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out[e.path] = (st.st_size, st.st_mtime_ns)
+            folders = [str(place)]
+            while folders:
+                for e in os.scandir(folders.pop()):
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out[e.path] = (st.st_size, st.st_mtime_ns)
+                    elif e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                        folders.append(e.path)
         except OSError:
             continue
     return out
 
 
-def finalize_digest(fingerprints: list[tuple[str, str]]) -> str:
-    """What a finalize depends on: every task of the whole plan and its fingerprint."""
-    return hashlib.sha256(json.dumps(sorted(fingerprints)).encode()).hexdigest()
+def finalize_digest(fingerprints: list[tuple[str, str]], settings: dict[str, Any]) -> str:
+    """What a finalize depends on: every task of the whole plan and its fingerprint, and the settings
+    finalize reads besides the tasks' results (the stage's config section, --strict): wdinfo.pkl's
+    chunk_size, whether .nv-meta/ is written, whether damage or missing members fail the stage."""
+    doc = json.dumps([sorted(fingerprints), settings], sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()
 
 
 def write_finalized(marker_dir: Path, digest: str, before: dict[str, tuple[int, int]],
                     after: dict[str, tuple[int, int]]) -> None:
-    """Record that finalize ran for this plan, and the files it wrote (new or changed between the two
-    listings). A later stage may rewrite them (generate_wdinfo extends a manifest): only their
-    presence is checked."""
-    wrote = sorted(p for p, st in after.items() if before.get(p) != st)
-    write_text_atomic(marker_dir / FINALIZED, json.dumps({"digest": digest, "wrote": wrote}, indent=1))
+    """Record that finalize ran for this plan, and the files it wrote: new or changed between the two
+    listings, plus those an earlier finalize recorded that are still there (a finalize that rewrites a
+    file with the same bytes leaves it untouched, yet it is still finalize's). A later stage may rewrite
+    them (generate_wdinfo extends a manifest): only their presence is checked."""
+    wrote = {p for p, st in after.items() if before.get(p) != st}
+    wrote.update(p for p in _recorded(marker_dir) if p in after)
+    doc = {"digest": digest, "wrote": sorted(wrote)}
+    write_text_atomic(marker_dir / FINALIZED, json.dumps(doc, indent=1))
+
+
+def _recorded(marker_dir: Path) -> list[str]:
+    """The files the last finalize recorded ([] when none did, or its record is unreadable)."""
+    try:
+        wrote = json.loads((marker_dir / FINALIZED).read_text("utf-8"))["wrote"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+    return [p for p in wrote if isinstance(p, str)] if isinstance(wrote, list) else []
 
 
 def finalized_already(marker_dir: Path, digest: str) -> bool:

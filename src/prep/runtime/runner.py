@@ -27,6 +27,7 @@ from prep.runtime.markers import (
     finalized_already,
     folder_listing,
     read_valid_marker,
+    record_rewrites,
     write_finalized,
     write_marker,
 )
@@ -69,6 +70,12 @@ class StageRun:
             total.update(r.counts)
         return dict(total)
 
+    def samples_done(self) -> int:
+        """Samples out of the tasks this run did: the rate's numerator (a skipped task's counts describe
+        an earlier run's work, so a resumed run would otherwise claim that work in its own time)."""
+        return sum(r.counts.get("samples_out", r.counts.get("samples", 0)) for r in self.results
+                   if r.status == "done")
+
     def dropped(self) -> dict[str, int]:
         total: Counter[str] = Counter()
         for r in self.results:
@@ -89,7 +96,8 @@ class StageRun:
         return {
             "stage": self.stage, "ok": self.ok, "tasks_planned": self.planned,
             "tasks_in_slice": len(self.results), "done": by_status["done"], "skipped": by_status["skipped"],
-            "failed": by_status["failed"], "counts": self.counts(), "dropped": self.dropped(),
+            "failed": by_status["failed"], "counts": self.counts(), "samples_done": self.samples_done(),
+            "dropped": self.dropped(),
             "seconds": round(self.seconds, 3), "finalized": self.finalized,
             "waiting_for_other_slices": self.waiting_for_other_slices, "nothing_to_do": self.nothing_to_do,
             "notes": [n for r in self.results for n in r.notes] + self.finalize_notes,
@@ -225,6 +233,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                     if r.status != "failed":
                         try:
                             r.outputs = describe_outputs(t.outputs, r.outputs)
+                            record_rewrites(r.rewrote, r.outputs)
                             write_marker(markers, t, t.fingerprint(name, version), r)
                         except OSError as err:
                             r.status, r.error = "failed", f"output missing after the task ran ({err})"
@@ -233,7 +242,8 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         finally:
             executor.shutdown()
     run.results = [results[t.id] for t in mine]
-    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks])
+    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks],
+                             {"config": getattr(cfg, name).model_dump(mode="json"), "strict": opts.strict})
     if run.ok:
         everything: list[TaskResult] = []
         for t in tasks:

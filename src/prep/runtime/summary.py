@@ -31,7 +31,7 @@ def print_summary(run: StageRun, console: Console) -> None:
     for reason, n in sorted(doc["dropped"].items(), key=lambda kv: (-kv[1], kv[0])):  # each failure once
         share = f" ({100 * n / seen:.1f}%)" if seen else ""
         table.add_row(f"dropped: {reason}", f"{n:,}{share}")
-    samples = doc["counts"].get("samples_out") or doc["counts"].get("samples")
+    samples = doc["samples_done"]
     if samples and run.seconds > 0:
         table.add_row("samples/s", f"{samples / run.seconds:,.0f}")
     table.add_row("seconds", f"{run.seconds:.2f}")

@@ -90,7 +90,9 @@ class Task:
 class TaskResult:
     """What a task did. `counts` adds up across tasks (samples_in, samples_out, ...); `dropped` maps a
     reason to a count; `notes` are human lines (dropped keys, warnings); `data` is JSON for finalize;
-    `outputs` maps output path to {bytes, checksum} where the task already knows them."""
+    `outputs` maps output path to {bytes, checksum} where the task already knows them; `rewrote` maps a
+    file an earlier stage wrote and this task rewrote in place (an in-place merge) to the {bytes, checksum}
+    it replaced, so that stage's done-marker stays valid (`runtime.markers.record_rewrites`)."""
 
     task_id: str
     status: str = "done"  # done | skipped | failed
@@ -101,17 +103,19 @@ class TaskResult:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    rewrote: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "status": self.status, "counts": self.counts,
                 "dropped": self.dropped, "notes": self.notes, "data": self.data,
-                "outputs": self.outputs, "error": self.error, "seconds": round(self.seconds, 3)}
+                "outputs": self.outputs, "error": self.error, "seconds": round(self.seconds, 3),
+                "rewrote": self.rewrote}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TaskResult:
         return cls(doc["task_id"], doc.get("status", "done"), doc.get("counts", {}), doc.get("dropped", {}),
                    doc.get("notes", []), doc.get("data", {}), doc.get("outputs", {}), doc.get("error"),
-                   doc.get("seconds", 0.0))
+                   doc.get("seconds", 0.0), doc.get("rewrote", {}))
 
 
 @dataclass
@@ -144,6 +148,22 @@ def slice_tasks(tasks: list[Task], task_index: int | None, num_tasks: int | None
         raise PrepError(f"--task-index {task_index} / --num-tasks {num_tasks} is not a valid slice",
                         "command line", "give both, with 0 <= task-index < num-tasks")
     return tasks[task_index::num_tasks]
+
+
+def unplanned_shards_warning(folder: Path, planned: set[str], *, recursive: bool = True) -> list[str]:
+    """A warning naming the shards in a stage's output `folder` (relative names) that this plan did not
+    write: an earlier, larger plan's. The next stage reads every shard there, so their samples would be
+    in the dataset twice. [] when there are none."""
+    from prep.formats.tar import shard_files
+
+    stale = [p.relative_to(folder).as_posix() for p in shard_files(folder, recursive=recursive)] \
+        if folder.is_dir() else []
+    stale = [r for r in stale if r not in planned]
+    if not stale:
+        return []
+    return [f"WARNING: {len(stale)} older shard(s) in {folder} are not part of this output (first: "
+            f"{stale[0]}); manifest.json lists only the current ones, but the next stage reads every shard "
+            "there — delete the others"]
 
 
 def rel(path: Path, root: Path) -> str:

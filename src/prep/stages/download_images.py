@@ -43,6 +43,7 @@ from prep.stages.parquet_parts import (
     check_columns,
     key_prefix,
     load_img2dataset,
+    other_parts_warning,
     reading_parquet,
     shard_name,
     write_parquet,
@@ -273,7 +274,7 @@ def find_parts(folder: Path, pattern: str) -> list[Path]:
 def _failed_now(final_dir: Path) -> int:
     total = 0
     for stats in final_dir.glob("*_stats.json"):
-        doc = json.loads(stats.read_text("utf-8"))
+        doc = _read_stats(stats)
         total += doc["count"] - doc["successes"]
     return total
 
@@ -392,8 +393,17 @@ def call_img2dataset(url_list: Path, output_folder: Path, args: dict[str, Any], 
             signal.signal(signal.SIGINT, old)
 
 
+class StatsUnreadable(PrepError):
+    """img2dataset's `NNNNN_stats.json` is not JSON: cut, or (staged) still being written."""
+
+
 def _read_stats(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text("utf-8"))
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StatsUnreadable(f"img2dataset's shard stats are not JSON ({err})", str(path),
+                              "delete the shard's .tar, .parquet and _stats.json and re-run: it is fetched "
+                              "again") from None
 
 
 def _prefixed(table: Any, prefix: str) -> Any:
@@ -522,7 +532,7 @@ class _Publisher(threading.Thread):
             if not last:
                 try:
                     _read_stats(stats)
-                except json.JSONDecodeError:  # img2dataset is still writing it
+                except StatsUnreadable:  # img2dataset is still writing it
                     continue
             self.facts[str(self.final / f"{n}.tar")] = publish_shard(self.staging, self.final, n, self.prefix)
             self.published.append(n)
@@ -559,6 +569,8 @@ def _download_part(p: dict[str, Any], where: str) -> tuple[list[str], dict[str, 
     for n in names:  # img2dataset's incremental mode skips a shard when its stats file is there
         if n not in todo and not (staging / f"{n}_stats.json").exists():
             shutil.copyfile(final / f"{n}_stats.json", staging / f"{n}_stats.json")
+        elif n in todo and not (staging / f"{n}.tar").exists():  # published once, then lost from final:
+            (staging / f"{n}_stats.json").unlink(missing_ok=True)  # fetch it again, not skip it forever
     publisher = _Publisher(staging, final, todo, p["prefix"])
     publisher.start()
     try:
@@ -724,4 +736,4 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
     if ok == 0 and tried:
         notes.append("WARNING: no image was downloaded; check url_col, the network and the failure "
                      "reasons (the dropped rows)")
-    return notes
+    return notes + other_parts_warning(_dirs(root)[1], {r.task_id for r in results})

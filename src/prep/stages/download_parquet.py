@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +64,14 @@ def stem_of(rel_path: str) -> str:
 
 def part_name(stem: str, k: int) -> str:
     return f"{stem}.part{k}.parquet"
+
+
+def stale_parts(names: Iterable[str], stem: str, k: int) -> list[str]:
+    """The names among `names` that are parts of `stem` beyond its first `k`: an earlier split into more
+    parts. Left beside the new parts, download_images would fetch their rows a second time."""
+    part = re.compile(rf"{re.escape(stem)}\.part([0-9]+)\.parquet")
+    return sorted(n for n in names if (m := part.fullmatch(n)) and part_name(stem, int(m[1])) == n
+                  and int(m[1]) >= k)
 
 
 def part_rows(n: int, k: int) -> list[int]:
@@ -205,6 +215,11 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
     fs, path = fsspec.core.url_to_fs(p["url"])
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         if not os.path.isfile(path):
+            if (out / _DELETED / f"{p['stem']}.json").is_file():  # re-running cannot bring it back
+                raise PrepError("the source was deleted once its parts were written (delete_source: "
+                                "true), so they cannot be made again with other settings", p["url"],
+                                "restore the source file, or set download_parquet.parquet_subpartitions back "
+                                "to what it was split with")
             raise PrepError("source file disappeared since planning", p["url"], "re-run to plan again")
         return Path(path), False
     target = out / SOURCE_DIR / p["rel"]
@@ -312,6 +327,9 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     out = Path(p["output_dir"])
     own_copy = src.resolve().is_relative_to((out / SOURCE_DIR).resolve())
     parts = split_parquet(src, out, p["stem"], p["subpartitions"], link_ok=own_copy)
+    stale = stale_parts(os.listdir(out), p["stem"], p["subpartitions"])
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
     total = pq.ParquetFile(src).metadata.num_rows
     outputs: dict[str, dict[str, Any]] = {}
     for path, rows in parts:
@@ -327,7 +345,9 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     return TaskResult(
         task.id,
         counts={"files": 1, "rows": total, "parts": len(parts), "files_downloaded": int(downloaded),
-                "bytes_downloaded": p["size"] if downloaded else 0},
+                "bytes_downloaded": p["size"] if downloaded else 0, "stale_parts_removed": len(stale)},
+        notes=[f"{p['stem']}: removed {len(stale)} part(s) of an earlier split into more parts (first: "
+               f"{stale[0]})"] if stale else [],
         data={"stem": p["stem"], "rows": total, "parts": [[path.name, rows] for path, rows in parts]},
         outputs=outputs,
     )

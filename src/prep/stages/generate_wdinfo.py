@@ -44,7 +44,8 @@ class Config(StageConfig):
                                        "follows reorganize_tar, else the most common count")
     file_ext_in_tar: list[str] = Field(default_factory=list,
                                        description="extensions every sample must have, e.g. [jpg, txt]")
-    output_wdinfo_path: Path | None = Field(None, description="where wdinfo.pkl goes "
+    output_wdinfo_path: Path | None = Field(None, description="where wdinfo.pkl goes: the shard folder or "
+                                            "one above it, since its tar_files are relative to its folder "
                                             "(default: <input_dir>/wdinfo.pkl)")
     write_nv_meta: bool = Field(True, description="write .nv-meta/ so megatron-energon loads the folder")
     rebuild_index: bool = Field(False, description="rewrite every .idx even when one exists")
@@ -78,11 +79,26 @@ def _wdinfo_path(folders: list[Path]) -> Path:
     return base / "wdinfo.pkl"
 
 
+def wdinfo_file(cfg: Config) -> Path:
+    """Where wdinfo.pkl goes. Its `tar_files` are relative to its folder (as NeMo and prep's loaders read
+    them, never leaving it), so that folder must hold every shard folder."""
+    folders = [Path(f) for f in cfg.input_dir]
+    path = Path(cfg.output_wdinfo_path) if cfg.output_wdinfo_path else _wdinfo_path(folders)
+    base = path.parent.resolve()
+    outside = next((f for f in folders if not f.resolve().is_relative_to(base)), None)
+    if outside is not None:
+        raise PrepError(f"wdinfo.pkl lists shards relative to its folder {base}, which does not hold the "
+                        f"shard folder {outside}", "config generate_wdinfo.output_wdinfo_path",
+                        "put wdinfo.pkl in the shard folder or a folder above it (or leave the key unset)")
+    return path
+
+
 def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
     cfg: Config = root.generate_wdinfo
     if not cfg.input_dir:
         raise PrepError("generate_wdinfo.input_dir is not set", "config",
                         "set generate_wdinfo.input_dir (or dataset_output_root)")
+    wdinfo_file(cfg)
     tasks: list[Task] = []
     for i, folder in enumerate(cfg.input_dir):
         shards = shard_folder(Path(folder), "point generate_wdinfo.input_dir at the folder that holds the "
@@ -216,11 +232,11 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
             if user_dataset_yaml(folder):
                 notes.append(f"kept {folder / '.nv-meta' / 'dataset.yaml'} (not written by prep)")
             write_nv_meta(folder, {d["rel"]: d["samples"] for d in entries}, sorted(fields))
-    base = _wdinfo_path(folders).parent
-    tar_files = [(folders[r.data["folder"]].resolve() / r.data["rel"]).relative_to(base.resolve()).as_posix()
+    wd_path = wdinfo_file(cfg)
+    base = wd_path.parent.resolve()
+    tar_files = [(folders[r.data["folder"]].resolve() / r.data["rel"]).relative_to(base).as_posix()
                  for r in results]
     total = sum(all_counts)
-    wd_path = cfg.output_wdinfo_path or base / "wdinfo.pkl"
     write_wdinfo(wd_path, tar_files, chunk, total)
     notes.append(f"wrote {wd_path} ({len(tar_files)} shards, chunk_size {chunk}, total_key_count {total})")
     return notes

@@ -36,7 +36,13 @@ from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
-from prep.stages.parquet_parts import key_prefix, load_img2dataset, shard_name, write_parquet
+from prep.stages.parquet_parts import (
+    key_prefix,
+    load_img2dataset,
+    other_parts_warning,
+    shard_name,
+    write_parquet,
+)
 
 NAME = "ingest_local"
 TITLE = "turn an image folder or a table of image paths/URLs into checked tars (download_images' layout)"
@@ -150,6 +156,12 @@ def status_of(reason: str) -> str:
     """img2dataset's status for a dropped image: failed_to_download when it could not be read at all,
     failed_to_resize when it was read and rejected."""
     return "failed_to_download" if reason in UNREADABLE else "failed_to_resize"
+
+
+def shown_path(rel: str) -> str:
+    """A relative path as the json, the parquet and the reports record it: UTF-8 text, so the bytes of a
+    file name that is not UTF-8 (Linux allows any) appear as \\xNN instead of failing its whole shard."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def caption_names(rel: str) -> tuple[str, str]:
@@ -323,7 +335,7 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
     found: list[Found] = []
     stems_with_image = set()
     for rel, st in images:
-        item = Found(rel, rel, str(folder / rel), [st.st_size, st.st_mtime_ns])
+        item = Found(rel, shown_path(rel), str(folder / rel), [st.st_size, st.st_mtime_ns])
         for name in caption_names(rel):
             if name in mapped:
                 item.caption, item.extra = mapped[name]
@@ -708,8 +720,6 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
                    if f.is_file() and _SHARD_FILE.match(f.name) and f"{part}/{f.name}" not in planned)
     for f in stale:
         os.unlink(f)
-    others = sorted(d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
-                    and d.name not in parts and any(d.glob("*.tar")))
     bad = sorted(tuple(b) for r in results for b in r.data.get("dropped", []))
     write_text_atomic(out / ".prep" / DROPPED_REPORT,
                       "".join(json.dumps({"path": p, "reason": r, "message": m}, ensure_ascii=False) + "\n"
@@ -731,9 +741,7 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(f"every dropped image, by path and reason: {out / '.prep' / DROPPED_REPORT}")
     if stale:
         notes.append(f"removed {len(stale)} shard file(s) an earlier run wrote that this plan no longer has")
-    if others:
-        notes.append(f"WARNING: {out} also holds tars in {', '.join(others)}, which this plan did not write; "
-                     "reorganize_tar reads them too: remove them if they are stale")
+    notes += other_parts_warning(out, parts)
     if total["samples_out"] == 0:
         notes.append("WARNING: no image was kept; see the reasons above")
     return notes

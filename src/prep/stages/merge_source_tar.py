@@ -18,11 +18,12 @@ from pydantic import Field, field_validator
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
+from prep.formats.checksum import file_checksum
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, read_manifest, write_manifest
-from prep.formats.tar import Sample, scan_tar, shard_folder
+from prep.formats.tar import Sample, scan_tar, shard_files, shard_folder
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+from prep.stages.base import RunOptions, StageConfig, Task, TaskResult, unplanned_shards_warning
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
@@ -148,6 +149,9 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
                     appended += 1
         fields.update(members.keys())
         samples.append((s.key, members))
+    # in place, the precached shard and its .idx are replaced: say what they were (precache's marker)
+    rewrote = {str(f): {"bytes": f.stat().st_size, "checksum": file_checksum(f)}
+               for f in (dest, index_path(dest)) if Path(p["tar"]) == dest and f.exists()}
     info = write_shard(dest, samples)
     write_index(dest, info.offsets)
 
@@ -165,7 +169,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
         task.id, counts=counts, notes=notes,
         data={"rel": p["rel"], "samples": len(samples), "bytes": info.bytes, "checksum": info.checksum,
               "fields": dict(fields), "no_source": no_source, "missing": dict(missing)},
-        outputs={str(dest): {"bytes": info.bytes, "checksum": info.checksum}},
+        outputs={str(dest): {"bytes": info.bytes, "checksum": info.checksum}}, rewrote=rewrote,
     )
 
 
@@ -209,4 +213,12 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
     if missing:
         notes.append("source samples missing listed members: "
                      + ", ".join(f".{e}: {n}" for e, n in sorted(missing.items())))
+    merged = {r.data["rel"] for r in results}
+    notes += unplanned_shards_warning(out, merged) if out != inp else []
+    unmatched = [rel for rel in (t.relative_to(src).as_posix() for t in shard_files(src, skip=out))
+                 if rel not in merged] if src.is_dir() else []
+    if unmatched:
+        notes.append(f"WARNING: {len(unmatched)} source shard(s) have no precached shard, so none of their "
+                     f"samples is in {out} (first: {unmatched[0]}); run precache_encodings for them, or "
+                     "check merge_source_tar.input_dir")
     return notes

@@ -57,6 +57,17 @@ def shard_name(shard: int, digits: int) -> str:
     return f"{shard:0{digits}d}"
 
 
+def other_parts_warning(out: Path, parts: set[str]) -> list[str]:
+    """A warning naming the folders of `out` that hold tars but are none of this plan's `parts` (an
+    earlier plan's part since removed or renamed, or another writer's), or [] when there are none."""
+    others = sorted(d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
+                    and d.name not in parts and any(d.glob("*.tar")))
+    if not others:
+        return []
+    return [f"WARNING: {out} also holds tars in {', '.join(others)}, which this plan did not write; "
+            "reorganize_tar reads them too: remove them if they are stale"]
+
+
 def load_img2dataset():
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would try the network
     import img2dataset

@@ -35,6 +35,7 @@ from prep.stages.base import (
     launcher_env,
     marker_dir,
     torchrun_slice,
+    unplanned_shards_warning,
 )
 
 if TYPE_CHECKING:
@@ -363,4 +364,4 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(
             f"WARNING: {dropped} sample(s) dropped (see the dropped rows); their shards hold fewer samples"
         )
-    return notes
+    return notes + unplanned_shards_warning(out_dir, {s["rel"] for s in shards}, recursive=cfg.recursive)

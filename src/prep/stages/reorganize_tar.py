@@ -32,7 +32,7 @@ from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
 from prep.formats.tar import Sample, TarScan, gc_paused, scan_tar, shard_folder
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
+from prep.stages.base import RunOptions, StageConfig, Task, TaskResult, unplanned_shards_warning
 
 if TYPE_CHECKING:
     from prep.config import PrepConfig
@@ -65,7 +65,8 @@ class Config(StageConfig):
                                      "(they are then only required, not selected)")
     count_from: Literal["auto", "scan", "stats"] = Field(
         "auto", description="how the plan counts samples per input tar: scan = read tar headers; stats = "
-        "img2dataset's NNNNN_stats.json (must exist for every tar); auto = stats when trustworthy, else scan")
+        "img2dataset's NNNNN_stats.json (must exist for every tar); auto = stats when trustworthy and "
+        "file_ext_in_tar is empty (stats count samples, not those with every listed member), else scan")
     scan_threads: int | None = Field(
         None, ge=1, description="threads that scan input headers while planning; unset: 8 on a network "
         "filesystem (nfs, lustre, gpfs, beegfs, ceph, cifs, fuse), where each read waits on the network, "
@@ -262,6 +263,13 @@ def stats_count(tar: Path, size: int, mtime_ns: int) -> int | None:
     return n
 
 
+def stats_may_count(count_from: str, sel: Selection) -> bool:
+    """Whether img2dataset's stats may stand for a tar's usable samples: they count every sample written,
+    so under `auto` only when no member is required (a PNG, or a sample without a caption, would be
+    counted yet dropped, and the plan's layout would be off); `stats` is the user's word for it."""
+    return count_from == "stats" or (count_from == "auto" and not sel.required)
+
+
 @dataclass(frozen=True)
 class Counted:
     count: int
@@ -320,7 +328,7 @@ def count_inputs(tars: list[Path], cfg: Config, sel: Selection, cache_path: Path
     out: list[Counted | None] = [None] * len(tars)
     to_scan: list[int] = []
     for i, (tar, st) in enumerate(zip(tars, stats, strict=True)):
-        if cfg.count_from != "scan":
+        if stats_may_count(cfg.count_from, sel):
             n = stats_count(tar, st.st_size, st.st_mtime_ns)
             if n is not None:
                 out[i] = Counted(n, "stats", None)
@@ -560,7 +568,8 @@ def _run_task(task: Task, root: PrepConfig) -> TaskResult:
             counts["damaged_tars"] += 1
             err = s.scan.error
             notes.append(f"{meta['rel']}: damaged at byte {err.offset} ({err.what}); kept the "
-                         f"{len(s.scan.samples)} whole samples before it, the rest of the tar is unreadable")
+                         f"{len(s.scan.samples)} whole samples before it, the rest is not read — fix: "
+                         f"{err.fix}")
         if not s.scan.samples:
             counts["inputs_empty"] += 1
             if s.scan.error is None:  # a damaged one is named above
@@ -625,9 +634,4 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(f"{len(dropped)} samples dropped (first: {first}); every key and reason is in {report}")
     if damaged:
         notes.append(f"WARNING: {damaged} damaged input tar(s); strict: true (or --strict) fails on this")
-    planned = {e.path for e in entries}
-    stale = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
-    if stale:
-        notes.append(f"WARNING: {len(stale)} older shard(s) in {out} are not part of this output "
-                     f"(first: {stale[0]}); manifest.json lists only the current ones — delete the others")
-    return notes
+    return notes + unplanned_shards_warning(out, {e.path for e in entries}, recursive=False)
