@@ -486,7 +486,7 @@ def test_a_train_limit_of_no_batches_is_refused_by_its_key(data, tmp_path):
         _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0}}])
     cfg = _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0.1}}])
     [plan] = make_plan(cfg)
-    assert any("limit_train_batches=0.1 leaves no batch of the epoch's 6" in p for p in plan.problems)
+    assert any("limit_train_batches=0.1 leaves no batch of the epoch's 6" in p.line() for p in plan.problems)
     with pytest.raises(PrepError) as err:
         _run(cfg, tmp_path / "ck")
     assert "limit_train_batches=0.1 leaves no batch" in err.value.what
@@ -511,7 +511,7 @@ def test_a_transition_checked_at_epoch_ends_of_a_step_without_one_is_a_problem(d
     rule = {"mode": "loss_threshold", "metric": "loss", "threshold": 1.0}
     step = {"name": "a", "train": ["reg"], "optimization": OPT_DEC, "transition_on": rule}
     [short] = make_plan(_config(data, [{**step, "max_steps": 6}]))
-    [problem] = short.problems
+    [problem] = [p.line() for p in short.problems]
     assert "steps.0.transition_on: loss_threshold is checked at epoch ends" in problem
     assert "ends after 6 batches, before its first epoch end (6 batches)" in problem
     assert "fix: set transition_on.check_every" in problem
@@ -636,7 +636,8 @@ def test_data_without_a_whole_batch_is_named_by_validate_and_run(data, tmp_path)
     for cfg, name, samples in ((config(50, 2), "d", 21), (config(4, 50), "v", 5)):
         [plan] = make_plan(cfg)
         assert len(plan.problems) == 1, plan.problems
-        assert f"step 'a': dataset '{name}' gives no batch per epoch ({samples} samples" in plan.problems[0]
+        line = plan.problems[0].line()
+        assert f"step 'a': dataset '{name}' gives no batch per epoch ({samples} samples" in line
         with pytest.raises(PrepError) as err:
             _run(cfg, tmp_path / name)
         assert f"dataset '{name}' gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix
