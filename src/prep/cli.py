@@ -409,20 +409,25 @@ def pipeline_validate_cmd(
         errors = [missing_extra(err) if isinstance(err, ModuleNotFoundError)
                   else PrepError(what, None, fix or "run with --debug for the traceback")]
     errors += [p for plan in plans for p in plan.problems]
+    warnings = [w for plan in plans for w in plan.warnings]
     if as_json:
         from prep.pipeline.config import error_doc
 
         doc = {"config": str(config), "ok": not errors, "errors": [error_doc(e, str(config)) for e in errors],
+               "warnings": [error_doc(w, str(config)) for w in warnings],
                "steps": [p.to_json() for p in plans]}
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:
         render_plan(plans, out_console, title=f"pipeline plan: {config}")
+    for w in warnings:
+        _print_warning(w.line())
     for e in errors:
         _print_error(e.line())
     if errors:
         raise typer.Exit(1)
     if not as_json:
-        err_console.print(f"[green]{config}: {len(plans)} steps, no problems[/]")
+        noted = f", {len(warnings)} warning{'s' * (len(warnings) != 1)}" if warnings else ""
+        err_console.print(f"[green]{config}: {len(plans)} steps, no problems{noted}[/]")
 
 
 @pipeline_app.command("example")
@@ -506,6 +511,10 @@ def pipeline_run_cmd(
 
 def _print_error(line: str) -> None:
     err_console.print(Text("error: ", style="bold red") + _shown(line), highlight=False, soft_wrap=True)
+
+
+def _print_warning(line: str) -> None:
+    err_console.print(Text("warning: ", style="bold yellow") + _shown(line), highlight=False, soft_wrap=True)
 
 
 def _shown(s: str) -> Text:

@@ -149,6 +149,37 @@ def test_validate_json_is_one_document_on_every_failure(tmp_path, monkeypatch, c
         assert all(e["what"] in ln for e, ln in zip(doc["errors"], lines, strict=True)), (name, lines)
 
 
+def test_validate_and_run_warn_about_a_step_with_no_checkpoint_before_its_end(tmp_path, monkeypatch, capsys):
+    """A one-epoch step with no checkpoint_every (its only checkpoint is at its end): validate (text and
+    --json) and run warn, naming the step, its length and the key to set, at the step's line; validate
+    still exits 0. With checkpoint_every shorter than the step, no warning."""
+    from prep.testing.loader_data import make_shards
+
+    make_shards(tmp_path / "d", [5, 4], image_size=8, distinct_images=1)
+    config = tmp_path / "p.yaml"
+    text = (
+        f"datasets: {{d: {{type: prep, path: {tmp_path / 'd'}, decode: raw, batch_size: 3}}}}\n"
+        "default_dataset: d\ndefaults: {workers: 0}\nsteps:\n  - name: long\n    n_epochs: 1\n"
+        "    train: [reg]\n    optimization: {optimizers: {dec: {type: SGD, lr: 0.1}}}\n"
+    )
+    config.write_text(text)
+    want = (f"warning: {config}:5: step 'long' (1 ep = 3 ba, n_epochs 1) writes no checkpoint before its end",
+            "fix: set steps.0.checkpoint_every shorter than the step")
+    code, out, err = _prep(["pipeline", "validate", str(config)], monkeypatch, capsys)
+    assert code == 0 and all(w in err for w in want) and "no problems, 1 warning" in err, err
+    code, out, err = _prep(["pipeline", "validate", str(config), "--json"], monkeypatch, capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["ok"] and doc["errors"] == [], out
+    [warning] = doc["warnings"]
+    assert (warning["file"], warning["line"]) == (str(config), 5) and want[0][9:] in warning["message"]
+    assert doc["steps"][0]["warnings"] == [warning["message"]]
+    code, out, err = _prep(pipeline_run_args(config, tmp_path / "ck"), monkeypatch, capsys)
+    assert code == 0 and all(w in err for w in want), err
+    config.write_text(text + "    checkpoint_every: 2ba\n")
+    code, out, err = _prep(["pipeline", "validate", str(config)], monkeypatch, capsys)
+    assert code == 0 and "warning" not in err and "no problems" in err, err
+
+
 def test_missing_data_is_a_problem_at_the_dataset_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA_ROOT", str(tmp_path / "nothing-here"))
     res = runner.invoke(app, ["pipeline", "validate", "configs/pipelines/example.yaml"])

@@ -641,3 +641,48 @@ def test_data_without_a_whole_batch_is_named_by_validate_and_run(data, tmp_path)
         with pytest.raises(PrepError) as err:
             _run(cfg, tmp_path / name)
         assert f"dataset '{name}' gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix
+
+
+def test_a_step_without_a_checkpoint_before_its_end_is_warned_about(data, tmp_path):
+    """validate's plan and the run warn about a step exactly when the run writes no checkpoint before the
+    step's end (a kill in it would train the whole step again): no checkpoint_every and no epoch end
+    inside the step (one epoch, batches up to an epoch, data that repeats), or a checkpoint_every as long
+    as the step; never about a one-batch step. Without the data the plan warns only where it can tell,
+    and never wrongly."""
+    cases = [  # (step keys, whether a run killed in the step would train all of it again)
+        ({"n_epochs": 1}, True),
+        ({"n_epochs": 2}, False),
+        ({"max_steps": 6}, True),  # the first epoch end (6 batches) is the step's end
+        ({"max_steps": 7}, False),
+        ({"n_epochs": 2, "checkpoint_every": "2ep"}, True),
+        ({"n_epochs": 3, "checkpoint_every": "2ep"}, False),
+        ({"max_steps": 5, "checkpoint_every": "5ba"}, True),
+        ({"max_steps": 5, "checkpoint_every": "4ba"}, False),
+        ({"max_steps": 5, "checkpoint_every": "4ba", "grad_accumulation": 3}, True),  # waits for batch 6
+        ({"max_steps": 7, "checkpoint_every": "4ba", "grad_accumulation": 3}, False),
+        ({"duration": "20sp", "checkpoint_every": "20sp"}, True),
+        ({"duration": "20sp", "checkpoint_every": "16sp"}, False),
+        ({"max_steps": 1}, False),  # it writes none either, but there is nothing to lose
+        ({"max_steps": 8, "dataset": "endless"}, True),
+        ({"max_steps": 8, "dataset": "endless", "checkpoint_every": "3ba"}, False),
+    ]
+    datasets = {
+        "d": {"type": "prep", "path": str(data / "d"), "decode": "raw", "batch_size": 4},
+        "endless": {"type": "blend", "sources": [{"dataset": "d"}], "repeat": True},
+    }
+    for i, (keys, exposed) in enumerate(cases):
+        step = {"name": "s", "train": ["reg"], "optimization": OPT_DEC, **keys}
+        cfg = _config(data, [step], datasets=datasets)
+        [plan] = make_plan(cfg)
+        orch, _, _ = _run(cfg, tmp_path / str(i))
+        written = [p.name for p in (tmp_path / str(i)).glob("ckpt-*")]
+        assert (not written) == (exposed or plan.length.batches == 1), (keys, written)
+        assert bool(plan.warnings) == exposed, (keys, plan.warnings)
+        assert orch.warnings == [w.line() for w in plan.warnings], keys
+        for w in plan.warnings:
+            assert "step 's' (" in w.what and "writes no checkpoint before its end" in w.what
+            assert w.fix.startswith("set steps.0.checkpoint_every shorter than the step (e.g. ")
+        [blind] = make_plan(cfg, build=False)  # without the data: only what it can tell, never wrongly
+        assert bool(blind.warnings) <= exposed, keys
+        if "n_epochs" in keys:
+            assert bool(blind.warnings) == exposed, keys

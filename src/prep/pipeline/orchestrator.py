@@ -48,6 +48,7 @@ from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
 from prep.pipeline.plan import (
     batch_samples,
+    checkpoint_warning,
     counted_in_epochs,
     require_batches,
     step_chunks,
@@ -259,6 +260,7 @@ class TrainingPipelineOrchestrator:
         self.dist: Dist = Dist(0, 1)
         self.state = RunState()
         self.summaries: list[StepSummary] = []
+        self.warnings: list[str] = []  # what the run warned about (rank 0 prints them too)
         self.ema: dict[str, Any] = {}
         self._carry: dict[str, dict[str, Any]] = {}
         self._requires_grad = {
@@ -510,6 +512,9 @@ class TrainingPipelineOrchestrator:
             )
         chunk = self._chunking(step, bpe, val_loader)
         epoch_batches = train_batches_per_epoch(self.cfg, index, bpe, chunk is not None)
+        warning = checkpoint_warning(self.cfg, index, length, epoch_batches, batch, sized=True)
+        if warning is not None:  # at every start of the step: a resumed run is as exposed
+            self._warn(warning.line())
         batches_target = None if by_epochs else length.batches
         total_batches = (
             epochs_target * epoch_batches if epochs_target is not None and epoch_batches else batches_target
@@ -614,6 +619,16 @@ class TrainingPipelineOrchestrator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return True, trained
+
+    def _warn(self, line: str) -> None:
+        """Keep a warning in `warnings`; rank 0 prints it, progress bar or not."""
+        self.warnings.append(line)
+        if self.dist.main:
+            from rich.console import Console
+            from rich.text import Text
+
+            shown = Text("warning: ", style="bold yellow") + Text(line)
+            (self.console or Console(stderr=True)).print(shown, highlight=False, soft_wrap=True)
 
     def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
         val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None

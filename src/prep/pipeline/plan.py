@@ -101,10 +101,12 @@ class StepPlan:
     fingerprint: str | None
     fingerprint_doc: dict[str, Any] | None = None
     problems: list[PrepError] = field(default_factory=list)
+    warnings: list[PrepError] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["problems"] = [p.line() for p in self.problems]
+        doc["warnings"] = [w.line() for w in self.warnings]
         doc["batch_size"] = [{"dataset": n, "value": r.value, "from": r.source} for n, r in self.batch_size]
         doc["workers"] = {"value": self.workers.value, "from": self.workers.source} if self.workers else None
         doc.pop("fingerprint_doc")
@@ -210,6 +212,62 @@ def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Leng
     return out
 
 
+def checkpoint_warning(
+    cfg: PipelineConfig,
+    index: int,
+    length: Length,
+    epoch_batches: int | None,
+    global_batch: int | None,
+    sized: bool,
+) -> PrepError | None:
+    """A step that writes no checkpoint before its end, told to `validate` and `run` (a warning, not a
+    problem: nothing is wrong until a run is killed, which then trains the whole step again): no
+    `checkpoint_every` and no epoch end inside the step (one epoch, or a count of batches up to an epoch
+    or on data that repeats without epochs), or a `checkpoint_every` that comes at or after its end.
+    None when a checkpoint falls inside, when the step is one batch, or when the sizes that would tell
+    are unknown (`sized`: the data was opened, so a missing `epoch_batches` means it has no epoch end)."""
+    step = cfg.steps[index]
+    every = step.checkpoint_every or Duration(1, "ep")
+    by_epochs = counted_in_epochs(length)
+    total = (
+        (int(length.epochs) * epoch_batches if length.epochs is not None and epoch_batches else None)
+        if by_epochs
+        else length.batches
+    )
+    if total is not None and total <= 1:
+        return None
+    if every.unit == "ep" and epoch_batches is None:
+        if by_epochs and length.epochs is not None:  # the epoch's size unknown: epochs against epochs
+            inside = length.epochs > every.value
+        elif sized:
+            inside = False  # data without epoch ends has no epoch-end checkpoint
+        else:
+            return None
+    else:
+        first = every.to_batches(epoch_batches, global_batch)
+        if first is None or total is None:
+            return None
+        k = step.grad_accumulation  # a checkpoint waits for the end of an accumulation window
+        inside = -(-first // k) * k < total
+    if inside:
+        return None
+    path = ("steps", str(index), "checkpoint_every")
+    size = [f"{_n(length.epochs)} ep"] if length.epochs is not None else []
+    size += [f"{_n(total)} ba"] if total is not None else []
+    if step.checkpoint_every is not None:
+        cadence = f"checkpoint_every {every} comes at or after its end"
+    elif epoch_batches is None and not by_epochs:
+        cadence = "no checkpoint_every, and the default, every epoch end, never comes: the data repeats"
+    else:
+        cadence = "no checkpoint_every, and the default, every epoch end, comes at or after its end"
+    return PrepError(
+        f"step {step.name!r} ({' = '.join(size) or '?'}, {length.rule}) writes no checkpoint before its end "
+        f"({cadence}): a run killed in it trains the whole step again",
+        cfg.place(path),
+        f"set {cfg.dotted(path)} shorter than the step (e.g. {max(1, total // 10) if total else 1000}ba)",
+    )
+
+
 def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | None) -> ChunkPlan:
     """A step's chunked-training plan: `resolve_chunk_config` over its validation keys (a chunk size beats
     its limit, the missing one is inferred); not chunked when the step sets no chunk size."""
@@ -310,7 +368,8 @@ def make_plan(
             except PrepError as err:
                 problems.append(err)
                 empty = True
-        length = step_length(step, bpe, spe, batch_samples(sizes, world_size, bpe, spe))
+        global_batch = batch_samples(sizes, world_size, bpe, spe)
+        length = step_length(step, bpe, spe, global_batch)
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
                 PrepError(
@@ -342,6 +401,7 @@ def make_plan(
             epoch_batches = bpe
         if built is not None or bpe is not None:  # an epoch's size is known, or it has none
             problems += _unchecked_problems(cfg, i, epoch_batches, length)
+        warning = checkpoint_warning(cfg, i, length, epoch_batches, global_batch, sized=built is not None)
         doc = step_doc(
             cfg,
             i,
@@ -376,6 +436,7 @@ def make_plan(
                 fingerprint=doc_hash(doc),
                 fingerprint_doc=doc,
                 problems=problems,
+                warnings=[warning] if warning is not None else [],
             )
         )
     return plans
