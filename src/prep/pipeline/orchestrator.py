@@ -24,6 +24,7 @@ a resume.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import random
@@ -38,6 +39,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from prep.errors import PrepError
+from prep.loaders.base import stream_key
 from prep.loaders.chunked import limit_to_batches
 from prep.pipeline import checkpoint as ckpt
 from prep.pipeline.checks import AUTO_KWARGS, optimizer_class, scheduler_class
@@ -205,6 +207,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and every CUDA device's) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _new_rank_seed(seed: int | None, saved: list[dict[str, Any]], rank: int, position: int) -> int:
+    """The seed of a rank that a checkpoint has no RNG state for (resumed on more ranks than saved it):
+    a hash of (the pipeline's seed, rank, global batch), so the rank's draws are the same in every such
+    resume and differ from every other rank's. Without `defaults.seed`, rank 0's saved torch state
+    stands in for it (still a function of the checkpoint alone)."""
+    if seed is None:
+        state = saved[0]["torch"].numpy().tobytes()
+        seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little")
+    return stream_key(seed, "pipeline", "rank rng", rank, position)
 
 
 def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
@@ -451,10 +471,7 @@ class TrainingPipelineOrchestrator:
                     self.modules[name].load_state_dict(sd)
             self._carry = payload.get("carry") or {}  # type: ignore[union-attr]
         elif self.cfg.defaults.seed is not None:  # a fresh run: every RNG from the pipeline's seed
-            seed = self.cfg.defaults.seed + self.dist.rank
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            _seed_all(self.cfg.defaults.seed + self.dist.rank)
         trained_here = 0
         n = len(self.cfg.steps)
         while self.state.step_index < n:
@@ -554,8 +571,11 @@ class TrainingPipelineOrchestrator:
             for name, sd in (payload.get("ema") or {}).items() if keep else ():
                 if name in self.ema:
                     self.ema[name].load_state_dict(sd)
-            rngs = payload["rng"]
-            _set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+            rngs, rank = payload["rng"], self.dist.rank
+            if rank < len(rngs):  # the state this rank saved: the same numbers as without the stop
+                _set_rng_state(rngs[rank])
+            else:  # a rank the saving run did not have: its own stream (not rank 0's copy)
+                _seed_all(_new_rank_seed(self.cfg.defaults.seed, rngs, rank, st.global_batches))
         wrapped = {
             n: wrap(m, self.dist, self.device) if n not in frozen else m for n, m in self.modules.items()
         }
