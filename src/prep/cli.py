@@ -386,29 +386,48 @@ def pipeline_validate_cmd(
     """Check a pipeline YAML (every problem at once, with its line) and print its plan.
 
     The plan, per step: the data tree, batch size and workers (and where each came from), sizes,
-    length, modules, optimizers, transition and cadences. Exit 1 on any problem."""
+    length, modules, optimizers, transition and cadences. Exit 1 on any problem. With --json, every
+    outcome is one JSON document on stdout, a config that cannot be read or parsed included."""
     from prep.pipeline import parse_pipeline_config
     from prep.pipeline.plan import make_plan, render_plan
 
+    errors: list[PrepError] = []
+    plans = []
     try:
         cfg = parse_pipeline_config(config, overrides=set_)
         plans = make_plan(cfg, build=not no_data, world_size=world_size)
     except PrepError as err:
         if _state["debug"]:
             raise
-        _fail(err)
-    problems = [p for plan in plans for p in plan.problems]
+        if not as_json:
+            _fail(err)
+        errors = list(getattr(err, "errors", [err]))
+    except Exception as err:  # a bug, or a user's module that raises: main() prints it, but not as JSON
+        if _state["debug"] or not as_json:
+            raise
+        what, _, fix = unexpected_line(err).partition(" — fix: ")
+        errors = [missing_extra(err) if isinstance(err, ModuleNotFoundError)
+                  else PrepError(what, None, fix or "run with --debug for the traceback")]
+    errors += [p for plan in plans for p in plan.problems]
+    warnings = [w for plan in plans for w in plan.warnings]
     if as_json:
-        doc = {"config": str(config), "ok": not problems, "steps": [p.to_json() for p in plans]}
+        from prep.pipeline.config import error_doc
+
+        doc = {"config": str(config), "ok": not errors, "errors": [error_doc(e, str(config)) for e in errors],
+               "warnings": [error_doc(w, str(config)) for w in warnings],
+               "steps": [p.to_json() for p in plans]}
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:
         render_plan(plans, out_console, title=f"pipeline plan: {config}")
-    for line in problems:
-        _print_error(line)
-    if problems:
+    for w in warnings:
+        _print_warning(w.line())
+    for e in errors:
+        _print_error(e.line())
+    if errors:
         raise typer.Exit(1)
     if not as_json:
-        err_console.print(f"[green]{config}: {len(plans)} steps, no problems[/]")
+        noted = f", {len(warnings)} warning{'s' * (len(warnings) != 1)}" if warnings else ""
+        err_console.print(f"[green]{config}: {len(plans)} steps, no problems{noted}[/]")
 
 
 @pipeline_app.command("example")
@@ -492,6 +511,10 @@ def pipeline_run_cmd(
 
 def _print_error(line: str) -> None:
     err_console.print(Text("error: ", style="bold red") + _shown(line), highlight=False, soft_wrap=True)
+
+
+def _print_warning(line: str) -> None:
+    err_console.print(Text("warning: ", style="bold yellow") + _shown(line), highlight=False, soft_wrap=True)
 
 
 def _shown(s: str) -> Text:

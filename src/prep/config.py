@@ -68,8 +68,8 @@ def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple[str, ...], int]]:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise PrepError(f"invalid YAML ({getattr(err, 'problem', err)})", f"{where}{line}",
+        place = f":{mark.line + 1}:{mark.column + 1}" if mark else ""  # file:line:column, as compilers say
+        raise PrepError(f"invalid YAML ({getattr(err, 'problem', err)})", f"{where}{place}",
                         "fix the YAML syntax at that line") from None
     lines: dict[tuple[str, ...], int] = {}
     seen = [0]
@@ -84,7 +84,8 @@ def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple[str, ...], int]]:
                 p = (*path, str(k.value))
                 if p in lines and k.value != "<<":  # YAML keeps the last silently; a config must not
                     raise PrepError(f"key {'.'.join(p)} is given twice (first at line {lines[p]})",
-                                    f"{where}:{k.start_mark.line + 1}", "keep one of them")
+                                    f"{where}:{k.start_mark.line + 1}:{k.start_mark.column + 1}",
+                                    "keep one of them")
                 lines[p] = k.start_mark.line + 1
                 walk(v, p)
         elif isinstance(n, yaml.SequenceNode):

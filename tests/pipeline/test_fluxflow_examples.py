@@ -148,7 +148,8 @@ def test_token_never_in_plan_json_or_errors(tmp_path, monkeypatch):
         # a wrong token: the server's 401 becomes an error that names the URL, never the token
         monkeypatch.setenv("WEB_TOKEN", SECRET + "x")
         plans = make_plan(parse_pipeline_config(path))
-        assert "401" in plans[0].problems[0] and SECRET not in plans[0].problems[0]
+        line = plans[0].problems[0].line()
+        assert "401" in line and SECRET not in line
     # a config error on the token's own key does not echo the value
     bad = text.replace("webdataset_token: ${WEB_TOKEN}", f"webdataset_token: [{SECRET}]")
     path.write_text(bad)

@@ -486,7 +486,7 @@ def test_a_train_limit_of_no_batches_is_refused_by_its_key(data, tmp_path):
         _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0}}])
     cfg = _config(data, [{**step, "validation": {"dataset": "v", "limit_train_batches": 0.1}}])
     [plan] = make_plan(cfg)
-    assert any("limit_train_batches=0.1 leaves no batch of the epoch's 6" in p for p in plan.problems)
+    assert any("limit_train_batches=0.1 leaves no batch of the epoch's 6" in p.line() for p in plan.problems)
     with pytest.raises(PrepError) as err:
         _run(cfg, tmp_path / "ck")
     assert "limit_train_batches=0.1 leaves no batch" in err.value.what
@@ -511,7 +511,7 @@ def test_a_transition_checked_at_epoch_ends_of_a_step_without_one_is_a_problem(d
     rule = {"mode": "loss_threshold", "metric": "loss", "threshold": 1.0}
     step = {"name": "a", "train": ["reg"], "optimization": OPT_DEC, "transition_on": rule}
     [short] = make_plan(_config(data, [{**step, "max_steps": 6}]))
-    [problem] = short.problems
+    [problem] = [p.line() for p in short.problems]
     assert "steps.0.transition_on: loss_threshold is checked at epoch ends" in problem
     assert "ends after 6 batches, before its first epoch end (6 batches)" in problem
     assert "fix: set transition_on.check_every" in problem
@@ -636,7 +636,53 @@ def test_data_without_a_whole_batch_is_named_by_validate_and_run(data, tmp_path)
     for cfg, name, samples in ((config(50, 2), "d", 21), (config(4, 50), "v", 5)):
         [plan] = make_plan(cfg)
         assert len(plan.problems) == 1, plan.problems
-        assert f"step 'a': dataset '{name}' gives no batch per epoch ({samples} samples" in plan.problems[0]
+        line = plan.problems[0].line()
+        assert f"step 'a': dataset '{name}' gives no batch per epoch ({samples} samples" in line
         with pytest.raises(PrepError) as err:
             _run(cfg, tmp_path / name)
         assert f"dataset '{name}' gives no batch per epoch" in err.value.what and "drop_last" in err.value.fix
+
+
+def test_a_step_without_a_checkpoint_before_its_end_is_warned_about(data, tmp_path):
+    """validate's plan and the run warn about a step exactly when the run writes no checkpoint before the
+    step's end (a kill in it would train the whole step again): no checkpoint_every and no epoch end
+    inside the step (one epoch, batches up to an epoch, data that repeats), or a checkpoint_every as long
+    as the step; never about a one-batch step. Without the data the plan warns only where it can tell,
+    and never wrongly."""
+    cases = [  # (step keys, whether a run killed in the step would train all of it again)
+        ({"n_epochs": 1}, True),
+        ({"n_epochs": 2}, False),
+        ({"max_steps": 6}, True),  # the first epoch end (6 batches) is the step's end
+        ({"max_steps": 7}, False),
+        ({"n_epochs": 2, "checkpoint_every": "2ep"}, True),
+        ({"n_epochs": 3, "checkpoint_every": "2ep"}, False),
+        ({"max_steps": 5, "checkpoint_every": "5ba"}, True),
+        ({"max_steps": 5, "checkpoint_every": "4ba"}, False),
+        ({"max_steps": 5, "checkpoint_every": "4ba", "grad_accumulation": 3}, True),  # waits for batch 6
+        ({"max_steps": 7, "checkpoint_every": "4ba", "grad_accumulation": 3}, False),
+        ({"duration": "20sp", "checkpoint_every": "20sp"}, True),
+        ({"duration": "20sp", "checkpoint_every": "16sp"}, False),
+        ({"max_steps": 1}, False),  # it writes none either, but there is nothing to lose
+        ({"max_steps": 8, "dataset": "endless"}, True),
+        ({"max_steps": 8, "dataset": "endless", "checkpoint_every": "3ba"}, False),
+    ]
+    datasets = {
+        "d": {"type": "prep", "path": str(data / "d"), "decode": "raw", "batch_size": 4},
+        "endless": {"type": "blend", "sources": [{"dataset": "d"}], "repeat": True},
+    }
+    for i, (keys, exposed) in enumerate(cases):
+        step = {"name": "s", "train": ["reg"], "optimization": OPT_DEC, **keys}
+        cfg = _config(data, [step], datasets=datasets)
+        [plan] = make_plan(cfg)
+        orch, _, _ = _run(cfg, tmp_path / str(i))
+        written = [p.name for p in (tmp_path / str(i)).glob("ckpt-*")]
+        assert (not written) == (exposed or plan.length.batches == 1), (keys, written)
+        assert bool(plan.warnings) == exposed, (keys, plan.warnings)
+        assert orch.warnings == [w.line() for w in plan.warnings], keys
+        for w in plan.warnings:
+            assert "step 's' (" in w.what and "writes no checkpoint before its end" in w.what
+            assert w.fix.startswith("set steps.0.checkpoint_every shorter than the step (e.g. ")
+        [blind] = make_plan(cfg, build=False)  # without the data: only what it can tell, never wrongly
+        assert bool(blind.warnings) <= exposed, keys
+        if "n_epochs" in keys:
+            assert bool(blind.warnings) == exposed, keys

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import UnionType
@@ -337,6 +338,16 @@ def place_of(where: str, lines: Mapping[tuple[str, ...], int], path: tuple[str, 
         if path[:n] in lines:
             return f"{where}:{lines[path[:n]]}"
     return where
+
+
+def error_doc(err: PrepError, source: str) -> dict[str, Any]:
+    """An error of the config at `source` for machines (`validate --json`): its one line, what, where and
+    fix, and the file, line and column it points at when it points into that file (`place_of`'s
+    `file:line`, a YAML syntax error's `file:line:column`); a `--set` or another file's error has none."""
+    m = re.fullmatch(rf"{re.escape(source)}(?::(\d+))?(?::(\d+))?", err.where or "")
+    line, column = (int(g) if g else None for g in m.groups()) if m else (None, None)
+    return {"message": err.line(), "what": err.what, "where": err.where, "fix": err.fix,
+            "file": source if m else None, "line": line, "column": column}
 
 
 def _keys_at(model: type[BaseModel], path: Sequence[str]) -> list[str]:

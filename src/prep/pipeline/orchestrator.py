@@ -24,6 +24,7 @@ a resume.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import random
@@ -38,6 +39,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from prep.errors import PrepError
+from prep.loaders.base import stream_key
 from prep.loaders.chunked import limit_to_batches
 from prep.pipeline import checkpoint as ckpt
 from prep.pipeline.checks import AUTO_KWARGS, optimizer_class, scheduler_class
@@ -48,6 +50,7 @@ from prep.pipeline.durations import Duration
 from prep.pipeline.fingerprint import changes, step_doc
 from prep.pipeline.plan import (
     batch_samples,
+    checkpoint_warning,
     counted_in_epochs,
     require_batches,
     step_chunks,
@@ -206,6 +209,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _seed_all(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and every CUDA device's) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _new_rank_seed(seed: int | None, saved: list[dict[str, Any]], rank: int, position: int) -> int:
+    """The seed of a rank that a checkpoint has no RNG state for (resumed on more ranks than saved it):
+    a hash of (the pipeline's seed, rank, global batch), so the rank's draws are the same in every such
+    resume and differ from every other rank's. Without `defaults.seed`, rank 0's saved torch state
+    stands in for it (still a function of the checkpoint alone)."""
+    if seed is None:
+        state = saved[0]["torch"].numpy().tobytes()
+        seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little")
+    return stream_key(seed, "pipeline", "rank rng", rank, position)
+
+
 def _every(d: Duration | None, global_batch: int) -> tuple[str, int] | None:
     """A cadence as ('ep', k) or ('ba', k); samples become whole batches."""
     if d is None:
@@ -259,6 +280,7 @@ class TrainingPipelineOrchestrator:
         self.dist: Dist = Dist(0, 1)
         self.state = RunState()
         self.summaries: list[StepSummary] = []
+        self.warnings: list[str] = []  # what the run warned about (rank 0 prints them too)
         self.ema: dict[str, Any] = {}
         self._carry: dict[str, dict[str, Any]] = {}
         self._requires_grad = {
@@ -449,10 +471,7 @@ class TrainingPipelineOrchestrator:
                     self.modules[name].load_state_dict(sd)
             self._carry = payload.get("carry") or {}  # type: ignore[union-attr]
         elif self.cfg.defaults.seed is not None:  # a fresh run: every RNG from the pipeline's seed
-            seed = self.cfg.defaults.seed + self.dist.rank
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            _seed_all(self.cfg.defaults.seed + self.dist.rank)
         trained_here = 0
         n = len(self.cfg.steps)
         while self.state.step_index < n:
@@ -510,6 +529,9 @@ class TrainingPipelineOrchestrator:
             )
         chunk = self._chunking(step, bpe, val_loader)
         epoch_batches = train_batches_per_epoch(self.cfg, index, bpe, chunk is not None)
+        warning = checkpoint_warning(self.cfg, index, length, epoch_batches, batch, sized=True)
+        if warning is not None:  # at every start of the step: a resumed run is as exposed
+            self._warn(warning.line())
         batches_target = None if by_epochs else length.batches
         total_batches = (
             epochs_target * epoch_batches if epochs_target is not None and epoch_batches else batches_target
@@ -549,8 +571,11 @@ class TrainingPipelineOrchestrator:
             for name, sd in (payload.get("ema") or {}).items() if keep else ():
                 if name in self.ema:
                     self.ema[name].load_state_dict(sd)
-            rngs = payload["rng"]
-            _set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+            rngs, rank = payload["rng"], self.dist.rank
+            if rank < len(rngs):  # the state this rank saved: the same numbers as without the stop
+                _set_rng_state(rngs[rank])
+            else:  # a rank the saving run did not have: its own stream (not rank 0's copy)
+                _seed_all(_new_rank_seed(self.cfg.defaults.seed, rngs, rank, st.global_batches))
         wrapped = {
             n: wrap(m, self.dist, self.device) if n not in frozen else m for n, m in self.modules.items()
         }
@@ -614,6 +639,16 @@ class TrainingPipelineOrchestrator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return True, trained
+
+    def _warn(self, line: str) -> None:
+        """Keep a warning in `warnings`; rank 0 prints it, progress bar or not."""
+        self.warnings.append(line)
+        if self.dist.main:
+            from rich.console import Console
+            from rich.text import Text
+
+            shown = Text("warning: ", style="bold yellow") + Text(line)
+            (self.console or Console(stderr=True)).print(shown, highlight=False, soft_wrap=True)
 
     def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
         val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None

@@ -100,10 +100,13 @@ class StepPlan:
     chunking: str | None
     fingerprint: str | None
     fingerprint_doc: dict[str, Any] | None = None
-    problems: list[str] = field(default_factory=list)
+    problems: list[PrepError] = field(default_factory=list)
+    warnings: list[PrepError] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
+        doc["problems"] = [p.line() for p in self.problems]
+        doc["warnings"] = [w.line() for w in self.warnings]
         doc["batch_size"] = [{"dataset": n, "value": r.value, "from": r.source} for n, r in self.batch_size]
         doc["workers"] = {"value": self.workers.value, "from": self.workers.source} if self.workers else None
         doc.pop("fingerprint_doc")
@@ -153,7 +156,7 @@ def counted_in_epochs(length: Length) -> bool:
 
 def _unchecked_problems(
     cfg: PipelineConfig, index: int, epoch_batches: int | None, length: Length
-) -> list[str]:
+) -> list[PrepError]:
     """A rule checked at epoch ends (no `check_every`) on a step counted in batches that ends at or
     before its first epoch end, or whose data has no epoch end: it could never fire."""
     tr = cfg.steps[index].transition_on
@@ -168,18 +171,21 @@ def _unchecked_problems(
     )
     path = ("steps", str(index), "transition_on")
     return [
-        f"{cfg.place(path)}: {cfg.dotted(path)}: {tr.mode} is checked at epoch ends (no check_every), but "
-        f"the step ends after {length.batches:,} batches, {first}: it never fires — fix: set "
-        f"transition_on.check_every (e.g. {max(1, length.batches // 10)}ba)"
+        PrepError(
+            f"{cfg.dotted(path)}: {tr.mode} is checked at epoch ends (no check_every), but the step ends "
+            f"after {length.batches:,} batches, {first}: it never fires",
+            cfg.place(path),
+            f"set transition_on.check_every (e.g. {max(1, length.batches // 10)}ba)",
+        )
     ]
 
 
-def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[str]:
+def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Length) -> list[PrepError]:
     """A transition cap in the other unit than the step's length (max_epochs on a step counted in
     batches, or max_steps on one counted in epochs): compared once the epoch's size is known (caps in
     the same unit are checked with the config)."""
     tr = cfg.steps[index].transition_on
-    out: list[str] = []
+    out: list[PrepError] = []
     if not bpe or length.batches is None:
         return out
     for cap, per in (("max_epochs", bpe), ("max_steps", 1)):
@@ -194,13 +200,72 @@ def _cap_problems(cfg: PipelineConfig, index: int, bpe: int | None, length: Leng
             if side == "above"
             else ("the cap stops the step before its length")
         )
+        path = ("steps", str(index), "transition_on", cap)
         out.append(
-            f"{cfg.place(('steps', str(index), 'transition_on', cap))}: "
-            f"{cfg.dotted(('steps', str(index), 'transition_on', cap))}: {cap}={value} "
-            f"({value * per:,} batches) is {side} the step's length ({length.rule} = "
-            f"{length.batches:,} batches): {effect} — fix: make them agree"
+            PrepError(
+                f"{cfg.dotted(path)}: {cap}={value} ({value * per:,} batches) is {side} the step's length "
+                f"({length.rule} = {length.batches:,} batches): {effect}",
+                cfg.place(path),
+                "make them agree",
+            )
         )
     return out
+
+
+def checkpoint_warning(
+    cfg: PipelineConfig,
+    index: int,
+    length: Length,
+    epoch_batches: int | None,
+    global_batch: int | None,
+    sized: bool,
+) -> PrepError | None:
+    """A step that writes no checkpoint before its end, told to `validate` and `run` (a warning, not a
+    problem: nothing is wrong until a run is killed, which then trains the whole step again): no
+    `checkpoint_every` and no epoch end inside the step (one epoch, or a count of batches up to an epoch
+    or on data that repeats without epochs), or a `checkpoint_every` that comes at or after its end.
+    None when a checkpoint falls inside, when the step is one batch, or when the sizes that would tell
+    are unknown (`sized`: the data was opened, so a missing `epoch_batches` means it has no epoch end)."""
+    step = cfg.steps[index]
+    every = step.checkpoint_every or Duration(1, "ep")
+    by_epochs = counted_in_epochs(length)
+    total = (
+        (int(length.epochs) * epoch_batches if length.epochs is not None and epoch_batches else None)
+        if by_epochs
+        else length.batches
+    )
+    if total is not None and total <= 1:
+        return None
+    if every.unit == "ep" and epoch_batches is None:
+        if by_epochs and length.epochs is not None:  # the epoch's size unknown: epochs against epochs
+            inside = length.epochs > every.value
+        elif sized:
+            inside = False  # data without epoch ends has no epoch-end checkpoint
+        else:
+            return None
+    else:
+        first = every.to_batches(epoch_batches, global_batch)
+        if first is None or total is None:
+            return None
+        k = step.grad_accumulation  # a checkpoint waits for the end of an accumulation window
+        inside = -(-first // k) * k < total
+    if inside:
+        return None
+    path = ("steps", str(index), "checkpoint_every")
+    size = [f"{_n(length.epochs)} ep"] if length.epochs is not None else []
+    size += [f"{_n(total)} ba"] if total is not None else []
+    if step.checkpoint_every is not None:
+        cadence = f"checkpoint_every {every} comes at or after its end"
+    elif epoch_batches is None and not by_epochs:
+        cadence = "no checkpoint_every, and the default, every epoch end, never comes: the data repeats"
+    else:
+        cadence = "no checkpoint_every, and the default, every epoch end, comes at or after its end"
+    return PrepError(
+        f"step {step.name!r} ({' = '.join(size) or '?'}, {length.rule}) writes no checkpoint before its end "
+        f"({cadence}): a run killed in it trains the whole step again",
+        cfg.place(path),
+        f"set {cfg.dotted(path)} shorter than the step (e.g. {max(1, total // 10) if total else 1000}ba)",
+    )
 
 
 def step_chunks(step: StepConfig, train_batches: int | None, val_batches: int | None) -> ChunkPlan:
@@ -270,13 +335,13 @@ def make_plan(
     plans: list[StepPlan] = []
     for i, step in enumerate(cfg.steps):
         name = cfg.step_dataset(i)
-        problems: list[str] = []
+        problems: list[PrepError] = []
         built = val = None
         if build and name is not None:
             try:
                 built = build_dataset(cfg, name, step=step, args=args, rank=0, world_size=world_size)
             except PrepError as err:
-                problems.append(err.line())
+                problems.append(err)
             if step.validation is not None:
                 try:
                     val = build_dataset(
@@ -288,7 +353,7 @@ def make_plan(
                         batch_size=step.validation.batch_size,
                     )
                 except PrepError as err:
-                    problems.append(err.line())
+                    problems.append(err)
         bpe = built.batches_per_epoch if built else None
         spe = built.samples_per_epoch if built else None
         sizes = resolve_batch_sizes(cfg, name, step=step, args=args) if name in cfg.datasets else []
@@ -301,14 +366,18 @@ def make_plan(
                 if b is not None:
                     require_batches(cfg, i, str(data), b.batches_per_epoch, b.samples_per_epoch)
             except PrepError as err:
-                problems.append(err.line())
+                problems.append(err)
                 empty = True
-        length = step_length(step, bpe, spe, batch_samples(sizes, world_size, bpe, spe))
+        global_batch = batch_samples(sizes, world_size, bpe, spe)
+        length = step_length(step, bpe, spe, global_batch)
         if built is not None and bpe is None and (length.epochs is not None and length.batches is None):
             problems.append(
-                f"{cfg.place(('steps', str(i)))}: step {step.name!r}: dataset {name!r} has no epoch "
-                f"(it repeats endlessly), so {length.rule} cannot end — fix: give the dataset "
-                "epoch_length, or give the step max_steps / a duration in ba or sp"
+                PrepError(
+                    f"step {step.name!r}: dataset {name!r} has no epoch (it repeats endlessly), so "
+                    f"{length.rule} cannot end",
+                    cfg.place(("steps", str(i))),
+                    "give the dataset epoch_length, or give the step max_steps / a duration in ba or sp",
+                )
             )
         problems += _cap_problems(cfg, i, bpe, length)
         chunking = None
@@ -323,17 +392,16 @@ def make_plan(
                     )
             except PrepError as err:
                 if built is not None and not empty:  # without the data, the partition sizes are unknown
-                    problems.append(
-                        f"{cfg.place(('steps', str(i), 'validation'))}: {err.what} — fix: {err.fix}"
-                    )
+                    problems.append(PrepError(err.what, cfg.place(("steps", str(i), "validation")), err.fix))
         chunked = v is not None and (v.train_chunk_size is not None or v.val_chunk_size is not None)
         try:
             epoch_batches = train_batches_per_epoch(cfg, i, bpe, chunked)
         except PrepError as err:
-            problems.append(err.line())
+            problems.append(err)
             epoch_batches = bpe
         if built is not None or bpe is not None:  # an epoch's size is known, or it has none
             problems += _unchecked_problems(cfg, i, epoch_batches, length)
+        warning = checkpoint_warning(cfg, i, length, epoch_batches, global_batch, sized=built is not None)
         doc = step_doc(
             cfg,
             i,
@@ -368,6 +436,7 @@ def make_plan(
                 fingerprint=doc_hash(doc),
                 fingerprint_doc=doc,
                 problems=problems,
+                warnings=[warning] if warning is not None else [],
             )
         )
     return plans

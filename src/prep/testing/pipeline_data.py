@@ -63,7 +63,9 @@ def tiny_modules(seed: int = 0) -> dict[str, Any]:
 class RegressionTrainer:
     """A trainer as the orchestrator expects one: regress key features through enc -> dec, with a
     little noise from torch's global RNG (so a resume must restore it), and remember every batch's keys
-    in its state (so a test can compare the stream a run really trained on)."""
+    in its state (so a test can compare the stream a run really trained on). With a log, each batch's
+    line also holds a number drawn from python's and numpy's global RNGs and the batch's first torch
+    noise value (so a test can compare the ranks' random streams)."""
 
     metrics = ("loss",)
 
@@ -71,29 +73,35 @@ class RegressionTrainer:
         self.keys: list[list[str]] = []
         self.log = Path(log) if log is not None else None
 
-    def _loss(self, batch: dict[str, Any], ctx: Any) -> Any:
+    def _loss(self, batch: dict[str, Any], ctx: Any) -> tuple[Any, Any]:
+        """The loss, and the noise drawn for it."""
         import torch
 
         x, y = key_features(list(batch["__key__"]))
         x, y = x.to(ctx.device), y.to(ctx.device)
         with ctx.autocast():
             out = ctx.modules["dec"](torch.tanh(ctx.modules["enc"](x)))
-        return ((out.float() + 0.01 * torch.randn_like(out.float()) - y) ** 2).mean()
+        noise = torch.randn_like(out.float())
+        return ((out.float() + 0.01 * noise - y) ** 2).mean(), noise
 
     def train_step(self, batch: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        loss = self._loss(batch, ctx)
+        loss, noise = self._loss(batch, ctx)
         ctx.backward(loss)
         self.keys.append(list(batch["__key__"]))
         if self.log is not None:
             import json
+            import random
 
+            import numpy as np
+
+            draws = [random.random(), float(np.random.random()), float(noise.flatten()[0])]
             with open(self.log, "a") as f:
-                doc = {"rank": ctx.rank, "batch": ctx.global_step, "keys": self.keys[-1]}
+                doc = {"rank": ctx.rank, "batch": ctx.global_step, "keys": self.keys[-1], "draws": draws}
                 f.write(json.dumps(doc) + "\n")
         return {"loss": loss.detach()}
 
     def val_step(self, batch: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        return {"loss": self._loss(batch, ctx)}
+        return {"loss": self._loss(batch, ctx)[0]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"keys": self.keys}
