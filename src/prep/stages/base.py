@@ -196,6 +196,32 @@ def marker_dir(output_dir: Path, stage: str) -> Path:
     return output_dir / ".prep" / "done" / stage
 
 
+MAX_MARKER_NAME = 200  # bytes; file systems allow 255 per name
+
+
+def marker_file(folder: Path, name: str) -> Path:
+    """`folder/<name>.json`: the one file a record named `name` (a task id, a shard's relative path) is
+    kept in. `%` and `/` are percent-encoded, the escape character first, so distinct names never share
+    a file (`a/b` -> `a%2Fb`, `a__b` and `a%2Fb` stay themselves or `a%252Fb`); a name too long for a
+    file keeps a readable head plus a hash of the whole."""
+    return folder / _bounded(name.replace("%", "%25").replace("/", "%2F"), name)
+
+
+def legacy_marker_file(folder: Path, name: str) -> Path:
+    """The file earlier versions of prep used (`/` as `__`, so `a/b` and `a__b` shared it). Only read, so
+    folders an older prep finished keep their done-markers; the record inside names its task or shard,
+    so a file two of them shared is trusted only for the one it names."""
+    return folder / _bounded(name.replace("/", "__"), name)
+
+
+def _bounded(safe: str, name: str) -> str:
+    raw = safe.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_MARKER_NAME:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        safe = raw[: MAX_MARKER_NAME - 17].decode("utf-8", "ignore") + "-" + digest
+    return f"{safe}.json"
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, else (0, 1, 0). Slurm steps of several
     tasks are not guessed (a batch script sees SLURM_NTASKS too): pass --task-index $SLURM_PROCID
