@@ -92,7 +92,9 @@ class TaskResult:
     reason to a count; `notes` are human lines (dropped keys, warnings); `data` is JSON for finalize;
     `outputs` maps output path to {bytes, checksum} where the task already knows them; `rewrote` maps a
     file an earlier stage wrote and this task rewrote in place (an in-place merge) to the {bytes, checksum}
-    it replaced, so that stage's done-marker stays valid (`runtime.markers.record_rewrites`)."""
+    it replaced, so that stage's done-marker stays valid (`runtime.markers.record_rewrites`); `transient`
+    counts items it could not do for a reason that may pass (a server error, a timeout): the task is done
+    and its marker written, but the next run does it again instead of keeping those items lost."""
 
     task_id: str
     status: str = "done"  # done | skipped | failed
@@ -104,18 +106,19 @@ class TaskResult:
     error: str | None = None
     seconds: float = 0.0
     rewrote: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transient: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "status": self.status, "counts": self.counts,
                 "dropped": self.dropped, "notes": self.notes, "data": self.data,
                 "outputs": self.outputs, "error": self.error, "seconds": round(self.seconds, 3),
-                "rewrote": self.rewrote}
+                "rewrote": self.rewrote, "transient": self.transient}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TaskResult:
         return cls(doc["task_id"], doc.get("status", "done"), doc.get("counts", {}), doc.get("dropped", {}),
                    doc.get("notes", []), doc.get("data", {}), doc.get("outputs", {}), doc.get("error"),
-                   doc.get("seconds", 0.0), doc.get("rewrote", {}))
+                   doc.get("seconds", 0.0), doc.get("rewrote", {}), int(doc.get("transient", 0)))
 
 
 @dataclass
