@@ -157,6 +157,28 @@ def test_folder_exact_accounting_original_bytes_and_report(tmp_path: Path) -> No
     assert again.to_json()["skipped"] == 3 and again.counts() == counts
 
 
+def test_upper_case_extensions_are_images_under_lower_case_member_names(tmp_path: Path) -> None:
+    """`.JPG`, `.Jpeg`, `.PNG` are ingested, each under its decoded format's name (`jpg`, `png`); `a.jpg`
+    beside `a.JPG` are two files, so two samples (keys hash the whole path), never one lost."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = {"photo.JPG": "jpeg", "b.Jpeg": "jpeg", "c.PNG": "png", "d.WebP": "webp", "a.jpg": "jpeg",
+             "a.JPG": "jpeg"}
+    for i, (name, fmt) in enumerate(files.items()):
+        (folder / name).write_bytes(make_image(6, 4, fmt, i))
+    (folder / "photo.txt").write_text("a photo")
+    result = run(tmp_path, "ingest_local.enable=true", f"ingest_local.input_dir={folder}")
+    assert result.ok and result.counts()["samples_out"] == len(files)
+    samples = shard_samples(tmp_path / "tarfiles_ingested")
+    by_path = {json.loads(m["json"])["path"]: m for m in samples.values()}
+    assert set(by_path) == set(files)
+    for name, fmt in files.items():
+        ext = {"jpeg": "jpg"}.get(fmt, fmt)
+        assert set(by_path[name]) == {ext, "txt", "json"}
+        assert by_path[name][ext] == (folder / name).read_bytes()
+    assert by_path["photo.JPG"]["txt"] == b"a photo"
+
+
 def test_symlinked_folders_are_read_once_and_broken_links_reported(tmp_path: Path) -> None:
     """A symlinked folder is read (its images count), a link back up makes no loop, and an entry that is
     neither a file nor a folder (a broken link) is named in the notes: nothing is left out silently."""
