@@ -274,7 +274,67 @@ def test_long_task_ids_get_valid_marker_names(tmp_path: Path) -> None:
     deep = "/".join(["a-rather-long-folder-name"] * 20) + "/shard.tar"
     a, b = marker_path(tmp_path, Task(deep, {})), marker_path(tmp_path, Task(deep + "x", {}))
     assert a != b and len(a.name.encode()) <= 255 and len(b.name.encode()) <= 255
-    assert marker_path(tmp_path, Task("0-sub/x.tar", {})).name == "0-sub__x.tar.json"
+    assert marker_path(tmp_path, Task("0-sub/x.tar", {})).name == "0-sub%2Fx.tar.json"
+
+
+_ID_PARTS = st.sampled_from(["a", "b", "/", "_", "__", "%", "%2F", "%25", "2F", ".", "é", "x" * 120])
+
+
+@given(ids=st.sets(st.lists(_ID_PARTS, min_size=1, max_size=8).map("".join), min_size=2, max_size=40))
+def test_distinct_names_never_share_a_marker_file(ids: set[str]) -> None:
+    from prep.stages.base import marker_file
+
+    files = {marker_file(Path("m"), i) for i in ids}
+    assert len(files) == len(ids)  # injective, also for ids cut to a head plus a hash
+    assert all("/" not in f.name and len(f.name.encode()) <= 255 for f in files)
+
+
+def test_shards_whose_names_escaped_alike_keep_their_own_markers(tmp_path: Path) -> None:
+    """`a/b.tar` and `a__b.tar` (one marker file under the old `/` -> `__` escape) each keep a marker: a
+    re-run does nothing, and neither task's marker overwrites the other's."""
+    for rel in ("a/b.tar", "a__b.tar", "a%2Fb.tar", "a%252Fb.tar"):
+        make_shards(tmp_path / "tmp", 1)
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tmp" / "shard-000.tar").rename(tmp_path / rel)
+    shutil.rmtree(tmp_path / "tmp")
+    assert run(tmp_path).ok
+    assert len(list((tmp_path / ".prep/done/generate_wdinfo").glob("*.json"))) == 4
+    again = run(tmp_path)
+    assert again.nothing_to_do and [r.status for r in again.results] == ["skipped"] * 4
+
+
+def test_markers_an_older_prep_wrote_still_count(tmp_path: Path) -> None:
+    """A marker under the legacy name (`/` as `__`) is read, so a folder an older prep finished is not
+    redone; a task done again replaces it with its own marker (readers of every marker see it once)."""
+    from prep.stages.base import legacy_marker_file
+
+    make_shards(tmp_path / "sub", 2)
+    assert run(tmp_path).ok
+    done = tmp_path / ".prep/done/generate_wdinfo"
+    for p in sorted(done.glob("*.json")):  # the names an older prep gave them
+        p.rename(legacy_marker_file(done, json.loads(p.read_text())["task_id"]))
+    assert sorted(p.name for p in done.glob("*.json")) == [f"0-sub__shard-00{i}.tar.json" for i in range(2)]
+    again = run(tmp_path)
+    assert again.nothing_to_do and [r.status for r in again.results] == ["skipped"] * 2
+    make_shards(tmp_path / "sub", 2, per=4)  # both inputs change: both tasks run again
+    assert [r.status for r in run(tmp_path).results] == ["done"] * 2
+    assert sorted(p.name for p in done.glob("*.json")) == [f"0-sub%2Fshard-00{i}.tar.json" for i in range(2)]
+
+
+def test_a_legacy_marker_two_tasks_shared_counts_only_for_the_one_it_names(tmp_path: Path) -> None:
+    """Under the old escape `sub/shard-000.tar` and `sub__shard-000.tar` had one marker file, holding
+    whichever ran last: that task is skipped, the other runs and leaves that file alone."""
+    make_shards(tmp_path / "sub", 1)
+    make_shards(tmp_path / "x", 1)
+    (tmp_path / "x" / "shard-000.tar").rename(tmp_path / "sub__shard-000.tar")
+    shutil.rmtree(tmp_path / "x")
+    assert run(tmp_path).ok
+    done = tmp_path / ".prep/done/generate_wdinfo"
+    (done / "0-sub%2Fshard-000.tar.json").unlink()  # the older prep's state: one file, the last writer's
+    second = run(tmp_path)
+    by_id = {r.task_id: r.status for r in second.results}
+    assert by_id == {"0-sub/shard-000.tar": "done", "0-sub__shard-000.tar": "skipped"}
+    assert run(tmp_path).nothing_to_do
 
 
 def test_errors_survive_process_pools() -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from prep.formats.names import UnsafeMemberError, member_name, member_parts
+from prep.formats.names import IMAGE_EXTS, UnsafeMemberError, canonical_ext, member_name, member_parts
 from prep.formats.tar import TarFormatError, iter_samples, scan_tar
 from prep.formats.tar_write import write_shard
 from prep.loaders import DataLoader, ShardDataset
@@ -119,3 +119,14 @@ def test_the_loaders_fast_name_split_is_the_rule(name):
             read_member_name(name, "t")
         return
     assert read_member_name(name, "t") == want
+
+
+@given(ext=st.sampled_from(IMAGE_EXTS), flips=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_an_image_extension_in_any_case_is_canonical_in_lower_case(ext: str, flips: list[bool]) -> None:
+    cased = "".join(c.upper() if f else c for c, f in zip(ext, flips, strict=False))  # flips >= len(ext)
+    assert canonical_ext(cased) == ext and canonical_ext(canonical_ext(cased)) == ext
+
+
+@given(ext=st.text(alphabet="aBjJnNpPsStTxX.0_", min_size=1, max_size=8))
+def test_other_extensions_keep_their_case(ext: str) -> None:
+    assert canonical_ext(ext) == (ext.lower() if ext.lower() in IMAGE_EXTS else ext)

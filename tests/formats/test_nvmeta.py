@@ -38,6 +38,8 @@ def test_sample_type_follows_fields(tmp_path: Path) -> None:
     }
     assert dataset_yaml(["png", "txt"])["field_map"]["image"] == "png"
     assert dataset_yaml(["webp", "png", "jpg", "txt"])["field_map"]["image"] == "jpg,png,webp"
+    # members of shards prep did not write, named as they are (energon's field map matches exactly)
+    assert dataset_yaml(["PNG", "JPG", "txt"])["field_map"]["image"] == "JPG,PNG"
     crude = dataset_yaml(["vae.npy", "txt"])
     assert crude["__class__"] == "CrudeWebdataset"
     write_nv_meta(tmp_path, {"s.tar": 1}, ["vae.npy"])

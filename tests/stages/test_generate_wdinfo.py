@@ -106,11 +106,41 @@ def test_chunk_size_defaults_to_most_common_count(tmp_path: Path) -> None:
     assert read_wdinfo(tmp_path / "wdinfo.pkl")["chunk_size"] == 5
 
 
-def test_strict_fails_on_uneven_shards_and_missing_members(tmp_path: Path) -> None:
-    make_shards(tmp_path, [4, 3])
+@pytest.mark.parametrize("counts", [[4, 4, 4], [4, 4, 1], [3], [4, 3]])
+def test_strict_accepts_equal_shards_and_a_short_last_one(tmp_path: Path, counts: list[int]) -> None:
+    """What reorganize_tar writes (every shard full, or the one short last shard of tail: keep) passes
+    strict, both as the key and as --strict."""
+    make_shards(tmp_path, counts)
+    for how in ({"strict": True}, {"force": True}):
+        extra = () if "strict" in how else ("generate_wdinfo.strict=true",)
+        result = run(tmp_path, "generate_wdinfo.tar_chunk_size=4", *extra, **how)
+        assert result.ok, result.errors
+        assert read_wdinfo(tmp_path / "wdinfo.pkl")["total_key_count"] == sum(counts)
+
+
+@pytest.mark.parametrize(("counts", "first"), [
+    ([4, 3, 4], "shard-001.tar with 3"), ([4, 3, 2], "shard-001.tar with 3"),
+    ([4, 4, 5], "shard-002.tar with 5"), ([5, 4, 4], "shard-000.tar with 5"),
+    ([4, 2, 4, 4], "shard-001.tar with 2")])
+def test_strict_fails_on_uneven_shards_other_than_a_short_last_one(tmp_path: Path, counts: list[int],
+                                                                     first: str) -> None:
+    make_shards(tmp_path, counts)
     result = run(tmp_path, "generate_wdinfo.tar_chunk_size=4", strict=True)
-    assert not result.ok and "shard-001.tar with 3" in result.errors[0]
+    assert not result.ok and first in result.errors[0]
     assert not (tmp_path / "wdinfo.pkl").exists()
+
+
+def test_strict_takes_each_folders_own_last_shard(tmp_path: Path) -> None:
+    make_shards(tmp_path / "a", [4, 2], prefix="a")
+    make_shards(tmp_path / "b", [4, 4, 3], prefix="b")
+    assert run([tmp_path / "a", tmp_path / "b"], "generate_wdinfo.tar_chunk_size=4", strict=True).ok
+    make_shards(tmp_path / "c", [1, 4], prefix="c")  # c's short shard is its first
+    result = run([tmp_path / "a", tmp_path / "b", tmp_path / "c"], "generate_wdinfo.tar_chunk_size=4",
+                 strict=True)
+    assert not result.ok and "1 shard(s)" in result.errors[0] and "c/shard-000.tar with 1" in result.errors[0]
+
+
+def test_strict_fails_on_missing_members(tmp_path: Path) -> None:
     make_shards(tmp_path / "m", [2])
     result = run(tmp_path / "m", "generate_wdinfo.file_ext_in_tar=[png]", "generate_wdinfo.strict=true")
     assert not result.ok and "2 sample(s) lack a required member" in result.errors[0]

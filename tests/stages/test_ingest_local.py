@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -154,6 +155,28 @@ def test_folder_exact_accounting_original_bytes_and_report(tmp_path: Path) -> No
     again = run(tmp_path, "ingest_local.enable=true", f"ingest_local.input_dir={tmp_path / 'imgs'}",
                 "ingest_local.number_sample_per_shard=3")
     assert again.to_json()["skipped"] == 3 and again.counts() == counts
+
+
+def test_upper_case_extensions_are_images_under_lower_case_member_names(tmp_path: Path) -> None:
+    """`.JPG`, `.Jpeg`, `.PNG` are ingested, each under its decoded format's name (`jpg`, `png`); `a.jpg`
+    beside `a.JPG` are two files, so two samples (keys hash the whole path), never one lost."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = {"photo.JPG": "jpeg", "b.Jpeg": "jpeg", "c.PNG": "png", "d.WebP": "webp", "a.jpg": "jpeg",
+             "a.JPG": "jpeg"}
+    for i, (name, fmt) in enumerate(files.items()):
+        (folder / name).write_bytes(make_image(6, 4, fmt, i))
+    (folder / "photo.txt").write_text("a photo")
+    result = run(tmp_path, "ingest_local.enable=true", f"ingest_local.input_dir={folder}")
+    assert result.ok and result.counts()["samples_out"] == len(files)
+    samples = shard_samples(tmp_path / "tarfiles_ingested")
+    by_path = {json.loads(m["json"])["path"]: m for m in samples.values()}
+    assert set(by_path) == set(files)
+    for name, fmt in files.items():
+        ext = {"jpeg": "jpg"}.get(fmt, fmt)
+        assert set(by_path[name]) == {ext, "txt", "json"}
+        assert by_path[name][ext] == (folder / name).read_bytes()
+    assert by_path["photo.JPG"]["txt"] == b"a photo"
 
 
 def test_symlinked_folders_are_read_once_and_broken_links_reported(tmp_path: Path) -> None:
@@ -308,6 +331,72 @@ def test_table_of_paths_with_missing_duplicate_and_empty_rows(tmp_path: Path, fm
     assert "sub/gone.jpg" in report and '"missing_file"' in report
     stats = json.loads((tmp_path / "tarfiles_ingested" / "list" / "00000_stats.json").read_text())
     assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (7, 4, 3)
+
+
+def test_server_errors_are_not_missing_files_and_the_next_run_retries_them(tmp_path: Path) -> None:
+    """Over HTTP, a file that is gone (404, 410) is missing_file and stays done; a server error (5xx, 429)
+    or a reset connection is its own reason, and the next run reads those shards again (one image per
+    shard here, so each URL's retry shows in the server's log)."""
+    from prep.testing.servers import serve_images
+
+    with serve_images() as srv:
+        gone = [srv.missing(0), srv.failing(410, 0)]
+        transient = [srv.flaky(0), srv.failing(500, 1), srv.failing(502, 2), srv.failing(429, 3),
+                     srv.reset(4)]
+        forbidden = [srv.failing(403, 5)]
+        urls = [srv.good(8, 6, 1), *gone, *transient, *forbidden]
+        table = tmp_path / "list.jsonl"
+        table.write_text("".join(json.dumps({"path": u, "caption": f"c{i}"}) + "\n"
+                                 for i, u in enumerate(urls)))
+        sets = (f"ingest_local.table={table}", "ingest_local.number_sample_per_shard=1")
+        first = run(tmp_path, *sets)
+        assert first.ok and first.counts()["samples_out"] == 1
+        assert first.dropped() == {"missing_file": 2, "server_error": 4, "connection_error": 1,
+                                   "read_error": 1}
+        report = [json.loads(line) for line in
+                  (tmp_path / "tarfiles_ingested" / ".prep" / il.DROPPED_REPORT).read_text().splitlines()]
+        why = {r["path"]: (r["reason"], r["message"]) for r in report}
+        assert why[srv.flaky(0)] == ("server_error", f"{srv.flaky(0)}: HTTP 503 Service Unavailable")
+        assert why[srv.failing(410, 0)][0] == "missing_file" and "HTTP 410" in why[srv.failing(410, 0)][1]
+        assert why[srv.failing(403, 5)][0] == "read_error" and "HTTP 403" in why[srv.failing(403, 5)][1]
+        assert any("may pass" in n for n in first.finalize_notes)
+        srv.heal()  # every URL above now answers with an image
+        before = srv.hits()
+        second = run(tmp_path, *sets)
+        assert second.ok and second.counts()["samples_out"] == 1 + len(transient)
+        assert second.dropped() == {"missing_file": 2, "read_error": 1}
+        hits = srv.hits() - before
+        assert all(hits[urlsplit(u).path] >= 1 for u in transient)  # retried
+        assert not any(hits[urlsplit(u).path] for u in [*gone, *forbidden, urls[0]])  # kept as they were
+        assert run(tmp_path, *sets).nothing_to_do
+
+
+def test_read_failures_are_named_by_what_they_mean(tmp_path: Path) -> None:
+    """Real failures from fsspec, urllib and the file system: gone is missing_file, a server's error
+    answer, a timeout or a refused connection is one that may pass."""
+    import urllib.request
+
+    import fsspec
+
+    from prep.testing.servers import free_port, serve_images
+
+    def failure(read, src: str) -> tuple[str, str]:
+        with pytest.raises(Exception) as info:
+            read(src)
+        return il.read_failure(info.value, src)
+
+    fs = fsspec.filesystem("http")
+    with serve_images(slow_seconds=30) as srv:
+        assert failure(fs.cat_file, srv.missing(0))[0] == "missing_file"
+        url = srv.failing(503, 0)
+        assert failure(fs.cat_file, url) == ("server_error", f"{url}: HTTP 503 Service Unavailable")
+        assert failure(lambda u: fsspec.open(u).open(), srv.failing(504, 0))[0] == "server_error"  # a cause
+        assert failure(urllib.request.urlopen, srv.failing(429, 0))[0] == "server_error"
+        assert failure(urllib.request.urlopen, srv.failing(410, 0))[0] == "missing_file"
+        assert failure(lambda u: urllib.request.urlopen(u, timeout=0.2), srv.slow(0))[0] == "timeout"
+    assert failure(fs.cat_file, f"http://127.0.0.1:{free_port()}/x.jpg")[0] == "connection_error"
+    assert failure(open, str(tmp_path / "nope.jpg"))[0] == "missing_file"
+    assert failure(open, str(tmp_path))[0] == "read_error"  # a folder
 
 
 # -------------------------------------------------------------------------------------- resize and EXIF

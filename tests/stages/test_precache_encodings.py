@@ -25,7 +25,7 @@ from prep.formats.index import read_index
 from prep.formats.tar import iter_samples
 from prep.formats.tar_write import write_shard
 from prep.runtime.runner import run_stage
-from prep.stages.base import RunOptions
+from prep.stages.base import RunOptions, legacy_marker_file
 from prep.testing.tiny_models import write_tiny_models
 
 STAGE = "precache_encodings"
@@ -426,6 +426,10 @@ def test_group_task_resumes_per_shard(tmp_path: Path, models: Path) -> None:
     for marker in (tmp_path / "out" / ".prep" / "done" / STAGE).glob("*.json"):
         marker.unlink()
     (tmp_path / "out" / "manifest.json").unlink()
+    records = tmp_path / "out" / ".prep" / "done" / STAGE / "shards"
+    assert sorted(r.name for r in records.iterdir()) == [f"part%2F0000{i}.tar.json" for i in range(3)]
+    for r in records.iterdir():  # as an older prep named them (`/` as `__`): still reused
+        r.rename(legacy_marker_file(records, json.loads(r.read_text())["outcome"]["rel"]))
     again = run_stage(STAGE, grouped, RunOptions(quiet=True))
     assert again.ok and again.counts()["shards_resumed"] == 3 and again.results[0].status == "done"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

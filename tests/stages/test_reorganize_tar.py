@@ -283,6 +283,80 @@ def test_a_tar_with_a_samples_members_apart_says_how_to_fix_it(tmp_path):
     assert "unreadable" not in notes
 
 
+def test_image_extensions_in_any_case_are_written_lower_case(tmp_path):
+    """A tar made from a camera folder (`IMG_1.JPG`, `b.Jpeg`, `c.PNG`) is repacked with canonical image
+    member names, so file_ext_in_tar, energon's field map and the loaders find its images; other
+    extensions keep their case; a sample with `a.jpg` and `a.JPG` is dropped and named, never written
+    with two `.jpg` members or one of them lost silently."""
+    from prep.formats.names import IMAGE_EXTS
+
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    for e in IMAGE_EXTS:
+        for variant in sorted({e, e.upper(), e.capitalize(), e[:-1] + e[-1].upper()}):
+            samples.append((f"{variant}-{len(samples):03d}", {variant: os.urandom(40), "txt": b"c",
+                                                              "Meta.JSON": b"{}"}))
+    clashes = {"clash-jpg": {"jpg": b"1", "JPG": b"2", "txt": b"c"},
+               "clash-png": {"Png": b"1", "PNG": b"2", "txt": b"c"}}
+    _write_tar(tmp_path / "in" / "x.tar", sorted([*samples, *clashes.items()]))
+    for ext_sets, out in (({"file_ext_in_tar": "[]"}, "all"),
+                          ({"file_ext_in_tar": "[JPG, txt]", "keep_other_members": "false"}, "jpg")):
+        result = run(tmp_path / "in", tmp_path / out, tar_chunk_size=7, **ext_sets)
+        assert result.ok, result.to_json()["errors"]
+        got: dict[str, dict[str, bytes]] = {}
+        for shard in sorted((tmp_path / out).glob("*.tar")):
+            got.update(read_shard(shard))
+        want = {k: {(e.lower() if e.lower() in IMAGE_EXTS else e): v for e, v in m.items()}
+                for k, m in samples}
+        clashed = {"members .JPG, .jpg differ only in case": 1, "members .PNG, .Png differ only in case": 1}
+        if out == "jpg":  # `JPG` in file_ext_in_tar is `jpg`, which every JPG, Jpg, jPG member now is
+            want = {k: {"jpg": m["jpg"], "txt": m["txt"]} for k, m in want.items() if "jpg" in m}
+            clashed["missing .jpg"] = len(samples) - len(want)
+        assert got == want
+        assert result.dropped() == clashed
+        report = (tmp_path / out / ".prep" / rt.DROPPED_REPORT).read_text()
+        assert '"key": "clash-jpg"' in report and '"key": "clash-png"' in report
+        assert set(read_manifest(tmp_path / out).fields) == {e for m in want.values() for e in m}
+    cache = tmp_path / "all" / ".prep" / rt.COUNTS_CACHE  # as an older prep left it: clashes counted
+    doc = json.loads(cache.read_text())
+    doc["version"] = rt.VERSION
+    for entry in doc["tars"].values():
+        entry[2] += len(clashes)
+    cache.write_text(json.dumps(doc))
+    assert run(tmp_path / "in", tmp_path / "all", tar_chunk_size=7, file_ext_in_tar="[]").ok
+
+
+@pytest.mark.slow  # energon's import alone takes seconds
+def test_a_camera_folders_tar_loads_in_energon_and_prep_raw_and_repacked(tmp_path):
+    """`tar cf` of photos named `.JPG`/`.Jpeg`/`.PNG`: generate_wdinfo on the raw tar names those members
+    in energon's field map as they are; repacked, they are `jpg`/`jpeg`/`png`, which prep's loaders and
+    energon both find."""
+    from megatron.energon import CaptioningSample, WorkerConfig, get_loader, get_val_dataset
+
+    from prep.loaders import ShardDataset
+    from prep.testing.servers import make_image
+
+    exts = {"JPG": "jpeg", "Jpeg": "jpeg", "PNG": "png"}
+    samples = [(f"IMG_{i:04d}", {ext: make_image(8, 6, fmt, i), "txt": f"photo {i}".encode()})
+               for i, (ext, fmt) in enumerate(list(exts.items()) * 2)]
+    _write_tar(tmp_path / "raw" / "photos.tar", samples)
+    captions = {k: m["txt"].decode() for k, m in samples}
+    assert run(tmp_path / "raw", tmp_path / "out", tar_chunk_size=4, file_ext_in_tar="[]").ok
+    for folder, image in ((tmp_path / "raw", "JPG,Jpeg,PNG"), (tmp_path / "out", "jpg,jpeg,png")):
+        cfg = load_config(None, [f"generate_wdinfo.input_dir={folder}", "generate_wdinfo.tar_chunk_size=4"])
+        assert run_stage("generate_wdinfo", cfg, RunOptions(quiet=True)).ok
+        assert f"image: {image}" in (folder / ".nv-meta" / "dataset.yaml").read_text()
+        ds = get_val_dataset(folder, split_part="train", batch_size=None,
+                             worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0))
+        loaded = list(get_loader(ds))
+        assert all(isinstance(s, CaptioningSample) and tuple(s.image.shape) == (3, 6, 8) for s in loaded)
+        assert {s.__key__.rsplit("/", 1)[-1]: s.caption for s in loaded} == captions
+    prep_ds = ShardDataset(tmp_path / "out", batch_size=6, decode="uint8", fields=["jpg|jpeg|png", "txt"],
+                           shuffle=False, rank=0, world_size=1)
+    batch = prep_ds.fetch(prep_ds.next_batch(), 0, 1)
+    assert tuple(batch["jpg"].shape) == (6, 3, 6, 8)
+    assert dict(zip(batch["__key__"], batch["txt"], strict=True)) == captions
+
+
 def test_duplicate_keys_across_inputs_name_both_tars(tmp_path):
     inp = tmp_path / "in"
     _write_tar(inp / "a/00000.tar", [(f"{i:04d}", {"jpg": b"a", "txt": b"x"}) for i in range(5)])

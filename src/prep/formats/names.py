@@ -10,6 +10,10 @@ samples everywhere (a property test holds them to it).
 - energon's metadata rule: `__name__` or anything under a top-level `__name__/` folder is not a sample
   (`dir/__x.jpg` and `__x.jpg` are ordinary samples).
 - Names are never trusted as paths: absolute names, drives, `..` components and NULs are refused.
+- Image extensions are canonical in lower case (`canonical_ext`): readers match members by exact name
+  (energon's field_map, `fields=["jpg"]`, `file_ext_in_tar`), so a `photo.JPG` taken from a camera
+  folder is written as `photo.jpg`. Other extensions keep their case (`KEY.VAE.npy` is what its
+  encoder was named).
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ PLAIN_EXT = r"[\w.-]+"
 
 
 _PLAIN_NAME = re.compile(rf"({PLAIN_KEY})\.({PLAIN_EXT})", re.ASCII)
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # image members, canonical names
+
+
+def canonical_ext(ext: str) -> str:
+    """The member extension a writer of prep's layout uses for `ext`: an image extension in any case in
+    lower case (`JPG` -> `jpg`, `Jpeg` -> `jpeg`), any other extension as it is."""
+    low = ext.lower()
+    return low if low in IMAGE_EXTS else ext
 
 
 class UnsafeMemberError(PrepError):

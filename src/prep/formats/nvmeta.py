@@ -4,7 +4,8 @@
 and `dataset.yaml` names the sample type (captioning when the shards hold an image and a caption,
 otherwise energon's crude samples). With several image formats (a folder ingested with its PNGs and
 JPEGs kept), the image field lists them all (`image: jpg,png`): energon's field_map takes the first
-member a sample has, so every sample loads.
+member a sample has, so every sample loads. Image members of shards prep did not write may be named in
+upper case (`JPG`); they are listed under their own names, which energon matches exactly.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import yaml
 
 from prep import __version__
 from prep.formats.atomic import write_text_atomic
+from prep.formats.names import IMAGE_EXTS, canonical_ext
 
 NV_META = ".nv-meta"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt",)
 PREP_HEADER = "# written by prep generate_wdinfo; remove this line to keep your edits on the next run\n"
 
 
 def dataset_yaml(fields: Sequence[str]) -> dict:
-    images = [e for e in IMAGE_EXTS if e in fields]
+    images = [f for e in IMAGE_EXTS for f in sorted(fields) if canonical_ext(f) == e]  # `JPG` too
     caption = next((e for e in CAPTION_EXTS if e in fields), None)
     if images and caption:
         return {

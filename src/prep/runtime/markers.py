@@ -11,21 +11,14 @@ from typing import Any
 
 from prep.formats.atomic import write_text_atomic
 from prep.formats.checksum import file_checksum, file_matches
-from prep.stages.base import Task, TaskResult
+from prep.stages.base import Task, TaskResult, legacy_marker_file, marker_file
 
 MARKER_DIR = ".prep/done"
 
 
-MAX_NAME = 200  # bytes; file systems allow 255 per name
-
-
 def marker_path(marker_dir: Path, task: Task) -> Path:
-    """One file per task id; ids too long for a file name keep a readable head plus a hash of the whole."""
-    safe = task.id.replace("/", "__")
-    if len(safe.encode()) > MAX_NAME:
-        digest = hashlib.sha256(task.id.encode()).hexdigest()[:16]
-        safe = safe.encode()[: MAX_NAME - 17].decode("utf-8", "ignore") + "-" + digest
-    return marker_dir / f"{safe}.json"
+    """One file per task id (`stages.base.marker_file`: distinct ids, distinct files)."""
+    return marker_file(marker_dir, task.id)
 
 
 def describe_outputs(paths: tuple[str, ...], known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -87,20 +80,33 @@ def _intact(path: str, meta: dict[str, Any], verify: bool) -> bool:
 
 
 def write_marker(marker_dir: Path, task: Task, fingerprint: str, result: TaskResult) -> None:
+    """Write the task's marker, and remove the one an older prep wrote for it under the legacy name (so
+    readers of every marker, `prep report`, see the task once)."""
     doc = {"task_id": task.id, "fingerprint": fingerprint, "outputs": result.outputs,
            "result": result.to_json()}
-    write_text_atomic(marker_path(marker_dir, task), json.dumps(doc, indent=1, sort_keys=True))
+    path = marker_path(marker_dir, task)
+    write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True))
+    legacy = legacy_marker_file(marker_dir, task.id)
+    if legacy != path and _read_doc(legacy).get("task_id") == task.id:
+        legacy.unlink(missing_ok=True)
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
+    """A marker's JSON object ({} when it is missing or unreadable)."""
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def read_valid_marker(marker_dir: Path, task: Task, fingerprint: str, *,
                       verify: bool = False) -> TaskResult | None:
-    """The stored result if the marker matches this task and its outputs are intact, else None."""
+    """The stored result if the marker matches this task and its outputs are intact, else None. A task
+    without a marker of its own may have one an older prep wrote under the legacy name."""
     path = marker_path(marker_dir, task)
-    try:
-        doc = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint or doc.get("task_id") != task.id:
+    doc = _read_doc(path if path.exists() else legacy_marker_file(marker_dir, task.id))
+    if doc.get("fingerprint") != fingerprint or doc.get("task_id") != task.id:
         return None
     outputs = doc.get("outputs") or {}
     if set(outputs) != set(task.outputs):

@@ -216,7 +216,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
     for t in mine:
         prior = None if opts.force else read_valid_marker(markers, t, t.fingerprint(name, version),
                                                            verify=opts.verify_markers)
-        if prior is not None:
+        if prior is not None and not prior.transient:  # a task with transient failures is tried again
             results[t.id] = prior
         else:
             todo.append(t)

@@ -92,7 +92,9 @@ class TaskResult:
     reason to a count; `notes` are human lines (dropped keys, warnings); `data` is JSON for finalize;
     `outputs` maps output path to {bytes, checksum} where the task already knows them; `rewrote` maps a
     file an earlier stage wrote and this task rewrote in place (an in-place merge) to the {bytes, checksum}
-    it replaced, so that stage's done-marker stays valid (`runtime.markers.record_rewrites`)."""
+    it replaced, so that stage's done-marker stays valid (`runtime.markers.record_rewrites`); `transient`
+    counts items it could not do for a reason that may pass (a server error, a timeout): the task is done
+    and its marker written, but the next run does it again instead of keeping those items lost."""
 
     task_id: str
     status: str = "done"  # done | skipped | failed
@@ -104,18 +106,19 @@ class TaskResult:
     error: str | None = None
     seconds: float = 0.0
     rewrote: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transient: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "status": self.status, "counts": self.counts,
                 "dropped": self.dropped, "notes": self.notes, "data": self.data,
                 "outputs": self.outputs, "error": self.error, "seconds": round(self.seconds, 3),
-                "rewrote": self.rewrote}
+                "rewrote": self.rewrote, "transient": self.transient}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TaskResult:
         return cls(doc["task_id"], doc.get("status", "done"), doc.get("counts", {}), doc.get("dropped", {}),
                    doc.get("notes", []), doc.get("data", {}), doc.get("outputs", {}), doc.get("error"),
-                   doc.get("seconds", 0.0), doc.get("rewrote", {}))
+                   doc.get("seconds", 0.0), doc.get("rewrote", {}), int(doc.get("transient", 0)))
 
 
 @dataclass
@@ -194,6 +197,32 @@ class StageModule(Protocol):
 def marker_dir(output_dir: Path, stage: str) -> Path:
     """Where a stage's done-markers live: `<its first output folder>/.prep/done/<stage>`."""
     return output_dir / ".prep" / "done" / stage
+
+
+MAX_MARKER_NAME = 200  # bytes; file systems allow 255 per name
+
+
+def marker_file(folder: Path, name: str) -> Path:
+    """`folder/<name>.json`: the one file a record named `name` (a task id, a shard's relative path) is
+    kept in. `%` and `/` are percent-encoded, the escape character first, so distinct names never share
+    a file (`a/b` -> `a%2Fb`, `a__b` and `a%2Fb` stay themselves or `a%252Fb`); a name too long for a
+    file keeps a readable head plus a hash of the whole."""
+    return folder / _bounded(name.replace("%", "%25").replace("/", "%2F"), name)
+
+
+def legacy_marker_file(folder: Path, name: str) -> Path:
+    """The file earlier versions of prep used (`/` as `__`, so `a/b` and `a__b` shared it). Only read, so
+    folders an older prep finished keep their done-markers; the record inside names its task or shard,
+    so a file two of them shared is trusted only for the one it names."""
+    return folder / _bounded(name.replace("/", "__"), name)
+
+
+def _bounded(safe: str, name: str) -> str:
+    raw = safe.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_MARKER_NAME:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        safe = raw[: MAX_MARKER_NAME - 17].decode("utf-8", "ignore") + "-" + digest
+    return f"{safe}.json"
 
 
 def launcher_env() -> tuple[int, int, int]:

@@ -49,7 +49,9 @@ class Config(StageConfig):
                                             "(default: <input_dir>/wdinfo.pkl)")
     write_nv_meta: bool = Field(True, description="write .nv-meta/ so megatron-energon loads the folder")
     rebuild_index: bool = Field(False, description="rewrite every .idx even when one exists")
-    strict: bool = Field(False, description="fail when any shard's count differs from tar_chunk_size")
+    strict: bool = Field(False, description="fail when a shard's count differs from tar_chunk_size, except "
+                         "a short last shard of its folder (reorganize_tar's tail: keep), or when a sample "
+                         "lacks a file_ext_in_tar member")
 
     @field_validator("input_dir", mode="before")
     @classmethod
@@ -161,13 +163,14 @@ def _merge_fields(old: dict[str, dict[str, Any]], counts: Counter[str]) -> dict[
     return out
 
 
-def only_short_tails(shards: list[tuple[int, str, int]], chunk: int) -> bool:
-    """Whether every (folder, rel, samples) shard off `chunk` is short and the last of its folder: the one
-    short shard reorganize_tar's `tail: keep` leaves, normal output rather than a problem to warn about."""
+def short_tails(shards: list[tuple[int, str, int]], chunk: int) -> set[tuple[int, str]]:
+    """The (folder, rel) of each folder's last shard (by relative path) when it holds fewer than `chunk`
+    samples: the one short shard reorganize_tar's `tail: keep` leaves, normal output rather than a
+    problem to warn about, which `strict` accepts."""
     last: dict[int, str] = {}
     for folder, rel, _ in shards:
         last[folder] = max(last.get(folder, rel), rel)
-    return all(n < chunk and last[folder] == rel for folder, rel, n in shards if n != chunk)
+    return {(folder, rel) for folder, rel, n in shards if n < chunk and last[folder] == rel}
 
 
 def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
@@ -180,16 +183,17 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
     all_counts = [r.data["samples"] for r in results]
     chunk = cfg.tar_chunk_size or Counter(all_counts).most_common(1)[0][0]
     notes: list[str] = []
-    off = [(folders[r.data["folder"]] / r.data["rel"], r.data["samples"]) for r in results
-           if r.data["samples"] != chunk]
+    layout = [(r.data["folder"], r.data["rel"], r.data["samples"]) for r in results]
+    tails = short_tails(layout, chunk)
+    off = [(folders[f] / rel, n) for f, rel, n in layout if n != chunk]
+    odd = [(folders[f] / rel, n) for f, rel, n in layout if n != chunk and (f, rel) not in tails]
     missing: Counter[str] = Counter()
     for r in results:
         missing.update(r.data["missing"])
     if missing:
         notes.append("samples missing a required member: "
                      + ", ".join(f".{e}: {n}" for e, n in sorted(missing.items())))
-    layout = [(r.data["folder"], r.data["rel"], r.data["samples"]) for r in results]
-    if off and only_short_tails(layout, chunk):
+    if off and not odd:
         notes += [f"shard {path} holds {n} samples: the one short last shard reorganize_tar leaves "
                   f"(tail: keep); wdinfo.pkl records the true total_key_count" for path, n in off]
     elif off:
@@ -200,9 +204,9 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(f"WARNING: {len(off)} of {len(results)} shards are not {chunk} samples; wdinfo.pkl "
                      "records the true total_key_count, but loaders that assume len(tar_files)*chunk_size "
                      "will be off")
-    if off and strict:
-        raise PrepError(f"{len(off)} shard(s) do not hold tar_chunk_size={chunk} samples "
-                        f"(first: {off[0][0]} with {off[0][1]})", NAME,
+    if odd and strict:
+        raise PrepError(f"{len(odd)} shard(s) do not hold tar_chunk_size={chunk} samples and are not the "
+                        f"short last shard of their folder (first: {odd[0][0]} with {odd[0][1]})", NAME,
                         "repack with `prep run reorganize_tar`, or drop --strict to accept them")
     if missing and strict:
         raise PrepError(f"{sum(missing.values())} sample(s) lack a required member", NAME,

@@ -15,12 +15,14 @@ unique: a slug of the relative path plus a hash of it; the path itself is kept i
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,8 +56,12 @@ SLUG_CHARS = 64  # the readable part of a key: the tail of the relative path
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
               "TIFF": "tiff"}  # PIL's format name -> the member extension the bytes are stored under
 ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# reasons that may pass (a server's error answer, a timeout, a cut connection): the next run tries again
+TRANSIENT = ("server_error", "timeout", "connection_error")
 # why an image was dropped -> img2dataset's status for it: not readable, or read but rejected
-UNREADABLE = ("missing_file", "read_error", "duplicate_path", "no_path")
+UNREADABLE = ("missing_file", "read_error", "duplicate_path", "no_path", *TRANSIENT)
+GONE = (404, 410)  # HTTP answers that mean the file is not there
+RETRY_LATER = (408, 425, 429)  # HTTP answers below 500 that ask to come back later
 RESERVED_JSON = ("key", "path", "caption", "width", "height", "original_width", "original_height",
                  "exif_orientation", "md5", "sha256", "sha512")
 _SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
@@ -156,6 +162,38 @@ def status_of(reason: str) -> str:
     """img2dataset's status for a dropped image: failed_to_download when it could not be read at all,
     failed_to_resize when it was read and rejected."""
     return "failed_to_download" if reason in UNREADABLE else "failed_to_resize"
+
+
+def read_failure(err: BaseException, src: str) -> tuple[str, str]:
+    """(reason, message) for a file or URL that could not be read. A 404/410 or a missing local file is
+    `missing_file`; a server error (5xx, 408, 425, 429) is `server_error` and a timeout or a failed
+    connection is `timeout` / `connection_error`: those may pass, so they are never taken for a missing
+    file. The exception's causes are looked at too: fsspec's `open` reports any failed request as a
+    FileNotFoundError raised from the real one."""
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__
+    aiohttp = sys.modules.get("aiohttp")  # fsspec's HTTP client: loaded when a URL was read
+    cut: tuple[type[BaseException], ...] = (ConnectionError,)
+    if aiohttp is not None:
+        cut += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+    for e in chain:
+        status = getattr(e, "status", None)
+        if isinstance(status, int) and 100 <= status <= 599:
+            why = getattr(e, "message", None) or getattr(e, "reason", None) or ""
+            message = f"{src}: HTTP {status}{f' {why}' if isinstance(why, str) and why else ''}"
+            if status in GONE:
+                return "missing_file", message
+            return ("server_error" if status >= 500 or status in RETRY_LATER else "read_error"), message
+        if isinstance(e, TimeoutError | asyncio.TimeoutError):
+            return "timeout", f"{src}: timed out ({type(e).__name__})"
+        if isinstance(e, cut):
+            return "connection_error", f"{src}: {type(e).__name__}: {e}"
+    if isinstance(err, FileNotFoundError):
+        return "missing_file", f"{src} does not exist"
+    return "read_error", f"{type(err).__name__}: {err}"
 
 
 def shown_path(rel: str) -> str:
@@ -552,8 +590,8 @@ def _read(src: str) -> tuple[bytes, tuple[str, int, int] | None]:
     if "://" in src:
         import fsspec
 
-        with fsspec.open(src, "rb") as f:
-            return f.read(), None
+        fs, path = fsspec.core.url_to_fs(src)
+        return fs.cat_file(path), None  # one GET: its status reaches read_failure (open's HEAD hides it)
     with open(src, "rb") as f:
         st = os.fstat(f.fileno())
         return f.read(), (src, st.st_size, st.st_mtime_ns)
@@ -600,10 +638,8 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
         row["caption"] = caption
     try:
         data, source = _read(item["src"])
-    except FileNotFoundError:
-        return dropped("missing_file", f"{item['src']} does not exist")
-    except (OSError, ValueError) as err:
-        return dropped("read_error", f"{type(err).__name__}: {err}")
+    except Exception as err:  # fsspec's backends raise their own types (aiohttp's, botocore's, ...)
+        return dropped(*read_failure(err, item["src"]))
     if args["compute_hash"]:
         row[args["compute_hash"]] = hashlib.new(args["compute_hash"], data).hexdigest()
     try:
@@ -706,7 +742,8 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
               "without_caption": sum(1 for o in outcomes if o.members is not None and o.no_caption)}
     return TaskResult(task.id, counts=counts, dropped=dict(reasons), notes=notes,
                       data={"dropped": [list(b) for b in bad]},
-                      outputs={str(tar): {"bytes": info.bytes, "checksum": info.checksum}})
+                      outputs={str(tar): {"bytes": info.bytes, "checksum": info.checksum}},
+                      transient=sum(reasons[r] for r in TRANSIENT))
 
 
 def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> list[str]:
@@ -739,6 +776,10 @@ def finalize(root: PrepConfig, results: list[TaskResult], opts: RunOptions) -> l
         notes.append(f"dropped: {reason}: {n:,}")
     if bad:
         notes.append(f"every dropped image, by path and reason: {out / '.prep' / DROPPED_REPORT}")
+    again = [r for r in results if r.transient]
+    if again:
+        notes.append(f"{sum(r.transient for r in again):,} image(s) in {len(again)} shard(s) failed for a "
+                     f"reason that may pass ({', '.join(TRANSIENT)}): the next run reads those shards again")
     if stale:
         notes.append(f"removed {len(stale)} shard file(s) an earlier run wrote that this plan no longer has")
     notes += other_parts_warning(out, parts)

@@ -33,7 +33,9 @@ from prep.stages.base import (
     Task,
     TaskResult,
     launcher_env,
+    legacy_marker_file,
     marker_dir,
+    marker_file,
     torchrun_slice,
     unplanned_shards_warning,
 )
@@ -212,8 +214,9 @@ def loaded_encoders(cfg: Config) -> list[Any]:
     return _LOADED[sig]
 
 
-def _record_path(root: PrepConfig, rel: str) -> Path:
-    return marker_dir(output_dirs(root)[0], NAME) / "shards" / (rel.replace("/", "__") + ".json")
+def _records(root: PrepConfig) -> Path:
+    """Where each finished shard's record is kept (`marker_file` names them)."""
+    return marker_dir(output_dirs(root)[0], NAME) / "shards"
 
 
 def _shard_fingerprint(item: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -225,8 +228,11 @@ def _reusable(root: PrepConfig, item: dict[str, Any], settings: dict[str, Any],
               dst: Path) -> dict[str, Any] | None:
     """The record (outcome, encoder identities) of a shard finished earlier by a killed task of the
     same config, if its output is intact."""
+    path = marker_file(_records(root), item["rel"])
+    if not path.exists():  # written by an older prep (its fingerprint holds the shard's rel)
+        path = legacy_marker_file(_records(root), item["rel"])
     try:
-        rec = json.loads(_record_path(root, item["rel"]).read_text("utf-8"))
+        rec = json.loads(path.read_text("utf-8"))
         intact = dst.stat().st_size == rec["outcome"]["bytes"] and index_path(dst).exists()
     except (OSError, ValueError, KeyError):
         return None
@@ -276,7 +282,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
             "outcome": _outcome_json(outcome),
             "encoders": identities,
         }
-        write_text_atomic(_record_path(root, outcome.rel), json.dumps(doc, sort_keys=True))
+        write_text_atomic(marker_file(_records(root), outcome.rel), json.dumps(doc, sort_keys=True))
 
     loop = LoopOptions(
         batch_size=cfg.batch_size,

@@ -11,6 +11,7 @@ modified. A task writes its shard atomically, so a re-run after kill -9 gives th
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.index import index_path, write_index
 from prep.formats.manifest import Manifest, ShardEntry, write_manifest
+from prep.formats.names import canonical_ext
 from prep.formats.tar import Sample, TarScan, gc_paused, scan_tar, shard_folder
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult, unplanned_shards_warning
@@ -43,6 +45,7 @@ VERSION = 1
 TORCHRUN_RANKS = False
 KEYS_NAMED = 5  # dropped keys named in the summary (every one goes to the report file)
 COUNTS_CACHE = "reorganize_tar.counts.json"
+COUNT_RULES = 2  # what makes a sample usable, for the counts cache (2: case-clashing image members drop it)
 SCAN_CACHE_SAMPLES = 300_000  # samples of input scans kept per process (about 1 KB each)
 DROPPED_REPORT = "reorganize_tar.dropped.jsonl"
 READ_GAP = 1 << 16  # unordered samples closer than this in their tar are prefetched together
@@ -60,7 +63,8 @@ class Config(StageConfig):
         "tar_chunk_size with copies of the first samples (keys get a _fillN suffix)")
     file_ext_in_tar: list[str] = Field(
         default_factory=list, description="member extensions to keep, each required: a sample missing one is "
-        "dropped and reported; empty keeps every member of every sample")
+        "dropped and reported; empty keeps every member of every sample (image extensions in any case: "
+        "JPG is jpg, as the shards name them)")
     keep_other_members: bool = Field(False, description="with file_ext_in_tar: also keep members not listed "
                                      "(they are then only required, not selected)")
     count_from: Literal["auto", "scan", "stats"] = Field(
@@ -80,8 +84,8 @@ class Config(StageConfig):
 
     @field_validator("file_ext_in_tar", mode="after")
     @classmethod
-    def _strip_dots(cls, v: list[str]) -> list[str]:
-        return [e.lstrip(".") for e in v]
+    def _canonical(cls, v: list[str]) -> list[str]:
+        return [canonical_ext(e.lstrip(".")) for e in v]  # members are matched by their canonical names
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -164,13 +168,38 @@ def scan_input(path: str | os.PathLike[str], sel: Selection, *, evict: bool = Tr
     return _SCANS.get(key, lambda: _scan_input(str(path), sel), evict)
 
 
+def canonical_members(samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples with their image members under canonical names (`names.canonical_ext`: `a.JPG` is
+    written as `a.jpg`, which every reader looks for), and (key, reason) for each sample dropped because
+    two of its members differ only in case (`a.jpg` and `a.JPG`: which one is the image is not prep's to
+    guess, and both would be one member name)."""
+    odd = {e for e in set(itertools.chain.from_iterable(s.members for s in samples)) if canonical_ext(e) != e}
+    if not odd:  # nearly always: one pass over the members, in C, then one look at each distinct extension
+        return samples, []
+    out: list[Sample] = []
+    dropped: list[tuple[str, str]] = []
+    for s in samples:
+        if s.members.keys().isdisjoint(odd):
+            out.append(s)
+            continue
+        groups: dict[str, list[str]] = {}
+        for e in s.members:
+            groups.setdefault(canonical_ext(e), []).append(e)
+        clash = next((sorted(g) for g in groups.values() if len(g) > 1), None)
+        if clash is None:
+            out.append(dataclasses.replace(s, members={canonical_ext(e): m for e, m in s.members.items()}))
+        else:
+            dropped.append((s.key, f"members {', '.join('.' + e for e in clash)} differ only in case"))
+    return out, dropped
+
+
 def _scan_input(path: str, sel: Selection) -> InputScan:
     scan = scan_tar(path, tolerate_damage=True)
+    samples, dropped = canonical_members(scan.samples)
     if not sel.required:  # nothing required: every sample is usable
-        return InputScan(scan, sorted(scan.samples, key=attrgetter("key")), [])
+        return InputScan(scan, sorted(samples, key=attrgetter("key")), dropped)
     usable: list[Sample] = []
-    dropped: list[tuple[str, str]] = []
-    for s in scan.samples:
+    for s in samples:
         miss = sel.missing(s)
         if miss:
             dropped.append((s.key, "missing " + ", ".join(f".{e}" for e in miss)))
@@ -319,7 +348,7 @@ def count_inputs(tars: list[Path], cfg: Config, sel: Selection, cache_path: Path
     sig = json.dumps(sel.to_json(), sort_keys=True)
     try:
         cache = json.loads(cache_path.read_text("utf-8"))
-        if cache.get("version") != VERSION or cache.get("selection") != sig:
+        if cache.get("version") != [VERSION, COUNT_RULES] or cache.get("selection") != sig:
             cache = {}
     except (OSError, ValueError):
         cache = {}
@@ -352,7 +381,8 @@ def count_inputs(tars: list[Path], cfg: Config, sel: Selection, cache_path: Path
              for t, st, c in zip(tars, stats, out, strict=True) if c is not None and c.source == "scan"}
     if fresh != old:
         try:  # only a speed-up: Slurm array tasks planning at once may race on it
-            write_text_atomic(cache_path, json.dumps({"version": VERSION, "selection": sig, "tars": fresh}))
+            write_text_atomic(cache_path, json.dumps({"version": [VERSION, COUNT_RULES], "selection": sig,
+                                                      "tars": fresh}))
         except OSError:
             pass
     return [c for c in out if c is not None]

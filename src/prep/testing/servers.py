@@ -18,6 +18,7 @@ import io
 import json
 import re
 import socket
+import struct
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -203,6 +204,12 @@ class ImageServer:
     def flaky(self, i: int) -> str:
         return f"{self.url}/flaky/{i}.jpg"
 
+    def failing(self, status: int, i: int) -> str:
+        return f"{self.url}/failing/{status}/{i}.jpg"
+
+    def reset(self, i: int) -> str:
+        return f"{self.url}/reset/{i}.jpg"
+
 
 @contextmanager
 def serve_images(slow_seconds: float = 3.0, port: int = 0) -> Iterator[ImageServer]:
@@ -211,7 +218,8 @@ def serve_images(slow_seconds: float = 3.0, port: int = 0) -> Iterator[ImageServ
     Paths: `/img/WxH-SEED.jpg|png` (an image), `/missing/N.jpg` (404), `/corrupt/N.jpg` (200, not an
     image), `/slow/N.jpg` (answers after `slow_seconds`, so a shorter client timeout fires),
     `/redirect/<path>` (302 to `<path>`), `/noai/N.jpg` (an image with `X-Robots-Tag: noai`),
-    `/flaky/N.jpg` (503 until `heal()`, then an image).
+    `/flaky/N.jpg` (503 until `heal()`, then an image), `/failing/STATUS/N.jpg` (answers STATUS until
+    `heal()`, then an image), `/reset/N.jpg` (resets the connection until `heal()`, then an image).
     """
     log = _Log()
     healed, stopping = threading.Event(), threading.Event()
@@ -246,12 +254,17 @@ def serve_images(slow_seconds: float = 3.0, port: int = 0) -> Iterator[ImageServ
             elif path.startswith("/noai/"):
                 self._send(200, image(64, 48, 1, "jpg"),
                            {"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"})
-            elif path.startswith("/flaky/"):
+            elif path.startswith(("/flaky/", "/failing/", "/reset/")):
                 if healed.is_set():
                     n = int(path.rsplit("/", 1)[-1].split(".")[0])
                     self._send(200, image(80, 60, 100 + n, "jpg"), {"Content-Type": "image/jpeg"})
+                elif path.startswith("/reset/"):  # RST instead of an answer: linger on, for 0 seconds
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
                 else:
-                    self._send(503, b"try later", {"Content-Type": "text/plain"})
+                    status = int(path.split("/")[2]) if path.startswith("/failing/") else 503
+                    self._send(status, b"try later", {"Content-Type": "text/plain"})
             else:
                 self._send(404, b"unknown path", {"Content-Type": "text/plain"})
 
