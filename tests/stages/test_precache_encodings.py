@@ -359,6 +359,22 @@ def test_whole_encoder_list_is_validated_before_any_shard_is_read(tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
+def test_hidden_layer_out_of_range_is_one_line_naming_the_encoder(tmp_path: Path, models: Path) -> None:
+    """The tiny CLIP and T5 have 2 layers, so 3 hidden states: -3..2 are valid, anything else is named
+    with the valid range (not an IndexError from inside the forward)."""
+    make_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    for make in (clip, t5):
+        for layer, ok in ((3, False), (-4, False), (2, True), (-3, True)):
+            enc = make(models, hidden_layer=layer)
+            cfg = config(tmp_path, models, [enc], output_dir=str(tmp_path / f"{enc['key']}{layer}"))
+            run = run_stage(STAGE, cfg, RunOptions(quiet=True))
+            assert run.ok == ok, (enc["key"], layer, run.to_json()["errors"])
+            if not ok:
+                (line,) = run.to_json()["errors"]
+                assert f"encoders[{enc['key']}]: hidden_layer {layer} is out of range" in line, line
+                assert "fix: set hidden_layer between -3 and 2" in line, line
+
+
 def test_static_encoder_config_errors() -> None:
     with pytest.raises(ValueError, match="resolution does not apply to a text encoder"):
         EncoderConfig(
