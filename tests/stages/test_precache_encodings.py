@@ -413,6 +413,25 @@ def test_image_preparation_orientation_alpha_and_crop() -> None:
     assert out.shape == (20, 20, 3) and out[:, :8].max() < 30 and out[:, 12:].min() > 225
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grayscale_images_keep_their_tones(fmt: str) -> None:
+    """A 16-bit grayscale image is the picture its 8-bit version is (Pillow's own convert clips 16-bit
+    values to 255: the VAE would encode an all but white image)."""
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 65536, (24, 40), dtype=np.uint16)
+    narrow = np.rint(wide / 257.0).astype(np.uint8)
+    cfg = EncoderConfig(key="v", modality="image", model="m:f", resolution=16)
+    assert Image.open(io.BytesIO(_saved(wide, fmt))).mode.startswith("I")
+    got, want = (prepare_image(_saved(a, fmt), cfg).astype(int) for a in (wide, narrow))
+    assert np.abs(got - want).max() <= 1
+
+
+def _saved(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
 def test_bucket_geometry_and_bf16_storage() -> None:
     buckets = make_buckets(1024, 64, 2.0)
     assert (1024, 1024) in buckets and all(w % 64 == 0 and h % 64 == 0 for w, h in buckets)
