@@ -375,6 +375,41 @@ def test_hidden_layer_out_of_range_is_one_line_naming_the_encoder(tmp_path: Path
                 assert "fix: set hidden_layer between -3 and 2" in line, line
 
 
+@pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
+def test_a_hub_model_not_cached_with_the_hub_out_of_reach_fails_at_once(
+    tmp_path: Path, models: Path, monkeypatch, capfd, how: str
+) -> None:
+    """Each task would spend the hub client's retries (about 25 s) and fail alike, shard after shard; the
+    check before any shard names the model once. A model in the hub cache still passes (offline use)."""
+    import huggingface_hub.constants
+
+    from prep.encoders.spec import EncoderConfig
+    from prep.encoders.validate import validate_encoders
+    from prep.testing.servers import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    make_shards(tmp_path / "in", n_shards=3, per_shard=1)
+    hub_vae = vae(models, pretrained="org/tiny-sd")
+    with pytest.raises(PrepErrorGroup) as err:
+        run_stage(STAGE, config(tmp_path, models, [hub_vae]), RunOptions(quiet=True))
+    (line,) = [e.line() for e in err.value.errors]
+    assert "encoders[0] (key vae): model 'org/tiny-sd' is not in the local hub cache and " in line
+    assert ("cannot reach the hub" if how == "unreachable" else "HF_HUB_OFFLINE is set") in line
+    assert "Retrying" not in "".join(capfd.readouterr()) and not (tmp_path / "out").exists()
+    snapshot = cache / "models--org--tiny-sd" / "snapshots" / ("0" * 40)  # the hub cache's own layout
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").write_bytes((models / "vae" / "config.json").read_bytes())
+    (cache / "models--org--tiny-sd" / "refs").mkdir()
+    (cache / "models--org--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    validate_encoders([EncoderConfig.model_validate(hub_vae)])
+
+
 def test_static_encoder_config_errors() -> None:
     with pytest.raises(ValueError, match="resolution does not apply to a text encoder"):
         EncoderConfig(
