@@ -51,7 +51,8 @@ class LatentScaling:
                             f"{folder}/manifest.json" if not hasattr(folder, "encoders") else "manifest",
                             "pass the key precache_encodings gave the VAE (its `key:`)")
         mode = str((entry.get("settings") or {}).get("latent_mode", "moments"))
-        bits = (manifest.fields.get(f"{key}.npy") or {}).get("storage") == "uint16-bits"
+        field = getattr(manifest, "fields", {}).get(f"{key}.npy") or {}
+        bits = field.get("storage") == "uint16-bits"
         return cls(key, mode, float(entry["scaling_factor"]), float(entry.get("shift_factor") or 0.0), bits)
 
     def stored(self, array: Any) -> torch.Tensor:
