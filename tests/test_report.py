@@ -125,6 +125,51 @@ def test_latent_statistics_are_the_scaled_posterior_means(tmp_path: Path) -> Non
     valid_png(tmp_path / "r" / "latents.png")
 
 
+@pytest.mark.parametrize(("mode", "store"), [("moments", "bfloat16"), ("mean", "float32"),
+                                           ("sample", "bfloat16")])
+def test_latent_statistics_of_a_precache_run_in_every_mode_and_storage(tmp_path: Path, mode: str,
+                                                                        store: str) -> None:
+    """The chart shows the latents a model trains on, whatever precache stored: `sample`/`mean` arrays
+    are stored scaled (so not scaled again), and bfloat16 kept as uint16 bits is widened first."""
+    pytest.importorskip("diffusers")
+    from prep.config import PrepConfig
+    from prep.encoders.storage import load_npy
+    from prep.formats.tar import iter_samples
+    from prep.testing.tiny_models import write_tiny_vae
+
+    scale = 0.25
+    vae = write_tiny_vae(tmp_path / "vae", scaling_factor=scale)
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        samples = []
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (24, 20 + 4 * i, 3), dtype=np.uint8)).save(buf, "JPEG")
+            samples.append((f"{s}_{i}", {"jpg": buf.getvalue()}))
+        write_shard(tmp_path / "in" / f"{s:06d}.tar", samples, fsync=False)
+    dtype = "bfloat16" if store == "bfloat16" else "float32"
+    encoder = {"key": "vae", "modality": "image", "model": "diffusers:AutoencoderKL", "pretrained": str(vae),
+               "resolution": 16, "latent_mode": mode, "dtype": dtype, "store_dtype": store}
+    cfg = PrepConfig.model_validate({"precache_encodings": {
+        "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"), "num_workers": 0,
+        "encoders": [encoder]}})
+    assert run_stage("precache_encodings", cfg, RunOptions(quiet=True)).ok
+    out = tmp_path / "out"
+    stored_as = read_manifest(out).fields["vae.npy"]["dtype"]
+    latents = []
+    for tar in sorted(out.glob("*.tar")):
+        with open(tar, "rb") as f:
+            for sample in iter_samples(f, str(tar), read_data=True):
+                z = load_npy(sample.data["vae.npy"], stored_as).astype(np.float64)  # type: ignore[union-attr]
+                latents.append(z[: len(z) // 2] * scale if mode == "moments" else z)  # shift_factor 0
+    want = np.stack(latents)
+    assert CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "r")]).exit_code == 0
+    lat = json.loads((tmp_path / "r" / "report.json").read_text())["charts"]["latents"]["data"]
+    assert lat["mode"] == mode and lat["samples"] == 6
+    np.testing.assert_allclose(lat["mean"], want.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(lat["std"], want.std(axis=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+
+
 def test_an_empty_folder_is_one_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "nothing to report" in result.output and "fix:" in result.output

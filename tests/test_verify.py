@@ -134,3 +134,19 @@ def test_stale_loader_metadata_is_caught(folder: Path) -> None:
     )
     assert run_stage("generate_wdinfo", cfg, RunOptions(quiet=True), Console(quiet=True)).ok
     assert problems(folder) == {}
+
+
+def test_stale_loader_metadata_is_caught_beside_a_stale_manifest(folder: Path) -> None:
+    """A shard re-cut after generate_wdinfo: the manifest, energon's counts and wdinfo.pkl are all stale,
+    and each is named; the counts compared are the shard's as scanned, not the manifest's."""
+    from prep.formats.index import write_index
+
+    write_shard(folder / "shard-2.tar", [("2_0", {"jpg": b"1", "txt": b"c"})], fsync=False)  # now 1 sample
+    scan = scan_tar(folder / "shard-2.tar")
+    write_index(folder / "shard-2.tar", [s.offset for s in scan.samples] + [scan.end])
+    checks = {Path(c.path).name: c for c in verify_folder(folder)}
+    assert checks["shard-2.tar"].samples == 1
+    assert checks["shard-2.tar"].problems[0].startswith("manifest says 4 samples, the tar has 1")
+    assert checks[".info.json"].problems[0].startswith("shard counts differ from the shards for 1 shard(s), "
+                                                       "first shard-2.tar: says 4, has 1")
+    assert checks["wdinfo.pkl"].problems[0].startswith("total_key_count 12 but the shards hold 9 samples")

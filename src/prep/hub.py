@@ -97,23 +97,35 @@ LOCAL_FIX = "for parquet files you already have, set download_parquet.source_pat
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
-def require_reachable(where: str) -> None:
-    """Fail at once when the hub cannot be reached (offline, a wrong HF_ENDPOINT), instead of after the
-    client's retries (about 24 s). Behind a proxy the client's own connection decides."""
+def unreachable_reason() -> str | None:
+    """Why the hub cannot be reached now (HF_HUB_OFFLINE is set, or HF_ENDPOINT refuses a connection),
+    or None. A connect, not the client's retries (about 24 s per file). Behind a proxy the client's own
+    connection decides (None)."""
     from urllib.parse import urlsplit
 
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise PrepError("HF_HUB_OFFLINE is set, so the hub cannot be listed", where,
-                        f"unset HF_HUB_OFFLINE, or {LOCAL_FIX}")
+        return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in _PROXY_VARS):
-        return
+        return None
     url = urlsplit(endpoint())
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname or "", port), timeout=CONNECT_SECONDS).close()
     except OSError as err:
-        raise PrepError(f"cannot reach the hub at {endpoint()} ({err.strerror or err})", where,
-                        f"check the network and HF_ENDPOINT; {LOCAL_FIX}") from None
+        return f"cannot reach the hub at {endpoint()} ({err.strerror or err})"
+    return None
+
+
+def require_reachable(where: str) -> None:
+    """Fail at once when the hub cannot be reached (offline, a wrong HF_ENDPOINT), instead of after the
+    client's retries."""
+    reason = unreachable_reason()
+    if reason is None:
+        return
+    if reason.startswith("HF_HUB_OFFLINE"):
+        raise PrepError("HF_HUB_OFFLINE is set, so the hub cannot be listed", where,
+                        f"unset HF_HUB_OFFLINE, or {LOCAL_FIX}")
+    raise PrepError(reason, where, f"check the network and HF_ENDPOINT; {LOCAL_FIX}")
 
 
 def list_parquet(repo_id: str, revision: str, pattern: str, token: str | None) -> list[RemoteFile]:

@@ -6,8 +6,9 @@ What it shows, and where each number comes from (no image is decoded):
 - caption lengths, image sizes and aspect ratios: each sample's json member (img2dataset's and
   ingest_local's `original_width`/`original_height`, else `width`/`height`; the caption from txt);
 - stage timings and throughput: the summaries each `prep run` keeps in `.prep/summary/`;
-- latent per-channel mean and std, when precached: the VAE's `KEY.npy` members sampled and scaled with
-  the manifest's factors (a wrong scaling factor shows as a std far from 1).
+- latent per-channel mean and std, when precached: the VAE's `KEY.npy` members, moments scaled with the
+  manifest's factors, `sample`/`mean` latents as stored (already scaled); a wrong scaling factor shows
+  as a std far from 1.
 
 Every chart's numbers are written next to it in `report.json`, so what a chart says can be checked.
 """
@@ -221,7 +222,10 @@ def timing_chart(root: Path) -> Chart | None:
 
 
 def latent_chart(folder: Path, limit: int = LATENT_SAMPLES) -> Chart | None:
-    """Per-channel mean and std of the scaled latents of each VAE the manifest records."""
+    """Per-channel mean and std of the scaled latents of each VAE the manifest records: moments are
+    scaled here; `sample`/`mean` latents were stored scaled, so they are taken as they are (scaling them
+    again would show std times the factor). bfloat16 kept as uint16 bits is widened first."""
+    from prep.encoders.storage import load_npy
     from prep.loaders.latents import LatentScaling, scale_latents, split_moments
 
     try:
@@ -233,6 +237,7 @@ def latent_chart(folder: Path, limit: int = LATENT_SAMPLES) -> Chart | None:
         return None
     key = vaes[0]
     scaling = LatentScaling.from_manifest(m, key)
+    dtype = m.fields[f"{key}.npy"].get("dtype")
     sums: np.ndarray | None = None
     squares: np.ndarray | None = None
     n = 0
@@ -244,9 +249,12 @@ def latent_chart(folder: Path, limit: int = LATENT_SAMPLES) -> Chart | None:
             if member is None:
                 continue
             f = handles.get(tar) or handles.setdefault(tar, open(tar, "rb"))  # noqa: SIM115 (closed below)
-            arr = np.load(io.BytesIO(read_member(f, member)), allow_pickle=False)
-            z = split_moments(arr)[0] if scaling.mode == "moments" else arr  # the posterior mean
-            scaled = scale_latents(z, scaling).double().numpy().reshape(z.shape[0], -1)
+            arr = load_npy(read_member(f, member), dtype)
+            if scaling.mode == "moments":
+                z = split_moments(arr)[0]  # the posterior mean
+                scaled = scale_latents(z, scaling).double().numpy().reshape(z.shape[0], -1)
+            else:
+                scaled = arr.astype(np.float64).reshape(arr.shape[0], -1)
             sums = scaled.sum(1) if sums is None else sums + scaled.sum(1)
             squares = (scaled**2).sum(1) if squares is None else squares + (scaled**2).sum(1)
             n += scaled.shape[1]
@@ -261,8 +269,9 @@ def latent_chart(folder: Path, limit: int = LATENT_SAMPLES) -> Chart | None:
     data = {"key": key, "mode": scaling.mode, "scaling_factor": scaling.scaling_factor,
             "shift_factor": scaling.shift_factor, "samples": seen,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    what = "posterior means" if scaling.mode != "sample" else "stored latent draws"
     return Chart("latents", f"Latent statistics per channel ({key}, scaled)", data,
-                 f"posterior means of {seen} samples, (z - {scaling.shift_factor}) * "
+                 f"{what} of {seen} samples, (z - {scaling.shift_factor}) * "
                  f"{scaling.scaling_factor}: a well-scaled latent has std near 1")
 
 

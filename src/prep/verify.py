@@ -64,10 +64,9 @@ def check_shard(tar: Path, expected: tuple[int, int, str] | None, relist: str) -
     if expected is not None:
         changed = (f"re-create the shard (re-run the stage that wrote it, with --force); if the change is "
                    f"wanted, list the shards anew: {relist}")
-        samples, size, checksum = expected
-        if len(scan.samples) != samples:
-            problems.append(_fixed(f"manifest says {samples} samples, the tar has {len(scan.samples)}",
-                                   changed))
+        listed, size, checksum = expected
+        if samples != listed:
+            problems.append(_fixed(f"manifest says {listed} samples, the tar has {samples}", changed))
         actual = tar.stat().st_size
         if actual != size:
             problems.append(_fixed(f"manifest says {size} bytes, the file has {actual}", changed))

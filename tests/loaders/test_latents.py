@@ -105,3 +105,40 @@ def test_transform_uses_the_manifest_and_depends_on_the_key_only(folder: Path) -
 def test_missing_encoder_is_named(folder: Path) -> None:
     with pytest.raises(PrepError, match=r"no VAE encoder 'sdxl' \(encoders: vae\)"):
         LatentScaling.from_manifest(folder, "sdxl")
+
+
+def test_bfloat16_stored_as_bits_gives_the_values_precache_computed(tmp_path: Path) -> None:
+    """store_dtype: bfloat16 keeps uint16 bit patterns (NumPy has no bfloat16): the transform reads the
+    manifest's storage and gives the same latents as a float32 copy of the same bfloat16 outputs."""
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from prep.config import PrepConfig
+    from prep.runtime.runner import run_stage
+    from prep.stages.base import RunOptions
+    from prep.testing.tiny_models import write_tiny_vae
+
+    vae = write_tiny_vae(tmp_path / "vae", scaling_factor=SCALE)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+        samples.append((f"k{i}", {"png": buf.getvalue()}))
+    write_shard(tmp_path / "in" / "000000.tar", samples, fsync=False)
+    got = {}
+    for store in ("auto", "bfloat16"):  # auto: bfloat16 compute stored as float32, every value exact
+        encoder = {"key": "vae", "modality": "image", "model": "diffusers:AutoencoderKL",
+                   "pretrained": str(vae), "resolution": 16, "dtype": "bfloat16", "store_dtype": store}
+        cfg = PrepConfig.model_validate({"precache_encodings": {
+            "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / store), "num_workers": 0,
+            "encoders": [encoder]}})
+        assert run_stage("precache_encodings", cfg, RunOptions(quiet=True)).ok
+        for sample in (False, True):
+            ds = ShardDataset(tmp_path / store, batch_size=5, fields=["vae.npy"],
+                              transform=LatentTransform.from_manifest(tmp_path / store, sample=sample))
+            batch = next(iter(DataLoader(ds, num_workers=0)))
+            got[store, sample] = batch["latents"]
+    for sample in (False, True):
+        assert got["bfloat16", sample].dtype == torch.float32
+        torch.testing.assert_close(got["bfloat16", sample], got["auto", sample], rtol=0, atol=0)

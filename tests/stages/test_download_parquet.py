@@ -182,6 +182,30 @@ def test_local_glob_source_delete_source_and_columns_checked_before_any_task(tmp
     assert not (tmp_path / "o2" / "parquet").exists()
 
 
+def test_http_source_path_is_fetched_split_and_skipped_on_rerun(tmp_path):
+    """An http(s) URL (a web server, a hub resolve URL) works as an fsspec source_path: the file is
+    fetched once into source/, split exactly, and a re-run finds the task done."""
+    from prep.testing.servers import serve_files
+
+    (tmp_path / "srv").mkdir()
+    data = _parquet(11, "web")
+    (tmp_path / "srv" / "train.parquet").write_bytes(data)
+    with serve_files(tmp_path / "srv") as srv:
+        sets = [f"dataset_output_root={tmp_path / 'out'}", "download_parquet.parquet_subpartitions=3",
+                f"download_parquet.source_path={srv.url}/train.parquet"]
+        run = run_stage("download_parquet", load_config(None, sets), RunOptions(quiet=True))
+        assert run.ok, run.to_json()["errors"]
+        out = tmp_path / "out" / "parquet"
+        parts = [pq.read_table(out / f"train.part{k}.parquet") for k in range(3)]
+        assert pa.concat_tables(parts).equals(pq.read_table(io.BytesIO(data)))
+        assert [t.num_rows for t in parts] == part_rows(11, 3)
+        assert (tmp_path / "out" / "parquet" / "source" / "train.parquet").read_bytes() == data
+        before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+        again = run_stage("download_parquet", load_config(None, sets), RunOptions(quiet=True))
+        assert again.ok and again.nothing_to_do
+        assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before
+
+
 def test_fewer_subpartitions_leave_no_parts_of_the_earlier_split(tmp_path):
     """Parts of an earlier split into more parts would be read by download_images beside the new ones,
     fetching their rows twice: the parts folder holds each source row exactly once, in order."""

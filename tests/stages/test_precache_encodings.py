@@ -359,6 +359,57 @@ def test_whole_encoder_list_is_validated_before_any_shard_is_read(tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
+def test_hidden_layer_out_of_range_is_one_line_naming_the_encoder(tmp_path: Path, models: Path) -> None:
+    """The tiny CLIP and T5 have 2 layers, so 3 hidden states: -3..2 are valid, anything else is named
+    with the valid range (not an IndexError from inside the forward)."""
+    make_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    for make in (clip, t5):
+        for layer, ok in ((3, False), (-4, False), (2, True), (-3, True)):
+            enc = make(models, hidden_layer=layer)
+            cfg = config(tmp_path, models, [enc], output_dir=str(tmp_path / f"{enc['key']}{layer}"))
+            run = run_stage(STAGE, cfg, RunOptions(quiet=True))
+            assert run.ok == ok, (enc["key"], layer, run.to_json()["errors"])
+            if not ok:
+                (line,) = run.to_json()["errors"]
+                assert f"encoders[{enc['key']}]: hidden_layer {layer} is out of range" in line, line
+                assert "fix: set hidden_layer between -3 and 2" in line, line
+
+
+@pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
+def test_a_hub_model_not_cached_with_the_hub_out_of_reach_fails_at_once(
+    tmp_path: Path, models: Path, monkeypatch, capfd, how: str
+) -> None:
+    """Each task would spend the hub client's retries (about 25 s) and fail alike, shard after shard; the
+    check before any shard names the model once. A model in the hub cache still passes (offline use)."""
+    import huggingface_hub.constants
+
+    from prep.encoders.spec import EncoderConfig
+    from prep.encoders.validate import validate_encoders
+    from prep.testing.servers import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    make_shards(tmp_path / "in", n_shards=3, per_shard=1)
+    hub_vae = vae(models, pretrained="org/tiny-sd")
+    with pytest.raises(PrepErrorGroup) as err:
+        run_stage(STAGE, config(tmp_path, models, [hub_vae]), RunOptions(quiet=True))
+    (line,) = [e.line() for e in err.value.errors]
+    assert "encoders[0] (key vae): model 'org/tiny-sd' is not in the local hub cache and " in line
+    assert ("cannot reach the hub" if how == "unreachable" else "HF_HUB_OFFLINE is set") in line
+    assert "Retrying" not in "".join(capfd.readouterr()) and not (tmp_path / "out").exists()
+    snapshot = cache / "models--org--tiny-sd" / "snapshots" / ("0" * 40)  # the hub cache's own layout
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").write_bytes((models / "vae" / "config.json").read_bytes())
+    (cache / "models--org--tiny-sd" / "refs").mkdir()
+    (cache / "models--org--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    validate_encoders([EncoderConfig.model_validate(hub_vae)])
+
+
 def test_static_encoder_config_errors() -> None:
     with pytest.raises(ValueError, match="resolution does not apply to a text encoder"):
         EncoderConfig(
@@ -395,6 +446,25 @@ def test_image_preparation_orientation_alpha_and_crop() -> None:
     Image.fromarray(half).save(buf, "PNG")
     out = prepare_image(buf.getvalue(), EncoderConfig(key="v", modality="image", model="m:f", resolution=20))
     assert out.shape == (20, 20, 3) and out[:, :8].max() < 30 and out[:, 12:].min() > 225
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grayscale_images_keep_their_tones(fmt: str) -> None:
+    """A 16-bit grayscale image is the picture its 8-bit version is (Pillow's own convert clips 16-bit
+    values to 255: the VAE would encode an all but white image)."""
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 65536, (24, 40), dtype=np.uint16)
+    narrow = np.rint(wide / 257.0).astype(np.uint8)
+    cfg = EncoderConfig(key="v", modality="image", model="m:f", resolution=16)
+    assert Image.open(io.BytesIO(_saved(wide, fmt))).mode.startswith("I")
+    got, want = (prepare_image(_saved(a, fmt), cfg).astype(int) for a in (wide, narrow))
+    assert np.abs(got - want).max() <= 1
+
+
+def _saved(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
 
 
 def test_bucket_geometry_and_bf16_storage() -> None:

@@ -234,6 +234,15 @@ class HFTextEncoder(Encoder):
                 where_of(cfg),
                 f"set max_length <= {limit}",
             )
+        layers = getattr(model.config, "num_hidden_layers", None)  # T5Config maps it to num_layers
+        hidden = cfg.hidden_layer
+        if hidden is not None and isinstance(layers, int) and not -layers - 1 <= hidden <= layers:
+            raise PrepError(
+                f"hidden_layer {hidden} is out of range: the model has {layers + 1} hidden states "
+                "(the embeddings, then one per layer)",
+                where_of(cfg),
+                f"set hidden_layer between {-layers - 1} and {layers} (e.g. -2 for the penultimate layer)",
+            )
         super().__init__(cfg, model, TokenPreparer(tokenizer, length), device)
         self.length = length
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,12 +1,14 @@
 """Check the whole encoder list before any shard is read: keys and output members unique, classes
-import, local folders exist with a config, hub ids well formed (and cached, with local_files_only).
-Every problem is reported at once, each naming the encoder."""
+import, local folders exist with a config, hub ids well formed, and cached (with local_files_only, or
+when the hub cannot be reached). Every problem is reported at once, each naming the encoder."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from prep.encoders.spec import EncoderConfig
@@ -32,7 +34,13 @@ def _looks_local(ref: str) -> bool:
 
 
 def _check_location(
-    ref: str, sub: str | None, files: tuple[str, ...], cfg: EncoderConfig, what: str, where: str
+    ref: str,
+    sub: str | None,
+    files: tuple[str, ...],
+    cfg: EncoderConfig,
+    what: str,
+    where: str,
+    unreachable: Callable[[], str | None],
 ) -> list[PrepError]:
     if _looks_local(ref):
         folder = Path(ref).expanduser() / (sub or "")
@@ -66,21 +74,30 @@ def _check_location(
                 "use org/name or an existing folder",
             )
         ]
-    if cfg.local_files_only:
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        filename = f"{sub}/{files[0]}" if sub else files[0]
-        found = [
-            try_to_load_from_cache(ref, f"{sub}/{f}" if sub else f, revision=cfg.revision) for f in files
+    filename = f"{sub}/{files[0]}" if sub else files[0]
+    found = [try_to_load_from_cache(ref, f"{sub}/{f}" if sub else f, revision=cfg.revision) for f in files]
+    if any(isinstance(p, str) for p in found):
+        return []
+    if cfg.local_files_only:
+        return [
+            PrepError(
+                f"{what} {ref!r} is not in the local hub cache ({filename})",
+                where,
+                "download it once (huggingface-cli download) or set local_files_only: false",
+            )
         ]
-        if not any(isinstance(p, str) for p in found):
-            return [
-                PrepError(
-                    f"{what} {ref!r} is not in the local hub cache ({filename})",
-                    where,
-                    "download it once (huggingface-cli download) or set local_files_only: false",
-                )
-            ]
+    reason = unreachable()  # else every task would spend the client's retries, then fail alike
+    if reason is not None:
+        return [
+            PrepError(
+                f"{what} {ref!r} is not in the local hub cache and {reason}",
+                where,
+                "check the network and HF_ENDPOINT, or download it once where the hub is reachable "
+                "(huggingface-cli download) into this HF_HOME",
+            )
+        ]
     return []
 
 
@@ -142,16 +159,21 @@ def validate_encoders(encoders: list[EncoderConfig]) -> None:
                     "rename a key (KEY_mask and KEY_pooled are taken by text encoders)",
                 )
             )
+    from prep.hub import unreachable_reason
+
+    unreachable = functools.cache(unreachable_reason)  # one connect for the whole list, and only if needed
     for i, cfg in enumerate(encoders):
         where = _where(i, cfg)
         found = _check_import(i, cfg)
         problems += found
         if cfg.kind in ("vae", "hf_text") and cfg.pretrained:
-            problems += _check_location(cfg.pretrained, cfg.subfolder, MODEL_FILES, cfg, "model", where)
+            problems += _check_location(
+                cfg.pretrained, cfg.subfolder, MODEL_FILES, cfg, "model", where, unreachable
+            )
         if cfg.kind == "hf_text" and not found:
             from prep.encoders.models import tokenizer_location
 
             ref, sub = tokenizer_location(cfg)
-            problems += _check_location(ref, sub, TOKENIZER_FILES, cfg, "tokenizer", where)
+            problems += _check_location(ref, sub, TOKENIZER_FILES, cfg, "tokenizer", where, unreachable)
     if problems:
         raise PrepErrorGroup(problems)

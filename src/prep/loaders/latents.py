@@ -36,6 +36,7 @@ class LatentScaling:
     mode: str = "moments"
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    bf16_bits: bool = False  # stored as bfloat16 bit patterns in uint16 (`store_dtype: bfloat16`)
 
     @classmethod
     def from_manifest(cls, folder: str | os.PathLike[str] | Any, key: str = "vae") -> LatentScaling:
@@ -50,7 +51,15 @@ class LatentScaling:
                             f"{folder}/manifest.json" if not hasattr(folder, "encoders") else "manifest",
                             "pass the key precache_encodings gave the VAE (its `key:`)")
         mode = str((entry.get("settings") or {}).get("latent_mode", "moments"))
-        return cls(key, mode, float(entry["scaling_factor"]), float(entry.get("shift_factor") or 0.0))
+        field = getattr(manifest, "fields", {}).get(f"{key}.npy") or {}
+        bits = field.get("storage") == "uint16-bits"
+        return cls(key, mode, float(entry["scaling_factor"]), float(entry.get("shift_factor") or 0.0), bits)
+
+    def stored(self, array: Any) -> torch.Tensor:
+        """A stored `KEY.npy` array as a tensor of its values: bfloat16 kept as uint16 bits (NumPy has no
+        bfloat16) is viewed as bfloat16 again, instead of being read as integers."""
+        t = _tensor(array)
+        return t.view(torch.bfloat16) if self.bf16_bits and t.dtype == torch.uint16 else t
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -107,7 +116,7 @@ class LatentTransform:
         if field not in sample:
             raise PrepError(f"sample has no {field} member (members: {', '.join(sorted(sample))})",
                             str(sample.get("__key__", "sample")), "load the field (fields=[...]) or fix key")
-        stored = sample.pop(field)
+        stored = self.scaling.stored(sample.pop(field))
         if self.scaling.mode != "moments":
             sample[self.out] = _tensor(stored).float()
             return sample

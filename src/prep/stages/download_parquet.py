@@ -132,7 +132,7 @@ def _local_sources(pattern: str, file_pattern: str, *, none_ok: bool = False) ->
         if info.get("type") != "file":
             continue
         rel = p[len(base):].lstrip("/") if base and p.startswith(base) else p.rsplit("/", 1)[-1]
-        url = p if protocol in ("file", "local") else f"{protocol}://{p}"
+        url = p if protocol in ("file", "local") else fs.unstrip_protocol(p)  # http(s) paths keep theirs
         out.append({"kind": "path", "url": url, "rel": rel, "size": int(info["size"]),
                     "mtime": str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")})
     if not out and not none_ok:
