@@ -81,6 +81,12 @@ class Config(StageConfig):
         "cuda (the same local index) or cuda:N",
     )
     seed: int = Field(0, description="seed of latent_mode: sample draws (combined with each sample key)")
+    cudnn_benchmark: bool = Field(
+        False,
+        description="on CUDA, let cuDNN time and pick the fastest convolution kernels: faster VAE "
+        "encodes, but the pick may differ between runs, so a re-run shard may differ in the last bits "
+        "(off: deterministic kernels, the same bytes on the same GPU model)",
+    )
     on_error: Literal["drop", "fail"] = Field(
         "drop",
         description="a sample whose source member is missing or "
@@ -172,7 +178,9 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
 _LOADED: dict[str, list[Any]] = {}
 
 
-def pick_device(spec: str) -> Any:
+def pick_device(spec: str, cudnn_benchmark: bool = False) -> Any:
+    """The torch device for `spec`; on CUDA also the cuDNN mode: deterministic kernels unless
+    `cudnn_benchmark` (the timed pick may change between runs, and with it the output's last bits)."""
     import torch
 
     local = launcher_env()[2]
@@ -196,7 +204,8 @@ def pick_device(spec: str) -> Any:
                 "use device: auto or cpu, or install a CUDA build of torch",
             )
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes per bucket: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cudnn.deterministic = not cudnn_benchmark
     return device
 
 
@@ -204,7 +213,7 @@ def loaded_encoders(cfg: Config) -> list[Any]:
     """The configured encoders, loaded once per process (tasks after the first reuse them)."""
     from prep.encoders.models import load_encoder
 
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.cudnn_benchmark)
     sig = json.dumps(
         [[e.model_dump(mode="json") for e in cfg.encoders], str(device), cfg.seed], sort_keys=True
     )
