@@ -260,3 +260,33 @@ def test_files_kept_in_git_are_checked_by_blob_id(tmp_path, monkeypatch):
         assert run_stage("download_parquet", cfg, RunOptions(quiet=True, force=True)).ok
         assert srv.downloads() == ["data/train-00000.parquet"] * 2
         assert src.read_bytes() == FILES_MAIN["data/train-00000.parquet"]
+
+
+def test_a_presigned_url_is_one_file_and_its_signature_is_in_no_name_record_or_message(tmp_path):
+    """A presigned URL's query is part of its address, not a glob, and holds a credential: the parts
+    are named from the path alone, and neither the outputs, the records nor an error quote it."""
+    from prep.testing.servers import serve_files
+
+    (tmp_path / "srv").mkdir()
+    data = _parquet(7, "signed")
+    (tmp_path / "srv" / "train.parquet").write_bytes(data)
+    secret = "X-Amz-Signature=0123456789abcdef"
+    out = tmp_path / "out" / "parquet"
+
+    def bookkept() -> str:
+        return "\n".join(str(p) + (p.read_text("utf-8", "replace") if p.is_file() else "")
+                         for p in (tmp_path / "out").rglob("*"))
+
+    with serve_files(tmp_path / "srv") as srv:
+        sets = [f"dataset_output_root={tmp_path / 'out'}", "download_parquet.parquet_subpartitions=2",
+                f"download_parquet.source_path={srv.url}/train.parquet?{secret}&X-Amz-Date=1"]
+        run = run_stage("download_parquet", load_config(None, sets), RunOptions(quiet=True))
+        assert run.ok, run.to_json()["errors"]
+        parts = [pq.read_table(out / f"train.part{k}.parquet") for k in range(2)]
+        assert pa.concat_tables(parts).equals(pq.read_table(io.BytesIO(data)))
+        assert secret not in bookkept()
+        missing = [*sets[:2], f"download_parquet.source_path={srv.url}/gone.parquet?{secret}"]
+        with pytest.raises(PrepError) as err:
+            run_stage("download_parquet", load_config(None, missing), RunOptions(quiet=True))
+    assert "gone.parquet" in str(err.value) and secret not in str(err.value)
+    assert secret not in json.dumps(run.to_json())

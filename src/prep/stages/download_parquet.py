@@ -86,6 +86,40 @@ def _glob_base(pattern: str) -> str:
     return pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else ""
 
 
+def _shown(url: str) -> str:
+    """`url` as prep may name it in file names, records and messages: without its query and fragment,
+    where a presigned URL keeps its signature."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
+
+
+def _url_source(url: str) -> dict[str, Any]:
+    """One http(s) file, taken as is: its query (a presigned URL's signature) is part of the address,
+    not a glob, and its name comes from the path alone."""
+    from urllib.parse import unquote, urlsplit
+
+    import fsspec
+
+    shown = _shown(url)
+    name = unquote(urlsplit(url).path).rsplit("/", 1)[-1]
+    if not name:
+        raise PrepError("the URL names no file", f"download_parquet.source_path={shown}",
+                        "give the URL of one parquet file (a folder listing is not read over http)")
+    try:
+        info = fsspec.filesystem(urlsplit(url).scheme).info(url)
+    except (OSError, ValueError) as err:
+        raise PrepError(f"cannot read the source URL ({type(err).__name__})",
+                        f"download_parquet.source_path={shown}",
+                        "check that the URL is reachable and, if presigned, not expired") from None
+    if info.get("size") is None:
+        raise PrepError("the server gives no size for the source URL",
+                        f"download_parquet.source_path={shown}",
+                        "serve the file with a Content-Length, or download it and give its local path")
+    return {"kind": "path", "url": url, "rel": name, "size": int(info["size"]),
+            "mtime": str(info.get("ETag") or info.get("LastModified") or "")}
+
+
 def _token(cfg: Config, opts: RunOptions) -> str | None:
     from prep.hub import resolve_token
 
@@ -115,6 +149,8 @@ def _local_sources(pattern: str, file_pattern: str, *, none_ok: bool = False) ->
     error unless `none_ok`."""
     import fsspec
 
+    if pattern.startswith(("http://", "https://")):
+        return [_url_source(pattern)]
     try:
         fs, _, paths = fsspec.get_fs_token_paths(pattern)
         if len(paths) == 1 and fs.isdir(paths[0]):
@@ -168,8 +204,8 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
         deleted = _deleted_sources(out, cfg.source_path) if cfg.delete_source else []
         sources = _local_sources(cfg.source_path, cfg.parquet_pattern, none_ok=bool(deleted))
         for s in sources:  # a local schema costs a footer read: check before any task runs
-            check_columns(read_columns(s["url"], NOT_PARQUET), root.download_images.required_columns(),
-                          s["url"])
+            check_columns(read_columns(s["url"], NOT_PARQUET, _shown(s["url"])),
+                          root.download_images.required_columns(), _shown(s["url"]))
         listed = {stem_of(s["rel"]) for s in sources}
         sources += [s for s in deleted if stem_of(s["rel"]) not in listed]
     else:
@@ -217,10 +253,11 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
         if not os.path.isfile(path):
             if (out / _DELETED / f"{p['stem']}.json").is_file():  # re-running cannot bring it back
                 raise PrepError("the source was deleted once its parts were written (delete_source: "
-                                "true), so they cannot be made again with other settings", p["url"],
+                                "true), so they cannot be made again with other settings", _shown(p["url"]),
                                 "restore the source file, or set download_parquet.parquet_subpartitions back "
                                 "to what it was split with")
-            raise PrepError("source file disappeared since planning", p["url"], "re-run to plan again")
+            raise PrepError("source file disappeared since planning", _shown(p["url"]),
+                            "re-run to plan again")
         return Path(path), False
     target = out / SOURCE_DIR / p["rel"]
     if target.is_file() and target.stat().st_size == p["size"]:
@@ -228,9 +265,14 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     try:
-        fs.get_file(path, str(tmp))
+        try:
+            fs.get_file(path, str(tmp))
+        except Exception as err:  # the http client's own errors quote the whole URL, signature and all
+            raise PrepError(f"cannot fetch the source ({type(err).__name__})", _shown(p["url"]),
+                            "re-run; if the URL is presigned, give a fresh one") from None
         if tmp.stat().st_size != p["size"]:
-            raise PrepError(f"copied {tmp.stat().st_size} bytes, the source lists {p['size']}", p["url"],
+            raise PrepError(f"copied {tmp.stat().st_size} bytes, the source lists {p['size']}",
+                            _shown(p["url"]),
                             "re-run; the source changed or the transfer was cut")
         os.replace(tmp, target)
     finally:
@@ -319,7 +361,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     cfg: Config = root.download_parquet
     p = task.payload
     src, downloaded = _fetch(task, cfg, opts)
-    where = p.get("url") or f"{p.get('repo')}: {p['rel']}"
+    where = _shown(p["url"]) if p.get("url") else f"{p.get('repo')}: {p['rel']}"
     with reading_parquet(where, NOT_PARQUET):
         names = pq.read_schema(src).names
     if p["check"]:

@@ -29,12 +29,13 @@ NOT_A_PART = ("replace it with a real parquet file (re-run download_parquet with
               "download_images.input_dir")
 
 
-def read_columns(path: str | os.PathLike[str], fix: str = NOT_A_PART) -> list[str]:
-    """Column names of a parquet file (reads the footer only)."""
+def read_columns(path: str | os.PathLike[str], fix: str = NOT_A_PART, shown: str | None = None) -> list[str]:
+    """Column names of a parquet file (reads the footer only); errors name it as `shown` (a URL
+    without its signature) when given."""
     import fsspec
     import pyarrow.parquet as pq
 
-    with fsspec.open(str(path), "rb") as f, reading_parquet(path, fix):
+    with fsspec.open(str(path), "rb") as f, reading_parquet(shown or path, fix):
         return pq.read_schema(f).names
 
 
