@@ -1,6 +1,6 @@
 """The documentation: `make docs` builds with warnings as errors, every stage guide's key table is
-generated from the config model (so it lists every key), and the loader reference covers every public
-name of prep.loaders."""
+generated from the config model (so it lists every key), the loader reference covers every public
+name of prep.loaders, and docs/architecture.md's module maps name exactly the modules there are."""
 
 from __future__ import annotations
 
@@ -40,3 +40,49 @@ def test_every_stage_has_a_guide_and_the_reference_names_every_public_loader() -
     documented = set(re.findall(r"^::: prep\.loaders\.(\w+)$", reference, re.M))
     documented |= {n.strip() for m in re.findall(r"members: \[([^\]]*)\]", reference) for n in m.split(",")}
     assert set(prep.loaders.__all__) <= documented, set(prep.loaders.__all__) - documented
+
+
+# ------------------------------------------------------------------------------ architecture module map
+def _section(text: str, heading: str) -> str:
+    """The text of `## heading` up to the next `## `."""
+    start = text.index(f"\n## {heading}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def _modules(package: str) -> set[str]:
+    """Every module of src/prep/PACKAGE, as a path relative to it without `.py` (`io/cache`)."""
+    base = ROOT / "src" / "prep" / package
+    return {p.relative_to(base).with_suffix("").as_posix() for p in base.rglob("*.py") if p.name != "__init__.py"}
+
+
+def test_architecture_module_map_lists_exactly_the_modules_that_exist() -> None:
+    """docs/architecture.md's per-package maps (formats, stages and runtime, loaders, pipeline) name
+    every module of those packages, and every module they name exists."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named: dict[str, set[str]] = {}
+
+    formats = _section(text, "`prep.formats`")
+    named["formats"] = {n for row in re.findall(r"^\| (`[^|]*`) \|", formats, re.M)
+                        for n in re.findall(r"`(\w+)`", row)} - {"module"}
+
+    runs = _section(text, "`prep.stages` and `prep.runtime`")
+    named["stages"] = set(re.findall(r"`stages\.(\w+)", runs))
+    named["stages"] |= {n for row in re.findall(r"^\| \w+ \| ([^|]*) \|", runs, re.M)
+                        for n in re.findall(r"`(\w+)`", row)}
+    named["runtime"] = set(re.findall(r"`runtime\.(\w+)", runs))
+
+    block = _section(text, "`prep.loaders`").split("```")[1]
+    named["loaders"], folder = set(), ""
+    for line in block.splitlines():
+        if m := re.match(r"^  (\w+)/", line):
+            folder = m.group(1) + "/"
+        elif re.match(r"^  \w+\.py", line):
+            folder = ""
+        named["loaders"] |= {folder + n for n in re.findall(r"\b(\w+)\.py\b", line)}
+
+    named["pipeline"] = set(re.findall(r"`(\w+)`\s+\(", _section(text, "`prep.pipeline`")))
+
+    for package, names in named.items():
+        assert names == _modules(package), (package, "missing from the map:", _modules(package) - names,
+                                            "named but absent:", names - _modules(package))
