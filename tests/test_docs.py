@@ -96,3 +96,14 @@ def test_no_escaped_pipe_inside_code_in_docs_tables() -> None:
            for n, line in enumerate(page.read_text().splitlines(), 1) if line.startswith("|")
            for span in re.findall(r"`[^`]*`", line) if "\\|" in span]
     assert not bad, bad
+
+
+def test_ingest_key_examples_are_the_keys_ingest_local_gives() -> None:
+    """docs/ingest.md's `path` → `key` examples are what `sample_key` returns (`…`: a prefix)."""
+    from prep.stages.ingest_local import sample_key
+
+    pairs = re.findall(r"`([^`]+)` → `([^`]+)`", (ROOT / "docs" / "ingest.md").read_text())
+    assert len(pairs) >= 3
+    for path, key in pairs:
+        got = sample_key(path)
+        assert got.startswith(key[:-1]) if key.endswith("…") else got == key, (path, key, got)
