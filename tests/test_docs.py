@@ -53,7 +53,8 @@ def _section(text: str, heading: str) -> str:
 def _modules(package: str) -> set[str]:
     """Every module of src/prep/PACKAGE, as a path relative to it without `.py` (`io/cache`)."""
     base = ROOT / "src" / "prep" / package
-    return {p.relative_to(base).with_suffix("").as_posix() for p in base.rglob("*.py") if p.name != "__init__.py"}
+    return {p.relative_to(base).with_suffix("").as_posix() for p in base.rglob("*.py")
+            if p.name != "__init__.py"}
 
 
 def test_architecture_module_map_lists_exactly_the_modules_that_exist() -> None:
