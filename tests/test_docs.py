@@ -108,3 +108,15 @@ def test_ingest_key_examples_are_the_keys_ingest_local_gives() -> None:
     for path, key in pairs:
         got = sample_key(path)
         assert got.startswith(key[:-1]) if key.endswith("…") else got == key, (path, key, got)
+
+
+def test_repo_paths_named_in_the_docs_exist() -> None:
+    """Every repo path the README, docs/ and recipes/README.md name in code (`examples/x.py`,
+    `recipes/slurm/`, ...) exists: users open and run them."""
+    pages = [ROOT / "README.md", ROOT / "recipes" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    named = {(page.relative_to(ROOT).as_posix(), path) for page in pages
+             for path in re.findall(r"`((?:docs|examples|configs|recipes|bench|src|tests)/[\w./-]*)",
+                                    page.read_text())}
+    assert len(named) > 20
+    missing = sorted((page, path) for page, path in named if not (ROOT / path).exists())
+    assert not missing, missing
