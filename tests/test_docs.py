@@ -120,3 +120,44 @@ def test_repo_paths_named_in_the_docs_exist() -> None:
     assert len(named) > 20
     missing = sorted((page, path) for page, path in named if not (ROOT / path).exists())
     assert not missing, missing
+
+
+def _prep_commands(text: str) -> list[str]:
+    """Every `prep ...` command line the text shows: in code spans, and in shell blocks (a trailing `\\`
+    continues the line; a `#` comment ends it)."""
+    lines = []
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", text, re.M | re.S):
+        if lang in ("bash", "sh", ""):
+            lines += [ln.split(" #")[0] for ln in block.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    lines += re.findall(r"`([^`\n]+)`", prose)
+    return [m.group(0) for ln in lines for m in [re.search(r"(?:^|\s|-m )(prep|prep\.cli)\s.*", ln)] if m]
+
+
+def test_every_prep_command_and_option_the_docs_show_exists() -> None:
+    """`prep SUB [SUB] ... --option` in the README, docs/ and recipes/README.md: the command exists and
+    takes each option shown (typer's own parser, not its help text)."""
+    typer = pytest.importorskip("typer")
+    from prep.cli import app
+
+    root = typer.main.get_command(app)
+    pages = [ROOT / "README.md", ROOT / "recipes" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    checked, bad = 0, []
+    for page in pages:
+        for cmd in _prep_commands(page.read_text()):
+            words = cmd.split()[1:]
+            node, path = root, ["prep"]
+            while words and hasattr(node, "commands") and words[0] in node.commands:
+                node = node.commands[words[0]]
+                path.append(words.pop(0))
+            if hasattr(node, "commands"):
+                if words and re.fullmatch(r"[a-z_]+", words[0]):
+                    bad.append(f"{page.name}: {cmd!r}: no command {' '.join(path)} {words[0]}")
+                continue
+            options = {o for p in node.params for o in (*p.opts, *p.secondary_opts)}
+            for flag in re.findall(r"(?<!\S)(--?[a-z][a-z-]*)", " ".join(words)):
+                checked += 1
+                if flag not in options:
+                    bad.append(f"{page.name}: {cmd!r}: {' '.join(path)} takes no {flag}")
+    assert checked > 30
+    assert not bad, bad
