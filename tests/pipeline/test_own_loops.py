@@ -75,6 +75,23 @@ def test_lightning_resumes_mid_epoch_on_the_exact_next_batch(data, tmp_path, wor
         assert rest == full[n:], (n, rest[:2], full[n : n + 2])
 
 
+def test_lightning_resumes_from_last_ckpt_as_the_docs_configure_it(data, tmp_path):
+    """docs/pipeline.md's callback (dirpath, every_n_train_steps, save_last=True) leaves
+    `checkpoints/last.ckpt`, and `ckpt_path` on it continues on the exact next batch."""
+    _, Model, trainer = _lightning(0)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full: list[str] = []
+    trainer(enable_checkpointing=False).fit(Model(full), _loader(data))
+    stopped: list[str] = []
+    every = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=4, save_last=True)
+    trainer(max_steps=11, callbacks=[every]).fit(Model(stopped), _loader(data))  # stopped mid-epoch 1
+    rest: list[str] = []
+    trainer(enable_checkpointing=False).fit(Model(rest), _loader(data),
+                                        ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert rest == full[8:]  # the last checkpoint was written after batch 8
+
+
 # ----------------------------------------------------------------------------------------- accelerate
 def _accelerate_run(folder, out, seen: list[str], *, stop_at: int | None, resume: bool) -> None:
     """The loop of docs/pipeline.md: the loader is registered (not prepared), its state saved and

@@ -252,6 +252,9 @@ def test_tail_policies(inputs, tmp_path, tail):
         last = read_shard(sorted(tmp_path.glob("*.tar"))[-1])
         fills = sorted(k for k in last if "_fill" in k)
         assert len(fills) == chunk - total % chunk == result.counts()["samples_filled"]
+        last_name = sorted(tmp_path.glob("*.tar"))[-1].name  # the notes say where the copies went
+        assert f"tail: fill filled the short last shard {last_name} with {len(fills)} copies" in " ".join(
+            result.to_json()["notes"])
         assert fills == sorted(f"{k}_fill0" for k in order[: len(fills)])
         want = {k: m for tar in expected.values() for k, m in tar.items()}
         assert all(last[f"{k}_fill0"] == want[k] for k in order[: len(fills)])

@@ -611,6 +611,9 @@ def _run_task(task: Task, root: PrepConfig) -> TaskResult:
     if p["tail_dropped"]:
         notes.append(f"tail: drop dropped the last {dropped['tail: drop']} samples (keys "
                      f"{dropped_keys[-dropped['tail: drop']][1]} … {dropped_keys[-1][1]})")
+    if filled:
+        notes.append(f"tail: fill filled the short last shard {p['shard']} with {filled} copies of the first "
+                     "samples (keys suffixed _fillN)")
     return TaskResult(
         task.id, counts=counts, dropped=dict(dropped), notes=notes,
         data={"shard": p["shard"], "samples": len(samples), "bytes": info.bytes, "checksum": info.checksum,
