@@ -266,11 +266,24 @@ def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | No
         raise _remote_error(err, url, "read the shard") from None
 
 
+def is_tar_url(url: str) -> bool:
+    """Whether a remote item names one tar (its path ends in `.tar`, whatever its query says, as a
+    presigned URL's does) rather than a folder with a manifest.json."""
+    return urlsplit(url).path.endswith(".tar")
+
+
+def _beside(url: str, suffix: str) -> str:
+    """The URL of the file named `suffix` longer than `url`'s (`a.tar?sig=x` -> `a.tar.idx?sig=x`): the
+    suffix goes on the path, the query stays the query."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path + suffix)) if parts.query else url + suffix
+
+
 def _index_array(raw: bytes, url: str) -> np.ndarray:
     if len(raw) % 8 or len(raw) < 8:
         raise PrepError(
             f"index has {len(raw)} bytes, not a multiple of 8",
-            redact_url(url + IDX_SUFFIX),
+            redact_url(_beside(url, IDX_SUFFIX)),
             "rebuild it with `prep run generate_wdinfo`",
         )
     return np.frombuffer(raw, dtype="<u8").copy()
@@ -285,13 +298,17 @@ def _plain_http(url: str, token: Secret | None, options: dict[str, Any] | None) 
     return None
 
 
-def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, what: str) -> bytes | None:
-    """A small remote file's bytes (None when it does not exist), by http_range when the URL allows."""
+def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, what: str,
+               absent: tuple[int, ...] = (404,)) -> bytes | None:
+    """A small remote file's bytes (None when the server answers a status in `absent`: it does not exist),
+    by http_range when the URL allows."""
     headers = _plain_http(url, token, options)
     if headers is not None:
         try:
             return get_small(url, headers)
         except FetchError as err:
+            if err.status in absent:
+                return None
             raise _remote_error(err, url, what) from None
     fs = _filesystem(url, token, options)
     try:
@@ -299,14 +316,16 @@ def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, w
     except FileNotFoundError:
         return None
     except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
-        if getattr(err, "status", None) == 404 or getattr(err, "code", None) == 404:
+        if getattr(err, "status", None) in absent or getattr(err, "code", None) in absent:
             return None
         raise _remote_error(err, url, what) from None
 
 
 def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None) -> bytes | None:
-    """The bytes of a remote tar's `.idx`, None when it has none."""
-    return _get_small(url + IDX_SUFFIX, token, options, "read the index")
+    """The bytes of a remote tar's `.idx`, None when it has none. A URL with a query (a presigned URL,
+    whose signature covers the tar's path only) may be refused at the `.idx`: then it has none here."""
+    absent = (401, 403, 404) if urlsplit(url).query else (404,)
+    return _get_small(_beside(url, IDX_SUFFIX), token, options, "read the index", absent)
 
 
 def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None) -> list[ShardSpec]:
@@ -315,7 +334,13 @@ def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | Non
     if raw is None:
         raise PrepError("cannot read the remote manifest.json (HTTP 404)", redact_url(base + MANIFEST_NAME),
                         "check the URL: a remote folder needs the manifest.json that generate_wdinfo writes")
-    m = Manifest.from_json(raw.decode("utf-8"), redact_url(base + MANIFEST_NAME))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PrepError("the remote manifest.json is not UTF-8 text", redact_url(base + MANIFEST_NAME),
+                        "check the URL: a remote folder's manifest.json is the one generate_wdinfo writes; "
+                        "a tar URL's path ends in .tar") from None
+    m = Manifest.from_json(text, redact_url(base + MANIFEST_NAME))
     return [ShardSpec(base + s.path, s.path, s.samples, checksum=s.checksum, file_bytes=s.bytes)
             for s in m.shards]
 
@@ -367,7 +392,8 @@ def resolve_shards(
     - a folder: its manifest.json, else its `*.tar` files (sorted) counted from `.idx` or headers;
     - a path to `wdinfo.pkl`: read (safely) only because it was named; its tars sit beside it;
     - a tar path, brace pattern or list of them; `https://`, `hf://`, `s3://`... through fsspec or, for
-      plain http(s), `io/http_range` (a URL not ending in `.tar` is a remote folder with a manifest.json;
+      plain http(s), `io/http_range` (a URL whose path does not end in `.tar` is a remote folder with a
+      manifest.json;
       `ShardDataset` turns `hf://` paths into the hub's https URLs first, see `hub_urls`);
     - `pipe:CMD` only with `allow_pipe=True` (the command's output is read whole per shard).
     """
@@ -385,7 +411,7 @@ def resolve_shards(
         elif is_remote(item):
             specs += (
                 [_remote_tar(item, token, storage_options)]
-                if item.endswith(".tar")
+                if is_tar_url(item)
                 else _remote_folder(item, token, storage_options)
             )
         else:
