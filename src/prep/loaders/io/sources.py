@@ -173,6 +173,13 @@ def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None) 
         ) from None
 
 
+def unreadable(err: OSError, what: str, where: str) -> PrepError:
+    """A local file that is there but cannot be read (no permission, a directory in its place, a failing
+    disk): an I/O error, raised, never a bad sample."""
+    return PrepError(f"cannot read the {what} ({err.strerror or type(err).__name__})", where,
+                     "check that it is a file this user can read")
+
+
 def _remote_error(err: Exception, url: str, what: str) -> PrepError:
     status = getattr(err, "status", None) or getattr(err, "code", None)
     # a FetchError's text is prep's own (no URL, so no token); other libraries' may hold the URL
@@ -515,7 +522,10 @@ class ShardReader:
                                   self._cached_index(i) if self.cached(i) else None)
         else:
             path = _local(spec.url)
-            off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
+            try:
+                off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
+            except OSError as err:
+                raise unreadable(err, "shard or its .idx", spec.url) from None
         if len(off) - 1 != spec.samples:
             raise PrepError(
                 f"shard has {len(off) - 1} samples but the source listed {spec.samples}",
@@ -699,6 +709,8 @@ class ShardReader:
                 raise PrepError(
                     "shard not found", self.shards[i].url, "check that the dataset is complete"
                 ) from None
+            except OSError as err:
+                raise unreadable(err, "shard", self.shards[i].url) from None
             self._fds[i] = fd
         else:
             self._fds.move_to_end(i)
@@ -814,7 +826,10 @@ class ShardReader:
             total += end - start
         buf = alloc(total)
         table = np.array(columns, np.int64)
-        short = read(buf, table[0], table[1], table[2], table[3])
+        try:
+            short = read(buf, table[0], table[1], table[2], table[3])
+        except OSError as err:
+            raise self._read_error(err, [i for i, _ in refs], fd_col, src, sizes) from None
         if short is not None:
             k, _, ended = short
             raise self._truncated(refs[k][0], refs[k][1], ended, src[k] + sizes[k])
@@ -822,7 +837,20 @@ class ShardReader:
 
     def _truncated(self, i: int, j: int, ended: int, end: int) -> PrepError:
         return PrepError(f"shard ends at byte {ended}, sample {j} needs bytes up to {end}",
-                         self.shards[i].url, "the shard is truncated: re-create it, or rebuild its .idx")
+                         redact_url(self.shards[i].url),
+                         "the shard is truncated: re-create it, or rebuild its .idx")
+
+    def _read_error(self, err: OSError, shards: Sequence[int], fds: Sequence[int], starts: Sequence[int],
+                    sizes: Sequence[int]) -> PrepError:
+        """The one line for a batch read that failed in C, which does not say whose: the first sample
+        whose own read fails names its shard (a read error is rare, so reading again costs nothing)."""
+        for i, fd, start, size in zip(shards, fds, starts, sizes, strict=True):
+            try:
+                os.pread(fd, size, start)
+            except OSError as own:
+                return unreadable(own, "shard", redact_url(self.shards[i].url))
+        return unreadable(err, "shard", ", ".join(dict.fromkeys(redact_url(self.shards[i].url)
+                                                                 for i in shards)))
 
     def _read_local(self, plan: list[tuple[int, int, int, int]], dst: list[int], buf: np.ndarray,
                     fd_of: dict[int, int]) -> None:
@@ -831,14 +859,17 @@ class ShardReader:
         close samples, the GIL released), else a preadv each. A shard that ends before a sample does
         raises, naming the byte where it ends."""
         fds = [fd_of[i] for i, _, _, _ in plan]
-        if _NATIVE_READ is not None:  # flat int lists: numpy reads them faster than tuples (3.7 vs 6.4 us)
-            starts = [s for _, _, s, _ in plan]
-            sizes = [e - s for _, _, s, e in plan]
-            short = _NATIVE_READ(buf, np.array(dst, np.int64), np.array(fds, np.int64),
-                                 np.array(starts, np.int64), np.array(sizes, np.int64))
-            k, ended = (-1, 0) if short is None else (short[0], short[2])
-        else:
-            k, ended = _preadv_each(buf, fds, plan, dst)
+        starts = [s for _, _, s, _ in plan]
+        sizes = [e - s for _, _, s, e in plan]
+        try:
+            if _NATIVE_READ is not None:  # flat int lists: numpy reads them faster than tuples (3.7/6.4 us)
+                short = _NATIVE_READ(buf, np.array(dst, np.int64), np.array(fds, np.int64),
+                                     np.array(starts, np.int64), np.array(sizes, np.int64))
+                k, ended = (-1, 0) if short is None else (short[0], short[2])
+            else:
+                k, ended = _preadv_each(buf, fds, plan, dst)
+        except OSError as err:
+            raise self._read_error(err, [i for i, _, _, _ in plan], fds, starts, sizes) from None
         if k >= 0:
             i, j, _, end = plan[k]
             raise self._truncated(i, j, ended, end)

@@ -36,6 +36,7 @@ from prep.loaders.base import (
 )
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
 from prep.loaders.io.images import decode_reason
+from prep.loaders.io.sources import unreadable
 from prep.loaders.skips import BadSample, OnError, Skip
 
 _ASPECTS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # width / height
@@ -360,6 +361,8 @@ class LocalDataset(SampleLeaf):
                 if keep_places:
                     out.append(None)
                 continue
+            except OSError as err:  # there, but not readable: an I/O error, not a bad sample
+                raise unreadable(err, "image", where) from None
             members = {self.image_field: data, self.caption_field: self.captions[r].encode("utf-8")}
             out.append((self.keys[r], members, where, epoch))
         return out
