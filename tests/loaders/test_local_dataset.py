@@ -179,3 +179,15 @@ def test_png_and_jpeg_decode_alike(folder):
     buf = io.BytesIO()
     Image.open(imgs / "c.png").save(buf, format="PNG")
     assert b["__key__"] == ["c.png", "a.jpg"]
+
+
+def test_a_captions_file_saved_with_a_byte_order_mark_reads_as_without(folder):
+    """Windows editors save UTF-8 with a BOM: it is not part of the first image's name (which was then
+    '\\ufeffa.jpg', "not in" the folder), and the dataset is the same one, fingerprint included."""
+    imgs, caps, _ = folder
+    plain = LocalDataset(imgs, caps, batch_size=2, image_size=16, rank=0, world_size=1)
+    marked = caps.with_name("marked.txt")
+    marked.write_bytes(b"\xef\xbb\xbf" + caps.read_bytes())
+    ds = LocalDataset(imgs, marked, batch_size=2, image_size=16, rank=0, world_size=1)
+    assert ds.keys == plain.keys and ds.captions == plain.captions and ds.lines == plain.lines
+    assert ds.fingerprint() == plain.fingerprint()

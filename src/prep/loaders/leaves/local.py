@@ -1,8 +1,9 @@
 """`LocalDataset`: a folder of images plus a FluxFlow captions file, with the same exact-resume protocol.
 
-The captions file holds one `name<TAB>caption` per line (UTF-8). Blank lines are skipped, the caption is
-everything after the first TAB (so captions may hold TABs), and a line without a TAB or naming a missing
-image is an error that gives `file:line`. Image names are paths relative to the folder and may not leave it.
+The captions file holds one `name<TAB>caption` per line (UTF-8, with or without a BOM). Blank lines are
+skipped, the caption is everything after the first TAB (so captions may hold TABs), and a line without a
+TAB or naming a missing image is an error that gives `file:line`. Image names are paths relative to the
+folder and may not leave it.
 
 With aspect-ratio buckets every batch holds images of one bucket, each resized to cover the bucket's
 size and cropped to it: the epoch's plan (samples shuffled, grouped by bucket, cut into global batches,
@@ -11,6 +12,7 @@ batches shuffled) is a pure function of (seed, epoch), computed once per epoch a
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -142,13 +144,16 @@ class LocalDataset(SampleLeaf):
         if not self.folder.is_dir():
             raise PrepError("image folder not found", str(self.folder), "check image_folder")
         try:
-            text = self.captions_file.read_text("utf-8")
+            data = self.captions_file.read_bytes()
         except FileNotFoundError:
             raise PrepError(
                 "captions file not found", str(self.captions_file), "check captions_file"
             ) from None
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # as Windows editors save
+        try:
+            text = str(data[bom:], "utf-8")
         except UnicodeDecodeError as err:
-            line = text_line_of(self.captions_file.read_bytes(), err.start)
+            line = text_line_of(data, bom + err.start)
             raise PrepError(
                 "captions file is not UTF-8", f"{self.captions_file}:{line}", "re-save the file as UTF-8"
             ) from None
