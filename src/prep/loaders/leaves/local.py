@@ -196,8 +196,10 @@ class LocalDataset(SampleLeaf):
         self.caption_field = caption_field
         self.buckets = bucket_list
         self.bucket_of: np.ndarray | None = None
+        self._bucket_digest: str | None = None
         if bucket_list is not None:
             self.bucket_of = np.array(bucket_ids, dtype=np.int64)
+            self._bucket_digest = hashlib.sha256(self.bucket_of.astype("<i8").tobytes()).hexdigest()[:16]
             self.decoders = [Decoder.make(decode, b, crop, None, self.seed, on_error) for b in bucket_list]
         else:
             self.decoders = [Decoder.make(decode, image_size, crop, None, self.seed, on_error)]
@@ -321,10 +323,25 @@ class LocalDataset(SampleLeaf):
         sizes = np.bincount(self.bucket_of, minlength=len(self.buckets))  # type: ignore[arg-type]
         return int(sum(int(s) % self.global_batch for s in sizes))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor; bucketed, with a digest of every image's bucket, which the epoch's plan (and so what
+        the saved batch number means) depends on. In the state, not the fingerprint: states saved before
+        it was kept still resume."""
+        state = super().state_dict()
+        if self._bucket_digest is not None:
+            state["buckets"] = self._bucket_digest
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.buckets is None:
             super().load_state_dict(state)
             return
+        if state.get("buckets", self._bucket_digest) != self._bucket_digest:
+            raise PrepError(
+                "the images' sizes put some of them in other buckets than when the state was saved, so the "
+                "saved batch would point into another plan of the epoch",
+                self.path or "LocalDataset",
+                "resume with the images that saved the state, or start the loader fresh")
         pos = int(state["position"])
         if not 0 <= pos <= self.batches_per_epoch():
             raise PrepError(
