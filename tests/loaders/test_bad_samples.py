@@ -5,7 +5,9 @@ beyond `max_skip_fraction` or with `on_error="raise"` (as the one-line PrepError
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from prep.errors import PrepError
 from prep.formats.index import write_index
 from prep.formats.tar_write import write_shard
 from prep.loaders import DataLoader, LocalDataset, MapDataset, MixBatchDataset, SequenceDataset, ShardDataset
+from prep.loaders.skips import BadSample
 from prep.testing.loader_data import jpeg_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:prep loader skipped")  # asserted where it matters
@@ -181,3 +184,49 @@ def test_local_unbucketed_skips_a_bad_image_while_loading(tmp_path):
     with pytest.raises(PrepError, match="max_skip_fraction"):
         _ = [b for b in DataLoader(LocalDataset(imgs, caps, batch_size=4, image_size=16, world_size=1, rank=0,
                                                 max_skip_fraction=0.05))]
+
+
+# ---------------------------------------------------------------------------------------- I/O errors
+_WRITE_ONLY = Path("/proc/sys/vm/compact_memory")  # mode 0200: unreadable even by root
+
+
+def _make_unreadable(path: Path, how: str) -> None:
+    """Put a file this process cannot read where `path` was: a directory, or one it may not read (as root,
+    which reads any file, a link to a write-only /proc file)."""
+    path.unlink()
+    if how == "directory":
+        path.mkdir()
+    elif os.geteuid() == 0:
+        if not _WRITE_ONLY.exists():
+            pytest.skip("no write-only file to stand for an unreadable one")
+        path.symlink_to(_WRITE_ONLY)
+    else:
+        path.write_bytes(b"x")
+        path.chmod(0)
+
+
+@pytest.mark.parametrize("how", ["directory", "no permission"])
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("kind", ["shard", "image"])
+def test_a_file_that_cannot_be_read_raises_one_line_naming_it(tmp_path, kind, how, workers):
+    """A shard or image that is there but cannot be read is an I/O error, not a bad sample: it raises,
+    under any on_error, as one line naming the file (it was a worker's traceback of a bare OSError)."""
+    if kind == "shard":
+        names = [f"s{i}.tar" for i in range(3)]
+        for i, name in enumerate(names):
+            info = write_shard(tmp_path / name, [(f"k{i}{j}", {"jpg": jpeg_bytes(j, 8)}) for j in range(4)],
+                               fsync=False)
+            write_index(tmp_path / name, info.offsets)
+        ds: ShardDataset | LocalDataset = ShardDataset([tmp_path / n for n in names], batch_size=12,
+                                                       rank=0, world_size=1)
+        target = tmp_path / names[1]
+    else:
+        imgs, caps = _folder(tmp_path, n=12, bad=())
+        ds = LocalDataset(imgs, caps, batch_size=12, image_size=16, rank=0, world_size=1)
+        target = imgs / "005.png"
+    _make_unreadable(target, how)
+    with pytest.raises(PrepError) as err:
+        list(DataLoader(ds, num_workers=workers))
+    line = str(err.value)
+    assert str(target) in line and "\n" not in line and "fix:" in line
+    assert not isinstance(err.value, BadSample)

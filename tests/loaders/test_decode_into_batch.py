@@ -308,3 +308,43 @@ def test_plain_batches_are_built_without_the_per_sample_path(tmp_path, monkeypat
     (batch,) = list(DataLoader(ShardDataset(tmp_path, batch_size=4, shuffle=False)))
     assert calls == [] and batch["txt"] == ["a cat"] * 4 and batch["json"] == [{"w": 48}] * 4
     assert batch["jpg"].shape == (4, 3, 48, 48)
+
+
+def _png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of `values` (uint16: H x W gray, or H x W x 2 gray + alpha, 3 RGB, 4 RGBA), written by
+    hand: Pillow writes 16-bit gray only."""
+    import struct
+    import zlib
+
+    color_type = {0: 0, 2: 4, 3: 2, 4: 6}[values.shape[-1] if values.ndim == 3 else 0]
+    h, w = values.shape[:2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.mark.parametrize("channels", [0, 2, 3, 4])
+@pytest.mark.parametrize("decode_as", ["uint8", "float", "pil"])
+def test_16_bit_pngs_decode_to_the_high_byte_of_each_value(tmp_path, channels, decode_as):
+    """A 16-bit PNG (gray, gray + alpha, RGB, RGBA) gives each value's high byte, as Pillow reads 16-bit
+    color: Pillow's convert('RGB') clipped 16-bit gray to 255, a nearly white image."""
+    rng = np.random.default_rng(channels)
+    shape = (6, 7) if channels == 0 else (6, 7, channels)
+    values = [rng.integers(0, 2**16, shape, dtype=np.uint16) for _ in range(4)]
+    info = write_shard(tmp_path / "a.tar", [(f"k{i}", {"png": _png16(v)}) for i, v in enumerate(values)],
+                       fsync=False)
+    write_index(tmp_path / "a.tar", info.offsets)
+    batch = next(iter(DataLoader(ShardDataset(tmp_path, batch_size=4, shuffle=False, decode=decode_as))))
+    for got, v in zip(batch["png"], values, strict=True):
+        high = (v >> 8).astype(np.uint8)
+        gray = v.ndim == 2 or v.shape[-1] == 2
+        want = np.repeat((high if v.ndim == 2 else high[..., 0])[..., None], 3, -1) if gray else high[..., :3]
+        pixels = np.asarray(got) if decode_as == "pil" else got.permute(1, 2, 0).numpy()
+        if decode_as == "float":
+            pixels = (pixels * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(pixels, want)

@@ -179,3 +179,54 @@ def test_png_and_jpeg_decode_alike(folder):
     buf = io.BytesIO()
     Image.open(imgs / "c.png").save(buf, format="PNG")
     assert b["__key__"] == ["c.png", "a.jpg"]
+
+
+def test_a_captions_file_saved_with_a_byte_order_mark_reads_as_without(folder):
+    """Windows editors save UTF-8 with a BOM: it is not part of the first image's name (which was then
+    '\\ufeffa.jpg', "not in" the folder), and the dataset is the same one, fingerprint included."""
+    imgs, caps, _ = folder
+    plain = LocalDataset(imgs, caps, batch_size=2, image_size=16, rank=0, world_size=1)
+    marked = caps.with_name("marked.txt")
+    marked.write_bytes(b"\xef\xbb\xbf" + caps.read_bytes())
+    ds = LocalDataset(imgs, marked, batch_size=2, image_size=16, rank=0, world_size=1)
+    assert ds.keys == plain.keys and ds.captions == plain.captions and ds.lines == plain.lines
+    assert ds.fingerprint() == plain.fingerprint()
+
+
+@pytest.mark.parametrize("changed", [(0,), (0, 7, 14), tuple(range(0, 30, 3))])
+def test_a_bucketed_state_is_refused_when_images_moved_to_other_buckets(tmp_path, changed):
+    """A bucketed epoch's plan depends on every image's bucket: images whose aspect changed between the
+    save and the resume would make the saved batch number point into another plan (samples repeated and
+    missed in that epoch; it was accepted). Changed images that keep their buckets resume exactly."""
+    imgs = tmp_path / "i"
+    imgs.mkdir()
+    shapes = [(16, 16), (32, 16), (16, 32)]  # W x H: square, wide, tall
+    for k in range(30):
+        _img(imgs / f"{k}.jpg", *shapes[k % 3])
+    caps = tmp_path / "c.txt"
+    caps.write_text("".join(f"{k}.jpg\tcaption {k}\n" for k in range(30)))
+
+    def make():
+        buckets = [(16, 16), (16, 32), (32, 16)]
+        return DataLoader(LocalDataset(imgs, caps, batch_size=4, seed=3, buckets=buckets, rank=0,
+                                       world_size=1))
+
+    loader = make()
+    it = iter(loader)
+    seen = [k for _ in range(3) for k in next(it)["__key__"]]
+    state = json.loads(json.dumps(loader.state_dict()))
+    older = json.loads(json.dumps(state))
+    del older["tree"]["buckets"]  # a state saved before the digest was kept: still resumes
+    make().load_state_dict(older)
+    for k in changed:  # the same bucket: another size of the same aspect
+        w, h = shapes[k % 3]
+        _img(imgs / f"{k}.jpg", 2 * w, 2 * h)
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [k for b in resumed for k in b["__key__"]]
+    assert sorted(seen + rest) == sorted(f"{k}.jpg" for k in range(30))
+    for k in changed:  # another bucket: square images made wide, the others square
+        _img(imgs / f"{k}.jpg", *(shapes[1] if k % 3 == 0 else shapes[0]))
+    with pytest.raises(PrepError, match=r"other buckets") as err:
+        make().load_state_dict(state)
+    assert "\n" not in str(err.value)

@@ -5,7 +5,7 @@ import pytest
 from prep.errors import PrepError
 from prep.loaders import DataLoader, ShardDataset
 from prep.testing.loader_data import make_shards, planned_keys
-from prep.testing.servers import serve_files
+from prep.testing.servers import serve_files, signed_url
 
 TOKEN = "s3cr3t-token-for-tests"
 SIZES = [6, 4, 5]
@@ -83,3 +83,37 @@ def test_a_server_without_range_support_fails_in_one_line_from_a_worker(tmp_path
     assert "Range support" in msg and "\n" not in msg and "Traceback" not in msg
     assert TOKEN not in msg
     assert "can only test a child process" not in capfd.readouterr().err
+
+
+SIGNING_KEY = "k3y-that-signs-urls"
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_signed_tar_urls_read_the_same_samples_as_the_local_shards(tmp_path, cached):
+    """A tar URL with a query string (an object store's presigned URL) is a tar, not a folder: its .idx is
+    looked for at the same query in the path beside it, and when the store refuses that (the signature
+    covers the tar's path only) the tar is scanned. Before, `shard.tar?sig=...` was read as a folder and
+    its manifest.json (the tar's bytes) failed with a bare UnicodeDecodeError."""
+    make_shards(tmp_path / "ds", SIZES, image_size=8)
+    local = ShardDataset(tmp_path / "ds", batch_size=4, decode="raw", seed=3, rank=0, world_size=1)
+    want = [(k, j) for b in DataLoader(local) for k, j in zip(b["__key__"], b["jpg"], strict=True)]
+    with serve_files(tmp_path, signing_key=SIGNING_KEY) as srv:
+        urls = [signed_url(f"{srv.url}/ds/shard-{i:05d}.tar", SIGNING_KEY) for i in range(len(SIZES))]
+        ds = ShardDataset(urls, batch_size=4, decode="raw", seed=3, rank=0, world_size=1,
+                          cache_dir=tmp_path / "cache" if cached else None)
+        loader = DataLoader(ds, num_workers=1)
+        got = [(k, j) for b in loader for k, j in zip(b["__key__"], b["jpg"], strict=True)]
+        assert {r.path.split("?")[0] for r in srv.gets(".idx")} == {
+            f"/ds/shard-{i:05d}.tar.idx" for i in range(len(SIZES))}  # asked for beside each tar
+    assert got == want
+    assert "sig=" not in repr(ds.fingerprint()) + repr(ds)
+
+
+def test_a_query_that_opens_every_path_reads_the_idx_beside_the_tar(served):
+    """A query that authorises any path (a token in the URL) reaches the .idx too: no scan."""
+    url, srv, keys = served
+    ds = ShardDataset(f"{url}/ds/shard-00001.tar?v=2", batch_size=4, decode="raw", shuffle=False,
+                      token=TOKEN, rank=0, world_size=1)
+    assert planned_keys(ds) == keys[6:10]
+    assert [r.path for r in srv.gets(".idx")] == ["/ds/shard-00001.tar.idx?v=2"]
+    assert len(srv.gets(".tar")) == 4  # a ranged read per sample: the index was read, nothing scanned

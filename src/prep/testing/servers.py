@@ -3,9 +3,9 @@
 `serve_images` stands in for the web that img2dataset crawls: generated images of several sizes and
 formats, 404s, a corrupt image, a response slower than any sane timeout, a redirect, an image whose
 `X-Robots-Tag` forbids AI use, and "flaky" URLs that fail until healed (for `--retry-failed`).
-`serve_files` is a static file store (byte ranges, bearer token) with injected latency and a bandwidth
-limit, for remote shard reading and the shard cache. `serve_hub` speaks the part of the HuggingFace hub
-HTTP API that `huggingface_hub` uses to list and download a dataset repo, so
+`serve_files` is a static file store (byte ranges, bearer token or signed URLs) with injected latency
+and a bandwidth limit, for remote shard reading and the shard cache. `serve_hub` speaks the part of the
+HuggingFace hub HTTP API that `huggingface_hub` uses to list and download a dataset repo, so
 `HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client. All record every request (method, path,
 headers) so tests can assert what was fetched and which auth was sent.
 """
@@ -523,16 +523,28 @@ class FileServer:
         return [r for r in self.requests if r.method == "GET" and r.path.split("?")[0].endswith(suffix)]
 
 
+def _signature(key: str, path: str) -> str:
+    return hashlib.sha256(f"{key}:{path}".encode()).hexdigest()[:32]
+
+
+def signed_url(url: str, key: str) -> str:
+    """`url` with the query a `serve_files(signing_key=key)` store answers: a signature of its path only,
+    so the same query at another path (a shard's `.idx`) is refused, as with S3's presigned URLs."""
+    return f"{url}?sig={_signature(key, urlsplit(url).path)}"
+
+
 @contextmanager
 def serve_files(root: str | Path, *, token: str | None = None, latency: float = 0.0,
                 bandwidth: float | None = None, port: int = 0, ranges: bool = True,
-                redirect_to: str | None = None) -> Iterator[FileServer]:
+                redirect_to: str | None = None, signing_key: str | None = None) -> Iterator[FileServer]:
     """Serve the files under `root` as a static store does: single byte ranges (206), HEAD, 404 outside
     `root`; with `token`, 401 without `Authorization: Bearer <token>`. `latency` seconds pass before each
     response, and all responses share a link of `bandwidth` bytes/s (None: unlimited), to stand in for
     an object store or the hub at a distance. `ranges=False` is a server that ignores Range and sends
     whole files. With `redirect_to` (another server's URL), an authorised GET of a file is answered with
-    a 302 to the same path there, as the hub sends a file request on to its CDN."""
+    a 302 to the same path there, as the hub sends a file request on to its CDN. With `signing_key`, a
+    request is answered only at a URL signed for its own path (`signed_url`), as an object store answers
+    presigned URLs: 403 for any other."""
     base = Path(root).resolve()
     log = _Log()
     link = _Link(bandwidth)
@@ -549,7 +561,12 @@ def serve_files(root: str | Path, *, token: str | None = None, latency: float = 
             if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
                 self._send(401, b"unauthorized", head=head)
                 return
-            path = (base / unquote(urlsplit(self.path).path).lstrip("/")).resolve()
+            parts = urlsplit(self.path)
+            if signing_key is not None and parse_qs(parts.query).get("sig") != [_signature(signing_key,
+                                                                                          parts.path)]:
+                self._send(403, b"signature does not match", head=head)
+                return
+            path = (base / unquote(parts.path).lstrip("/")).resolve()
             if base not in path.parents or not path.is_file():
                 self._send(404, b"not found", head=head)
                 return

@@ -173,6 +173,13 @@ def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None) 
         ) from None
 
 
+def unreadable(err: OSError, what: str, where: str) -> PrepError:
+    """A local file that is there but cannot be read (no permission, a directory in its place, a failing
+    disk): an I/O error, raised, never a bad sample."""
+    return PrepError(f"cannot read the {what} ({err.strerror or type(err).__name__})", where,
+                     "check that it is a file this user can read")
+
+
 def _remote_error(err: Exception, url: str, what: str) -> PrepError:
     status = getattr(err, "status", None) or getattr(err, "code", None)
     # a FetchError's text is prep's own (no URL, so no token); other libraries' may hold the URL
@@ -266,11 +273,24 @@ def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | No
         raise _remote_error(err, url, "read the shard") from None
 
 
+def is_tar_url(url: str) -> bool:
+    """Whether a remote item names one tar (its path ends in `.tar`, whatever its query says, as a
+    presigned URL's does) rather than a folder with a manifest.json."""
+    return urlsplit(url).path.endswith(".tar")
+
+
+def _beside(url: str, suffix: str) -> str:
+    """The URL of the file named `suffix` longer than `url`'s (`a.tar?sig=x` -> `a.tar.idx?sig=x`): the
+    suffix goes on the path, the query stays the query."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path + suffix)) if parts.query else url + suffix
+
+
 def _index_array(raw: bytes, url: str) -> np.ndarray:
     if len(raw) % 8 or len(raw) < 8:
         raise PrepError(
             f"index has {len(raw)} bytes, not a multiple of 8",
-            redact_url(url + IDX_SUFFIX),
+            redact_url(_beside(url, IDX_SUFFIX)),
             "rebuild it with `prep run generate_wdinfo`",
         )
     return np.frombuffer(raw, dtype="<u8").copy()
@@ -285,13 +305,17 @@ def _plain_http(url: str, token: Secret | None, options: dict[str, Any] | None) 
     return None
 
 
-def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, what: str) -> bytes | None:
-    """A small remote file's bytes (None when it does not exist), by http_range when the URL allows."""
+def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, what: str,
+               absent: tuple[int, ...] = (404,)) -> bytes | None:
+    """A small remote file's bytes (None when the server answers a status in `absent`: it does not exist),
+    by http_range when the URL allows."""
     headers = _plain_http(url, token, options)
     if headers is not None:
         try:
             return get_small(url, headers)
         except FetchError as err:
+            if err.status in absent:
+                return None
             raise _remote_error(err, url, what) from None
     fs = _filesystem(url, token, options)
     try:
@@ -299,14 +323,16 @@ def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, w
     except FileNotFoundError:
         return None
     except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
-        if getattr(err, "status", None) == 404 or getattr(err, "code", None) == 404:
+        if getattr(err, "status", None) in absent or getattr(err, "code", None) in absent:
             return None
         raise _remote_error(err, url, what) from None
 
 
 def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None) -> bytes | None:
-    """The bytes of a remote tar's `.idx`, None when it has none."""
-    return _get_small(url + IDX_SUFFIX, token, options, "read the index")
+    """The bytes of a remote tar's `.idx`, None when it has none. A URL with a query (a presigned URL,
+    whose signature covers the tar's path only) may be refused at the `.idx`: then it has none here."""
+    absent = (401, 403, 404) if urlsplit(url).query else (404,)
+    return _get_small(_beside(url, IDX_SUFFIX), token, options, "read the index", absent)
 
 
 def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None) -> list[ShardSpec]:
@@ -315,7 +341,13 @@ def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | Non
     if raw is None:
         raise PrepError("cannot read the remote manifest.json (HTTP 404)", redact_url(base + MANIFEST_NAME),
                         "check the URL: a remote folder needs the manifest.json that generate_wdinfo writes")
-    m = Manifest.from_json(raw.decode("utf-8"), redact_url(base + MANIFEST_NAME))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PrepError("the remote manifest.json is not UTF-8 text", redact_url(base + MANIFEST_NAME),
+                        "check the URL: a remote folder's manifest.json is the one generate_wdinfo writes; "
+                        "a tar URL's path ends in .tar") from None
+    m = Manifest.from_json(text, redact_url(base + MANIFEST_NAME))
     return [ShardSpec(base + s.path, s.path, s.samples, checksum=s.checksum, file_bytes=s.bytes)
             for s in m.shards]
 
@@ -367,7 +399,8 @@ def resolve_shards(
     - a folder: its manifest.json, else its `*.tar` files (sorted) counted from `.idx` or headers;
     - a path to `wdinfo.pkl`: read (safely) only because it was named; its tars sit beside it;
     - a tar path, brace pattern or list of them; `https://`, `hf://`, `s3://`... through fsspec or, for
-      plain http(s), `io/http_range` (a URL not ending in `.tar` is a remote folder with a manifest.json;
+      plain http(s), `io/http_range` (a URL whose path does not end in `.tar` is a remote folder with a
+      manifest.json;
       `ShardDataset` turns `hf://` paths into the hub's https URLs first, see `hub_urls`);
     - `pipe:CMD` only with `allow_pipe=True` (the command's output is read whole per shard).
     """
@@ -385,7 +418,7 @@ def resolve_shards(
         elif is_remote(item):
             specs += (
                 [_remote_tar(item, token, storage_options)]
-                if item.endswith(".tar")
+                if is_tar_url(item)
                 else _remote_folder(item, token, storage_options)
             )
         else:
@@ -489,7 +522,10 @@ class ShardReader:
                                   self._cached_index(i) if self.cached(i) else None)
         else:
             path = _local(spec.url)
-            off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
+            try:
+                off = read_index(path) if index_path(path).exists() else _scanned_offsets(path)
+            except OSError as err:
+                raise unreadable(err, "shard or its .idx", spec.url) from None
         if len(off) - 1 != spec.samples:
             raise PrepError(
                 f"shard has {len(off) - 1} samples but the source listed {spec.samples}",
@@ -673,6 +709,8 @@ class ShardReader:
                 raise PrepError(
                     "shard not found", self.shards[i].url, "check that the dataset is complete"
                 ) from None
+            except OSError as err:
+                raise unreadable(err, "shard", self.shards[i].url) from None
             self._fds[i] = fd
         else:
             self._fds.move_to_end(i)
@@ -788,7 +826,10 @@ class ShardReader:
             total += end - start
         buf = alloc(total)
         table = np.array(columns, np.int64)
-        short = read(buf, table[0], table[1], table[2], table[3])
+        try:
+            short = read(buf, table[0], table[1], table[2], table[3])
+        except OSError as err:
+            raise self._read_error(err, [i for i, _ in refs], fd_col, src, sizes) from None
         if short is not None:
             k, _, ended = short
             raise self._truncated(refs[k][0], refs[k][1], ended, src[k] + sizes[k])
@@ -796,7 +837,20 @@ class ShardReader:
 
     def _truncated(self, i: int, j: int, ended: int, end: int) -> PrepError:
         return PrepError(f"shard ends at byte {ended}, sample {j} needs bytes up to {end}",
-                         self.shards[i].url, "the shard is truncated: re-create it, or rebuild its .idx")
+                         redact_url(self.shards[i].url),
+                         "the shard is truncated: re-create it, or rebuild its .idx")
+
+    def _read_error(self, err: OSError, shards: Sequence[int], fds: Sequence[int], starts: Sequence[int],
+                    sizes: Sequence[int]) -> PrepError:
+        """The one line for a batch read that failed in C, which does not say whose: the first sample
+        whose own read fails names its shard (a read error is rare, so reading again costs nothing)."""
+        for i, fd, start, size in zip(shards, fds, starts, sizes, strict=True):
+            try:
+                os.pread(fd, size, start)
+            except OSError as own:
+                return unreadable(own, "shard", redact_url(self.shards[i].url))
+        return unreadable(err, "shard", ", ".join(dict.fromkeys(redact_url(self.shards[i].url)
+                                                                 for i in shards)))
 
     def _read_local(self, plan: list[tuple[int, int, int, int]], dst: list[int], buf: np.ndarray,
                     fd_of: dict[int, int]) -> None:
@@ -805,14 +859,17 @@ class ShardReader:
         close samples, the GIL released), else a preadv each. A shard that ends before a sample does
         raises, naming the byte where it ends."""
         fds = [fd_of[i] for i, _, _, _ in plan]
-        if _NATIVE_READ is not None:  # flat int lists: numpy reads them faster than tuples (3.7 vs 6.4 us)
-            starts = [s for _, _, s, _ in plan]
-            sizes = [e - s for _, _, s, e in plan]
-            short = _NATIVE_READ(buf, np.array(dst, np.int64), np.array(fds, np.int64),
-                                 np.array(starts, np.int64), np.array(sizes, np.int64))
-            k, ended = (-1, 0) if short is None else (short[0], short[2])
-        else:
-            k, ended = _preadv_each(buf, fds, plan, dst)
+        starts = [s for _, _, s, _ in plan]
+        sizes = [e - s for _, _, s, e in plan]
+        try:
+            if _NATIVE_READ is not None:  # flat int lists: numpy reads them faster than tuples (3.7/6.4 us)
+                short = _NATIVE_READ(buf, np.array(dst, np.int64), np.array(fds, np.int64),
+                                     np.array(starts, np.int64), np.array(sizes, np.int64))
+                k, ended = (-1, 0) if short is None else (short[0], short[2])
+            else:
+                k, ended = _preadv_each(buf, fds, plan, dst)
+        except OSError as err:
+            raise self._read_error(err, [i for i, _, _, _ in plan], fds, starts, sizes) from None
         if k >= 0:
             i, j, _, end = plan[k]
             raise self._truncated(i, j, ended, end)

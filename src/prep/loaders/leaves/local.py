@@ -1,8 +1,9 @@
 """`LocalDataset`: a folder of images plus a FluxFlow captions file, with the same exact-resume protocol.
 
-The captions file holds one `name<TAB>caption` per line (UTF-8). Blank lines are skipped, the caption is
-everything after the first TAB (so captions may hold TABs), and a line without a TAB or naming a missing
-image is an error that gives `file:line`. Image names are paths relative to the folder and may not leave it.
+The captions file holds one `name<TAB>caption` per line (UTF-8, with or without a BOM). Blank lines are
+skipped, the caption is everything after the first TAB (so captions may hold TABs), and a line without a
+TAB or naming a missing image is an error that gives `file:line`. Image names are paths relative to the
+folder and may not leave it.
 
 With aspect-ratio buckets every batch holds images of one bucket, each resized to cover the bucket's
 size and cropped to it: the epoch's plan (samples shuffled, grouped by bucket, cut into global batches,
@@ -11,6 +12,7 @@ batches shuffled) is a pure function of (seed, epoch), computed once per epoch a
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -36,6 +38,7 @@ from prep.loaders.base import (
 )
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
 from prep.loaders.io.images import decode_reason
+from prep.loaders.io.sources import unreadable
 from prep.loaders.skips import BadSample, OnError, Skip
 
 _ASPECTS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # width / height
@@ -141,13 +144,16 @@ class LocalDataset(SampleLeaf):
         if not self.folder.is_dir():
             raise PrepError("image folder not found", str(self.folder), "check image_folder")
         try:
-            text = self.captions_file.read_text("utf-8")
+            data = self.captions_file.read_bytes()
         except FileNotFoundError:
             raise PrepError(
                 "captions file not found", str(self.captions_file), "check captions_file"
             ) from None
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # as Windows editors save
+        try:
+            text = str(data[bom:], "utf-8")
         except UnicodeDecodeError as err:
-            line = text_line_of(self.captions_file.read_bytes(), err.start)
+            line = text_line_of(data, bom + err.start)
             raise PrepError(
                 "captions file is not UTF-8", f"{self.captions_file}:{line}", "re-save the file as UTF-8"
             ) from None
@@ -190,8 +196,10 @@ class LocalDataset(SampleLeaf):
         self.caption_field = caption_field
         self.buckets = bucket_list
         self.bucket_of: np.ndarray | None = None
+        self._bucket_digest: str | None = None
         if bucket_list is not None:
             self.bucket_of = np.array(bucket_ids, dtype=np.int64)
+            self._bucket_digest = hashlib.sha256(self.bucket_of.astype("<i8").tobytes()).hexdigest()[:16]
             self.decoders = [Decoder.make(decode, b, crop, None, self.seed, on_error) for b in bucket_list]
         else:
             self.decoders = [Decoder.make(decode, image_size, crop, None, self.seed, on_error)]
@@ -315,10 +323,25 @@ class LocalDataset(SampleLeaf):
         sizes = np.bincount(self.bucket_of, minlength=len(self.buckets))  # type: ignore[arg-type]
         return int(sum(int(s) % self.global_batch for s in sizes))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor; bucketed, with a digest of every image's bucket, which the epoch's plan (and so what
+        the saved batch number means) depends on. In the state, not the fingerprint: states saved before
+        it was kept still resume."""
+        state = super().state_dict()
+        if self._bucket_digest is not None:
+            state["buckets"] = self._bucket_digest
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.buckets is None:
             super().load_state_dict(state)
             return
+        if state.get("buckets", self._bucket_digest) != self._bucket_digest:
+            raise PrepError(
+                "the images' sizes put some of them in other buckets than when the state was saved, so the "
+                "saved batch would point into another plan of the epoch",
+                self.path or "LocalDataset",
+                "resume with the images that saved the state, or start the loader fresh")
         pos = int(state["position"])
         if not 0 <= pos <= self.batches_per_epoch():
             raise PrepError(
@@ -360,6 +383,8 @@ class LocalDataset(SampleLeaf):
                 if keep_places:
                     out.append(None)
                 continue
+            except OSError as err:  # there, but not readable: an I/O error, not a bad sample
+                raise unreadable(err, "image", where) from None
             members = {self.image_field: data, self.caption_field: self.captions[r].encode("utf-8")}
             out.append((self.keys[r], members, where, epoch))
         return out
