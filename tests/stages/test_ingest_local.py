@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -634,3 +635,38 @@ merge_source_tar: {{output_dir: {tmp_path / 'data' / 'merged'}, source_extension
     assert {k: (img, txt.decode()) for k, img, txt in zip(batch["__key__"], batch["jpg"], batch["txt"],
                                                            strict=True)} == expected
     assert all(len(v) > 0 for v in batch["vae.npy"])
+
+
+def _png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of `values` (H x W gray or H x W x 3 colour), written by hand: Pillow writes 16-bit
+    gray only."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if values.ndim == 2 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_image_resized_keeps_its_tones(tmp_path: Path, channels: int) -> None:
+    """Resizing goes through an 8-bit picture: a 16-bit PNG keeps its tones (img2dataset's OpenCV read
+    it as uint16 and its JPEG encode saturated it: the resized image came out white)."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    (folder / "wide.png").write_bytes(_png16(ramp if channels == 1 else np.stack([ramp] * 3, -1)))
+    sets = [f"ingest_local.input_dir={folder}", "ingest_local.resize_mode=keep_ratio",
+            "ingest_local.image_size=16"]
+    (sample,) = shard_samples_of(run(tmp_path / "r", *sets), tmp_path / "r").values()
+    got = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"), dtype=float)
+    assert got.shape[0] == 16
+    assert abs(got.mean() - 127.5) < 8 and got.min() < 40 and got.max() > 215

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from prep.encoders.spec import DEFAULT_RESOLUTION, EncoderConfig
+from prep.formats.pixels import to_rgb
 
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -59,22 +60,6 @@ def cover_box(width: int, height: int, tw: int, th: int) -> tuple[tuple[int, int
     rw, rh = max(tw, round(width * scale)), max(th, round(height * scale))
     left, top = (rw - tw) // 2, (rh - th) // 2
     return (rw, rh), (left, top, left + tw, top + th)
-
-
-WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (PNG, TIFF) as Pillow opens it
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white (a black background would change the picture), and
-    16-bit grayscale scaled to 8 bits (Pillow's own conversion clips it: an all but white image)."""
-    if img.mode in WIDE_GRAY:
-        wide = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.rint(wide / 257.0).clip(0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def prepare_image(data: bytes, cfg: EncoderConfig) -> np.ndarray:

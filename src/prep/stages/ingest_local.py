@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 
 from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
+from prep.formats.pixels import WIDE_GRAY, eight_bit
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
@@ -597,12 +598,20 @@ def _read(src: str) -> tuple[bytes, tuple[str, int, int] | None]:
         return f.read(), (src, st.st_size, st.st_mtime_ns)
 
 
+def _wide_channels(img: Any, data: bytes) -> bool:
+    """Whether the image has more than 8 bits a channel (16-bit gray or colour PNG, 16-bit TIFF):
+    img2dataset's OpenCV reads those as uint16 and its 8-bit encode saturates them, a white picture."""
+    png_depth = data[24] if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 else 8
+    return img.mode in WIDE_GRAY or png_depth > 8
+
+
 def _upright_png(img: Any) -> bytes:
-    """The image with its EXIF orientation applied, as lossless PNG for the Resizer to read (img2dataset
-    decodes with OpenCV's IMREAD_UNCHANGED, which ignores the tag, and its re-encode drops the tag)."""
+    """The image with its EXIF orientation applied, 8 bits a channel, as lossless PNG for the Resizer to
+    read (img2dataset decodes with OpenCV's IMREAD_UNCHANGED, which ignores the tag, and its re-encode
+    drops the tag and saturates wider channels)."""
     from PIL import ImageOps
 
-    img = ImageOps.exif_transpose(img)
+    img = eight_bit(ImageOps.exif_transpose(img))
     if img.mode not in ("RGB", "RGBA", "L", "LA"):  # palette, CMYK, 16-bit: to what OpenCV reads as such
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
     buf = io.BytesIO()
@@ -650,7 +659,8 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
             shown = (height, width) if orientation in ROTATED else (width, height)
             resize = args["reencode"] or needs_resize(args["resize_mode"], args["image_size"],
                                                       args["resize_only_if_bigger"], *shown)
-            upright = _upright_png(img) if resize and orientation != 1 else data
+            redraw = orientation != 1 or _wide_channels(img, data)
+            upright = _upright_png(img) if resize and redraw else data
     except Exception as err:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
         return dropped("decode_error", f"{type(err).__name__}: {_ADDRESS.sub('', str(err))}")
     ext = FORMAT_EXT.get(fmt or "")

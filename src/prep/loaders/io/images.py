@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from prep.formats.pixels import to_rgb
 from prep.formats.tar_native import NATIVE
 from prep.loaders.io.members import Buffer
 from prep.loaders.skips import BadSample
@@ -66,21 +67,11 @@ def pil_rgb(data: Buffer, target: tuple[int, int] | None, where: str):
         if target is not None and img.format == "JPEG":
             th, tw = _cover_size(img.height, img.width, *target)
             img.draft("RGB", (tw, th))
-        if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
-            img = _gray16_to_l(img)
-        return img.convert("RGB")
+        img.load()  # the whole decode here, where a truncated file is a bad sample
+        return to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadSample(f"cannot decode image: {decode_reason(err)}", where,
                         "drop or re-encode this sample", reason="corrupt image") from None
-
-
-def _gray16_to_l(img):
-    """A 16-bit grayscale image (a 16-bit PNG or TIFF) as 8-bit 'L', keeping each value's high byte, as
-    Pillow itself reads 16-bit RGB PNGs. Pillow's own convert clips these values to 255 instead of
-    scaling them: a 16-bit photo came out nearly all white."""
-    from PIL import Image
-
-    return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
