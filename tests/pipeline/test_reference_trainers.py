@@ -270,3 +270,36 @@ def test_run_without_entry_names_what_is_missing():
         build_trainers(bad, build_models(bad))
     assert {e.what.split(":")[0] for e in err.value.errors} == {"trainer_options.vae.loss",
                                                                "trainer_options.vae.kl_wieght"}
+
+
+def _flow_cfg(folder: Path, fields: list[str]):
+    return parse_pipeline_config({"datasets": {"d": {"type": "prep", "path": str(folder), "fields": fields}},
+                                  "default_dataset": "d",
+                                  "steps": [{"name": "s", "n_epochs": 1, "train_diff": True}]})
+
+
+def _first_batch(folder: Path, fields: list[str], **kw):
+    from prep.loaders import DataLoader, ShardDataset
+
+    return next(iter(DataLoader(ShardDataset(folder, batch_size=8, shuffle=False, fields=fields, **kw),
+                                num_workers=0)))
+
+
+def test_flow_reads_bfloat16_stored_latents_and_text_as_their_values(shards, tmp_path):
+    """store_dtype: bfloat16 keeps uint16 bit patterns: the flow trainer sees the values (those of the
+    float32 folder rounded to bfloat16), not the bits read as integers."""
+    half = precached_shards(tmp_path, (4, 4), store_dtype="bfloat16")
+    fields = ["vae.npy", "clip.npy", "clip_mask.npy"]
+    bits, full = _first_batch(half, fields), _first_batch(shards, fields)
+    assert bits["__key__"] == full["__key__"] and torch.as_tensor(bits["vae.npy"]).dtype == torch.uint16
+    cfg = _flow_cfg(half, fields)
+    trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None))
+    ctx = _ctx(cfg.steps[0], {})
+    want = torch.as_tensor(full["vae.npy"]).to(torch.bfloat16).float()
+    assert torch.equal(trainer.moments(bits, ctx), want)
+    emb, mask = trainer.text(bits, ctx)
+    assert torch.equal(emb, torch.as_tensor(full["clip.npy"]).to(torch.bfloat16).float())
+    assert torch.equal(mask, torch.as_tensor(full["clip_mask.npy"]).bool())
+    unrecorded = FlowTrainer(_flow_cfg(shards, fields), FlowOptions(text_encoder=None))  # float32 manifest
+    with pytest.raises(PrepError, match=r"vae\.npy holds uint16 and no manifest"):
+        unrecorded.moments(bits, _ctx(cfg.steps[0], {}))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,22 +235,41 @@ class VAETrainer:
 
 
 # -------------------------------------------------------------------------------------------- flow
-def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> tuple[float, float, str] | None:
-    """(scaling, shift, latent_mode) that precache_encodings recorded for encoder `key` in the prep
-    folders under `dataset` (None when no folder records it); folders that disagree are an error."""
+def _prep_manifests(cfg: PipelineConfig, dataset: str) -> Iterator[tuple[str, Any]]:
+    """(dataset name, manifest) of every prep folder under `dataset`."""
     from prep.formats.manifest import read_manifest
     from prep.pipeline.config import dataset_refs
 
-    found: dict[tuple[float, float, str], str] = {}
     todo = [dataset]
     while todo:
         name = todo.pop()
         ds = cfg.datasets[name]
         todo += [ref for _, ref in dataset_refs(ds)]
-        if not isinstance(ds, PrepDatasetConfig):
-            continue
-        path = Path(ds.path)  # a folder, its manifest.json, or shards in it (a tar path or pattern)
-        enc = read_manifest(path if path.is_dir() else path.parent).encoders.get(key)
+        if isinstance(ds, PrepDatasetConfig):
+            path = Path(ds.path)  # a folder, its manifest.json, or shards in it (a tar path or pattern)
+            yield name, read_manifest(path if path.is_dir() else path.parent)
+
+
+def _bf16_members(cfg: PipelineConfig, datasets: list[str]) -> set[str]:
+    """Members that some prep folder under `datasets` stores as bfloat16 bit patterns in uint16
+    (`store_dtype: bfloat16`: NumPy has no bfloat16, the loader hands the bits over as they are)."""
+    from prep.encoders.storage import BF16_STORAGE
+
+    return {
+        member
+        for d in datasets
+        for _, manifest in _prep_manifests(cfg, d)
+        for member, meta in manifest.fields.items()
+        if (meta or {}).get("storage") == BF16_STORAGE
+    }
+
+
+def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> tuple[float, float, str] | None:
+    """(scaling, shift, latent_mode) that precache_encodings recorded for encoder `key` in the prep
+    folders under `dataset` (None when no folder records it); folders that disagree are an error."""
+    found: dict[tuple[float, float, str], str] = {}
+    for name, manifest in _prep_manifests(cfg, dataset):
+        enc = manifest.encoders.get(key)
         if enc:
             mode = str((enc.get("settings") or {}).get("latent_mode", "moments"))
             found[(float(enc.get("scaling_factor", 1.0)), float(enc.get("shift_factor", 0.0)), mode)] = name
@@ -276,8 +295,28 @@ class FlowTrainer:
         self._fixed: dict[str, Any] | None = None
         self._fixed_step = -1
         self._accepts_mask: bool | None = None
+        self._bf16: dict[int, set[str]] = {}
 
     # ------------------------------------------------------------------------ inputs
+    def stored(self, batch: Mapping[str, Any], member: str, ctx: Any) -> torch.Tensor:
+        """A precached member as float values: bfloat16 kept as uint16 bits is viewed as bfloat16 again
+        (read as integers it would be numbers in the tens of thousands)."""
+        t = torch.as_tensor(batch[member])
+        if t.dtype == torch.uint16:
+            if ctx.index not in self._bf16:
+                val = ctx.step.validation.dataset if ctx.step.validation is not None else None
+                names = [n for n in (self.cfg.step_dataset(ctx.index), val) if n]
+                self._bf16[ctx.index] = _bf16_members(self.cfg, names)
+            if member not in self._bf16[ctx.index]:
+                raise PrepError(
+                    f"flow trainer: {member} holds uint16 and no manifest of step {ctx.step.name!r}'s "
+                    "data records it as bfloat16 bits",
+                    f"steps.{ctx.index}.dataset",
+                    "precache it as float (store_dtype float32/float16), or keep its manifest.json beside it",
+                )
+            t = t.view(torch.bfloat16)
+        return t.to(ctx.device).float()
+
     def factors(self, ctx: Any) -> tuple[float, float, str]:
         """(scaling, shift, latent_mode) for the step: options > the manifest > the VAE's config."""
         if ctx.index not in self._factors:
@@ -302,7 +341,7 @@ class FlowTrainer:
         through prep.encoders' VaeEncoder (the precache stage's code: same pixels, same numbers)."""
         member = f"{self.o.latent_key}.npy"
         if member in batch:
-            return torch.as_tensor(batch[member]).to(ctx.device).float()
+            return self.stored(batch, member, ctx)
         from prep.encoders.models import VaeEncoder
         from prep.encoders.spec import EncoderConfig
 
@@ -338,7 +377,7 @@ class FlowTrainer:
         """(embeddings, mask or None): precached unless the text encoder trains in this step."""
         member = f"{self.o.text_key}.npy"
         if member in batch and not self._text_trainable(ctx):
-            emb = torch.as_tensor(batch[member]).to(ctx.device).float()
+            emb = self.stored(batch, member, ctx)
             mask = batch.get(f"{self.o.text_key}_mask.npy")
             return emb, (torch.as_tensor(mask).to(ctx.device).bool() if mask is not None else None)
         if self.o.text_encoder is None or self.o.text_encoder not in ctx.modules or self.tokenizer is None:
