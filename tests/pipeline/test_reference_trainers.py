@@ -303,3 +303,29 @@ def test_flow_reads_bfloat16_stored_latents_and_text_as_their_values(shards, tmp
     unrecorded = FlowTrainer(_flow_cfg(shards, fields), FlowOptions(text_encoder=None))  # float32 manifest
     with pytest.raises(PrepError, match=r"vae\.npy holds uint16 and no manifest"):
         unrecorded.moments(bits, _ctx(cfg.steps[0], {}))
+
+
+@pytest.fixture(scope="module")
+def mean_shards(tmp_path_factory):
+    return precached_shards(tmp_path_factory.mktemp("mean"), (4, 4), latent_mode="mean")
+
+
+def test_flow_latents_of_images_encoded_now_are_sampled_and_scaled_whatever_the_manifest_records(
+    shards, mean_shards
+):
+    """A folder precached with latent_mode: mean, trained from its jpg: the trainer encodes moments now,
+    and x_0 is their sample, scaled once (the folder's stored latents are not these)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(shards.parent / "models"), subfolder="vae").eval()
+    cfg = _flow_cfg(mean_shards, ["jpg"])
+    trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None, resolution=32))
+    ctx = _ctx(cfg.steps[0], {"vae": vae})
+    batch = _first_batch(mean_shards, ["jpg"], decode="raw")
+    torch.manual_seed(3)
+    got = trainer.latents(batch, ctx)
+    torch.manual_seed(3)
+    mean, logvar = trainer.moments(batch, ctx).chunk(2, dim=1)
+    want = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)) * 0.5  # the VAE's factor
+    assert got.shape == (8, 4, 16, 16)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -365,7 +365,9 @@ class FlowTrainer:
 
         scale, shift, mode = self.factors(ctx)
         z = self.moments(batch, ctx)
-        if mode != "moments":  # precached as mean/sample: already shifted and scaled
+        # precached as mean/sample: already shifted and scaled (raw images encoded now are moments,
+        # whatever mode the folder's manifest records for its vae.npy)
+        if mode != "moments" and f"{self.o.latent_key}.npy" in batch:
             return z
         return (DiagonalGaussianDistribution(z).sample() - shift) * scale
 
