@@ -130,12 +130,12 @@ def test_vae_refuses_spade_on_autoencoderkl():
                                             _ctx(step, {"vae": AutoencoderKL(**TINY_VAE)}))
 
 
-def test_flow_loss_is_the_direct_computation():
+def test_flow_loss_is_the_direct_computation(shards):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
-    cfg = parse_pipeline_config({"steps": [{"name": "s", "n_epochs": 1, "train_diff": True}], **NO_DATA})
+    cfg = _flow_cfg(shards, ["vae.npy", "clip.npy", "clip_mask.npy"])  # moments: the options' factors apply
     opts = FlowOptions(denoiser="unet", text_encoder=None, scaling_factor=0.7, shift_factor=0.1,
                        cfg_dropout=0.5)
     trainer = FlowTrainer(cfg, opts)
@@ -329,3 +329,20 @@ def test_flow_latents_of_images_encoded_now_are_sampled_and_scaled_whatever_the_
     want = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)) * 0.5  # the VAE's factor
     assert got.shape == (8, 4, 16, 16)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_flow_latents_stored_scaled_are_scaled_once_with_the_factors_in_force(mean_shards):
+    """latent_mode: mean latents were stored as (mean - shift) * scale with the manifest's factors: the
+    flow sees them once scaled with the factors in force (the options' when given, else as stored), also
+    when the options give both factors (the manifest's latent_mode is read all the same)."""
+    fields = ["vae.npy"]
+    cfg = _flow_cfg(mean_shards, fields)
+    batch = _first_batch(mean_shards, fields)
+    stored = torch.as_tensor(batch["vae.npy"]).float()
+    assert stored.shape == (8, 4, 16, 16)
+    ctx = _ctx(cfg.steps[0], {})
+    for scale, shift in [(None, None), (0.5, 0.0), (0.25, 0.2), (0.8, None)]:
+        trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None, scaling_factor=scale, shift_factor=shift))
+        mean = stored / 0.5  # the tiny VAE's scaling_factor, which precache recorded
+        want = (mean - (shift or 0.0)) * (scale or 0.5)
+        assert torch.allclose(trainer.latents(batch, ctx), want, atol=1e-6), (scale, shift)

@@ -292,6 +292,7 @@ class FlowTrainer:
     def __init__(self, cfg: PipelineConfig, opts: FlowOptions, tokenizer: Any = None) -> None:
         self.cfg, self.o, self.tokenizer = cfg, opts, tokenizer
         self._factors: dict[int, tuple[float, float, str]] = {}
+        self._stored: dict[int, tuple[float, float]] = {}  # the factors mean/sample latents were stored with
         self._fixed: dict[str, Any] | None = None
         self._fixed_step = -1
         self._accepts_mask: bool | None = None
@@ -321,14 +322,15 @@ class FlowTrainer:
         """(scaling, shift, latent_mode) for the step: options > the manifest > the VAE's config."""
         if ctx.index not in self._factors:
             name = self.cfg.step_dataset(ctx.index)
-            given = self.o.scaling_factor is not None and self.o.shift_factor is not None
-            found = _manifest_factors(self.cfg, name, self.o.latent_key) if name and not given else None
+            # read even when the options give both factors: the stored latent_mode still matters
+            found = _manifest_factors(self.cfg, name, self.o.latent_key) if name else None
             vae_cfg = getattr(ctx.raw_modules.get(self.o.vae), "config", None)
             scale = float(getattr(vae_cfg, "scaling_factor", 1.0) or 1.0)
             shift = float(getattr(vae_cfg, "shift_factor", 0.0) or 0.0)
             mode = "moments"
             if found is not None:
                 scale, shift, mode = found
+            self._stored[ctx.index] = (scale, shift)
             self._factors[ctx.index] = (
                 self.o.scaling_factor if self.o.scaling_factor is not None else scale,
                 self.o.shift_factor if self.o.shift_factor is not None else shift,
@@ -368,7 +370,10 @@ class FlowTrainer:
         # precached as mean/sample: already shifted and scaled (raw images encoded now are moments,
         # whatever mode the folder's manifest records for its vae.npy)
         if mode != "moments" and f"{self.o.latent_key}.npy" in batch:
-            return z
+            stored_scale, stored_shift = self._stored[ctx.index]
+            if (stored_scale, stored_shift) == (scale, shift):
+                return z
+            return (z / stored_scale + stored_shift - shift) * scale  # the options' factors, applied once
         return (DiagonalGaussianDistribution(z).sample() - shift) * scale
 
     def _text_trainable(self, ctx: Any) -> bool:
