@@ -346,3 +346,74 @@ def test_flow_latents_stored_scaled_are_scaled_once_with_the_factors_in_force(me
         mean = stored / 0.5  # the tiny VAE's scaling_factor, which precache recorded
         want = (mean - (shift or 0.0)) * (scale or 0.5)
         assert torch.allclose(trainer.latents(batch, ctx), want, atol=1e-6), (scale, shift)
+
+
+class _PointNet(torch.nn.Module):
+    """A velocity MLP over 3-d points (latents of shape 3 x 1 x 1), the time and a 2-d condition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                                     torch.nn.SiLU(), torch.nn.Linear(64, 3))
+
+    def forward(self, x, t, encoder_hidden_states):
+        b = x.shape[0]
+        h = torch.cat([x.reshape(b, 3), t.view(b, 1) / 1000, encoder_hidden_states.reshape(b, 2)], 1)
+        return self.f(h).view(b, 3, 1, 1)
+
+
+class _IdentityDecoder(torch.nn.Module):
+    def decode(self, z):
+        return type("Out", (), {"sample": z})()
+
+
+def test_flow_learns_two_points_and_its_sampler_lands_on_the_captioned_one(shards):
+    """Rectified flow on a two-point distribution, each point with its own caption: the loss falls, and
+    the sample grid's Euler integration (noise at t=1 to data at t=0) lands near each caption's point."""
+    points = torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, -0.5]])
+    cfg = _flow_cfg(shards, ["vae.npy", "clip.npy"])  # its manifest: moments (the options' factors apply)
+    opts = FlowOptions(denoiser="net", text_encoder=None, scaling_factor=1.0, shift_factor=0.0,
+                       cfg_dropout=0.0, sample_steps=20, guidance=1.0, sample_images=2)
+    trainer = FlowTrainer(cfg, opts)
+    torch.manual_seed(0)
+    net = _PointNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    ctx = _ctx(cfg.steps[0], {"net": net, "vae": _IdentityDecoder()})
+    which = torch.tensor([0, 1] * 16)
+    batch = {"vae.npy": torch.cat([points[which], torch.full((32, 3), -30.0)], 1).view(32, 6, 1, 1),
+             "clip.npy": F.one_hot(which, 2).float().view(32, 1, 2)}
+    losses = []
+    for _ in range(600):
+        losses.append(float(trainer.train_step(batch, ctx)["flow_loss"]))
+        opt.step()
+        opt.zero_grad()
+    assert np.mean(losses[-20:]) < 0.25 * np.mean(losses[:20])
+    with torch.no_grad():
+        picture = trainer.sample(ctx)  # one row: caption 0's sample, then caption 1's
+    got = torch.from_numpy(picture.reshape(2, 3).astype(np.float32)) / 127.5 - 1
+    assert (got - points).abs().max() < 0.25, got
+
+
+def test_gan_generator_step_gives_the_discriminator_no_gradient_and_kl_is_the_closed_form():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae, disc = AutoencoderKL(**TINY_VAE), PatchDiscriminator(channels=4, layers=2)
+    twin = PatchDiscriminator(channels=4, layers=2)
+    twin.load_state_dict(disc.state_dict())
+    step = StepConfig(name="s", n_epochs=1, train_vae=True, gan_training=True, grad_accumulation=2)
+    ctx = _ctx(step, {"vae": vae, "disc": disc}, {"disc": torch.optim.SGD(disc.parameters(), lr=0.1)})
+    ctx.boundary = False  # mid-window: the discriminator keeps its gradient, which must be d_loss's alone
+    images = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(3)
+    VAETrainer(VAEOptions(discriminator="disc")).train_step({"jpg": images}, ctx)
+    torch.manual_seed(3)
+    x = images * 2 - 1
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample.detach()
+    ((F.relu(1 - twin(x)).mean() + F.relu(1 + twin(rec)).mean()) / 2).backward()
+    for a, b in zip(disc.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7)
+    mu, logvar = post.mean, post.logvar
+    closed = (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean()
+    assert torch.allclose(post.kl().mean(), closed)
