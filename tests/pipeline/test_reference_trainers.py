@@ -130,12 +130,12 @@ def test_vae_refuses_spade_on_autoencoderkl():
                                             _ctx(step, {"vae": AutoencoderKL(**TINY_VAE)}))
 
 
-def test_flow_loss_is_the_direct_computation():
+def test_flow_loss_is_the_direct_computation(shards):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
-    cfg = parse_pipeline_config({"steps": [{"name": "s", "n_epochs": 1, "train_diff": True}], **NO_DATA})
+    cfg = _flow_cfg(shards, ["vae.npy", "clip.npy", "clip_mask.npy"])  # moments: the options' factors apply
     opts = FlowOptions(denoiser="unet", text_encoder=None, scaling_factor=0.7, shift_factor=0.1,
                        cfg_dropout=0.5)
     trainer = FlowTrainer(cfg, opts)
@@ -270,3 +270,150 @@ def test_run_without_entry_names_what_is_missing():
         build_trainers(bad, build_models(bad))
     assert {e.what.split(":")[0] for e in err.value.errors} == {"trainer_options.vae.loss",
                                                                "trainer_options.vae.kl_wieght"}
+
+
+def _flow_cfg(folder: Path, fields: list[str]):
+    return parse_pipeline_config({"datasets": {"d": {"type": "prep", "path": str(folder), "fields": fields}},
+                                  "default_dataset": "d",
+                                  "steps": [{"name": "s", "n_epochs": 1, "train_diff": True}]})
+
+
+def _first_batch(folder: Path, fields: list[str], **kw):
+    from prep.loaders import DataLoader, ShardDataset
+
+    return next(iter(DataLoader(ShardDataset(folder, batch_size=8, shuffle=False, fields=fields, **kw),
+                                num_workers=0)))
+
+
+def test_flow_reads_bfloat16_stored_latents_and_text_as_their_values(shards, tmp_path):
+    """store_dtype: bfloat16 keeps uint16 bit patterns: the flow trainer sees the values (those of the
+    float32 folder rounded to bfloat16), not the bits read as integers."""
+    half = precached_shards(tmp_path, (4, 4), store_dtype="bfloat16")
+    fields = ["vae.npy", "clip.npy", "clip_mask.npy"]
+    bits, full = _first_batch(half, fields), _first_batch(shards, fields)
+    assert bits["__key__"] == full["__key__"] and torch.as_tensor(bits["vae.npy"]).dtype == torch.uint16
+    cfg = _flow_cfg(half, fields)
+    trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None))
+    ctx = _ctx(cfg.steps[0], {})
+    want = torch.as_tensor(full["vae.npy"]).to(torch.bfloat16).float()
+    assert torch.equal(trainer.moments(bits, ctx), want)
+    emb, mask = trainer.text(bits, ctx)
+    assert torch.equal(emb, torch.as_tensor(full["clip.npy"]).to(torch.bfloat16).float())
+    assert torch.equal(mask, torch.as_tensor(full["clip_mask.npy"]).bool())
+    unrecorded = FlowTrainer(_flow_cfg(shards, fields), FlowOptions(text_encoder=None))  # float32 manifest
+    with pytest.raises(PrepError, match=r"vae\.npy holds uint16 and no manifest"):
+        unrecorded.moments(bits, _ctx(cfg.steps[0], {}))
+
+
+@pytest.fixture(scope="module")
+def mean_shards(tmp_path_factory):
+    return precached_shards(tmp_path_factory.mktemp("mean"), (4, 4), latent_mode="mean")
+
+
+def test_flow_latents_of_images_encoded_now_are_sampled_and_scaled_whatever_the_manifest_records(
+    shards, mean_shards
+):
+    """A folder precached with latent_mode: mean, trained from its jpg: the trainer encodes moments now,
+    and x_0 is their sample, scaled once (the folder's stored latents are not these)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(shards.parent / "models"), subfolder="vae").eval()
+    cfg = _flow_cfg(mean_shards, ["jpg"])
+    trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None, resolution=32))
+    ctx = _ctx(cfg.steps[0], {"vae": vae})
+    batch = _first_batch(mean_shards, ["jpg"], decode="raw")
+    torch.manual_seed(3)
+    got = trainer.latents(batch, ctx)
+    torch.manual_seed(3)
+    mean, logvar = trainer.moments(batch, ctx).chunk(2, dim=1)
+    want = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)) * 0.5  # the VAE's factor
+    assert got.shape == (8, 4, 16, 16)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_flow_latents_stored_scaled_are_scaled_once_with_the_factors_in_force(mean_shards):
+    """latent_mode: mean latents were stored as (mean - shift) * scale with the manifest's factors: the
+    flow sees them once scaled with the factors in force (the options' when given, else as stored), also
+    when the options give both factors (the manifest's latent_mode is read all the same)."""
+    fields = ["vae.npy"]
+    cfg = _flow_cfg(mean_shards, fields)
+    batch = _first_batch(mean_shards, fields)
+    stored = torch.as_tensor(batch["vae.npy"]).float()
+    assert stored.shape == (8, 4, 16, 16)
+    ctx = _ctx(cfg.steps[0], {})
+    for scale, shift in [(None, None), (0.5, 0.0), (0.25, 0.2), (0.8, None)]:
+        trainer = FlowTrainer(cfg, FlowOptions(text_encoder=None, scaling_factor=scale, shift_factor=shift))
+        mean = stored / 0.5  # the tiny VAE's scaling_factor, which precache recorded
+        want = (mean - (shift or 0.0)) * (scale or 0.5)
+        assert torch.allclose(trainer.latents(batch, ctx), want, atol=1e-6), (scale, shift)
+
+
+class _PointNet(torch.nn.Module):
+    """A velocity MLP over 3-d points (latents of shape 3 x 1 x 1), the time and a 2-d condition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                                     torch.nn.SiLU(), torch.nn.Linear(64, 3))
+
+    def forward(self, x, t, encoder_hidden_states):
+        b = x.shape[0]
+        h = torch.cat([x.reshape(b, 3), t.view(b, 1) / 1000, encoder_hidden_states.reshape(b, 2)], 1)
+        return self.f(h).view(b, 3, 1, 1)
+
+
+class _IdentityDecoder(torch.nn.Module):
+    def decode(self, z):
+        return type("Out", (), {"sample": z})()
+
+
+def test_flow_learns_two_points_and_its_sampler_lands_on_the_captioned_one(shards):
+    """Rectified flow on a two-point distribution, each point with its own caption: the loss falls, and
+    the sample grid's Euler integration (noise at t=1 to data at t=0) lands near each caption's point."""
+    points = torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, -0.5]])
+    cfg = _flow_cfg(shards, ["vae.npy", "clip.npy"])  # its manifest: moments (the options' factors apply)
+    opts = FlowOptions(denoiser="net", text_encoder=None, scaling_factor=1.0, shift_factor=0.0,
+                       cfg_dropout=0.0, sample_steps=20, guidance=1.0, sample_images=2)
+    trainer = FlowTrainer(cfg, opts)
+    torch.manual_seed(0)
+    net = _PointNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    ctx = _ctx(cfg.steps[0], {"net": net, "vae": _IdentityDecoder()})
+    which = torch.tensor([0, 1] * 16)
+    batch = {"vae.npy": torch.cat([points[which], torch.full((32, 3), -30.0)], 1).view(32, 6, 1, 1),
+             "clip.npy": F.one_hot(which, 2).float().view(32, 1, 2)}
+    losses = []
+    for _ in range(600):
+        losses.append(float(trainer.train_step(batch, ctx)["flow_loss"]))
+        opt.step()
+        opt.zero_grad()
+    assert np.mean(losses[-20:]) < 0.25 * np.mean(losses[:20])
+    with torch.no_grad():
+        picture = trainer.sample(ctx)  # one row: caption 0's sample, then caption 1's
+    got = torch.from_numpy(picture.reshape(2, 3).astype(np.float32)) / 127.5 - 1
+    assert (got - points).abs().max() < 0.25, got
+
+
+def test_gan_generator_step_gives_the_discriminator_no_gradient_and_kl_is_the_closed_form():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae, disc = AutoencoderKL(**TINY_VAE), PatchDiscriminator(channels=4, layers=2)
+    twin = PatchDiscriminator(channels=4, layers=2)
+    twin.load_state_dict(disc.state_dict())
+    step = StepConfig(name="s", n_epochs=1, train_vae=True, gan_training=True, grad_accumulation=2)
+    ctx = _ctx(step, {"vae": vae, "disc": disc}, {"disc": torch.optim.SGD(disc.parameters(), lr=0.1)})
+    ctx.boundary = False  # mid-window: the discriminator keeps its gradient, which must be d_loss's alone
+    images = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(3)
+    VAETrainer(VAEOptions(discriminator="disc")).train_step({"jpg": images}, ctx)
+    torch.manual_seed(3)
+    x = images * 2 - 1
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample.detach()
+    ((F.relu(1 - twin(x)).mean() + F.relu(1 + twin(rec)).mean()) / 2).backward()
+    for a, b in zip(disc.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7)
+    mu, logvar = post.mean, post.logvar
+    closed = (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean()
+    assert torch.allclose(post.kl().mean(), closed)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,22 +235,41 @@ class VAETrainer:
 
 
 # -------------------------------------------------------------------------------------------- flow
-def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> tuple[float, float, str] | None:
-    """(scaling, shift, latent_mode) that precache_encodings recorded for encoder `key` in the prep
-    folders under `dataset` (None when no folder records it); folders that disagree are an error."""
+def _prep_manifests(cfg: PipelineConfig, dataset: str) -> Iterator[tuple[str, Any]]:
+    """(dataset name, manifest) of every prep folder under `dataset`."""
     from prep.formats.manifest import read_manifest
     from prep.pipeline.config import dataset_refs
 
-    found: dict[tuple[float, float, str], str] = {}
     todo = [dataset]
     while todo:
         name = todo.pop()
         ds = cfg.datasets[name]
         todo += [ref for _, ref in dataset_refs(ds)]
-        if not isinstance(ds, PrepDatasetConfig):
-            continue
-        path = Path(ds.path)  # a folder, its manifest.json, or shards in it (a tar path or pattern)
-        enc = read_manifest(path if path.is_dir() else path.parent).encoders.get(key)
+        if isinstance(ds, PrepDatasetConfig):
+            path = Path(ds.path)  # a folder, its manifest.json, or shards in it (a tar path or pattern)
+            yield name, read_manifest(path if path.is_dir() else path.parent)
+
+
+def _bf16_members(cfg: PipelineConfig, datasets: list[str]) -> set[str]:
+    """Members that some prep folder under `datasets` stores as bfloat16 bit patterns in uint16
+    (`store_dtype: bfloat16`: NumPy has no bfloat16, the loader hands the bits over as they are)."""
+    from prep.encoders.storage import BF16_STORAGE
+
+    return {
+        member
+        for d in datasets
+        for _, manifest in _prep_manifests(cfg, d)
+        for member, meta in manifest.fields.items()
+        if (meta or {}).get("storage") == BF16_STORAGE
+    }
+
+
+def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> tuple[float, float, str] | None:
+    """(scaling, shift, latent_mode) that precache_encodings recorded for encoder `key` in the prep
+    folders under `dataset` (None when no folder records it); folders that disagree are an error."""
+    found: dict[tuple[float, float, str], str] = {}
+    for name, manifest in _prep_manifests(cfg, dataset):
+        enc = manifest.encoders.get(key)
         if enc:
             mode = str((enc.get("settings") or {}).get("latent_mode", "moments"))
             found[(float(enc.get("scaling_factor", 1.0)), float(enc.get("shift_factor", 0.0)), mode)] = name
@@ -273,23 +292,45 @@ class FlowTrainer:
     def __init__(self, cfg: PipelineConfig, opts: FlowOptions, tokenizer: Any = None) -> None:
         self.cfg, self.o, self.tokenizer = cfg, opts, tokenizer
         self._factors: dict[int, tuple[float, float, str]] = {}
+        self._stored: dict[int, tuple[float, float]] = {}  # the factors mean/sample latents were stored with
         self._fixed: dict[str, Any] | None = None
         self._fixed_step = -1
         self._accepts_mask: bool | None = None
+        self._bf16: dict[int, set[str]] = {}
 
     # ------------------------------------------------------------------------ inputs
+    def stored(self, batch: Mapping[str, Any], member: str, ctx: Any) -> torch.Tensor:
+        """A precached member as float values: bfloat16 kept as uint16 bits is viewed as bfloat16 again
+        (read as integers it would be numbers in the tens of thousands)."""
+        t = torch.as_tensor(batch[member])
+        if t.dtype == torch.uint16:
+            if ctx.index not in self._bf16:
+                val = ctx.step.validation.dataset if ctx.step.validation is not None else None
+                names = [n for n in (self.cfg.step_dataset(ctx.index), val) if n]
+                self._bf16[ctx.index] = _bf16_members(self.cfg, names)
+            if member not in self._bf16[ctx.index]:
+                raise PrepError(
+                    f"flow trainer: {member} holds uint16 and no manifest of step {ctx.step.name!r}'s "
+                    "data records it as bfloat16 bits",
+                    f"steps.{ctx.index}.dataset",
+                    "precache it as float (store_dtype float32/float16), or keep its manifest.json beside it",
+                )
+            t = t.view(torch.bfloat16)
+        return t.to(ctx.device).float()
+
     def factors(self, ctx: Any) -> tuple[float, float, str]:
         """(scaling, shift, latent_mode) for the step: options > the manifest > the VAE's config."""
         if ctx.index not in self._factors:
             name = self.cfg.step_dataset(ctx.index)
-            given = self.o.scaling_factor is not None and self.o.shift_factor is not None
-            found = _manifest_factors(self.cfg, name, self.o.latent_key) if name and not given else None
+            # read even when the options give both factors: the stored latent_mode still matters
+            found = _manifest_factors(self.cfg, name, self.o.latent_key) if name else None
             vae_cfg = getattr(ctx.raw_modules.get(self.o.vae), "config", None)
             scale = float(getattr(vae_cfg, "scaling_factor", 1.0) or 1.0)
             shift = float(getattr(vae_cfg, "shift_factor", 0.0) or 0.0)
             mode = "moments"
             if found is not None:
                 scale, shift, mode = found
+            self._stored[ctx.index] = (scale, shift)
             self._factors[ctx.index] = (
                 self.o.scaling_factor if self.o.scaling_factor is not None else scale,
                 self.o.shift_factor if self.o.shift_factor is not None else shift,
@@ -302,7 +343,7 @@ class FlowTrainer:
         through prep.encoders' VaeEncoder (the precache stage's code: same pixels, same numbers)."""
         member = f"{self.o.latent_key}.npy"
         if member in batch:
-            return torch.as_tensor(batch[member]).to(ctx.device).float()
+            return self.stored(batch, member, ctx)
         from prep.encoders.models import VaeEncoder
         from prep.encoders.spec import EncoderConfig
 
@@ -326,8 +367,13 @@ class FlowTrainer:
 
         scale, shift, mode = self.factors(ctx)
         z = self.moments(batch, ctx)
-        if mode != "moments":  # precached as mean/sample: already shifted and scaled
-            return z
+        # precached as mean/sample: already shifted and scaled (raw images encoded now are moments,
+        # whatever mode the folder's manifest records for its vae.npy)
+        if mode != "moments" and f"{self.o.latent_key}.npy" in batch:
+            stored_scale, stored_shift = self._stored[ctx.index]
+            if (stored_scale, stored_shift) == (scale, shift):
+                return z
+            return (z / stored_scale + stored_shift - shift) * scale  # the options' factors, applied once
         return (DiagonalGaussianDistribution(z).sample() - shift) * scale
 
     def _text_trainable(self, ctx: Any) -> bool:
@@ -338,7 +384,7 @@ class FlowTrainer:
         """(embeddings, mask or None): precached unless the text encoder trains in this step."""
         member = f"{self.o.text_key}.npy"
         if member in batch and not self._text_trainable(ctx):
-            emb = torch.as_tensor(batch[member]).to(ctx.device).float()
+            emb = self.stored(batch, member, ctx)
             mask = batch.get(f"{self.o.text_key}_mask.npy")
             return emb, (torch.as_tensor(mask).to(ctx.device).bool() if mask is not None else None)
         if self.o.text_encoder is None or self.o.text_encoder not in ctx.modules or self.tokenizer is None:

@@ -130,12 +130,14 @@ def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 # ------------------------------------------------------------------------- precached demo shards
 def precached_shards(
-    root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32
+    root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32,
+    latent_mode: str = "moments", store_dtype: str = "auto",
 ) -> Path:
     """A small `make shards` result without the HTTP and download stages: tiny models in `root/models`,
     and in `root/tarfiles_merged` shards 000000.tar... of `size` px JPEGs + captions with the
-    precached `vae.npy` (moments) and `clip.npy` (+ mask) members, `.idx` files and a manifest: what
-    `configs/pipelines/demo.yaml` reads with PREP_DEMO_OUT=root."""
+    precached `vae.npy` (`latent_mode`) and `clip.npy` (+ mask) members (both stored as
+    `store_dtype`), `.idx` files and a manifest: what `configs/pipelines/demo.yaml` reads with
+    PREP_DEMO_OUT=root."""
     from prep.config import PrepConfig
     from prep.formats.tar_write import write_shard
     from prep.runtime.runner import run_stage
@@ -157,10 +159,11 @@ def precached_shards(
         write_shard(raw / f"{s:06d}.tar", samples)
     encoders = [
         {"key": "vae", "modality": "image", "source": "jpg", "model": "diffusers:AutoencoderKL",
-         "pretrained": str(models), "subfolder": "vae", "resolution": size, "latent_mode": "moments"},
+         "pretrained": str(models), "subfolder": "vae", "resolution": size,
+         "latent_mode": latent_mode, "store_dtype": store_dtype},
         {"key": "clip", "modality": "text", "source": "txt", "model": "transformers:CLIPTextModel",
          "pretrained": str(models), "subfolder": "text_encoder", "max_length": 32, "padding": "max_length",
-         "attention_mask": True},
+         "attention_mask": True, "store_dtype": store_dtype},
     ]
     section = {"input_dir": str(raw), "output_dir": str(out / "tarfiles_merged"), "keep_source": True,
                "batch_size": 8, "num_workers": 0, "device": "cpu", "encoders": encoders}
