@@ -3,8 +3,9 @@
 `serve_images` stands in for the web that img2dataset crawls: generated images of several sizes and
 formats, 404s, a corrupt image, a response slower than any sane timeout, a redirect, an image whose
 `X-Robots-Tag` forbids AI use, and "flaky" URLs that fail until healed (for `--retry-failed`).
-`serve_files` is a static file store (byte ranges, bearer token or signed URLs) with injected latency
-and a bandwidth limit, for remote shard reading and the shard cache. `serve_hub` speaks the part of the
+`serve_files` is a static file store (byte ranges, bearer token or signed URLs) with injected latency,
+a bandwidth limit and failures that heal (`FileServer.fail`), for remote shard reading, its retries
+and the shard cache. `serve_hub` speaks the part of the
 HuggingFace hub HTTP API that `huggingface_hub` uses to list and download a dataset repo, so
 `HF_ENDPOINT=http://127.0.0.1:PORT` exercises the real client. All record every request (method, path,
 headers) so tests can assert what was fetched and which auth was sent.
@@ -506,12 +507,36 @@ class _Link:
             pos += sent
 
 
+Fault = int | str  # an HTTP status to answer, or "cut" | "stall" | "reset" (see `FileServer.fail`)
+
+
+@dataclass
+class _Faults:
+    """Failures to inject: (pattern, fault, times, retry_after) rules and how often each path met each."""
+
+    rules: list[tuple[str, Fault, int, float | None]] = field(default_factory=list)
+    met: Counter[tuple[int, str]] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, path: str) -> tuple[Fault, float | None] | None:
+        """The fault for this request of `path` (the first rule that matches and is not used up), if any."""
+        import fnmatch
+
+        with self.lock:
+            for n, (pattern, fault, times, after) in enumerate(self.rules):
+                if fnmatch.fnmatchcase(path, pattern) and self.met[(n, path)] < times:
+                    self.met[(n, path)] += 1
+                    return fault, after
+        return None
+
+
 @dataclass
 class FileServer:
-    """What `serve_files` yields: the base URL and the request log."""
+    """What `serve_files` yields: the base URL, the request log and `fail` to inject failures."""
 
     url: str
     log: _Log
+    faults: _Faults = field(default_factory=_Faults)
 
     @property
     def requests(self) -> list[Request]:
@@ -521,6 +546,15 @@ class FileServer:
     def gets(self, suffix: str = "") -> list[Request]:
         """GET requests whose path ends with `suffix`."""
         return [r for r in self.requests if r.method == "GET" and r.path.split("?")[0].endswith(suffix)]
+
+    def fail(self, pattern: str, fault: Fault, times: int = 1, retry_after: float | None = None) -> None:
+        """Fail the first `times` GETs of each path matching the glob `pattern` (the path without its
+        query, e.g. `/ds/*.tar`), then serve it again, as a store does through a bad minute. `fault`: an
+        HTTP status (with `retry_after`, a `Retry-After: <seconds>` header); "cut": the status and
+        headers of the whole answer, then half its body, then the connection closes; "stall": no answer
+        until the server stops (a client's timeout fires); "reset": the connection is reset at once."""
+        with self.faults.lock:
+            self.faults.rules.append((pattern, fault, times, retry_after))
 
 
 def _signature(key: str, path: str) -> str:
@@ -544,10 +578,13 @@ def serve_files(root: str | Path, *, token: str | None = None, latency: float = 
     whole files. With `redirect_to` (another server's URL), an authorised GET of a file is answered with
     a 302 to the same path there, as the hub sends a file request on to its CDN. With `signing_key`, a
     request is answered only at a URL signed for its own path (`signed_url`), as an object store answers
-    presigned URLs: 403 for any other."""
+    presigned URLs: 403 for any other. `FileServer.fail` makes chosen paths fail their first requests (a
+    status, a cut body, a stall, a reset) before serving them again."""
     base = Path(root).resolve()
     log = _Log()
     link = _Link(bandwidth)
+    faults = _Faults()
+    stopping = threading.Event()
 
     class Handler(_Handler):
         disable_nagle_algorithm = True  # headers and body go out at once (no delayed-ACK wait per request)
@@ -558,6 +595,19 @@ def serve_files(root: str | Path, *, token: str | None = None, latency: float = 
             log.add(Request.of(self.command, self.path, self))
             if latency:
                 time.sleep(latency)
+            fault = None if head else faults.take(unquote(urlsplit(self.path).path))
+            if fault is not None and fault[0] in ("stall", "reset"):
+                if fault[0] == "stall":
+                    stopping.wait()
+                else:  # RST instead of an answer: linger on, for 0 seconds
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+                return
+            if fault is not None and isinstance(fault[0], int):
+                self._send(fault[0], b"try later",
+                           {"Retry-After": f"{fault[1]:g}"} if fault[1] is not None else None)
+                return
             if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
                 self._send(401, b"unauthorized", head=head)
                 return
@@ -587,11 +637,16 @@ def serve_files(root: str | Path, *, token: str | None = None, latency: float = 
             self.end_headers()
             if head or end <= start:
                 return
+            cut = fault is not None and fault[0] == "cut"
             try:
                 with open(path, "rb") as f:
-                    link.send_file(self.connection, f, start, end)
+                    link.send_file(self.connection, f, start, start + (end - start) // 2 if cut else end)
             except ConnectionError:
                 pass  # the client went away (a killed reader)
+            if cut:
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
         def do_GET(self) -> None:
             self._serve(False)
@@ -600,4 +655,7 @@ def serve_files(root: str | Path, *, token: str | None = None, latency: float = 
             self._serve(True)
 
     with _serving(Handler, port) as server:
-        yield FileServer(base_url(server), log)
+        try:
+            yield FileServer(base_url(server), log, faults)
+        finally:
+            stopping.set()
