@@ -20,7 +20,7 @@ def _get(url, start, end, tmp_path, headers=None):
     out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
     try:
         os.ftruncate(out, 0)
-        got = get_range_into(url, start, end, headers or {}, out)
+        got = get_range_into(url, start, end, headers or {}, out, 60.0)
         return got, os.pread(out, end, 0)[start:]
     finally:
         os.close(out)

@@ -23,43 +23,63 @@ from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
 from prep.formats.tar_write import WRITE_PIECE, pwrite_pieces
+from prep.loaders.io.retry import retry_after_seconds
 
 _MAX_REDIRECTS = 5
-_TIMEOUT = 60.0  # seconds a connection may stay silent
 _REDIRECTS = (301, 302, 303, 307, 308)
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)  # a closed keep-alive
 
 
 class FetchError(Exception):
     """The request failed: `status` is the HTTP status of a response other than 206 (or a 200 whose body
-    is exactly the range asked for), None when the network failed. Not an OSError, so that a failing
-    write to the cache (ENOSPC) is never mistaken for a failing server, nor the other way round."""
+    is exactly the range asked for), None when the network failed (refused, reset, timed out, or cut
+    before the whole body came); `retry_after` is the server's Retry-After in seconds. Not an OSError,
+    so that a failing write to the cache (ENOSPC) is never mistaken for a failing server, nor the other
+    way round. Whether it is worth another try is `io/retry`'s call."""
 
-    def __init__(self, status: int | None, reason: str) -> None:
+    def __init__(self, status: int | None, reason: str, retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status} {reason}" if status else reason)
         self.status = status
+        self.retry_after = retry_after
+
+
+def _network(err: Exception, reading: bool) -> FetchError:
+    """A network failure, its text led by what `Failure.reason` counts: timeout, connection cut (the
+    answer began and stopped) or connection failed (no answer)."""
+    kind = "connection cut" if reading else "connection failed"
+    if isinstance(err, TimeoutError):
+        kind = "timeout"
+    return FetchError(None, f"{kind}: {type(err).__name__}: {err}")
+
+
+def _failed(resp: http.client.HTTPResponse) -> FetchError:
+    return FetchError(resp.status, resp.reason, retry_after_seconds(resp.getheader("Retry-After")))
 
 
 _local = threading.local()
 _SSL: ssl.SSLContext | None = None
 
 
-def _connection(scheme: str, netloc: str) -> http.client.HTTPConnection:
+_Where = tuple[str, str, float]  # (scheme, host, timeout): one kept-alive connection per thread for each
+
+
+def _connection(where: _Where) -> http.client.HTTPConnection:
     global _SSL
-    conns: dict[tuple[str, str], http.client.HTTPConnection] = _local.__dict__.setdefault("conns", {})
-    conn = conns.get((scheme, netloc))
+    conns: dict[_Where, http.client.HTTPConnection] = _local.__dict__.setdefault("conns", {})
+    conn = conns.get(where)
     if conn is None:
+        scheme, netloc, timeout = where
         if scheme == "https":
             _SSL = _SSL or ssl.create_default_context()
-            conn = http.client.HTTPSConnection(netloc, timeout=_TIMEOUT, context=_SSL)
+            conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=_SSL)
         else:
-            conn = http.client.HTTPConnection(netloc, timeout=_TIMEOUT)
-        conns[(scheme, netloc)] = conn
+            conn = http.client.HTTPConnection(netloc, timeout=timeout)
+        conns[where] = conn
     return conn
 
 
-def _drop(scheme: str, netloc: str) -> None:
-    conn = _local.__dict__.get("conns", {}).pop((scheme, netloc), None)
+def _drop(where: _Where) -> None:
+    conn = _local.__dict__.get("conns", {}).pop(where, None)
     if conn is not None:
         conn.close()
 
@@ -71,46 +91,49 @@ def _buffer() -> memoryview:
     return buf
 
 
-def get_range_into(url: str, start: int, end: int, headers: Mapping[str, str], out: int) -> int:
+def get_range_into(url: str, start: int, end: int, headers: Mapping[str, str], out: int,
+                   timeout: float) -> int:
     """GET bytes [start, end) of `url` and write them at the same offsets of the file descriptor `out`
-    (in pieces of WRITE_PIECE, through one reused buffer); return how many bytes were written, which is
-    less than `end - start` only when the server sent less."""
-    resp, where = _get(url, headers, f"bytes={start}-{end - 1}")
+    (in pieces of WRITE_PIECE, through one reused buffer); return `end - start`. A body cut short raises
+    FetchError(None) (the bytes written are then incomplete: the caller asks again or discards them); a
+    200 with more than the range (the server ignored Range) raises FetchError(200). `timeout`: seconds
+    the connection may stay silent."""
+    resp, where = _get(url, headers, f"bytes={start}-{end - 1}", timeout)
     try:
         if resp.status == 200 and not (start == 0 and resp.length == end - start):
             raise FetchError(200, "the server ignored the Range header")
         if resp.status not in (200, 206):
-            raise FetchError(resp.status, resp.reason)
+            raise _failed(resp)
         got = _copy(resp, start, end, out)
         if got < end - start:
-            _drop(*where)
+            raise FetchError(None, f"connection cut: {got} of {end - start} bytes arrived")
         return got
     except BaseException:
-        _drop(*where)  # a half-read response leaves the connection unusable
+        _drop(where)  # a half-read response leaves the connection unusable
         raise
 
 
-def get_small(url: str, headers: Mapping[str, str]) -> bytes | None:
+def get_small(url: str, headers: Mapping[str, str], timeout: float) -> bytes | None:
     """The whole body of a small file (a manifest, an `.idx`); None when the server says 404."""
-    resp, where = _get(url, headers, None)
+    resp, where = _get(url, headers, None, timeout)
     try:
         if resp.status == 404:
             resp.read()
             return None
         if resp.status != 200:
-            raise FetchError(resp.status, resp.reason)
+            raise _failed(resp)
         return resp.read()
-    except (OSError, http.client.HTTPException) as err:
-        _drop(*where)
-        raise FetchError(None, f"{type(err).__name__} while reading the response: {err}") from None
+    except (OSError, http.client.HTTPException) as err:  # IncompleteRead: a body cut short
+        _drop(where)
+        raise _network(err, reading=True) from None
     except BaseException:
-        _drop(*where)
+        _drop(where)
         raise
 
 
-def _get(url: str, headers: Mapping[str, str], byte_range: str | None
-         ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
-    """The response to a GET of `url` after redirects, and the (scheme, host) it came from."""
+def _get(url: str, headers: Mapping[str, str], byte_range: str | None, timeout: float
+         ) -> tuple[http.client.HTTPResponse, _Where]:
+    """The response to a GET of `url` after redirects, and the connection it came on."""
     sent_headers = dict(headers)
     origin = urlsplit(url)[:2]
     for _ in range(_MAX_REDIRECTS + 1):
@@ -120,18 +143,19 @@ def _get(url: str, headers: Mapping[str, str], byte_range: str | None
             sent_headers = {k: v for k, v in sent_headers.items() if k.lower() != "authorization"}
         if byte_range is not None:
             sent_headers["Range"] = byte_range
+        where = (parts.scheme, parts.netloc, timeout)
         for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile: once more, afresh
-            conn = _connection(parts.scheme, parts.netloc)
+            conn = _connection(where)
             try:
                 conn.request("GET", path, headers=sent_headers)
                 resp = conn.getresponse()
                 break
             except (OSError, http.client.HTTPException) as err:
-                _drop(parts.scheme, parts.netloc)
+                _drop(where)
                 if attempt or not isinstance(err, _STALE):
-                    raise FetchError(None, f"{type(err).__name__}: {err}") from None
+                    raise _network(err, reading=False) from None
         if resp.status not in _REDIRECTS:
-            return resp, (parts.scheme, parts.netloc)
+            return resp, where
         location = resp.getheader("Location")
         resp.read()
         if not location:
@@ -147,7 +171,7 @@ def _copy(resp: http.client.HTTPResponse, start: int, end: int, out: int) -> int
         try:
             got = resp.readinto(buf[: min(len(buf), end - pos)])
         except (OSError, http.client.HTTPException) as err:
-            raise FetchError(None, f"{type(err).__name__} while reading the response: {err}") from None
+            raise _network(err, reading=True) from None
         if not got:
             break
         pos += pwrite_pieces(out, buf[:got], pos)

@@ -9,6 +9,10 @@ fsspec's `cat_ranges`). With a `ShardCache`, a remote or `pipe:` shard is instea
 the node's cache (a thread reads ahead in the planned order) and read locally; ranged reads remain the
 fallback when the cache has no room.
 
+Every remote request runs under one `RetryPolicy` (`io/retry`): transient failures (5xx, 429, timeouts,
+cut connections, short bodies) are tried again with backoff; a request's bytes are used only when they
+are all there, so a retried read returns what an unfailed one would.
+
 Secrets: an HTTP token travels only in request headers (fsspec `storage_options`), is wrapped so its
 repr is `***`, and URLs are redacted (no user info, no query string) in every error message.
 """
@@ -28,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -42,6 +46,7 @@ from prep.formats.tar_write import pwrite_pieces
 from prep.formats.wdinfo import read_wdinfo
 from prep.loaders.io.cache import INDEX_SUFFIX, ShardCache, entry_name, release
 from prep.loaders.io.http_range import FetchError, get_range_into, get_small
+from prep.loaders.io.retry import Attempts, Failure, RetryPolicy, call, classify, gave_up
 
 _OPEN_FILES = 64  # open shard files kept per worker
 _OFFSETS_CACHE = 1024  # parsed .idx arrays kept per worker (8 KiB per 1,000 samples)
@@ -51,6 +56,7 @@ _AHEAD_THREADS = 6  # downloads of the read-ahead in flight per worker (each wai
 _BATCH_THREADS = 8  # requests a batch makes together (index reads, downloads of its missing shards)
 _BRACE_RE = re.compile(r"\{[^{}]*\}")
 _NATIVE_READ = getattr(NATIVE, "read_spans", None)  # a batch's local reads in one C call, where built
+T = TypeVar("T")
 
 
 class Secret:
@@ -152,12 +158,19 @@ def _fresh_fs_lock() -> None:
 os.register_at_fork(after_in_child=_fresh_fs_lock)
 
 
-def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None) -> Any:
-    """This process's fsspec filesystem for the URL's scheme and options (see `_FILESYSTEMS`)."""
+def _filesystem(url: str, token: Secret | None, options: dict[str, Any] | None, timeout: float) -> Any:
+    """This process's fsspec filesystem for the URL's scheme and options (see `_FILESYSTEMS`). An http(s)
+    one stops waiting on a connection silent for `timeout` seconds (a failure the retries handle), unless
+    `storage_options` bring their own `client_kwargs`."""
     import fsspec
 
     scheme = url.split("://", 1)[0]
     opts = storage_options_for(url, token, options)
+    if scheme in ("http", "https") and "client_kwargs" not in opts:
+        import aiohttp
+
+        opts["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                                                  sock_read=timeout)}
     key = (os.getpid(), scheme, json.dumps(opts, sort_keys=True, default=repr))  # held in memory only
     try:
         with _FS_LOCK:
@@ -181,16 +194,32 @@ def unreadable(err: OSError, what: str, where: str) -> PrepError:
 
 
 def _remote_error(err: Exception, url: str, what: str) -> PrepError:
-    status = getattr(err, "status", None) or getattr(err, "code", None)
-    # a FetchError's text is prep's own (no URL, so no token); other libraries' may hold the URL
-    detail = str(err) if isinstance(err, FetchError) else f"HTTP {status}" if status else type(err).__name__
-    if status in (401, 403):
-        fix = "check the token (sent as an Authorization header) and that the URL is readable"
-    elif status == 200:
-        fix = "serve the shards with HTTP Range support"
-    else:
-        fix = "check the URL and that the server is reachable"
-    return PrepError(f"cannot {what} ({detail})", redact_url(url), fix)
+    """The one line for a remote request that failed in a way the retry policy does not know (an
+    unexpected exception of a filesystem library): not retried. Its text may hold the URL: only its type
+    is shown."""
+    failure = classify(err) or Failure(None, type(err).__name__, False)
+    return gave_up(failure, redact_url(url), what, 1, 0.0)
+
+
+def _remote(fn: Callable[[], T], url: str, what: str, retry: RetryPolicy) -> T:
+    """`fn()` (a remote request) under the retry policy; any failure ends as the one-line PrepError."""
+    try:
+        return call(fn, retry, redact_url(url), what)
+    except PrepError:
+        raise
+    except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
+        raise _remote_error(err, url, what) from None
+
+
+def _exact(blob: bytes, start: int, end: int) -> bytes:
+    """The body of a ranged request when it is the whole range; a shorter one is a cut connection (worth
+    another try), a longer one a server that ignored Range (not)."""
+    if len(blob) < end - start:
+        raise FetchError(None, f"connection cut: {len(blob)} of {end - start} bytes arrived")
+    if len(blob) > end - start:
+        raise FetchError(200, f"the server ignored the Range header (sent {len(blob)} bytes for "
+                              f"{end - start})")
+    return blob
 
 
 def _scan_stream(f: Any, where: str) -> np.ndarray:
@@ -250,27 +279,27 @@ def _scanned_offsets(path: str | os.PathLike[str]) -> np.ndarray:
     )
 
 
-def _remote_tar(url: str, token: Secret | None, options: dict[str, Any] | None) -> ShardSpec:
-    offsets = _remote_offsets(url, token, options)
+def _remote_tar(url: str, token: Secret | None, options: dict[str, Any] | None,
+                retry: RetryPolicy) -> ShardSpec:
+    offsets = _remote_offsets(url, token, options, retry)
     return ShardSpec(url, redact_url(url), len(offsets) - 1, offsets)
 
 
-def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | None,
+def _remote_offsets(url: str, token: Secret | None, options: dict[str, Any] | None, retry: RetryPolicy,
                     fetch_index: Callable[[], bytes | None] | None = None) -> np.ndarray:
     """Sample offsets (N+1) of a remote tar: from its `.idx` when there is one (got by `fetch_index`, e.g.
-    through the shard cache, else requested), else from a header scan."""
-    raw = fetch_index() if fetch_index is not None else _remote_index(url, token, options)
+    through the shard cache, else requested), else from a header scan (begun again when it fails)."""
+    raw = fetch_index() if fetch_index is not None else _remote_index(url, token, options, retry)
     if raw is not None:
         return _index_array(raw, url)
-    fs = _filesystem(url, token, options)
+    fs = _filesystem(url, token, options, retry.timeout)
     name = redact_url(url)
-    try:
+
+    def scan() -> np.ndarray:
         with fs.open(url, "rb", block_size=1 << 22) as f:
             return _scan_stream(f, name)
-    except PrepError:
-        raise
-    except Exception as err:
-        raise _remote_error(err, url, "read the shard") from None
+
+    return _remote(scan, url, "read the shard", retry)
 
 
 def is_tar_url(url: str) -> bool:
@@ -306,38 +335,37 @@ def _plain_http(url: str, token: Secret | None, options: dict[str, Any] | None) 
 
 
 def _get_small(url: str, token: Secret | None, options: dict[str, Any] | None, what: str,
-               absent: tuple[int, ...] = (404,)) -> bytes | None:
+               retry: RetryPolicy, absent: tuple[int, ...] = (404,)) -> bytes | None:
     """A small remote file's bytes (None when the server answers a status in `absent`: it does not exist),
     by http_range when the URL allows."""
     headers = _plain_http(url, token, options)
-    if headers is not None:
+
+    def fetch() -> bytes | None:
         try:
-            return get_small(url, headers)
-        except FetchError as err:
-            if err.status in absent:
+            if headers is not None:
+                return get_small(url, headers, retry.timeout)
+            return bytes(_filesystem(url, token, options, retry.timeout).cat_file(url))
+        except Exception as err:
+            failure = classify(err)
+            if failure is not None and failure.status in absent:
                 return None
-            raise _remote_error(err, url, what) from None
-    fs = _filesystem(url, token, options)
-    try:
-        return bytes(fs.cat_file(url))
-    except FileNotFoundError:
-        return None
-    except Exception as err:  # fsspec backends raise their own types (aiohttp, botocore, hf)
-        if getattr(err, "status", None) in absent or getattr(err, "code", None) in absent:
-            return None
-        raise _remote_error(err, url, what) from None
+            raise
+
+    return _remote(fetch, url, what, retry)
 
 
-def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None) -> bytes | None:
+def _remote_index(url: str, token: Secret | None, options: dict[str, Any] | None,
+                  retry: RetryPolicy) -> bytes | None:
     """The bytes of a remote tar's `.idx`, None when it has none. A URL with a query (a presigned URL,
     whose signature covers the tar's path only) may be refused at the `.idx`: then it has none here."""
     absent = (401, 403, 404) if urlsplit(url).query else (404,)
-    return _get_small(_beside(url, IDX_SUFFIX), token, options, "read the index", absent)
+    return _get_small(_beside(url, IDX_SUFFIX), token, options, "read the index", retry, absent)
 
 
-def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None) -> list[ShardSpec]:
+def _remote_folder(url: str, token: Secret | None, options: dict[str, Any] | None,
+                   retry: RetryPolicy) -> list[ShardSpec]:
     base = url.rstrip("/") + "/"
-    raw = _get_small(base + MANIFEST_NAME, token, options, "read the remote manifest.json")
+    raw = _get_small(base + MANIFEST_NAME, token, options, "read the remote manifest.json", retry)
     if raw is None:
         raise PrepError("cannot read the remote manifest.json (HTTP 404)", redact_url(base + MANIFEST_NAME),
                         "check the URL: a remote folder needs the manifest.json that generate_wdinfo writes")
@@ -393,6 +421,7 @@ def resolve_shards(
     allow_pipe: bool = False,
     token: Secret | None = None,
     storage_options: dict[str, Any] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
 ) -> list[ShardSpec]:
     """The shards of a source, in their canonical order, with sample counts.
 
@@ -403,6 +432,8 @@ def resolve_shards(
       manifest.json;
       `ShardDataset` turns `hf://` paths into the hub's https URLs first, see `hub_urls`);
     - `pipe:CMD` only with `allow_pipe=True` (the command's output is read whole per shard).
+
+    Remote requests are retried under `retry`.
     """
     items = source_items(source)
     specs: list[ShardSpec] = []
@@ -417,9 +448,9 @@ def resolve_shards(
             specs.append(_pipe_tar(item))
         elif is_remote(item):
             specs += (
-                [_remote_tar(item, token, storage_options)]
+                [_remote_tar(item, token, storage_options, retry)]
                 if is_tar_url(item)
-                else _remote_folder(item, token, storage_options)
+                else _remote_folder(item, token, storage_options, retry)
             )
         else:
             p = Path(_local(item))
@@ -466,12 +497,14 @@ class ShardReader:
         storage_options: dict[str, Any] | None = None,
         pipe_cache: int = 2,
         cache: ShardCache | None = None,
+        retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         self.shards = list(shards)
         self.token = token
         self.storage_options = storage_options
         self.pipe_cache = max(1, pipe_cache)
         self.cache = cache
+        self.retry = retry
         self._reset()
 
     def _reset(self) -> None:
@@ -485,6 +518,7 @@ class ShardReader:
         self._pool: ThreadPoolExecutor | None = None  # this process's concurrent requests for a batch
         self._chunks: ThreadPoolExecutor | None = None  # and the chunk requests of its downloads
         self._entries: dict[int, tuple[str, int]] = {}  # cache entry (name, size) per shard
+        self._ahead_failed: dict[int, PrepError] = {}  # downloads the read-ahead gave up on, per shard
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -493,6 +527,7 @@ class ShardReader:
             "storage_options": self.storage_options,
             "pipe_cache": self.pipe_cache,
             "cache": self.cache,
+            "retry": self.retry,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -518,7 +553,7 @@ class ShardReader:
         if spec.offsets is not None:
             off = spec.offsets
         elif is_remote(spec.url):
-            off = _remote_offsets(spec.url, self.token, self.storage_options,
+            off = _remote_offsets(spec.url, self.token, self.storage_options, self.retry,
                                   self._cached_index(i) if self.cached(i) else None)
         else:
             path = _local(spec.url)
@@ -546,8 +581,8 @@ class ShardReader:
         cache, spec = self.cache, self.shards[i]
         name = entry_name(redact_url(spec.url), spec.file_bytes or -1, f"{spec.checksum}:{spec.samples}",
                           INDEX_SUFFIX)
-        token, options = self.token, self.storage_options
-        return lambda: cache.fetch_small(name, lambda: _remote_index(spec.url, token, options))
+        token, options, retry = self.token, self.storage_options, self.retry
+        return lambda: cache.fetch_small(name, lambda: _remote_index(spec.url, token, options, retry))
 
     def cached(self, i: int) -> bool:
         """Whether shard i is read through the cache (remote and `pipe:` shards, when there is one)."""
@@ -568,6 +603,11 @@ class ShardReader:
         """A descriptor of shard i's cache entry (downloaded now when absent), or None: no room (or, with
         `wait=False`, another process is downloading it)."""
         assert self.cache is not None
+        if wait:  # the read-ahead already tried (and retried) it: its verdict, not a second round of tries
+            with self._lock:
+                failed = self._ahead_failed.pop(i, None)
+            if failed is not None:
+                raise failed
         name, size = self._entry(i)
         url = self.shards[i].url
         try:
@@ -600,17 +640,18 @@ class ShardReader:
             return written
         headers = _plain_http(url, self.token, self.storage_options)
         fs = None if headers is not None else self._filesystem(url)
+        retry, where = self.retry, redact_url(url)
 
         def get(a: int) -> int:
+            """One chunk, asked for again while it fails transiently; a retry writes the same bytes at the
+            same offsets, and the entry appears only when every chunk came whole (`ShardCache.fill`)."""
             e = min(size, a + _CHUNK)
             if fs is None:  # see io/http_range.py: the same request with less CPU
-                got = get_range_into(url, a, e, headers or {}, out)
-            else:
-                got = pwrite_pieces(out, fs.cat_file(url, start=a, end=e), a)
-            if got != e - a:
-                raise PrepError(f"server sent {got} bytes for a {e - a}-byte range",
-                                redact_url(url), "serve the shards with HTTP Range support")
-            return got
+                return call(lambda: get_range_into(url, a, e, headers or {}, out, retry.timeout), retry,
+                            where, "download the shard")
+            blob = call(lambda: _exact(fs.cat_file(url, start=a, end=e), a, e), retry, where,
+                        "download the shard")
+            return pwrite_pieces(out, blob, a)
 
         pool = self._chunk_pool()
         starts = iter(range(0, size, _CHUNK))
@@ -687,15 +728,21 @@ class ShardReader:
             i = todo.get()
             try:
                 fd = self._cache_fd(i, wait=False)  # another worker downloading it: on to the next one
+            except PrepError as err:  # the reading path raises it when it needs the shard
+                with self._lock:
+                    self._ahead_failed[i] = err
+                continue
             except Exception:  # the reading path meets the same error and reports it
                 continue
+            with self._lock:
+                self._ahead_failed.pop(i, None)
             if fd is not None:
                 release(fd)
 
     def _filesystem(self, url: str) -> Any:
         """This process's filesystem for the URL, shared by its threads (fsspec runs every request of it
         on one event loop)."""
-        return _filesystem(url, self.token, self.storage_options)
+        return _filesystem(url, self.token, self.storage_options, self.retry.timeout)
 
     def _fd(self, i: int) -> int:
         """Shard i's descriptor, opened once and kept (least recently used first). Closing the oldest
@@ -875,23 +922,38 @@ class ShardReader:
             raise self._truncated(i, j, ended, end)
 
     def _read_remote(self, wanted: list[tuple[int, int, int, int]], out: list[bytes | None]) -> None:
+        """Ranged reads of samples (k, shard, start, end) into `out[k]`, a scheme's ranges together (fsspec
+        `cat_ranges`). The ranges that failed transiently are asked for again together, after one wait
+        of the retry policy per round; a sample's bytes are kept only when its whole range came."""
         by_scheme: dict[str, list[tuple[int, int, int, int]]] = {}
         for w in wanted:
             by_scheme.setdefault(self.shards[w[1]].url.split("://", 1)[0], []).append(w)
         for group in by_scheme.values():
             fs = self._filesystem(self.shards[group[0][1]].url)
-            urls = [self.shards[i].url for _, i, _, _ in group]
-            try:
-                blobs = fs.cat_ranges(urls, [s for *_, s, _ in group], [e for *_, e in group])
-            except Exception as err:
-                raise _remote_error(err, urls[0], "read samples") from None
-            for (k, i, s, e), blob in zip(group, blobs, strict=True):
-                if isinstance(blob, Exception):
-                    raise _remote_error(blob, self.shards[i].url, "read a sample")
-                if len(blob) != e - s:
-                    raise PrepError(
-                        f"server sent {len(blob)} bytes for a {e - s}-byte range",
-                        redact_url(self.shards[i].url),
-                        "serve the shards with HTTP Range support",
-                    )
-                out[k] = blob
+            attempts = Attempts(self.retry, "read samples")
+            while group:
+                urls = [self.shards[i].url for _, i, _, _ in group]
+                try:
+                    blobs = fs.cat_ranges(urls, [s for *_, s, _ in group], [e for *_, e in group])
+                except Exception as err:  # the whole call failed: every range with it
+                    blobs = [err] * len(group)
+                failed: list[tuple[int, int, int, int]] = []
+                worst: tuple[Failure, int] | None = None
+                for (k, i, s, e), blob in zip(group, blobs, strict=True):
+                    try:
+                        if isinstance(blob, Exception):
+                            raise blob
+                        out[k] = _exact(blob, s, e)
+                        continue
+                    except PrepError:
+                        raise
+                    except Exception as err:
+                        failure = classify(err)
+                        if failure is None:
+                            raise _remote_error(err, self.shards[i].url, "read a sample") from None
+                    failed.append((k, i, s, e))
+                    if worst is None or (worst[0].transient and not failure.transient):
+                        worst = (failure, i)  # one that asking again would not mend decides
+                if worst is not None:
+                    attempts.failed(worst[0], redact_url(self.shards[worst[1]].url), len(failed))
+                group = failed
