@@ -11,6 +11,7 @@ from prep.loaders.dataloader import DataLoader
 from prep.loaders.io.collate import collate_samples
 from prep.loaders.io.decode import Decoder
 from prep.loaders.io.images import jpeg_backend
+from prep.loaders.io.retry import RetryPolicy
 from prep.loaders.latents import (
     LatentScaling,
     LatentTransform,
@@ -24,7 +25,7 @@ from prep.loaders.leaves.sequence import SequenceDataset
 from prep.loaders.leaves.shard import ShardDataset
 
 __all__ = ["BatchDesc", "DataLoader", "Node", "counter_rng", "dist_info", "rank_slice"]
-__all__ += ["Decoder", "LocalDataset", "ShardDataset", "collate_samples", "jpeg_backend"]
+__all__ += ["Decoder", "LocalDataset", "RetryPolicy", "ShardDataset", "collate_samples", "jpeg_backend"]
 __all__ += ["BlendDataset", "ChunkPlan", "ChunkedDataLoader", "ChunkedSampler", "ConcatDataset",
             "EpochizeDataset", "MapDataset", "MixBatchDataset", "SequenceDataset", "Source", "concat_pad",
             "homogeneous_concat_mix", "resolve_chunk_config"]

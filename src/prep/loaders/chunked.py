@@ -377,7 +377,8 @@ class ChunkedDataLoader:
         """Bad samples skipped so far (see `DataLoader.stats`); a map-style dataset skips nothing here."""
         if self.is_tree:
             return self._loader.stats()
-        return {"skipped": 0, "by_reason": {}, "by_key": {}}
+        return {"skipped": 0, "by_reason": {}, "by_key": {},
+                "retries": {"count": 0, "by_reason": {}, "last": ""}}
 
     # ------------------------------------------------------------------------------------ sizes
     @property

@@ -31,8 +31,9 @@ from prep.loaders.base import (
     dist_info,
     fingerprint_hash,
 )
-from prep.loaders.io import torch_private
+from prep.loaders.io import retry, torch_private
 from prep.loaders.io.queues import caller_writes_context
+from prep.loaders.io.retry import Retried
 from prep.loaders.io.shm import slot_scope
 from prep.loaders.skips import Skip, SkipStats
 
@@ -104,8 +105,10 @@ class _Fetcher(tud.Dataset):
         self.rank = rank
         self.world = world
 
-    def __getitem__(self, descs: tuple[BatchDesc, ...]) -> tuple[list[Any], list[Skip]] | WorkerError:
-        """The batches, and the bad samples skipped while loading them (they travel with the batches)."""
+    def __getitem__(self, descs: tuple[BatchDesc, ...]
+                    ) -> tuple[list[Any], list[Skip], Retried] | WorkerError:
+        """The batches, the bad samples skipped while loading them and this process's remote retries since
+        the last request (they travel with the batches)."""
         with slot_scope() as sent, skips.collecting() as skipped:
             try:
                 out = [self.nodes[d.node].fetch(d, self.rank, self.world) for d in descs]
@@ -114,7 +117,7 @@ class _Fetcher(tud.Dataset):
                     raise
                 return WorkerError(err)
             sent(out)
-        return out, skipped
+        return out, skipped, retry.drain()
 
     def __len__(self) -> int:  # pragma: no cover - torch asks only for map-style sizing hints
         return 0
@@ -208,6 +211,7 @@ class DataLoader:
         self._consumed = 0
         self._left: dict[str, Any] | None = None  # the tree's cursor as the loader last left it
         self._skips = SkipStats()
+        self._retries = retry.RetryStats()
         leaves = [n for n in dataset.nodes().values() if hasattr(n, "max_skip_fraction")]
         self._skip_limits = {n.path: (n.total, n.max_skip_fraction) for n in leaves}  # type: ignore[attr-defined]
         at_open = [dataclasses.replace(s, leaf=n.path) for n in leaves
@@ -251,9 +255,10 @@ class DataLoader:
                     raise error
                 finally:
                     del error
-            group, skipped = fetched
+            group, skipped, retried = fetched
             if skipped:
                 self._skips.add(skipped, self._skip_limits)
+            self._retries.add(retried)
             for batch in group:
                 self._state = self._pending.popleft()
                 self._consumed += 1
@@ -284,8 +289,11 @@ class DataLoader:
     def stats(self) -> dict[str, Any]:
         """Bad samples skipped so far (on_error="skip"): {"skipped": n, "by_reason": {reason: n},
         "by_key": {"shard sample key": n}} — images that could not be bucketed when a LocalDataset opened
-        included. Skipped samples are dropped from their batches, so those batches are shorter."""
-        return self._skips.as_dict()
+        included. Skipped samples are dropped from their batches, so those batches are shorter. And the
+        remote reads tried again (`ShardDataset(retry=...)`): "retries": {"count": n, "by_reason":
+        {"HTTP 503": n, ...}, "last": "URL: what failed"}, counted as the workers report them."""
+        self._retries.add(retry.drain())  # this process's own (a loader without workers, or its setup)
+        return {**self._skips.as_dict(), "retries": self._retries.as_dict()}
 
     @property
     def batches_consumed(self) -> int:

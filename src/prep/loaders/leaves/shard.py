@@ -40,6 +40,7 @@ from prep.loaders.base import (
 from prep.loaders.io.cache import ShardCache
 from prep.loaders.io.decode import DecodeMode, Decoder, Parsed
 from prep.loaders.io.members import Buffer, batch_member_spans, parse_sample
+from prep.loaders.io.retry import RetryPolicy
 from prep.loaders.io.shm import bytes_list, shared_empty
 from prep.loaders.io.sources import (
     Secret,
@@ -92,6 +93,10 @@ class ShardDataset(SampleLeaf):
             by every worker and rank of the node, holding at most `cache_bytes` (see docs/loaders.md). Each
             worker downloads whole shards ahead of use, `read_ahead` of them (default: four windows) in the
             order its rank will read them. Without cache_dir, remote samples are ranged reads.
+        retry: how remote reads that fail transiently (5xx, 408, 425, 429, timeouts, cut connections) are
+            tried again: a `RetryPolicy` (default 5 retries, backoff from 0.5 s doubling to at most 30 s,
+            with jitter; a 60 s silent connection is a timeout); `RetryPolicy(retries=0)` fails at once.
+            Retries are counted in `DataLoader.stats()["retries"]`.
         on_error: 'skip' (default) drops a bad sample (corrupt image, missing or malformed member,
             unreadable record) from its batch and counts it (`DataLoader.stats()`, a warning at most once a
             minute); 'raise' stops at the first. max_skip_fraction: with 'skip', more distinct bad samples
@@ -124,18 +129,23 @@ class ShardDataset(SampleLeaf):
         cache_dir: str | os.PathLike[str] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         read_ahead: int | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         skips.check_policy(on_error, max_skip_fraction, "ShardDataset")
         self.on_error: OnError = on_error
         self.max_skip_fraction = float(max_skip_fraction)
         if window_shards < 1:
             raise PrepError(f"window_shards={window_shards} is below 1", "window_shards", "use 1 or more")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise PrepError(f"retry={retry!r} is not a RetryPolicy", "ShardDataset(retry=...)",
+                            "pass retry=RetryPolicy(retries=5, base_delay=0.5, max_delay=30.0)")
+        self.retry = retry if retry is not None else RetryPolicy()
         secret = Secret(token) if token is not None else None
         items = source_items(source)
         if storage_options is None:  # hf:// read at the hub's https URLs (with storage_options: HfFileSystem)
             items, secret = hub_urls(items, secret)
         self.shards: list[ShardSpec] = resolve_shards(
-            items, allow_pipe=allow_pipe, token=secret, storage_options=storage_options
+            items, allow_pipe=allow_pipe, token=secret, storage_options=storage_options, retry=self.retry
         )
         g, r, w = resolve_global_batch(batch_size, global_batch_size, rank, world_size)
         super().__init__(
@@ -151,7 +161,7 @@ class ShardDataset(SampleLeaf):
         self.read_ahead = 4 * self.window_shards if read_ahead is None else max(0, int(read_ahead))
         self.reader = ShardReader(
             self.shards, token=secret, storage_options=storage_options, pipe_cache=self.window_shards + 1,
-            cache=cache,
+            cache=cache, retry=self.retry,
         )
         self._order: EpochOrder | None = None
         self._names: list[str] | None = None
