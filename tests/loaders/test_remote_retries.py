@@ -64,6 +64,19 @@ def test_an_epoch_through_failing_then_healed_requests_is_the_local_epoch(data, 
     assert 1 <= len(retried) <= 3  # rate-limited: once a minute per process that reports (main, 2 workers)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["ranged", "cached"])
+def test_hub_reads_are_retried_as_any_https_store(data, tmp_path, monkeypatch, cached):
+    repo = tmp_path / "hub" / "datasets" / "me" / "shards" / "resolve" / "main"
+    make_shards(repo / "ds", SIZES, image_size=8)  # what the hub serves at its resolve URLs
+    want = _local_epoch(data)
+    with serve_files(tmp_path / "hub") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        hub.fail("*", 503, times=2)
+        got, stats = _epoch(_ds("hf://datasets/me/shards/ds", tmp_path / "cache" if cached else None))
+    assert got == want and stats["retries"]["by_reason"].get("HTTP 503")
+
+
 def test_a_tar_without_index_is_scanned_again_after_a_cut(data):
     with serve_files(data) as srv:
         want = planned_keys(_ds(srv.url + "/noidx/shard-00000.tar", shuffle=False))
