@@ -81,7 +81,8 @@ class RunState:
 @dataclass
 class StepContext:
     """What a trainer sees. `modules` are DDP-wrapped where a step trains them under torchrun (call
-    them, not the raw ones, for gradients to be averaged); `raw_modules` are the modules themselves."""
+    them, not the raw ones, for gradients to be averaged, or `forward_with` for methods other than
+    forward); `raw_modules` are the modules themselves."""
 
     step: StepConfig
     index: int
@@ -111,6 +112,26 @@ class StepContext:
         if self.step.grad_accumulation > 1:
             loss = loss / self.step.grad_accumulation
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def forward_with(self, name: str, fn: Any, *args: Any) -> Any:
+        """`fn(module, *args)` run as module `name`'s forward, through its DDP wrapper when it has one.
+
+        DDP averages the gradients of what goes through its forward only: a module trained through
+        other methods (a VAE's `encode` and `decode`) and called directly would train on each rank
+        alone, and the ranks' weights would drift apart without an error."""
+        wrapped = self.modules[name]
+        if not isinstance(wrapped, DistributedDataParallel):
+            return fn(wrapped, *args)
+        module = wrapped.module
+        had = module.__dict__.get("forward")
+        module.forward = lambda *a: fn(module, *a)  # an instance attribute shadows the class's forward
+        try:
+            return wrapped(*args)
+        finally:
+            if had is None:
+                del module.forward
+            else:
+                module.forward = had
 
     def optimizer_step(self, name: str) -> bool:
         """Step optimizer `name` (unscale, clip, step, zero grads, its scheduler) if this batch ends an

@@ -187,10 +187,10 @@ class VAETrainer:
         x = _pixels(_field(batch, self.o.image_key, "vae")).to(ctx.device)
         if self._fixed_step != ctx.index:  # the sample grid shows this step's first images
             self._fixed, self._fixed_step = x[: self.o.sample_images].detach().cpu().clone(), ctx.index
-        vae = ctx.raw_modules[self.o.module]
         gan = bool(ctx.step.gan_training)
-        with ctx.autocast():
-            out = self.losses(x, vae, sample=True, spade=bool(ctx.step.train_spade))
+        spade = bool(ctx.step.train_spade)
+        with ctx.autocast():  # through the VAE's DDP wrapper: its gradients are averaged over ranks
+            out = ctx.forward_with(self.o.module, lambda v, x: self.losses(x, v, sample=True, spade=spade), x)
         metrics: dict[str, Any] = {k: out[k].detach() for k in ("rec_loss", "kl_loss")}
         loss = out["vae_loss"]
         if gan:

@@ -170,3 +170,38 @@ def precached_shards(
     run_stage("precache_encodings", PrepConfig.model_validate({"precache_encodings": section}),
               RunOptions(quiet=True))
     return out / "tarfiles_merged"
+
+
+# ------------------------------------------------------------------- reference trainers, per rank
+def sharp_vae(**config: Any) -> Any:
+    """A `diffusers.AutoencoderKL(**config)` whose posterior has std exp(-15) (logvar held below the
+    clamp at -30): its samples are its mean to ~1e-6, so runs whose ranks draw different noise (each
+    rank its own RNG) train the same numbers, and a 2-rank run can be compared with a 1-rank run."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**config)
+    half = vae.config.latent_channels
+    with torch.no_grad():  # the logvar half of quant_conv's output: -100 whatever the input
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(-100.0)
+    return vae
+
+
+def reference_build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `--entry` that builds what `prep pipeline run` without one builds (`models:` and the reference
+    trainers); with $PREP_TEST_WEIGHTS set, each rank saves its modules' weights at exit to
+    `$PREP_TEST_WEIGHTS.rank<r>.pt` (checkpoints hold rank 0's only)."""
+    import atexit
+    import os
+
+    import torch
+
+    from prep.pipeline.trainers import build_reference
+
+    modules, trainers = build_reference(config)
+    out = os.environ.get("PREP_TEST_WEIGHTS")
+    if out:
+        path = f"{out}.rank{os.environ.get('RANK', '0')}.pt"
+        atexit.register(lambda: torch.save({n: m.state_dict() for n, m in modules.items()}, path))
+    return modules, trainers
