@@ -5,6 +5,7 @@ PNGs of the configured size, and resumes from its checkpoints to the same weight
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -272,10 +273,13 @@ def test_run_without_entry_names_what_is_missing():
                                                                "trainer_options.vae.kl_wieght"}
 
 
-def _flow_cfg(folder: Path, fields: list[str]):
-    return parse_pipeline_config({"datasets": {"d": {"type": "prep", "path": str(folder), "fields": fields}},
-                                  "default_dataset": "d",
-                                  "steps": [{"name": "s", "n_epochs": 1, "train_diff": True}]})
+def _flow_cfg(folder: Path, fields: list[str], val: Path | None = None):
+    datasets = {"d": {"type": "prep", "path": str(folder), "fields": fields}}
+    step = {"name": "s", "n_epochs": 1, "train_diff": True}
+    if val is not None:
+        datasets["v"] = {"type": "prep", "path": str(val), "fields": fields}
+        step["validation"] = {"dataset": "v"}
+    return parse_pipeline_config({"datasets": datasets, "default_dataset": "d", "steps": [step]})
 
 
 def _first_batch(folder: Path, fields: list[str], **kw):
@@ -417,3 +421,46 @@ def test_gan_generator_step_gives_the_discriminator_no_gradient_and_kl_is_the_cl
     mu, logvar = post.mean, post.logvar
     closed = (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean()
     assert torch.allclose(post.kl().mean(), closed)
+
+
+@pytest.mark.parametrize("scale", [None, 0.8])
+def test_flow_validation_reads_its_own_manifest_and_brings_latents_to_the_factors_in_force(
+    shards, tmp_path, scale
+):
+    """Training on moments (float32, the VAE's factors), validating on a folder of the same images
+    precached as means with other factors, stored as bfloat16 bits: validation's x_0 is the training
+    folder's mean under the factors in force (the training data's, or the options'), and its loss is
+    the rectified-flow loss of that x_0. A validation folder of another VAE is refused in one line."""
+    from diffusers import UNet2DConditionModel
+
+    val = precached_shards(tmp_path / "val", (4, 4), latent_mode="mean", store_dtype="bfloat16",
+                           scaling_factor=0.25, shift_factor=0.1)
+    fields = ["vae.npy", "clip.npy", "clip_mask.npy"]
+    cfg = _flow_cfg(shards, fields, val=val)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 32})
+    trainer = FlowTrainer(cfg, FlowOptions(denoiser="unet", text_encoder=None, scaling_factor=scale))
+    ctx = _ctx(cfg.steps[0], {"unet": unet})
+    train_batch, val_batch = _first_batch(shards, fields), _first_batch(val, fields)
+    assert train_batch["__key__"] == val_batch["__key__"]
+    trainer.train_step(train_batch, ctx)
+    mean = trainer.moments(train_batch, ctx).chunk(2, dim=1)[0]
+    want = mean * (scale or 0.5)  # the training folder's factors: scale 0.5 (the tiny VAE's), shift 0
+    got = trainer.latents(val_batch, ctx, val=True)
+    assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), (got - want).abs().max()
+    with torch.no_grad():
+        loss = trainer.val_step(val_batch, ctx)["flow_loss"]
+        keys = ",".join(val_batch["__key__"]).encode()
+        torch.manual_seed(int.from_bytes(hashlib.sha256(keys).digest()[:8], "little") >> 1)
+        emb, mask = trainer.text(val_batch, ctx, val=True)
+        assert torch.allclose(loss, trainer.loss(ctx, got, emb, mask, 0.0), atol=1e-6)
+
+    from prep.testing.tiny_models import write_tiny_vae
+
+    write_tiny_vae(tmp_path / "other" / "models" / "vae", latent_channels=4, scaling_factor=0.3)
+    other = precached_shards(tmp_path / "other", (4, 4), latent_mode="mean")
+    cfg = _flow_cfg(shards, fields, val=other)
+    trainer = FlowTrainer(cfg, FlowOptions(denoiser="unet", text_encoder=None))
+    with pytest.raises(PrepError, match=r"validation dataset 'v' holds 'vae' latents of another VAE") as err:
+        trainer.val_step(_first_batch(other, fields), _ctx(cfg.steps[0], {"unet": unet}))
+    assert "\n" not in err.value.line() and err.value.what.startswith("steps.0.validation.dataset: ")
