@@ -464,3 +464,92 @@ def test_flow_validation_reads_its_own_manifest_and_brings_latents_to_the_factor
     with pytest.raises(PrepError, match=r"validation dataset 'v' holds 'vae' latents of another VAE") as err:
         trainer.val_step(_first_batch(other, fields), _ctx(cfg.steps[0], {"unet": unet}))
     assert "\n" not in err.value.line() and err.value.what.startswith("steps.0.validation.dataset: ")
+
+
+EMA_RUN = """\
+models:
+  vae: {class: "diffusers:AutoencoderKL", config: VAE}
+trainer_options: {vae: {sample_images: 2}}
+datasets:
+  d: {type: prep, path: DATA, fields: [jpg], decode: float, image_size: 16, seed: 3}
+default_dataset: d
+defaults: {workers: 0, seed: 1, batch_size: 4}
+steps:
+  - name: v
+    train_vae: true
+    max_steps: 4
+    optimization: {optimizers: {vae: {type: AdamW, lr: 0.01}}}
+    ema: {decay: DECAY, use_for_samples: USE, use_for_validation: USE}
+    validation: {dataset: d, every: 2ba, limit_val_batches: 1}
+    checkpoint_every: 1ba
+    sample_every: 2ba
+"""
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(path.read_bytes())))
+
+
+@pytest.mark.slow
+def test_samples_and_validation_use_the_ema_weights_and_leave_training_as_it_was(tmp_path):
+    """With ema on, every sample grid is the trainer's sample of the EMA's weights (computed here from
+    the checkpoint's EMA), and validation's metrics are the EMA's; other decays give other grids; with
+    use_for_samples / use_for_validation false they are the live weights'; the trained weights are
+    bitwise the same either way, and a resumed run writes the same grids and weights bitwise."""
+    import json
+
+    from prep.pipeline import checkpoint as ckpt
+    from prep.testing.loader_data import make_shards
+
+    make_shards(tmp_path / "data", [8, 8], image_size=16, distinct_images=16)
+
+    def run(name: str, decay: float, use: bool, stops: tuple[int | None, ...] = (None,)) -> Path:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(EMA_RUN.replace("DATA", str(tmp_path / "data")).replace("VAE", json.dumps(TINY_VAE))
+                          .replace("DECAY", str(decay)).replace("USE", str(use).lower()))
+        for stop in stops:
+            _run(["pipeline", "run", str(config), "--checkpoint-dir", str(tmp_path / name), "--quiet",
+                  *(["--stop-after", str(stop)] if stop else [])])
+        return tmp_path / name
+
+    slow, fast, live = run("slow", 0.999, True), run("fast", 0.01, True), run("live", 0.999, False)
+    split = run("split", 0.999, True, stops=(1, 2, None))
+    cfg = parse_pipeline_config(tmp_path / "slow.yaml")
+    grids = sorted(p.name for p in (slow / "samples").glob("*.png"))
+    assert grids == ["00-v-0000002-vae.png", "00-v-0000004-vae.png"]
+    end = {n: ckpt.load(next(f.glob("step-000-*.pt"))) for n, f in
+           {"slow": slow, "fast": fast, "live": live, "split": split}.items()}
+    for other in ("fast", "live", "split"):  # samples never touch the trained weights
+        for k, v in end["slow"]["modules"]["vae"].items():
+            assert torch.equal(v, end[other]["modules"]["vae"][k]), (other, k)
+    for name in grids:  # a resumed run: the same grids, bitwise
+        assert (split / "samples" / name).read_bytes() == (slow / "samples" / name).read_bytes()
+
+    def weights(state: dict, which: str) -> torch.nn.Module:
+        vae = build_models(cfg)["vae"].eval()
+        vae.load_state_dict(state["modules"]["vae"] if which == "live" else {
+            k.removeprefix("module."): v for k, v in state["ema"]["vae"].items() if k.startswith("module.")})
+        return vae
+
+    def picture(state: dict, which: str) -> np.ndarray:
+        trainer = VAETrainer(VAEOptions(sample_images=2))
+        trainer.load_state_dict(state["trainers"]["vae"])
+        with torch.no_grad():
+            return trainer.sample(_ctx(cfg.steps[0], {"vae": weights(state, which)}))
+
+    from prep.pipeline.data import build_loader
+
+    val_batch = next(iter(build_loader(cfg, "d")[0]))  # validation reads the set from its start
+    for name, which in (("slow", "ema"), ("fast", "ema"), ("live", "live")):
+        ctx = _ctx(cfg.steps[0], {"vae": weights(end[name], which)})
+        with torch.no_grad():
+            want = VAETrainer(VAEOptions()).val_step(val_batch, ctx)
+        got = json.loads(end[name]["meta"])["metrics"]["val"]
+        assert got == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-5), name
+
+    last = grids[-1]
+    for name, folder in (("slow", slow), ("fast", fast)):
+        assert np.array_equal(_png(folder / "samples" / last), picture(end[name], "ema")), name
+    assert np.array_equal(_png(live / "samples" / last), picture(end["live"], "live"))
+    assert not np.array_equal(_png(slow / "samples" / last), _png(fast / "samples" / last))
+    assert not np.array_equal(_png(slow / "samples" / last), _png(live / "samples" / last))
