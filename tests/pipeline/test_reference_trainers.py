@@ -5,6 +5,7 @@ PNGs of the configured size, and resumes from its checkpoints to the same weight
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -272,10 +273,13 @@ def test_run_without_entry_names_what_is_missing():
                                                                "trainer_options.vae.kl_wieght"}
 
 
-def _flow_cfg(folder: Path, fields: list[str]):
-    return parse_pipeline_config({"datasets": {"d": {"type": "prep", "path": str(folder), "fields": fields}},
-                                  "default_dataset": "d",
-                                  "steps": [{"name": "s", "n_epochs": 1, "train_diff": True}]})
+def _flow_cfg(folder: Path, fields: list[str], val: Path | None = None):
+    datasets = {"d": {"type": "prep", "path": str(folder), "fields": fields}}
+    step = {"name": "s", "n_epochs": 1, "train_diff": True}
+    if val is not None:
+        datasets["v"] = {"type": "prep", "path": str(val), "fields": fields}
+        step["validation"] = {"dataset": "v"}
+    return parse_pipeline_config({"datasets": datasets, "default_dataset": "d", "steps": [step]})
 
 
 def _first_batch(folder: Path, fields: list[str], **kw):
@@ -417,3 +421,135 @@ def test_gan_generator_step_gives_the_discriminator_no_gradient_and_kl_is_the_cl
     mu, logvar = post.mean, post.logvar
     closed = (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean()
     assert torch.allclose(post.kl().mean(), closed)
+
+
+@pytest.mark.parametrize("scale", [None, 0.8])
+def test_flow_validation_reads_its_own_manifest_and_brings_latents_to_the_factors_in_force(
+    shards, tmp_path, scale
+):
+    """Training on moments (float32, the VAE's factors), validating on a folder of the same images
+    precached as means with other factors, stored as bfloat16 bits: validation's x_0 is the training
+    folder's mean under the factors in force (the training data's, or the options'), and its loss is
+    the rectified-flow loss of that x_0. A validation folder of another VAE is refused in one line."""
+    from diffusers import UNet2DConditionModel
+
+    val = precached_shards(tmp_path / "val", (4, 4), latent_mode="mean", store_dtype="bfloat16",
+                           scaling_factor=0.25, shift_factor=0.1)
+    fields = ["vae.npy", "clip.npy", "clip_mask.npy"]
+    cfg = _flow_cfg(shards, fields, val=val)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 32})
+    trainer = FlowTrainer(cfg, FlowOptions(denoiser="unet", text_encoder=None, scaling_factor=scale))
+    ctx = _ctx(cfg.steps[0], {"unet": unet})
+    train_batch, val_batch = _first_batch(shards, fields), _first_batch(val, fields)
+    assert train_batch["__key__"] == val_batch["__key__"]
+    trainer.train_step(train_batch, ctx)
+    mean = trainer.moments(train_batch, ctx).chunk(2, dim=1)[0]
+    want = mean * (scale or 0.5)  # the training folder's factors: scale 0.5 (the tiny VAE's), shift 0
+    got = trainer.latents(val_batch, ctx, val=True)
+    assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), (got - want).abs().max()
+    with torch.no_grad():
+        loss = trainer.val_step(val_batch, ctx)["flow_loss"]
+        keys = ",".join(val_batch["__key__"]).encode()
+        torch.manual_seed(int.from_bytes(hashlib.sha256(keys).digest()[:8], "little") >> 1)
+        emb, mask = trainer.text(val_batch, ctx, val=True)
+        assert torch.allclose(loss, trainer.loss(ctx, got, emb, mask, 0.0), atol=1e-6)
+
+    from prep.testing.tiny_models import write_tiny_vae
+
+    write_tiny_vae(tmp_path / "other" / "models" / "vae", latent_channels=4, scaling_factor=0.3)
+    other = precached_shards(tmp_path / "other", (4, 4), latent_mode="mean")
+    cfg = _flow_cfg(shards, fields, val=other)
+    trainer = FlowTrainer(cfg, FlowOptions(denoiser="unet", text_encoder=None))
+    with pytest.raises(PrepError, match=r"validation dataset 'v' holds 'vae' latents of another VAE") as err:
+        trainer.val_step(_first_batch(other, fields), _ctx(cfg.steps[0], {"unet": unet}))
+    assert "\n" not in err.value.line() and err.value.what.startswith("steps.0.validation.dataset: ")
+
+
+EMA_RUN = """\
+models:
+  vae: {class: "diffusers:AutoencoderKL", config: VAE}
+trainer_options: {vae: {sample_images: 2}}
+datasets:
+  d: {type: prep, path: DATA, fields: [jpg], decode: float, image_size: 16, seed: 3}
+default_dataset: d
+defaults: {workers: 0, seed: 1, batch_size: 4}
+steps:
+  - name: v
+    train_vae: true
+    max_steps: 4
+    optimization: {optimizers: {vae: {type: AdamW, lr: 0.01}}}
+    ema: {decay: DECAY, use_for_samples: USE, use_for_validation: USE}
+    validation: {dataset: d, every: 2ba, limit_val_batches: 1}
+    checkpoint_every: 1ba
+    sample_every: 2ba
+"""
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(path.read_bytes())))
+
+
+@pytest.mark.slow
+def test_samples_and_validation_use_the_ema_weights_and_leave_training_as_it_was(tmp_path):
+    """With ema on, every sample grid is the trainer's sample of the EMA's weights (computed here from
+    the checkpoint's EMA), and validation's metrics are the EMA's; other decays give other grids; with
+    use_for_samples / use_for_validation false they are the live weights'; the trained weights are
+    bitwise the same either way, and a resumed run writes the same grids and weights bitwise."""
+    import json
+
+    from prep.pipeline import checkpoint as ckpt
+    from prep.testing.loader_data import make_shards
+
+    make_shards(tmp_path / "data", [8, 8], image_size=16, distinct_images=16)
+
+    def run(name: str, decay: float, use: bool, stops: tuple[int | None, ...] = (None,)) -> Path:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(EMA_RUN.replace("DATA", str(tmp_path / "data")).replace("VAE", json.dumps(TINY_VAE))
+                          .replace("DECAY", str(decay)).replace("USE", str(use).lower()))
+        for stop in stops:
+            _run(["pipeline", "run", str(config), "--checkpoint-dir", str(tmp_path / name), "--quiet",
+                  *(["--stop-after", str(stop)] if stop else [])])
+        return tmp_path / name
+
+    slow, fast, live = run("slow", 0.999, True), run("fast", 0.01, True), run("live", 0.999, False)
+    split = run("split", 0.999, True, stops=(1, 2, None))
+    cfg = parse_pipeline_config(tmp_path / "slow.yaml")
+    grids = sorted(p.name for p in (slow / "samples").glob("*.png"))
+    assert grids == ["00-v-0000002-vae.png", "00-v-0000004-vae.png"]
+    end = {n: ckpt.load(next(f.glob("step-000-*.pt"))) for n, f in
+           {"slow": slow, "fast": fast, "live": live, "split": split}.items()}
+    for other in ("fast", "live", "split"):  # samples never touch the trained weights
+        for k, v in end["slow"]["modules"]["vae"].items():
+            assert torch.equal(v, end[other]["modules"]["vae"][k]), (other, k)
+    for name in grids:  # a resumed run: the same grids, bitwise
+        assert (split / "samples" / name).read_bytes() == (slow / "samples" / name).read_bytes()
+
+    def weights(state: dict, which: str) -> torch.nn.Module:
+        vae = build_models(cfg)["vae"].eval()
+        vae.load_state_dict(state["modules"]["vae"] if which == "live" else {
+            k.removeprefix("module."): v for k, v in state["ema"]["vae"].items() if k.startswith("module.")})
+        return vae
+
+    def picture(state: dict, which: str) -> np.ndarray:
+        trainer = VAETrainer(VAEOptions(sample_images=2))
+        trainer.load_state_dict(state["trainers"]["vae"])
+        with torch.no_grad():
+            return trainer.sample(_ctx(cfg.steps[0], {"vae": weights(state, which)}))
+
+    from prep.pipeline.data import build_loader
+
+    val_batch = next(iter(build_loader(cfg, "d")[0]))  # validation reads the set from its start
+    for name, which in (("slow", "ema"), ("fast", "ema"), ("live", "live")):
+        ctx = _ctx(cfg.steps[0], {"vae": weights(end[name], which)})
+        with torch.no_grad():
+            want = VAETrainer(VAEOptions()).val_step(val_batch, ctx)
+        got = json.loads(end[name]["meta"])["metrics"]["val"]
+        assert got == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-5), name
+
+    last = grids[-1]
+    for name, folder in (("slow", slow), ("fast", fast)):
+        assert np.array_equal(_png(folder / "samples" / last), picture(end[name], "ema")), name
+    assert np.array_equal(_png(live / "samples" / last), picture(end["live"], "live"))
+    assert not np.array_equal(_png(slow / "samples" / last), _png(fast / "samples" / last))
+    assert not np.array_equal(_png(slow / "samples" / last), _png(live / "samples" / last))

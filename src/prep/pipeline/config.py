@@ -228,6 +228,8 @@ class EmaConfig(_Model):
     decay: Annotated[float, Field(gt=0, lt=1)] = 0.999
     policy: Literal["keep", "reset"] = Field("keep", description="keep: carry the EMA into the next step")
     modules: list[str] | None = Field(None, description="modules to average (default: the trained ones)")
+    use_for_samples: StrictBool = Field(True, description="sample grids from the averaged weights")
+    use_for_validation: StrictBool = Field(True, description="validate the averaged weights")
 
 
 class StepConfig(_Model):

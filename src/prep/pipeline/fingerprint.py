@@ -47,7 +47,9 @@ def step_doc(
     """The fingerprint document of step `index` (`batch_sizes`: each batch-making dataset's resolved
     batch size; `loader` = the built tree's `fingerprint()`; both None when the data was not built)."""
     step = cfg.steps[index]
-    doc = step.model_dump(mode="json", exclude=_STEP_NOT_DECIDING | {"train", *TRAINER_ALIASES})
+    exclude: dict[str, Any] = dict.fromkeys(_STEP_NOT_DECIDING | {"train", *TRAINER_ALIASES}, True)
+    exclude["ema"] = {"use_for_samples"}  # which weights draw the samples changes no trained number
+    doc = step.model_dump(mode="json", exclude=exclude)
     doc["trainers"] = step.trainers
     options = {t: cfg.trainer_options[t] for t in step.trainers if t in cfg.trainer_options}
     if options:  # they decide the loss (kl_weight, gan_weight...); left out when none, as before

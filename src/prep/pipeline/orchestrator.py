@@ -81,7 +81,8 @@ class RunState:
 @dataclass
 class StepContext:
     """What a trainer sees. `modules` are DDP-wrapped where a step trains them under torchrun (call
-    them, not the raw ones, for gradients to be averaged); `raw_modules` are the modules themselves."""
+    them, not the raw ones, for gradients to be averaged, or `forward_with` for methods other than
+    forward); `raw_modules` are the modules themselves."""
 
     step: StepConfig
     index: int
@@ -111,6 +112,26 @@ class StepContext:
         if self.step.grad_accumulation > 1:
             loss = loss / self.step.grad_accumulation
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def forward_with(self, name: str, fn: Any, *args: Any) -> Any:
+        """`fn(module, *args)` run as module `name`'s forward, through its DDP wrapper when it has one.
+
+        DDP averages the gradients of what goes through its forward only: a module trained through
+        other methods (a VAE's `encode` and `decode`) and called directly would train on each rank
+        alone, and the ranks' weights would drift apart without an error."""
+        wrapped = self.modules[name]
+        if not isinstance(wrapped, DistributedDataParallel):
+            return fn(wrapped, *args)
+        module = wrapped.module
+        had = module.__dict__.get("forward")
+        module.forward = lambda *a: fn(module, *a)  # an instance attribute shadows the class's forward
+        try:
+            return wrapped(*args)
+        finally:
+            if had is None:
+                del module.forward
+            else:
+                module.forward = had
 
     def optimizer_step(self, name: str) -> bool:
         """Step optimizer `name` (unscale, clip, step, zero grads, its scheduler) if this batch ends an
@@ -900,12 +921,14 @@ class _StepRun:
         modes = {n: m.training for n, m in self.o.modules.items()}
         for m in self.o.modules.values():
             m.eval()
+        ema = self.step.ema
+        averaged = self._ema_weights(ema is not None and ema.use_for_validation)
         sums: dict[str, float] = {}
         count = 0
         st = self.o.state
         if not self.chunk:
             st.val_epoch = 0
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), averaged:
             empty = 0
             while limit is None or count < limit:
                 self.val_loader.set_epoch(st.val_epoch)
@@ -931,6 +954,24 @@ class _StepRun:
         self.metrics.set_val(self.o.state.step_batches, values)
         self._plateau_schedulers(validated=True)
 
+    @contextlib.contextmanager
+    def _ema_weights(self, use: bool) -> Iterator[None]:
+        """Each averaged module with the EMA's parameters in place of its own (`use`), its own put back
+        bitwise afterwards: samples and validation of the averaged model, training untouched."""
+        ema = self.o.ema if use else {}
+        own = {n: [p.detach().clone() for p in self.o.modules[n].parameters()] for n in ema}
+        with torch.no_grad():
+            for n, e in ema.items():
+                for p, q in zip(self.o.modules[n].parameters(), e.module.parameters(), strict=True):
+                    p.copy_(q)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, saved in own.items():
+                    for p, q in zip(self.o.modules[n].parameters(), saved, strict=True):
+                        p.copy_(q)
+
     # ----------------------------------------------------------------------------- samples
     def sample(self) -> None:
         """Each trainer's `sample(ctx)` picture (H x W x 3 uint8) as a PNG in `samples/` of the run
@@ -947,8 +988,13 @@ class _StepRun:
         modes = {n: m.training for n, m in self.o.modules.items()}
         for m in self.o.modules.values():
             m.eval()
+        ema = self.step.ema
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            with (
+                torch.random.fork_rng(devices=[]),
+                torch.no_grad(),
+                self._ema_weights(ema is not None and ema.use_for_samples),
+            ):
                 for name, trainer in named:
                     picture = trainer.sample(self.ctx)
                     if picture is None:

@@ -187,10 +187,10 @@ class VAETrainer:
         x = _pixels(_field(batch, self.o.image_key, "vae")).to(ctx.device)
         if self._fixed_step != ctx.index:  # the sample grid shows this step's first images
             self._fixed, self._fixed_step = x[: self.o.sample_images].detach().cpu().clone(), ctx.index
-        vae = ctx.raw_modules[self.o.module]
         gan = bool(ctx.step.gan_training)
-        with ctx.autocast():
-            out = self.losses(x, vae, sample=True, spade=bool(ctx.step.train_spade))
+        spade = bool(ctx.step.train_spade)
+        with ctx.autocast():  # through the VAE's DDP wrapper: its gradients are averaged over ranks
+            out = ctx.forward_with(self.o.module, lambda v, x: self.losses(x, v, sample=True, spade=spade), x)
         metrics: dict[str, Any] = {k: out[k].detach() for k in ("rec_loss", "kl_loss")}
         loss = out["vae_loss"]
         if gan:
@@ -264,19 +264,26 @@ def _bf16_members(cfg: PipelineConfig, datasets: list[str]) -> set[str]:
     }
 
 
-def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> tuple[float, float, str] | None:
-    """(scaling, shift, latent_mode) that precache_encodings recorded for encoder `key` in the prep
-    folders under `dataset` (None when no folder records it); folders that disagree are an error."""
-    found: dict[tuple[float, float, str], str] = {}
+Recorded = tuple[float, float, str, str | None]  # scaling, shift, latent_mode, the VAE's class + config hash
+
+
+def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> Recorded | None:
+    """(scaling, shift, latent_mode, VAE identity) that precache_encodings recorded for encoder `key`
+    in the prep folders under `dataset` (None when no folder records it); folders that disagree are an
+    error."""
+    found: dict[Recorded, str] = {}
     for name, manifest in _prep_manifests(cfg, dataset):
         enc = manifest.encoders.get(key)
         if enc:
             mode = str((enc.get("settings") or {}).get("latent_mode", "moments"))
-            found[(float(enc.get("scaling_factor", 1.0)), float(enc.get("shift_factor", 0.0)), mode)] = name
+            sha = enc.get("config_sha256")
+            vae = f"{str(enc.get('class')).rsplit('.', 1)[-1]} config {str(sha)[:12]}" if sha else None
+            scale, shift = float(enc.get("scaling_factor", 1.0)), float(enc.get("shift_factor", 0.0))
+            found[(scale, shift, mode, vae)] = name
     if len(found) > 1:
         raise PrepError(
             f"flow trainer: the datasets under {dataset!r} hold {key!r} latents of different VAEs: "
-            + ", ".join(f"{n}: scale {s} shift {t} {m}" for (s, t, m), n in found.items()),
+            + ", ".join(f"{n}: scale {s} shift {t} {m}" for (s, t, m, _), n in found.items()),
             cfg.place(("datasets", dataset)),
             "train on latents of one VAE",
         )
@@ -292,45 +299,63 @@ class FlowTrainer:
     def __init__(self, cfg: PipelineConfig, opts: FlowOptions, tokenizer: Any = None) -> None:
         self.cfg, self.o, self.tokenizer = cfg, opts, tokenizer
         self._factors: dict[int, tuple[float, float, str]] = {}
-        self._stored: dict[int, tuple[float, float]] = {}  # the factors mean/sample latents were stored with
+        self._recorded: dict[tuple[int, str | None], Recorded] = {}  # what each dataset's latents hold
         self._fixed: dict[str, Any] | None = None
         self._fixed_step = -1
         self._accepts_mask: bool | None = None
-        self._bf16: dict[int, set[str]] = {}
+        self._bf16: dict[str | None, set[str]] = {}
 
     # ------------------------------------------------------------------------ inputs
-    def stored(self, batch: Mapping[str, Any], member: str, ctx: Any) -> torch.Tensor:
+    @staticmethod
+    def _dataset(ctx: Any, val: bool) -> str | None:
+        """The dataset a batch comes from: the step's validation dataset, or its training dataset."""
+        if val and ctx.step.validation is not None:
+            return str(ctx.step.validation.dataset)
+        return None
+
+    def _source(self, ctx: Any, val: bool) -> str | None:
+        return self._dataset(ctx, val) or self.cfg.step_dataset(ctx.index)
+
+    def stored(self, batch: Mapping[str, Any], member: str, ctx: Any, val: bool = False) -> torch.Tensor:
         """A precached member as float values: bfloat16 kept as uint16 bits is viewed as bfloat16 again
-        (read as integers it would be numbers in the tens of thousands)."""
+        (read as integers it would be numbers in the tens of thousands), as the manifest of the
+        batch's own dataset (training or validation) records it."""
         t = torch.as_tensor(batch[member])
         if t.dtype == torch.uint16:
-            if ctx.index not in self._bf16:
-                val = ctx.step.validation.dataset if ctx.step.validation is not None else None
-                names = [n for n in (self.cfg.step_dataset(ctx.index), val) if n]
-                self._bf16[ctx.index] = _bf16_members(self.cfg, names)
-            if member not in self._bf16[ctx.index]:
+            name = self._source(ctx, val)
+            if name not in self._bf16:
+                self._bf16[name] = _bf16_members(self.cfg, [name] if name else [])
+            if member not in self._bf16[name]:
+                key = "validation.dataset" if val else "dataset"
                 raise PrepError(
                     f"flow trainer: {member} holds uint16 and no manifest of step {ctx.step.name!r}'s "
-                    "data records it as bfloat16 bits",
-                    f"steps.{ctx.index}.dataset",
+                    f"{'validation ' if val else ''}data ({name!r}) records it as bfloat16 bits",
+                    f"steps.{ctx.index}.{key}",
                     "precache it as float (store_dtype float32/float16), or keep its manifest.json beside it",
                 )
             t = t.view(torch.bfloat16)
         return t.to(ctx.device).float()
 
-    def factors(self, ctx: Any) -> tuple[float, float, str]:
-        """(scaling, shift, latent_mode) for the step: options > the manifest > the VAE's config."""
-        if ctx.index not in self._factors:
-            name = self.cfg.step_dataset(ctx.index)
-            # read even when the options give both factors: the stored latent_mode still matters
+    def recorded(self, ctx: Any, val: bool = False) -> Recorded:
+        """(scaling, shift, latent_mode, VAE) that the batch's own dataset (training or validation)
+        holds its latents with: its manifest's, else the VAE's config (moments, VAE unknown)."""
+        name = self._source(ctx, val)
+        if (ctx.index, name) not in self._recorded:
             found = _manifest_factors(self.cfg, name, self.o.latent_key) if name else None
-            vae_cfg = getattr(ctx.raw_modules.get(self.o.vae), "config", None)
-            scale = float(getattr(vae_cfg, "scaling_factor", 1.0) or 1.0)
-            shift = float(getattr(vae_cfg, "shift_factor", 0.0) or 0.0)
-            mode = "moments"
-            if found is not None:
-                scale, shift, mode = found
-            self._stored[ctx.index] = (scale, shift)
+            if found is None:
+                vae_cfg = getattr(ctx.raw_modules.get(self.o.vae), "config", None)
+                scale = float(getattr(vae_cfg, "scaling_factor", 1.0) or 1.0)
+                shift = float(getattr(vae_cfg, "shift_factor", 0.0) or 0.0)
+                found = (scale, shift, "moments", None)
+            self._recorded[(ctx.index, name)] = found
+        return self._recorded[(ctx.index, name)]
+
+    def factors(self, ctx: Any) -> tuple[float, float, str]:
+        """(scaling, shift, latent_mode) in force for the step: options > the training data's manifest >
+        the VAE's config (validation latents are brought to these factors)."""
+        if ctx.index not in self._factors:
+            # read even when the options give both factors: the stored latent_mode still matters
+            scale, shift, mode, _ = self.recorded(ctx)
             self._factors[ctx.index] = (
                 self.o.scaling_factor if self.o.scaling_factor is not None else scale,
                 self.o.shift_factor if self.o.shift_factor is not None else shift,
@@ -338,12 +363,26 @@ class FlowTrainer:
             )
         return self._factors[ctx.index]
 
-    def moments(self, batch: Mapping[str, Any], ctx: Any) -> torch.Tensor:
+    def _check_validation(self, ctx: Any) -> None:
+        """Refuse validation latents of another VAE than the training data's: no factor maps them."""
+        train, val = self.recorded(ctx)[3], self.recorded(ctx, val=True)[3]
+        if train is not None and val is not None and train != val:
+            name = self._dataset(ctx, True)
+            raise PrepError(
+                f"{self.cfg.dotted(('steps', str(ctx.index), 'validation', 'dataset'))}: flow trainer: "
+                f"step {ctx.step.name!r}'s validation dataset {name!r} holds "
+                f"{self.o.latent_key!r} latents of another VAE ({val}) than its training data ({train}): "
+                "no scaling or shift brings them to the factors in force",
+                self.cfg.place(("steps", str(ctx.index), "validation", "dataset")),
+                "precache the validation images with the training data's VAE, or validate on raw images",
+            )
+
+    def moments(self, batch: Mapping[str, Any], ctx: Any, val: bool = False) -> torch.Tensor:
         """The VAE moments (mean, logvar) of the batch: precached, else encoded now with the frozen VAE
         through prep.encoders' VaeEncoder (the precache stage's code: same pixels, same numbers)."""
         member = f"{self.o.latent_key}.npy"
         if member in batch:
-            return self.stored(batch, member, ctx)
+            return self.stored(batch, member, ctx, val)
         from prep.encoders.models import VaeEncoder
         from prep.encoders.spec import EncoderConfig
 
@@ -361,30 +400,34 @@ class FlowTrainer:
             out, _ = encoder.forward(pixels, list(batch.get("__key__", [])))[member]
         return out.float()
 
-    def latents(self, batch: Mapping[str, Any], ctx: Any) -> torch.Tensor:
-        """x_0: a posterior sample of the moments, shifted and scaled as the flow expects."""
+    def latents(self, batch: Mapping[str, Any], ctx: Any, val: bool = False) -> torch.Tensor:
+        """x_0: a posterior sample of the moments, shifted and scaled as the flow expects. `val`: the
+        batch is the validation dataset's, read as its own manifest records it."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        scale, shift, mode = self.factors(ctx)
-        z = self.moments(batch, ctx)
+        scale, shift, _ = self.factors(ctx)
+        if val:
+            self._check_validation(ctx)
+        stored_scale, stored_shift, mode, _ = self.recorded(ctx, val)
+        z = self.moments(batch, ctx, val)
         # precached as mean/sample: already shifted and scaled (raw images encoded now are moments,
         # whatever mode the folder's manifest records for its vae.npy)
         if mode != "moments" and f"{self.o.latent_key}.npy" in batch:
-            stored_scale, stored_shift = self._stored[ctx.index]
             if (stored_scale, stored_shift) == (scale, shift):
                 return z
-            return (z / stored_scale + stored_shift - shift) * scale  # the options' factors, applied once
+            return (z / stored_scale + stored_shift - shift) * scale  # the factors in force, applied once
         return (DiagonalGaussianDistribution(z).sample() - shift) * scale
 
     def _text_trainable(self, ctx: Any) -> bool:
         te = ctx.raw_modules.get(self.o.text_encoder) if self.o.text_encoder else None
         return te is not None and any(p.requires_grad for p in te.parameters())
 
-    def text(self, batch: Mapping[str, Any], ctx: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def text(self, batch: Mapping[str, Any], ctx: Any,
+             val: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeddings, mask or None): precached unless the text encoder trains in this step."""
         member = f"{self.o.text_key}.npy"
         if member in batch and not self._text_trainable(ctx):
-            emb = self.stored(batch, member, ctx)
+            emb = self.stored(batch, member, ctx, val)
             mask = batch.get(f"{self.o.text_key}_mask.npy")
             return emb, (torch.as_tensor(mask).to(ctx.device).bool() if mask is not None else None)
         if self.o.text_encoder is None or self.o.text_encoder not in ctx.modules or self.tokenizer is None:
@@ -454,8 +497,8 @@ class FlowTrainer:
     def val_step(self, batch: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
         keys = ",".join(map(str, batch.get("__key__", [])))
         torch.manual_seed(int.from_bytes(hashlib.sha256(keys.encode()).digest()[:8], "little") >> 1)
-        x0 = self.latents(batch, ctx)  # (validation runs with torch's RNG forked: training's is untouched)
-        emb, mask = self.text(batch, ctx)
+        x0 = self.latents(batch, ctx, val=True)  # (validation runs with torch's RNG forked)
+        emb, mask = self.text(batch, ctx, val=True)
         return {"flow_loss": self.loss(ctx, x0, emb, mask, 0.0)}
 
     def sample(self, ctx: Any) -> np.ndarray | None:

@@ -131,13 +131,15 @@ def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 # ------------------------------------------------------------------------- precached demo shards
 def precached_shards(
     root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32,
-    latent_mode: str = "moments", store_dtype: str = "auto",
+    latent_mode: str = "moments", store_dtype: str = "auto", scaling_factor: float | None = None,
+    shift_factor: float | None = None,
 ) -> Path:
     """A small `make shards` result without the HTTP and download stages: tiny models in `root/models`,
     and in `root/tarfiles_merged` shards 000000.tar... of `size` px JPEGs + captions with the
     precached `vae.npy` (`latent_mode`) and `clip.npy` (+ mask) members (both stored as
-    `store_dtype`), `.idx` files and a manifest: what `configs/pipelines/demo.yaml` reads with
-    PREP_DEMO_OUT=root."""
+    `store_dtype`; the VAE's latents with `scaling_factor` / `shift_factor` when given, else the
+    VAE's), `.idx` files and a manifest: what `configs/pipelines/demo.yaml` reads with
+    PREP_DEMO_OUT=root. A VAE already in `root/models/vae` is kept (precache with another VAE)."""
     from prep.config import PrepConfig
     from prep.formats.tar_write import write_shard
     from prep.runtime.runner import run_stage
@@ -160,7 +162,8 @@ def precached_shards(
     encoders = [
         {"key": "vae", "modality": "image", "source": "jpg", "model": "diffusers:AutoencoderKL",
          "pretrained": str(models), "subfolder": "vae", "resolution": size,
-         "latent_mode": latent_mode, "store_dtype": store_dtype},
+         "latent_mode": latent_mode, "store_dtype": store_dtype, "scaling_factor": scaling_factor,
+         "shift_factor": shift_factor},
         {"key": "clip", "modality": "text", "source": "txt", "model": "transformers:CLIPTextModel",
          "pretrained": str(models), "subfolder": "text_encoder", "max_length": 32, "padding": "max_length",
          "attention_mask": True, "store_dtype": store_dtype},
@@ -170,3 +173,38 @@ def precached_shards(
     run_stage("precache_encodings", PrepConfig.model_validate({"precache_encodings": section}),
               RunOptions(quiet=True))
     return out / "tarfiles_merged"
+
+
+# ------------------------------------------------------------------- reference trainers, per rank
+def sharp_vae(**config: Any) -> Any:
+    """A `diffusers.AutoencoderKL(**config)` whose posterior has std exp(-15) (logvar held below the
+    clamp at -30): its samples are its mean to ~1e-6, so runs whose ranks draw different noise (each
+    rank its own RNG) train the same numbers, and a 2-rank run can be compared with a 1-rank run."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**config)
+    half = vae.config.latent_channels
+    with torch.no_grad():  # the logvar half of quant_conv's output: -100 whatever the input
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(-100.0)
+    return vae
+
+
+def reference_build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `--entry` that builds what `prep pipeline run` without one builds (`models:` and the reference
+    trainers); with $PREP_TEST_WEIGHTS set, each rank saves its modules' weights at exit to
+    `$PREP_TEST_WEIGHTS.rank<r>.pt` (checkpoints hold rank 0's only)."""
+    import atexit
+    import os
+
+    import torch
+
+    from prep.pipeline.trainers import build_reference
+
+    modules, trainers = build_reference(config)
+    out = os.environ.get("PREP_TEST_WEIGHTS")
+    if out:
+        path = f"{out}.rank{os.environ.get('RANK', '0')}.pt"
+        atexit.register(lambda: torch.save({n: m.state_dict() for n, m in modules.items()}, path))
+    return modules, trainers
