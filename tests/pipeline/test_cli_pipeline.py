@@ -237,7 +237,7 @@ def test_run_trains_resumes_and_reports_a_bad_entry(tmp_path):
     )
     run = pipeline_run_args(config, tmp_path / "ck")
     assert runner.invoke(app, [*run, "--stop-after", "2"]).exit_code == 0
-    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["ckpt-000000000002.pt"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".lock", "ckpt-000000000002.pt"]
     res = runner.invoke(app, run)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "ck").iterdir())[-1] == "step-000-000000000006-s.pt"

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,51 @@ def test_gan_step_on_two_ranks_keeps_every_rank_equal_and_matches_one_rank(tmp_p
             assert torch.allclose(ranks[0][module][key], value, atol=1e-5, rtol=0), (module, key)
         moved = max((one[module][k] - start[module][k]).abs().max().item() for k in start[module])
         assert moved > 1e-3, module  # it trained
+
+
+@pytest.mark.slow
+def test_a_rerun_is_refused_while_the_workers_of_a_killed_torchrun_still_run(tmp_path):
+    """SIGKILL to torchrun leaves its workers running (it starts them in sessions of their own): the
+    same command run again must not train beside them in their folder (it would delete their temp
+    files and prune their checkpoints). It is refused in one line naming the holder, touching nothing;
+    once they end, the run goes on from where they left the folder, the uninterrupted stream."""
+    from prep.pipeline import checkpoint as ckpt
+
+    make_shards(tmp_path / "data", [9, 6, 8, 7, 5], image_size=8, distinct_images=1)
+    config = tmp_path / "p.yaml"
+    config.write_text(CONFIG.replace("DATA", str(tmp_path / "data")))
+    _run(2, config, tmp_path / "ref", tmp_path / "ref.log", 2)
+    want = _stream(tmp_path / "ref.log", 2)
+
+    folder, log, gate = tmp_path / "run", tmp_path / "run.log", tmp_path / "gate"
+    gate.touch()  # the workers wait inside their first batch until it goes
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PREP_TEST_KEY_LOG": str(log),
+           "PREP_TEST_GATE": str(gate)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "prep.cli", *pipeline_run_args(config, folder, "--set", "steps.0.batch_size=2")]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not all(Path(f"{log}.rank{r}").exists() for r in range(2)):  # both ranks are training
+            assert launcher.poll() is None, "the first run ended before training"
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait()
+        before = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        del env["PREP_TEST_GATE"]
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 1
+        lines = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
+        assert lines and all("another run is using the checkpoint folder (pid " in ln for ln in lines), \
+            again.stderr[-3000:]
+        assert (sorted(p.name for p in folder.iterdir()) if folder.exists() else []) == before
+    finally:
+        gate.unlink(missing_ok=True)  # the orphaned workers finish
+    while True:  # their lock goes with them
+        fd, _ = ckpt.hold(folder)
+        if fd is not None:
+            ckpt.release(fd)
+            break
+        time.sleep(0.1)
+    _run(2, config, folder, tmp_path / "after.log", 2)
+    assert _stream(log, 2) == want  # the orphans trained the whole run, alone

@@ -10,12 +10,16 @@ Names: `ckpt-<batches trained, 12 digits>.pt`; the last one of each step is also
 kill at any moment leaves the previous checkpoints intact and, at worst, a temp file that the next run
 removes.
 Only the newest `keep_last` regular checkpoints are kept (step ends are never pruned).
+A run holds `.lock` in its folder (`fcntl.flock`: a killed holder releases it) for as long as it runs.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,33 @@ def prune(folder: Path, keep_last: int) -> None:
     regular = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))
     for p in regular[: max(0, len(regular) - keep_last)]:
         p.unlink(missing_ok=True)
+
+
+LOCK_NAME = ".lock"
+
+
+def hold(folder: Path) -> tuple[int | None, str | None]:
+    """Lock the folder for one run: (descriptor to keep open, None), or (None, who holds it). Two runs
+    in one folder would delete each other's temp files (a crash at its next save) and prune each
+    other's checkpoints; a torchrun killed with SIGKILL leaves its workers running (torchrun starts
+    them in sessions of their own), so a re-run would race them. A filesystem without flock locks
+    nothing: (None, None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return None, (holder if err.errno in (errno.EAGAIN, errno.EACCES) else None)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd, None
+
+
+def release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def remove_temps(folder: Path) -> None:

@@ -475,6 +475,21 @@ class TrainingPipelineOrchestrator:
         """Run (or resume) the pipeline. `max_batches`: stop after training this many batches in this
         call, with a checkpoint (a job with a time limit resumes from it)."""
         self.dist = init(self.device)
+        lock, holder = ckpt.hold(self.dir) if self.dist.main else (None, None)
+        try:
+            holder = broadcast(holder, self.dist)
+            if holder is not None:
+                raise PrepError(
+                    f"another run is using the checkpoint folder ({holder})",
+                    str(self.dir),
+                    "wait for it to end or end it (torchrun killed with SIGKILL leaves its workers "
+                    "running: find them with ps), or pass another --checkpoint-dir",
+                )
+            return self._run(max_batches)
+        finally:
+            ckpt.release(lock)
+
+    def _run(self, max_batches: int | None) -> list[StepSummary]:
         for m in self.modules.values():
             m.to(self.device)
         if self.dist.main:

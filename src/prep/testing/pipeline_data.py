@@ -69,9 +69,10 @@ class RegressionTrainer:
 
     metrics = ("loss",)
 
-    def __init__(self, log: str | Path | None = None) -> None:
+    def __init__(self, log: str | Path | None = None, gate: str | Path | None = None) -> None:
         self.keys: list[list[str]] = []
         self.log = Path(log) if log is not None else None
+        self.gate = Path(gate) if gate is not None else None  # while it exists, a step waits (logged)
 
     def _loss(self, batch: dict[str, Any], ctx: Any) -> tuple[Any, Any]:
         """The loss, and the noise drawn for it."""
@@ -98,6 +99,10 @@ class RegressionTrainer:
             with open(self.log, "a") as f:
                 doc = {"rank": ctx.rank, "batch": ctx.global_step, "keys": self.keys[-1], "draws": draws}
                 f.write(json.dumps(doc) + "\n")
+        while self.gate is not None and self.gate.exists():  # a test holds the run alive here
+            import time
+
+            time.sleep(0.05)
         return {"loss": loss.detach()}
 
     def val_step(self, batch: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -120,12 +125,14 @@ def pipeline_run_args(config: str | Path, checkpoint_dir: str | Path, *extra: st
 
 def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A `--entry` for `prep pipeline run`: tiny modules and a regression trainer called `reg` (its key
-    log goes to $PREP_TEST_KEY_LOG when set, one file per rank)."""
+    log goes to $PREP_TEST_KEY_LOG when set, one file per rank; every step waits while the file
+    $PREP_TEST_GATE exists)."""
     import os
 
     log = os.environ.get("PREP_TEST_KEY_LOG")
     rank = os.environ.get("RANK", "0")
-    return tiny_modules(0), {"reg": RegressionTrainer(f"{log}.rank{rank}" if log else None)}
+    trainer = RegressionTrainer(f"{log}.rank{rank}" if log else None, os.environ.get("PREP_TEST_GATE"))
+    return tiny_modules(0), {"reg": trainer}
 
 
 # ------------------------------------------------------------------------- precached demo shards
