@@ -241,5 +241,11 @@ def test_run_trains_resumes_and_reports_a_bad_entry(tmp_path):
     res = runner.invoke(app, run)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "ck").iterdir())[-1] == "step-000-000000000006-s.pt"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    # the finished run, re-run: it says so and changes nothing
+    again = runner.invoke(app, [a for a in run if a != "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "nothing to train — all 1 step(s) were done already" in " ".join(again.output.split())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
     res = runner.invoke(app, [*run[:3], "--entry", "prep.testing.pipeline_data:nope"])
     assert res.exit_code == 1 and "cannot load the entry 'prep.testing.pipeline_data:nope'" in res.output

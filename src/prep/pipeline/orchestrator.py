@@ -510,6 +510,7 @@ class TrainingPipelineOrchestrator:
             _seed_all(self.cfg.defaults.seed + self.dist.rank)
         trained_here = 0
         n = len(self.cfg.steps)
+        finished_in = path.name if path is not None and self.state.step_index >= n else None
         while self.state.step_index < n:
             if max_batches is not None and trained_here >= max_batches:  # on a step end: its checkpoint
                 leave(self.dist)
@@ -521,6 +522,10 @@ class TrainingPipelineOrchestrator:
                 leave(self.dist)
                 return self.summaries
         if self.dist.main and self.progress:
+            if finished_in is not None:  # a re-run of a finished run: say so, as the stages do
+                (self.console or _stderr_console()).print(
+                    f"prep pipeline run: nothing to train — all {n} step(s) were done already "
+                    f"(checkpoint {finished_in}); the run's summary:")
             self.print_summary()
         barrier(self.dist)
         leave(self.dist)
@@ -714,7 +719,6 @@ class TrainingPipelineOrchestrator:
     def print_summary(self) -> None:
         """A table of the steps, then one of their final metrics, a row per metric: in one column
         beside the steps, a step's several metrics would wrap a few characters a line at 80 columns."""
-        from rich.console import Console
         from rich.table import Column, Table
 
         steps = Table(title="pipeline summary", header_style="bold")
@@ -736,10 +740,16 @@ class TrainingPipelineOrchestrator:
             for i, (k, v) in enumerate(shown.items()):
                 metrics.add_row(n if i == 0 else "", s["name"] if i == 0 else "", k, f"{v:.4g}",
                                 end_section=i == len(shown) - 1)
-        console = self.console or Console(stderr=True)
+        console = self.console or _stderr_console()
         console.print(steps)
         if metrics.row_count:
             console.print(metrics)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 class _StepRun:
