@@ -162,6 +162,7 @@ def _build(
     rank: int | None,
     world_size: int | None,
 ) -> Built:
+    from prep.formats.urls import redact_url
     from prep.loaders import (
         BlendDataset,
         ConcatDataset,
@@ -171,7 +172,6 @@ def _build(
         ShardDataset,
         Source,
     )
-    from prep.loaders.io.sources import redact_url
 
     ds = cfg.datasets[name]
     chain = [*chain, (name, ds)]

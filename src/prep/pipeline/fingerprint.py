@@ -24,7 +24,7 @@ _STEP_NOT_DECIDING = {"workers", "checkpoint_every", "sample_every", "descriptio
 
 def dataset_doc(cfg: PipelineConfig, name: str) -> dict[str, Any]:
     """The dataset's config as data, composites with their children inlined; no token, no workers."""
-    from prep.loaders.io.sources import redact_url
+    from prep.formats.urls import redact_url
 
     ds = cfg.datasets[name]
     doc = ds.model_dump(mode="json", exclude={"webdataset_token", *_NOT_DECIDING}, exclude_none=True)

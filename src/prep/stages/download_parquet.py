@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr
 from prep.errors import PrepError
 from prep.formats.atomic import temp_name, write_text_atomic
 from prep.formats.checksum import file_checksum
+from prep.formats.urls import redact_url
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
@@ -86,14 +87,6 @@ def _glob_base(pattern: str) -> str:
     return pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else ""
 
 
-def _shown(url: str) -> str:
-    """`url` as prep may name it in file names, records and messages: without its query and fragment,
-    where a presigned URL keeps its signature."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
-
-
 def _url_source(url: str) -> dict[str, Any]:
     """One http(s) file, taken as is: its query (a presigned URL's signature) is part of the address,
     not a glob, and its name comes from the path alone."""
@@ -101,7 +94,7 @@ def _url_source(url: str) -> dict[str, Any]:
 
     import fsspec
 
-    shown = _shown(url)
+    shown = redact_url(url)
     name = unquote(urlsplit(url).path).rsplit("/", 1)[-1]
     if not name:
         raise PrepError("the URL names no file", f"download_parquet.source_path={shown}",
@@ -204,8 +197,8 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
         deleted = _deleted_sources(out, cfg.source_path) if cfg.delete_source else []
         sources = _local_sources(cfg.source_path, cfg.parquet_pattern, none_ok=bool(deleted))
         for s in sources:  # a local schema costs a footer read: check before any task runs
-            check_columns(read_columns(s["url"], NOT_PARQUET, _shown(s["url"])),
-                          root.download_images.required_columns(), _shown(s["url"]))
+            check_columns(read_columns(s["url"], NOT_PARQUET, redact_url(s["url"])),
+                          root.download_images.required_columns(), redact_url(s["url"]))
         listed = {stem_of(s["rel"]) for s in sources}
         sources += [s for s in deleted if stem_of(s["rel"]) not in listed]
     else:
@@ -253,10 +246,11 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
         if not os.path.isfile(path):
             if (out / _DELETED / f"{p['stem']}.json").is_file():  # re-running cannot bring it back
                 raise PrepError("the source was deleted once its parts were written (delete_source: "
-                                "true), so they cannot be made again with other settings", _shown(p["url"]),
+                                "true), so they cannot be made again with other settings",
+                                redact_url(p["url"]),
                                 "restore the source file, or set download_parquet.parquet_subpartitions back "
                                 "to what it was split with")
-            raise PrepError("source file disappeared since planning", _shown(p["url"]),
+            raise PrepError("source file disappeared since planning", redact_url(p["url"]),
                             "re-run to plan again")
         return Path(path), False
     target = out / SOURCE_DIR / p["rel"]
@@ -268,11 +262,11 @@ def _fetch(task: Task, cfg: Config, opts: RunOptions) -> tuple[Path, bool]:
         try:
             fs.get_file(path, str(tmp))
         except Exception as err:  # the http client's own errors quote the whole URL, signature and all
-            raise PrepError(f"cannot fetch the source ({type(err).__name__})", _shown(p["url"]),
+            raise PrepError(f"cannot fetch the source ({type(err).__name__})", redact_url(p["url"]),
                             "re-run; if the URL is presigned, give a fresh one") from None
         if tmp.stat().st_size != p["size"]:
             raise PrepError(f"copied {tmp.stat().st_size} bytes, the source lists {p['size']}",
-                            _shown(p["url"]),
+                            redact_url(p["url"]),
                             "re-run; the source changed or the transfer was cut")
         os.replace(tmp, target)
     finally:
@@ -361,7 +355,7 @@ def run_task(task: Task, root: PrepConfig, opts: RunOptions) -> TaskResult:
     cfg: Config = root.download_parquet
     p = task.payload
     src, downloaded = _fetch(task, cfg, opts)
-    where = _shown(p["url"]) if p.get("url") else f"{p.get('repo')}: {p['rel']}"
+    where = redact_url(p["url"]) if p.get("url") else f"{p.get('repo')}: {p['rel']}"
     with reading_parquet(where, NOT_PARQUET):
         names = pq.read_schema(src).names
     if p["check"]:

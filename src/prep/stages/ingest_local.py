@@ -35,6 +35,7 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.pixels import WIDE_GRAY, eight_bit
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
+from prep.formats.urls import is_transient_status
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ TRANSIENT = ("server_error", "timeout", "connection_error")
 # why an image was dropped -> img2dataset's status for it: not readable, or read but rejected
 UNREADABLE = ("missing_file", "read_error", "duplicate_path", "no_path", *TRANSIENT)
 GONE = (404, 410)  # HTTP answers that mean the file is not there
-RETRY_LATER = (408, 425, 429)  # HTTP answers below 500 that ask to come back later
 RESERVED_JSON = ("key", "path", "caption", "width", "height", "original_width", "original_height",
                  "exif_orientation", "md5", "sha256", "sha512")
 _SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
@@ -187,7 +187,7 @@ def read_failure(err: BaseException, src: str) -> tuple[str, str]:
             message = f"{src}: HTTP {status}{f' {why}' if isinstance(why, str) and why else ''}"
             if status in GONE:
                 return "missing_file", message
-            return ("server_error" if status >= 500 or status in RETRY_LATER else "read_error"), message
+            return ("server_error" if is_transient_status(status) else "read_error"), message
         if isinstance(e, TimeoutError | asyncio.TimeoutError):
             return "timeout", f"{src}: timed out ({type(e).__name__})"
         if isinstance(e, cut):

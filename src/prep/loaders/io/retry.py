@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prep.errors import PrepError
+from prep.formats.urls import is_transient_status
 
 T = TypeVar("T")
 WARN_EVERY_S = 60.0  # at most one warning a minute (the first retry warns at once)
-_TRANSIENT_STATUS = frozenset({408, 425, 429})
 # exception classes of the HTTP clients under fsspec and the hub (aiohttp, requests, httpx) that mean the
 # network failed, not the server's answer: matched by name, so no client is imported to classify
 _CUT_ERRORS = frozenset({"ClientPayloadError", "ChunkedEncodingError", "RemoteProtocolError",
@@ -95,10 +95,6 @@ def decide(attempt: int, failure: Failure, policy: RetryPolicy, draw: float) -> 
         return min(max(failure.retry_after, 0.0), policy.max_delay)
     wait = min(policy.max_delay, policy.base_delay * 2.0 ** (attempt - 1))
     return wait / 2 + draw * wait / 2
-
-
-def is_transient_status(status: int) -> bool:
-    return status in _TRANSIENT_STATUS or 500 <= status < 600
 
 
 def retry_after_seconds(value: str | None) -> float | None:

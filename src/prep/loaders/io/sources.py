@@ -43,6 +43,7 @@ from prep.formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from prep.formats.tar import iter_samples, scan_tar, shard_files
 from prep.formats.tar_native import NATIVE
 from prep.formats.tar_write import pwrite_pieces
+from prep.formats.urls import redact_url
 from prep.formats.wdinfo import read_wdinfo
 from prep.loaders.io.cache import INDEX_SUFFIX, ShardCache, entry_name, release
 from prep.loaders.io.http_range import FetchError, get_range_into, get_small
@@ -77,19 +78,6 @@ class Secret:
 
     def __reduce__(self):  # travels to workers by pickle (process memory, never a command line)
         return (Secret, (self._value,))
-
-
-def redact_url(url: str) -> str:
-    """A URL without user info or query string, fit for logs and errors."""
-    if url.startswith("pipe:"):
-        return "pipe:" + url[5:].split()[0] if url[5:].split() else "pipe:"
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def is_remote(url: str) -> bool:
