@@ -11,7 +11,7 @@ from typing import Any
 
 from prep.formats.atomic import write_text_atomic
 from prep.formats.checksum import file_checksum, file_matches
-from prep.stages.base import Task, TaskResult, legacy_marker_file, marker_file
+from prep.stages.base import Task, TaskResult, legacy_marker_file, marker_file, recorded_marker_file
 
 MARKER_DIR = ".prep/done"
 
@@ -104,8 +104,7 @@ def read_valid_marker(marker_dir: Path, task: Task, fingerprint: str, *,
                       verify: bool = False) -> TaskResult | None:
     """The stored result if the marker matches this task and its outputs are intact, else None. A task
     without a marker of its own may have one an older prep wrote under the legacy name."""
-    path = marker_path(marker_dir, task)
-    doc = _read_doc(path if path.exists() else legacy_marker_file(marker_dir, task.id))
+    doc = _read_doc(recorded_marker_file(marker_dir, task.id))
     if doc.get("fingerprint") != fingerprint or doc.get("task_id") != task.id:
         return None
     outputs = doc.get("outputs") or {}

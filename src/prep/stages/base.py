@@ -217,6 +217,13 @@ def legacy_marker_file(folder: Path, name: str) -> Path:
     return folder / _bounded(name.replace("/", "__"), name)
 
 
+def recorded_marker_file(folder: Path, name: str) -> Path:
+    """The file the record of `name` is read from: its own (`marker_file`), else the one an older prep
+    wrote (`legacy_marker_file`), so folders it finished keep their records."""
+    path = marker_file(folder, name)
+    return path if path.exists() else legacy_marker_file(folder, name)
+
+
 def _bounded(safe: str, name: str) -> str:
     raw = safe.encode("utf-8", "surrogateescape")
     if len(raw) > MAX_MARKER_NAME:

@@ -33,9 +33,9 @@ from prep.stages.base import (
     Task,
     TaskResult,
     launcher_env,
-    legacy_marker_file,
     marker_dir,
     marker_file,
+    recorded_marker_file,
     torchrun_slice,
     unplanned_shards_warning,
 )
@@ -237,11 +237,8 @@ def _reusable(root: PrepConfig, item: dict[str, Any], settings: dict[str, Any],
               dst: Path) -> dict[str, Any] | None:
     """The record (outcome, encoder identities) of a shard finished earlier by a killed task of the
     same config, if its output is intact."""
-    path = marker_file(_records(root), item["rel"])
-    if not path.exists():  # written by an older prep (its fingerprint holds the shard's rel)
-        path = legacy_marker_file(_records(root), item["rel"])
-    try:
-        rec = json.loads(path.read_text("utf-8"))
+    try:  # an older prep's record counts too: its fingerprint holds the shard's rel
+        rec = json.loads(recorded_marker_file(_records(root), item["rel"]).read_text("utf-8"))
         intact = dst.stat().st_size == rec["outcome"]["bytes"] and index_path(dst).exists()
     except (OSError, ValueError, KeyError):
         return None
