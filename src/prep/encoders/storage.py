@@ -12,7 +12,7 @@ import io
 
 import numpy as np
 
-BF16_STORAGE = "uint16-bits"
+from prep.formats.manifest import BF16_STORAGE
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

@@ -22,6 +22,8 @@ MANIFEST_FORMAT = "prep-manifest"
 MANIFEST_VERSION = 2  # 2: `checksum` (ALGORITHM:hex) replaced version 1's `sha256` (hex)
 READABLE_VERSIONS = (1, 2)
 
+BF16_STORAGE = "uint16-bits"  # a field's `storage`: bfloat16 kept as its bit patterns in uint16
+
 
 def _canonical(value: Any) -> Any:
     """Nested dicts with sorted keys, so a manifest's bytes never depend on the order a stage (or a

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError
+from prep.formats.manifest import BF16_STORAGE
 from prep.loaders.base import stream_key
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this
@@ -52,7 +53,7 @@ class LatentScaling:
                             "pass the key precache_encodings gave the VAE (its `key:`)")
         mode = str((entry.get("settings") or {}).get("latent_mode", "moments"))
         field = getattr(manifest, "fields", {}).get(f"{key}.npy") or {}
-        bits = field.get("storage") == "uint16-bits"
+        bits = field.get("storage") == BF16_STORAGE
         return cls(key, mode, float(entry["scaling_factor"]), float(entry.get("shift_factor") or 0.0), bits)
 
     def stored(self, array: Any) -> torch.Tensor:

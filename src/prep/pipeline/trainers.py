@@ -253,7 +253,7 @@ def _prep_manifests(cfg: PipelineConfig, dataset: str) -> Iterator[tuple[str, An
 def _bf16_members(cfg: PipelineConfig, datasets: list[str]) -> set[str]:
     """Members that some prep folder under `datasets` stores as bfloat16 bit patterns in uint16
     (`store_dtype: bfloat16`: NumPy has no bfloat16, the loader hands the bits over as they are)."""
-    from prep.encoders.storage import BF16_STORAGE
+    from prep.formats.manifest import BF16_STORAGE
 
     return {
         member
