@@ -97,13 +97,17 @@ LOCAL_FIX = "for parquet files you already have, set download_parquet.source_pat
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def unreachable_reason() -> str | None:
     """Why the hub cannot be reached now (HF_HUB_OFFLINE is set, or HF_ENDPOINT refuses a connection),
     or None. A connect, not the client's retries (about 24 s per file). Behind a proxy the client's own
     connection decides (None)."""
     from urllib.parse import urlsplit
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _offline():
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return None
@@ -119,13 +123,12 @@ def unreachable_reason() -> str | None:
 def require_reachable(where: str) -> None:
     """Fail at once when the hub cannot be reached (offline, a wrong HF_ENDPOINT), instead of after the
     client's retries."""
-    reason = unreachable_reason()
-    if reason is None:
-        return
-    if reason.startswith("HF_HUB_OFFLINE"):
+    if _offline():
         raise PrepError("HF_HUB_OFFLINE is set, so the hub cannot be listed", where,
                         f"unset HF_HUB_OFFLINE, or {LOCAL_FIX}")
-    raise PrepError(reason, where, f"check the network and HF_ENDPOINT; {LOCAL_FIX}")
+    reason = unreachable_reason()
+    if reason is not None:
+        raise PrepError(reason, where, f"check the network and HF_ENDPOINT; {LOCAL_FIX}")
 
 
 def list_parquet(repo_id: str, revision: str, pattern: str, token: str | None) -> list[RemoteFile]:

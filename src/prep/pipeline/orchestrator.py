@@ -685,11 +685,10 @@ class TrainingPipelineOrchestrator:
         """Keep a warning in `warnings`; rank 0 prints it, progress bar or not."""
         self.warnings.append(line)
         if self.dist.main:
-            from rich.console import Console
             from rich.text import Text
 
             shown = Text("warning: ", style="bold yellow") + Text(line)
-            (self.console or Console(stderr=True)).print(shown, highlight=False, soft_wrap=True)
+            (self.console or _stderr_console()).print(shown, highlight=False, soft_wrap=True)
 
     def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
         val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None
