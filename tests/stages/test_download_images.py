@@ -378,3 +378,32 @@ def test_a_published_shard_lost_later_is_downloaded_again(tmp_path, monkeypatch)
     for suffix in (".tar", ".parquet", "_stats.json"):
         cut.with_name(f"00000{suffix}").unlink()
     assert run_stage("download_images", cfg, RunOptions(quiet=True)).ok and cut.exists()
+
+
+def test_a_stats_file_a_kill_cut_is_fetched_again(tmp_path):
+    """img2dataset opens a shard's stats file, then fills it: a kill in between leaves it empty. The
+    re-run must fetch that shard again (img2dataset's incremental mode would skip it, and publishing
+    it would fail on the empty stats), and end as a run never killed."""
+    inp = tmp_path / "parquet"
+    inp.mkdir()
+    with serve_images(slow_seconds=0) as srv:
+        rows = [(srv.good(16, 16, i), f"good {i}") for i in range(5)]
+        pq.write_table(url_table(rows), inp / "p.part0.parquet")
+        settings = [*_settings(tmp_path, inp)[:-1], "download_images.number_sample_per_shard=3"]
+        clean = run_stage("download_images", load_config(None, [*settings[1:],
+                          f"dataset_output_root={tmp_path / 'clean'}"]), RunOptions(quiet=True))
+        assert clean.ok
+        first = run_stage("download_images", load_config(None, settings), RunOptions(quiet=True))
+        assert first.ok
+        final = tmp_path / "tarfiles_raw" / "p.part0"
+        staging = tmp_path / "tarfiles_raw" / ".prep" / "img2dataset" / "p.part0"
+        # the state a kill leaves: shard 0 unpublished, its staged tar there, its stats opened but empty
+        for suffix in (".tar", ".parquet", "_stats.json"):
+            (final / f"00000{suffix}").unlink()
+        (staging / "00000.tar").write_bytes(b"")
+        (staging / "00000_stats.json").write_text("")
+        again = run_stage("download_images", load_config(None, settings), RunOptions(quiet=True))
+    assert again.ok, again.to_json()["errors"]
+    want = tmp_path / "clean" / "tarfiles_raw" / "p.part0"
+    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in want.iterdir())
+    assert (final / "00000.tar").read_bytes() == (want / "00000.tar").read_bytes()

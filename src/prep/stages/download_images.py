@@ -406,6 +406,17 @@ def _read_stats(path: Path) -> dict[str, Any]:
                               "again") from None
 
 
+def _cut(stats: Path) -> bool:
+    """Whether a staged stats file is there but not whole (img2dataset killed while writing it)."""
+    if not stats.exists():
+        return False
+    try:
+        _read_stats(stats)
+    except StatsUnreadable:
+        return True
+    return False
+
+
 def _prefixed(table: Any, prefix: str) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -569,8 +580,10 @@ def _download_part(p: dict[str, Any], where: str) -> tuple[list[str], dict[str, 
     for n in names:  # img2dataset's incremental mode skips a shard when its stats file is there
         if n not in todo and not (staging / f"{n}_stats.json").exists():
             shutil.copyfile(final / f"{n}_stats.json", staging / f"{n}_stats.json")
-        elif n in todo and not (staging / f"{n}.tar").exists():  # published once, then lost from final:
-            (staging / f"{n}_stats.json").unlink(missing_ok=True)  # fetch it again, not skip it forever
+        elif n in todo and (not (staging / f"{n}.tar").exists() or _cut(staging / f"{n}_stats.json")):
+            # published once, then lost from final; or a kill cut img2dataset's write of the stats (it
+            # opens the file, then fills it): fetch it again, not skip it forever nor fail on it
+            (staging / f"{n}_stats.json").unlink(missing_ok=True)
     publisher = _Publisher(staging, final, todo, p["prefix"])
     publisher.start()
     try:
