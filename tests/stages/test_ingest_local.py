@@ -400,6 +400,147 @@ def test_read_failures_are_named_by_what_they_mean(tmp_path: Path) -> None:
     assert failure(open, str(tmp_path))[0] == "read_error"  # a folder
 
 
+# ---------------------------------------------------------------------------------------- presigned URLs
+
+SECRETS = ("SECRETSIG123", "SECRETCRED456", "SECRETPASS789", "SECRETSIG999", "SECRETPASS000")
+
+
+def presigned(url: str, sig: str) -> str:
+    """`url` with the query of an S3 presigned URL: its signature and credential are secrets."""
+    return (f"{url}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=SECRETCRED456%2F20240101%2Fus-east-1"
+            f"%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Signature={sig}")
+
+
+def leaked(text: str | bytes) -> list[str]:
+    """The secrets found in `text` (line wrapping undone: a terminal may break a long word anywhere)."""
+    flat = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    flat = "".join(flat.split())
+    return [s for s in SECRETS if s in flat]
+
+
+def leaks_under(folder: Path) -> dict[str, list[str]]:
+    """{file: secrets} for every file under `folder`: its bytes, and a parquet's values (compressed pages
+    may hide a string from a byte search)."""
+    found: dict[str, list[str]] = {}
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file():
+            continue
+        hits = leaked(f.read_bytes())
+        if f.suffix == ".parquet":
+            hits += leaked(json.dumps(pq.read_table(f).to_pylist(), default=str))
+        if hits:
+            found[str(f.relative_to(folder))] = hits
+    return found
+
+
+def test_read_failures_of_presigned_urls_name_the_url_without_its_secret() -> None:
+    """Real failures of presigned URLs (gone, a server error, refused, forbidden, a bad port) and errors
+    whose text quotes the URL as libraries do: the message names host and path, never the signature."""
+    import aiohttp
+
+    from prep.testing.servers import free_port, serve_images
+
+    with serve_images() as srv:
+        cases = [(srv.missing(0), "missing_file"), (srv.failing(503, 0), "server_error"),
+                 (srv.failing(403, 0), "read_error"),
+                 (f"http://127.0.0.1:{free_port()}/x.jpg", "connection_error")]
+        for url, reason in cases:
+            signed = presigned(url, "SECRETSIG123")
+            with pytest.raises(Exception) as info:
+                il._read(signed)
+            got, message = il.read_failure(info.value, signed)
+            assert got == reason and message.startswith((f"{url}: ", f"{url} does not exist")), message
+            assert not leaked(message), message
+    bad_port = presigned("http://127.0.0.1:99999/x.jpg", "SECRETSIG123")
+    with pytest.raises(ValueError) as port_error:
+        il._read(bad_port)
+    assert il.read_failure(port_error.value, bad_port) == ("read_error",
+                                                           "ValueError: Port out of range 0-65535")
+    url = "http://user:SECRETPASS789@Host.Example:8080/a/x.jpg"
+    shown = "http://host.example:8080/a/x.jpg"
+    for src, err in [(presigned(url, "SECRETSIG123"), OSError(f"cannot open {url}")),
+                     (url, aiohttp.InvalidURL(url)),
+                     (url, ValueError(f"url=URL('{presigned(url, 'SECRETSIG999')}')"))]:
+        reason, message = il.read_failure(err, src)
+        assert reason == "read_error" and shown in message and not leaked(message), message
+
+
+def test_presigned_urls_leave_no_secret_in_outputs_reports_notes_or_errors(tmp_path: Path) -> None:
+    """A table of presigned URLs (and one with user:password) through the CLI, with good images and every
+    kind of failure: no signature, credential or password in any file the stage writes (tars, parquets,
+    report, markers, summary), in stdout/stderr or in an error; the report and notes still name each
+    dropped image by host and path with its reason; records and keys of the plain path and the unsigned
+    URL stay as written; and the same table signed again gives the same bytes (keys do not depend on the
+    signature)."""
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+    from prep.testing.servers import free_port, serve_files
+
+    served = tmp_path / "served"
+    (served / "imgs").mkdir(parents=True)
+    for i, name in enumerate(("a.jpg", "b.png", "photo", "c.jpg", "plain.jpg")):
+        (served / "imgs" / name).write_bytes(make_image(6 + i, 5, "png" if name == "b.png" else "jpeg", i))
+    (served / "imgs" / "noise.jpg").write_bytes(CORRUPT_IMAGE)
+    (served / "local.png").write_bytes(make_image(4, 4, "png", 9))
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "local.png").write_bytes((served / "local.png").read_bytes())
+    refused = f"http://127.0.0.1:{free_port()}/imgs/refused.jpg"
+    with serve_files(served) as srv:
+        srv.fail("/imgs/busy.jpg", 503, times=100)
+        srv.fail("/imgs/forbidden.jpg", 403, times=100)
+        img = f"{srv.url}/imgs"
+        drops = {f"{img}/gone.jpg": "missing_file", f"{img}/noise.jpg": "decode_error",
+                 f"{img}/forbidden.jpg": "read_error", f"{img}/busy.jpg": "server_error",
+                 refused: "connection_error"}
+
+        def rows(sig: str, password: str) -> str:
+            with_password = f"{srv.url.replace('//', f'//user:{password}@')}/imgs/c.jpg"
+            urls = [presigned(f"{img}/a.jpg", sig), presigned(f"{img}/b.png", sig),
+                    presigned(f"{img}/photo", sig), with_password,  # photo: no extension
+                    f"{img}/plain.jpg", "local.png", *(presigned(u, sig) for u in drops),
+                    presigned(f"{img}/a.jpg", sig + "x")]  # the same object signed again: a duplicate
+            return "".join(json.dumps({"path": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(urls))
+
+        (local / "list.jsonl").write_text(rows("SECRETSIG123", "SECRETPASS789"))
+        (served / "list.jsonl").write_text(rows("SECRETSIG999", "SECRETPASS000"))
+        runner = CliRunner()
+        common = ["run", "ingest_local", "-q", "--set", "ingest_local.number_sample_per_shard=4"]
+        first = runner.invoke(app, [*common, "--json", "--set", f"dataset_output_root={tmp_path / 'r1'}",
+                                    "--set", f"ingest_local.table={local / 'list.jsonl'}"])
+        # the table itself behind a presigned URL, signed otherwise, in the terminal's summary
+        table_url = presigned(f"{srv.url}/list.jsonl", "SECRETSIG999")
+        second = runner.invoke(app, [*common, "--set", f"dataset_output_root={tmp_path / 'r2'}",
+                                     "--set", f"ingest_local.table={table_url}"])
+        nope = presigned(f"{srv.url}/nope.jsonl", "SECRETSIG999")
+        missing = runner.invoke(app, [*common, "--set", f"dataset_output_root={tmp_path / 'r3'}",
+                                      "--set", f"ingest_local.table={nope}"])
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    for result in (first, second, missing):
+        assert not leaked(result.stdout) and not leaked(result.stderr), result.output
+    for root in ("r1", "r2", "r3"):
+        assert not leaks_under(tmp_path / root)
+    assert missing.exit_code == 1 and f"ingest_local.table {srv.url}/nope.jsonl" in missing.stderr
+
+    doc = json.loads(first.stdout)
+    assert doc["counts"]["samples_in"] == 12 and doc["counts"]["samples_out"] == 6
+    assert doc["dropped"] == {**Counter(drops.values()), "duplicate_path": 1}
+    out = tmp_path / "r1" / "tarfiles_ingested"
+    report = [json.loads(line) for line in (out / ".prep" / il.DROPPED_REPORT).read_text().splitlines()]
+    assert {r["path"]: r["reason"] for r in report} == {**drops, f"{img}/a.jpg": "duplicate_path"}
+    for r in report:  # a read failure's message names what was read (host and path)
+        assert r["reason"] == "decode_error" or r["message"].startswith(r["path"]), r
+    notes = "\n".join(doc["notes"])
+    assert all(f"dropped {u!r} ({why})" in notes for u, why in drops.items()), notes
+    samples = shard_samples(out)
+    recorded = {json.loads(m["json"])["path"]: k for k, m in samples.items()}
+    assert recorded == {p: il.sample_key(f"list/{p}") for p in (
+        f"{img}/a.jpg", f"{img}/b.png", f"{img}/photo", f"{img}/c.jpg", f"{img}/plain.jpg", "local.png")}
+    assert tree(out) == tree(tmp_path / "r2" / "tarfiles_ingested")  # signed again: the same bytes
+
+
 # -------------------------------------------------------------------------------------- resize and EXIF
 
 

@@ -3,23 +3,47 @@ answers may pass if asked again. The stages use them without importing the loade
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})  # answers below 500 that ask to come back later
+# a URL inside free text (an exception's message): up to a space, a quote or an angle bracket
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 
 
 def redact_url(url: str) -> str:
     """A URL without user info or query string (a presigned URL's signature), fit for logs, errors,
-    file names and records."""
+    file names and records. Never raises: it runs on error paths, where a malformed URL is common."""
     if url.startswith("pipe:"):
         return "pipe:" + url[5:].split()[0] if url[5:].split() else "pipe:"
     if "://" not in url:
         return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # IPv6
+        if parts.port:
+            host += f":{parts.port}"
+    except ValueError:  # a malformed host or port ("[::1", ":99999"): cut by hand, the host as written
+        scheme, _, rest = url.partition("://")
+        authority, slash, path = re.split(r"[?#]", rest, maxsplit=1)[0].partition("/")
+        return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def needs_redacting(url: str) -> bool:
+    """Whether `url` holds something redact_url takes out (user info, a query string, a fragment), so a
+    record can keep every other URL, and every path, exactly as written."""
+    if url.startswith("pipe:") or "://" not in url:
+        return redact_url(url) != url
+    authority = url.partition("://")[2].partition("/")[0]
+    return "@" in authority or "?" in url or "#" in url
+
+
+def redact_urls_in(text: str) -> str:
+    """`text` (an exception's message) with each URL in it that needs redacting redacted, the rest as it
+    was: a library's error may quote the URL it was given."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]) if needs_redacting(m[0]) else m[0], text)
 
 
 def is_transient_status(status: int) -> bool:

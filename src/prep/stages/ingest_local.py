@@ -10,7 +10,10 @@ dropped and reported by path and reason), keeps its original bytes (a PNG stays 
 re-encode is asked for (img2dataset's Resizer, after EXIF orientation is applied), and writes
 `output_dir/<part>/NNNNN.tar` + `.parquet` + `_stats.json` with img2dataset's names and fields, so
 reorganize_tar and the later stages read it as they read download_images' output. Keys are stable and
-unique: a slug of the relative path plus a hash of it; the path itself is kept in each sample's json.
+unique: a slug of the relative path plus a hash of it; the path itself is kept in each sample's json. A
+URL that carries user info or a query (a presigned URL's signature) is recorded, keyed, reported and
+named in errors without them (`prep.formats.urls.redact_url`): a signature is a secret, and one that
+expires would make keys change at every re-signing.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.pixels import WIDE_GRAY, eight_bit
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.formats.urls import is_transient_status
+from prep.formats.urls import is_transient_status, needs_redacting, redact_url, redact_urls_in
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
@@ -165,12 +168,26 @@ def status_of(reason: str) -> str:
     return "failed_to_download" if reason in UNREADABLE else "failed_to_resize"
 
 
+def shown_source(src: str) -> str:
+    """A path or URL as records, keys, reports, notes and errors show it: a URL that holds user info or a
+    query (a presigned URL's signature) without them; anything else as written, so plain paths and URLs
+    keep their records and keys."""
+    return redact_url(src) if needs_redacting(src) else src
+
+
+def error_text(err: BaseException, src: str) -> str:
+    """What `err` says, with `src` and any URL in it shown as `shown_source` shows them (a library's
+    message may quote the URL it was given, signature and all)."""
+    return redact_urls_in(str(err).replace(src, shown_source(src)) if src else str(err))
+
+
 def read_failure(err: BaseException, src: str) -> tuple[str, str]:
     """(reason, message) for a file or URL that could not be read. A 404/410 or a missing local file is
     `missing_file`; a server error (5xx, 408, 425, 429) is `server_error` and a timeout or a failed
     connection is `timeout` / `connection_error`: those may pass, so they are never taken for a missing
     file. The exception's causes are looked at too: fsspec's `open` reports any failed request as a
-    FileNotFoundError raised from the real one."""
+    FileNotFoundError raised from the real one. The message shows `src` by `shown_source`."""
+    shown = shown_source(src)
     chain: list[BaseException] = []
     e: BaseException | None = err
     while e is not None and e not in chain:
@@ -184,17 +201,18 @@ def read_failure(err: BaseException, src: str) -> tuple[str, str]:
         status = getattr(e, "status", None)
         if isinstance(status, int) and 100 <= status <= 599:
             why = getattr(e, "message", None) or getattr(e, "reason", None) or ""
-            message = f"{src}: HTTP {status}{f' {why}' if isinstance(why, str) and why else ''}"
+            why = redact_urls_in(why) if isinstance(why, str) else ""
+            message = f"{shown}: HTTP {status}{f' {why}' if why else ''}"
             if status in GONE:
                 return "missing_file", message
             return ("server_error" if is_transient_status(status) else "read_error"), message
         if isinstance(e, TimeoutError | asyncio.TimeoutError):
-            return "timeout", f"{src}: timed out ({type(e).__name__})"
+            return "timeout", f"{shown}: timed out ({type(e).__name__})"
         if isinstance(e, cut):
-            return "connection_error", f"{src}: {type(e).__name__}: {e}"
+            return "connection_error", f"{shown}: {type(e).__name__}: {error_text(e, src)}"
     if isinstance(err, FileNotFoundError):
-        return "missing_file", f"{src} does not exist"
-    return "read_error", f"{type(err).__name__}: {err}"
+        return "missing_file", f"{shown} does not exist"
+    return "read_error", f"{type(err).__name__}: {error_text(err, src)}"
 
 
 def shown_path(rel: str) -> str:
@@ -265,7 +283,7 @@ def read_records(path: str, where: str) -> list[dict[str, Any]]:
     """Rows of a parquet/CSV/JSONL/JSON file (local or fsspec) as dicts."""
     import fsspec
 
-    lower = path.lower()
+    lower = shown_source(path).lower()  # a presigned URL ends in its query, not its extension
     try:
         with fsspec.open(path, "rb") as f:
             if lower.endswith((".parquet", ".pq")):
@@ -276,7 +294,7 @@ def read_records(path: str, where: str) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise PrepError("file not found", where, "check the path") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise PrepError(f"cannot read it ({type(err).__name__}: {err})", where,
+        raise PrepError(f"cannot read it ({type(err).__name__}: {error_text(err, path)})", where,
                         "pass a readable parquet, CSV, JSONL or JSON file") from None
     try:
         if lower.endswith(".csv"):
@@ -331,7 +349,7 @@ def captions_map(cfg: Config) -> tuple[dict[str, tuple[str | None, dict[str, Any
     """name -> (caption, extra columns) from `captions_file`, and how many lines repeat a name."""
     if cfg.captions_file is None:
         return {}, 0
-    where = f"ingest_local.captions_file {cfg.captions_file}"
+    where = f"ingest_local.captions_file {shown_source(cfg.captions_file)}"
     rows = read_records(cfg.captions_file, where)
     _columns(cfg, rows, where)
     out: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
@@ -394,10 +412,11 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
                      f"neither a file nor a folder, e.g. a broken link (first: {sorted(unread)[0]!r})")
     orphans = sorted(set(mapped) - used)
     if orphans:
-        notes.append(f"{len(orphans)} caption(s) in {cfg.captions_file} name no image "
+        notes.append(f"{len(orphans)} caption(s) in {shown_source(str(cfg.captions_file))} name no image "
                      f"(first: {orphans[0]!r})")
     if repeated:
-        notes.append(f"{repeated} line(s) of {cfg.captions_file} repeat a name; the first one is used")
+        notes.append(f"{repeated} line(s) of {shown_source(str(cfg.captions_file))} repeat a name; the first "
+                     "one is used")
     lonely = sorted(s for s in sidecars if s not in stems_with_image)
     if lonely:
         notes.append(f"{len(lonely)} sidecar caption file(s) have no image beside them "
@@ -415,10 +434,11 @@ def table_files(pattern: str) -> list[str]:
     fs, _, paths = fsspec.get_fs_token_paths(pattern)
     files = sorted(p for p in paths if not fs.isdir(p))
     if not files:
-        raise PrepError("no table file matches", f"ingest_local.table {pattern}",
+        raise PrepError("no table file matches", f"ingest_local.table {shown_source(pattern)}",
                         "point ingest_local.table at a parquet/CSV/JSONL file or a glob of them")
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-    return files if proto in ("file", "local") else [f"{proto}://{p}" for p in files]
+    # an http path is the whole URL already: unstrip_protocol adds the scheme only where it is missing
+    return files if proto in ("file", "local") else [fs.unstrip_protocol(p) for p in files]
 
 
 def resolve_path(path: str, base: str) -> str:
@@ -431,8 +451,9 @@ def resolve_path(path: str, base: str) -> str:
 def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) -> list[Found]:
     """The rows of one table as images, in row order; a path already seen (here or in an earlier table)
     is dropped as duplicate_path. Keys come from `<part>/<path as written>`, so two tables in two folders
-    may both name `a.png`."""
-    where = f"ingest_local.table {table}"
+    may both name `a.png`; a URL with user info or a query is recorded and keyed as `shown_source` shows
+    it, so the same object at two signatures is one image."""
+    where = f"ingest_local.table {shown_source(table)}"
     rows = read_records(table, where)
     _columns(cfg, rows, where)
     base = cfg.base_dir or (table.rsplit("/", 1)[0] if "://" in table else str(Path(table).parent))
@@ -441,15 +462,16 @@ def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) 
         raw, caption, extra = _row_fields(cfg, row)
         path = "" if raw is None else str(raw).strip()
         src = resolve_path(path, base) if path else ""
-        shown = path or f"<row {len(found)} of {table}>"
+        address = shown_source(src)
+        shown = (address if needs_redacting(src) else path) or f"<row {len(found)} of {shown_source(table)}>"
         item = Found(f"{part}/{shown.removeprefix('./')}", shown, src,
                      caption=None if caption is None else str(caption), extra=extra)
         if not path:
             item.drop = "no_path"
-        elif src in seen:
+        elif address in seen:
             item.drop = "duplicate_path"
         else:
-            seen[src] = table
+            seen[address] = table
             if "://" not in src:
                 try:
                     st = os.stat(src)
@@ -533,7 +555,7 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
                             "caption_col", "config ingest_local.captions_file", "remove captions_file")
         seen: dict[str, str] = {}
         for table in table_files(str(cfg.table)):
-            stem = table.rsplit("/", 1)[-1].split(".", 1)[0]
+            stem = shown_source(table).rsplit("/", 1)[-1].split(".", 1)[0]
             parts.append((stem, find_table_images(cfg, table, key_prefix(stem), seen)))
     tasks: list[Task] = []
     names: dict[str, str] = {}
@@ -561,7 +583,8 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
             outputs = tuple(str(final / f"{name}{suffix}") for suffix in (".tar", ".parquet", "_stats.json"))
             tasks.append(Task(f"{folder_name}/{name}", payload, outputs, weight=len(payload["items"])))
     if not tasks:
-        where = str(cfg.input_dir) if cfg.input_dir is not None else f"ingest_local.table {cfg.table}"
+        where = str(cfg.input_dir) if cfg.input_dir is not None else \
+            f"ingest_local.table {shown_source(str(cfg.table))}"
         raise PrepError("no image found", where,
                         f"check the path; images are files ending in {', '.join(cfg.image_extensions)}"
                         if cfg.input_dir is not None else "check the table holds rows")
@@ -636,7 +659,7 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
         return Outcome(key, None, row, reason, message)
 
     if "drop" in item:
-        return dropped(item["drop"], item["src"] or "the row has no path")
+        return dropped(item["drop"], shown_source(item["src"]) or "the row has no path")
     caption = item.get("caption")
     if caption is None and "caption_file" in item:
         try:
