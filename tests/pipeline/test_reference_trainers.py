@@ -166,6 +166,45 @@ def shards(tmp_path_factory):
     return precached_shards(tmp_path_factory.mktemp("demo"))
 
 
+@pytest.mark.parametrize(
+    ("text_class", "subfolder", "trains", "head"),
+    [
+        ("CLIPTextModel", "text_encoder", True, set()),
+        ("CLIPTextModelWithProjection", "text_encoder", True, {"text_projection.weight"}),
+        ("T5EncoderModel", "text_encoder_2", True, set()),
+        ("CLIPTextModelWithProjection", "text_encoder", False, {"text_projection.weight"}),
+    ],
+)
+def test_flow_freezes_the_text_encoder_parameters_its_embeddings_do_not_reach(
+    shards, text_class, subfolder, trains, head
+):
+    """A text encoder the flow trainer trains keeps trainable exactly what its caption embeddings
+    reach (DDP expects a gradient for every trainable parameter of a module it wraps): one backward of
+    the embeddings gives each of them a gradient, and only what nothing reaches (a projection head)
+    is frozen. A text encoder no step trains is left as built."""
+    from prep.pipeline.trainers import build_reference
+
+    folder = str(shards.parent / "models")
+    models = {
+        "vae": {"class": "diffusers:AutoencoderKL", "pretrained": folder, "subfolder": "vae"},
+        "unet": {"class": "diffusers:UNet2DConditionModel", "config": TINY_UNET},
+        "te": {"class": f"transformers:{text_class}", "pretrained": folder, "subfolder": subfolder},
+    }
+    optimizers = {"te" if trains else "unet": {"type": "SGD", "lr": 0.1}}
+    step = {"name": "s", "n_epochs": 1, "train_diff_full": True, "optimization": {"optimizers": optimizers}}
+    cfg = parse_pipeline_config({
+        "models": models, "trainer_options": {"flow": {"denoiser": "unet", "text_encoder": "te"}},
+        "steps": [step], **NO_DATA,
+    })
+    modules, trainers = build_reference(cfg)
+    te = modules["te"]
+    assert {n for n, p in te.named_parameters() if not p.requires_grad} == (head if trains else set())
+    emb, _ = trainers["flow"].text({"txt": [b"a red cat", b"dog"]}, _ctx(cfg.steps[0], modules))
+    emb.sum().backward()
+    unreached = {n for n, p in te.named_parameters() if p.requires_grad and p.grad is None}
+    assert unreached == (set() if trains else head)
+
+
 def test_latents_read_from_shards_equal_precache_and_on_the_fly(shards):
     """vae.npy read by the loader == the precache stage's VaeEncoder on the shard's own jpg, and the flow
     trainer's on-the-fly road (raw jpg bytes through the frozen VAE) gives the same moments."""

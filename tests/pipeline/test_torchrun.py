@@ -1,7 +1,8 @@
 """A pipeline under a real torchrun (gloo, CPU): saved mid-step on 2 ranks, then resumed on 2 ranks and
 on 1 rank (with the same global batch): the global sample stream is the uninterrupted one. Saved on 1
 rank and resumed on 3: the ranks the checkpoint has no RNG state for get streams of their own. The
-reference VAE trainer's GAN step on 2 ranks: every rank holds the same weights, those of 1 rank."""
+reference VAE trainer's GAN step, and the flow trainer training its text encoder, on 2 ranks: every rank
+holds the same weights, those of 1 rank."""
 
 import json
 import os
@@ -179,6 +180,79 @@ def test_gan_step_on_two_ranks_keeps_every_rank_equal_and_matches_one_rank(tmp_p
             assert torch.allclose(ranks[0][module][key], value, atol=1e-5, rtol=0), (module, key)
         moved = max((one[module][k] - start[module][k]).abs().max().item() for k in start[module])
         assert moved > 1e-3, module  # it trained
+
+
+FULL = """\
+models:
+  vae: {class: "diffusers:AutoencoderKL", pretrained: MODELS, subfolder: vae}
+  text_encoder: {class: "transformers:TEXT", pretrained: MODELS, subfolder: text_encoder}
+  flow_processor: {class: "prep.testing.pipeline_data:noise_echo", options: {channels: 4, width: 32}}
+trainer_options:
+  flow: {cfg_dropout: 0.0, timestep_scale: 1.0, max_length: 16, sample_images: 2, sample_steps: 1}
+datasets:
+  d: {type: prep, path: DATA, fields: [vae.npy, txt], seed: 3}
+default_dataset: d
+defaults: {workers: 0, seed: 1}
+steps:
+  - name: full
+    train_diff_full: true
+    freeze: [vae]
+    max_steps: STEPS
+    grad_accumulation: ACC
+    optimization:
+      optimizers: {flow_processor: {type: SGD, lr: 0.2}, text_encoder: {type: SGD, lr: 0.2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def zero_latents(tmp_path_factory):
+    """Precached shards (20 samples, captions) whose `vae.npy` latents are all 0 (`latent_mode: mean` of
+    a VAE whose posterior mean is 0), and the tiny models folder."""
+    from prep.testing.pipeline_data import precached_shards, zero_latent_vae
+
+    root = tmp_path_factory.mktemp("zero")
+    zero_latent_vae(root / "models" / "vae")
+    return precached_shards(root, latent_mode="mean"), root / "models"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("text_class", "accumulation"), [("CLIPTextModel", 1), ("CLIPTextModelWithProjection", 2)]
+)
+def test_text_encoder_trained_on_two_ranks_stays_equal_and_matches_one_rank(
+    tmp_path, zero_latents, text_class, accumulation
+):
+    """`train_diff_full` (the flow trainer with an optimizer for its text encoder), 4 optimizer steps
+    under torchrun: both ranks end with the same text-encoder weights, moved from the start, and those
+    of a 1-rank run with the same global batch to float tolerance (the captions are encoded through the
+    text encoder's DDP wrapper: called on the module itself, each rank trained its own copy on its own
+    half of the batch). The denoiser echoes the noise of zero latents, so the loss does not depend on
+    the noise and t each rank draws. A CLIP model with a projection its embeddings do not use
+    (text_projection: no gradient) trains too, with gradient accumulation."""
+    import torch
+
+    from prep.pipeline import parse_pipeline_config
+    from prep.pipeline.models import build_models
+
+    shards, models = zero_latents
+    config = tmp_path / "full.yaml"
+    text = FULL.replace("DATA", str(shards)).replace("MODELS", str(models)).replace("TEXT", text_class)
+    config.write_text(text.replace("ACC", str(accumulation)).replace("STEPS", str(4 * accumulation)))
+    entry = "prep.testing.pipeline_data:reference_build"
+    _run(1, config, tmp_path / "one", tmp_path / "one", 4, entry=entry)
+    _run(2, config, tmp_path / "two", tmp_path / "two", 2, entry=entry)
+    one = torch.load(tmp_path / "one.rank0.pt")
+    ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in range(2)]
+    start = {n: m.state_dict() for n, m in build_models(parse_pipeline_config(config)).items()}
+    for module in ("text_encoder", "flow_processor"):
+        for key, value in one[module].items():
+            assert torch.equal(ranks[0][module][key], ranks[1][module][key]), (module, key)
+            assert torch.allclose(ranks[0][module][key], value, atol=1e-5, rtol=0), (module, key)
+        moved = max((one[module][k] - start[module][k]).abs().max().item() for k in start[module])
+        assert moved > 1e-3, module  # it trained
+    for key in start["text_encoder"]:
+        if key.startswith("text_projection"):  # nothing reaches it: left as built
+            assert torch.equal(ranks[0]["text_encoder"][key], start["text_encoder"][key]), key
 
 
 @pytest.mark.slow

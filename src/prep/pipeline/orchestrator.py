@@ -118,20 +118,29 @@ class StepContext:
 
         DDP averages the gradients of what goes through its forward only: a module trained through
         other methods (a VAE's `encode` and `decode`) and called directly would train on each rank
-        alone, and the ranks' weights would drift apart without an error."""
+        alone, and the ranks' weights would drift apart without an error. `fn` may call the module
+        itself (a text encoder's own forward): the stand-in is gone before `fn` runs."""
         wrapped = self.modules[name]
         if not isinstance(wrapped, DistributedDataParallel):
             return fn(wrapped, *args)
         module = wrapped.module
         had = module.__dict__.get("forward")
-        module.forward = lambda *a: fn(module, *a)  # an instance attribute shadows the class's forward
+
+        def restore() -> None:
+            if had is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = had
+
+        def stand_in(*a: Any) -> Any:
+            restore()
+            return fn(module, *a)
+
+        module.forward = stand_in  # an instance attribute shadows the class's forward
         try:
             return wrapped(*args)
         finally:
-            if had is None:
-                del module.forward
-            else:
-                module.forward = had
+            restore()
 
     def optimizer_step(self, name: str) -> bool:
         """Step optimizer `name` (unscale, clip, step, zero grads, its scheduler) if this batch ends an

@@ -436,6 +436,16 @@ class FlowTrainer:
                 "trainer_options.flow.text_encoder",
                 "precache the text embeddings, or name a text encoder in models: (with its tokenizer)",
             )
+        encoder = self._text_encoder(ctx.raw_modules[self.o.text_encoder], ctx.device)
+        raw = _field(batch, self.o.caption_key, "flow")
+        captions = [c if isinstance(c, bytes) else str(c).encode() for c in raw]
+        ids = encoder.collate(encoder.preparer.prepare(captions))
+        # through the text encoder's DDP wrapper when it trains: its gradients are averaged over ranks
+        out = ctx.forward_with(self.o.text_encoder, lambda _, tokens: encoder.forward(tokens, []), ids)
+        return out[member][0].float(), out[f"{self.o.text_key}_mask.npy"][0].to(ctx.device)
+
+    def _text_encoder(self, module: torch.nn.Module, device: torch.device) -> Any:
+        """precache's HFTextEncoder around the text-encoder module (`max_length` tokens, with a mask)."""
         from prep.encoders.models import HFTextEncoder
         from prep.encoders.spec import EncoderConfig
 
@@ -445,11 +455,25 @@ class FlowTrainer:
             key=self.o.text_key, modality="text", model=spec, pretrained=self.o.text_encoder,
             max_length=self.o.max_length, padding="max_length", attention_mask=True,
         )
-        encoder = HFTextEncoder(enc_cfg, ctx.raw_modules[self.o.text_encoder], self.tokenizer, ctx.device)
-        raw = _field(batch, self.o.caption_key, "flow")
-        captions = [c if isinstance(c, bytes) else str(c).encode() for c in raw]
-        out = encoder.forward(encoder.collate(encoder.preparer.prepare(captions)), [])
-        return out[member][0].float(), out[f"{self.o.text_key}_mask.npy"][0].to(ctx.device)
+        return HFTextEncoder(enc_cfg, module, self.tokenizer, device)
+
+    def unreached(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The text encoder's trainable parameters its embeddings do not depend on (a CLIP
+        ...WithProjection's text_projection), found by one caption's forward in eval mode. They never
+        get a gradient here, and DDP expects one for every trainable parameter of a module it wraps."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params or self.tokenizer is None:
+            return []
+        encoder = self._text_encoder(module, params[0].device)
+        training = module.training
+        module.eval()
+        try:
+            with torch.enable_grad():
+                emb = encoder.forward(encoder.collate(encoder.preparer.prepare([b"a"])), [])
+                grads = torch.autograd.grad(emb[f"{self.o.text_key}.npy"][0].sum(), params, allow_unused=True)
+        finally:
+            module.train(training)
+        return [p for p, g in zip(params, grads, strict=True) if g is None]
 
     # -------------------------------------------------------------------------- model
     def predict(self, ctx: Any, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
@@ -552,6 +576,7 @@ def build_trainers(cfg: PipelineConfig, modules: Mapping[str, torch.nn.Module]) 
             cfg.source,
             "pass --entry module:build with your own trainers",
         )
+    trained = {m for s in cfg.steps for n, o in s.optimization.optimizers.items() for m in (o.params or [n])}
     out: dict[str, Any] = {}
     for name in needed_trainers(cfg):
         opts = options(cfg, name)
@@ -568,5 +593,8 @@ def build_trainers(cfg: PipelineConfig, modules: Mapping[str, torch.nn.Module]) 
         else:
             te = opts.text_encoder
             tok = load_tokenizer_for(cfg, te) if te and cfg.models and te in cfg.models else None
-            out[name] = FlowTrainer(cfg, opts, tok)
+            out[name] = flow = FlowTrainer(cfg, opts, tok)
+            if te is not None and te in modules and te in trained:  # frozen: no gradient ever reaches them
+                for p in flow.unreached(modules[te]):
+                    p.requires_grad_(False)
     return out

@@ -198,6 +198,44 @@ def sharp_vae(**config: Any) -> Any:
     return vae
 
 
+def zero_latent_vae(folder: str | Path) -> Path:
+    """The tiny AutoencoderKL of `write_tiny_models` saved to `folder` with its posterior mean held at 0
+    (quant_conv's weights and bias zeroed): precached with `latent_mode: mean`, every latent is 0."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from prep.testing.tiny_models import write_tiny_vae
+
+    out = write_tiny_vae(Path(folder))
+    vae = AutoencoderKL.from_pretrained(str(out))
+    with torch.no_grad():
+        vae.quant_conv.weight.zero_()
+        vae.quant_conv.bias.zero_()
+    vae.save_pretrained(str(out))
+    return out
+
+
+def noise_echo(channels: int, width: int) -> Any:
+    """A denoiser for latents x_0 = 0: from x_t = t e it returns e (x_t / t) plus a linear map of the
+    caption's mean text embedding, so the flow loss is that map's mean square whatever noise and t each
+    rank draws (a 2-rank run trains the numbers of a 1-rank run with the same global batch), and its
+    gradient reaches the text encoder."""
+    import torch
+
+    class NoiseEcho(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(width, channels)
+
+        def forward(
+            self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor
+        ) -> torch.Tensor:
+            h = self.proj(encoder_hidden_states.mean(dim=1))
+            return x / t.view(-1, 1, 1, 1) + h.view(*h.shape, 1, 1)
+
+    return NoiseEcho()
+
+
 def reference_build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A `--entry` that builds what `prep pipeline run` without one builds (`models:` and the reference
     trainers); with $PREP_TEST_WEIGHTS set, each rank saves its modules' weights at exit to
