@@ -10,7 +10,8 @@ each, of jpg (random bytes, `--jpg-kb`, default 8-120 KB) + json + txt, `--size`
 writes them in download order as img2dataset does when downloads finish out of order. `--no-stats`
 leaves the stats out, so the plan scans every input's headers.
 reorganize_tar runs in-process (plan + tasks + manifest) as `prep run` does in a fresh process: the
-input header scans are not cached between runs (the `scans cached` rows show the repack alone).
+input header scans are not cached between runs (the `scans cached` rows show the repack alone in
+one worker; pool workers start as fresh processes and scan their own inputs).
 Shards are fsynced (the default) except in the `fsync: false` row. Every figure is the median of
 `--repeats` rounds (each runs every configuration once, in a shuffled order); all reads come from the
 page cache (the inputs were just written, and every run reads them), for the peers as for prep.
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 written[:] = list(out.glob("*.tar"))
             return run
 
-        def cached() -> None:  # the input scans of an earlier run kept (forked workers inherit them)
+        def cached() -> None:  # the input scans of an earlier run kept (inline tasks reuse them)
             if not reorganize_tar._SCANS.items:
                 repack(1)()
             rm_out()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -381,3 +383,76 @@ def test_temp_names_are_unique_per_writer(tmp_path: Path) -> None:
     write_bytes_atomic(final, b"{}")
     assert final.read_bytes() == b"{}" and remove_stale_temps(final) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+FORK_WATCH = """
+import json, os, sys, threading
+from prep.config import load_config
+from prep.runtime.runner import run_stage
+from prep.stages.base import RunOptions
+
+
+def threads_now():
+    with open("/proc/self/stat") as f:  # field 20, the process's threads: what Python 3.12 warns on at a fork
+        return int(f.read().rpartition(")")[2].split()[17])
+
+
+def main():
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(threads_now()))
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()  # a thread of the caller (torch's, a notebook's)
+    cfg = load_config(None, [f"generate_wdinfo.input_dir={sys.argv[1]}", "generate_wdinfo.tar_chunk_size=3"])
+    run = run_stage("generate_wdinfo", cfg, RunOptions(workers=2))  # with its progress bar's thread
+    stop.set()
+    print(json.dumps({"ok": run.ok, "done": [r.status for r in run.results].count("done"),
+                      "forked_with_threads": [n for n in forks if n > 1]}))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_the_process_pool_never_forks_a_multi_threaded_process(tmp_path: Path) -> None:
+    """Python 3.12 warns at every fork of a process with threads (`use of fork() may lead to deadlocks in
+    the child`); a forked worker of a process whose threads held locks or ran a thread team can hang."""
+    make_shards(tmp_path / "data", 4)
+    (tmp_path / "watch.py").write_text(FORK_WATCH)
+    proc = subprocess.run([sys.executable, str(tmp_path / "watch.py"), str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"ok": True, "done": 4, "forked_with_threads": []}
+
+
+UNGUARDED = """
+import json, os, sys
+from prep.config import load_config
+from prep.runtime.runner import run_stage
+from prep.stages.base import RunOptions
+
+first, second = sys.argv[1], sys.argv[2]
+opts = {"quiet": True, "force": True}  # every call does its work again
+run_stage("generate_wdinfo", load_config(None, [f"generate_wdinfo.input_dir={first}"]), RunOptions(**opts))
+summary = os.path.join(first, ".prep", "summary", "generate_wdinfo.json")
+written = lambda: (os.stat(summary).st_ino, os.stat(summary).st_mtime_ns)  # a rewrite renames a new file
+before = written()
+run = run_stage("generate_wdinfo", load_config(None, [f"generate_wdinfo.input_dir={second}"]),
+                RunOptions(workers=2, **opts))
+print(json.dumps({"ok": run.ok, "first_run_again": written() != before}))
+"""
+
+
+def test_a_script_without_a_main_guard_gets_one_line_and_its_stages_are_not_run_again(tmp_path: Path) -> None:
+    """Pool workers start as fresh interpreters that import the main script: a run_stage call it does not
+    keep under `if __name__ == "__main__":` stops there instead of running the script's stages again."""
+    make_shards(tmp_path / "first", 2)
+    make_shards(tmp_path / "second", 4)
+    (tmp_path / "unguarded.py").write_text(UNGUARDED)
+    proc = subprocess.run([sys.executable, str(tmp_path / "unguarded.py"), str(tmp_path / "first"),
+                           str(tmp_path / "second")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"ok": False, "first_run_again": False}
+    line = (f"PrepError: {tmp_path / 'unguarded.py'}: run_stage was called while a worker process imported "
+            'your script — fix: put the script\'s run_stage calls under `if __name__ == "__main__":`')
+    assert line in proc.stderr

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -576,6 +577,76 @@ def test_killed_run_resumes_and_gives_the_same_bytes(tmp_path: Path, monkeypatch
     assert not list(out.glob(".*.tmp-*"))  # the killed run's spool and temp files are gone
     stored = load_npy(read_shard(out / "00002.tar")["00200001"]["k.npy"])
     assert stored.tolist() == [4.0, float(sum(map(ord, "KILL")) % 997), 1.5]
+
+
+POOLED_AFTER_TORCH = """
+import json, sys
+import torch
+from prep.config import PrepConfig
+from prep.runtime.runner import run_stage
+from prep.stages.base import RunOptions
+
+
+def main():
+    sections, workers, torch_first = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "torch-first"
+    if torch_first:  # torch's intra-op threads (an OpenMP team, MKL) at work in this process before the pool
+        torch.set_num_threads(2)
+        a = torch.randn(1000, 1000)
+        assert float((a @ a).abs().sum()) > 0 and float((a * 2 + 1).sum()) != 0
+    for section in sections:
+        cfg = PrepConfig.model_validate({"precache_encodings": section})
+        run = run_stage("precache_encodings", cfg, RunOptions(workers=workers, quiet=True))
+        assert run.ok and [r.status for r in run.results] == ["done"] * 3, run.to_json()
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run_script(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python script ARGS` in a session of its own: on a hang the whole group, the pool's workers too,
+    is killed and the test fails."""
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{script.name} hung: no result in {timeout} s\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    """Every output file's bytes but the .prep/ bookkeeping (its markers hold timings)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".prep" not in p.relative_to(folder).parts}
+
+
+@pytest.mark.slow
+def test_pooled_runs_after_torch_ran_in_this_process_finish_with_a_fresh_process_bytes(
+    tmp_path: Path, models: Path
+) -> None:
+    """A notebook's sequence: torch at work in the process (its thread team started), then the stage twice
+    with a process pool whose tasks run torch. Forked workers waited forever on the parent's OpenMP team."""
+    make_shards(tmp_path / "in", n_shards=3)
+    script = tmp_path / "pooled_after_torch.py"
+    script.write_text(POOLED_AFTER_TORCH)
+
+    def section(out: str) -> dict:
+        return {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / out), "batch_size": 2,
+                "num_workers": 0, "device": "cpu", "shards_per_task": 1,
+                "encoders": [vae(models), clip(models)]}
+
+    fresh = run_script(script, json.dumps([section("fresh")]), "1", "fresh", timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    twice = run_script(script, json.dumps([section("first"), section("second")]), "2", "torch-first",
+                       timeout=300)
+    assert twice.returncode == 0, twice.stderr[-3000:]
+    reference = outputs(tmp_path / "fresh")
+    assert len([name for name in reference if name.endswith(".tar")]) == 3
+    assert outputs(tmp_path / "first") == reference and outputs(tmp_path / "second") == reference
 
 
 def test_rank_slice_only_under_torchrun(monkeypatch) -> None:

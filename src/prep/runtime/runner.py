@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
+import sys
 import time
 import traceback
 from collections import Counter
@@ -175,6 +176,18 @@ def check_output_folder(folder: Path, stage: str) -> None:
                         + (", or move the file away" if is_file else ", or fix its permissions")) from None
 
 
+# How the local pool starts its workers: fresh interpreters, which import prep and the stage anew and
+# inherit this process's environment, sys.path and folder as they are now. A forked worker inherits the
+# parent's memory without its threads: after torch ran here (OpenMP's thread team, MKL, oneDNN), a forked
+# worker's first parallel torch op waited forever for team members that were never copied; a child forked
+# after the parent used CUDA cannot use CUDA; Python 3.12 warns on any fork of a multi-threaded process,
+# which numpy's OpenBLAS threads make nearly every process. forkserver's server keeps the environment of
+# its first start, so os.environ set later (a token, HF_HUB_OFFLINE) would not reach the workers. The
+# cost: each worker imports what its tasks need, once per run (measured on 2 cores: +0.5 s for
+# reorganize_tar, +6 s for precache_encodings, whose workers import torch and the model libraries).
+POOL_START_METHOD = "spawn"
+
+
 def make_executor(opts: RunOptions, n_tasks: int):
     if opts.runner == "ray":
         from prep.runtime.ray_runner import RayExecutor
@@ -184,10 +197,24 @@ def make_executor(opts: RunOptions, n_tasks: int):
         raise PrepError(f"unknown runner {opts.runner!r}", "--runner", "use local or ray")
     if opts.workers <= 1 or n_tasks <= 1:
         return _InlineExecutor()
-    return cf.ProcessPoolExecutor(max_workers=min(opts.workers, n_tasks), mp_context=mp.get_context("fork"))
+    return cf.ProcessPoolExecutor(max_workers=min(opts.workers, n_tasks),
+                                  mp_context=mp.get_context(POOL_START_METHOD))
+
+
+def check_not_importing_main() -> None:
+    """Fail before any work when a pool worker, importing the caller's script as every spawned process
+    does, reaches a run_stage call the script does not keep under `if __name__ == "__main__":`; the
+    worker would otherwise run the script's stages again. The flag is the one multiprocessing's own
+    check (`spawn._check_not_importing_main`) reads."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise PrepError("run_stage was called while a worker process imported your script",
+                        sys.argv[0] or "the main module",
+                        'put the script\'s run_stage calls under `if __name__ == "__main__":` (workers '
+                        "start as fresh interpreters that import the main module)")
 
 
 def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = None) -> StageRun:
+    check_not_importing_main()
     console = console or Console(stderr=True)
     if opts.runner not in RUNNERS:
         raise PrepError(f"unknown runner {opts.runner!r}", "--runner", f"use one of: {', '.join(RUNNERS)}")

@@ -129,7 +129,7 @@ class InputScan:
 
 class _ScanCache:
     """Input scans kept per process under a budget of samples, so the plan's scans serve the tasks
-    that run inline or in forked workers, and neighbouring tasks share their boundary tars. The plan
+    that run inline (pool workers start fresh), and neighbouring tasks share their boundary tars. The plan
     only fills free room (the first tars, which the first tasks need); a task evicts the least
     recently used scans (tars that earlier tasks finished with)."""
 
