@@ -8,7 +8,8 @@ loader runs with 2 workers, batch 32, shuffling on, in a fresh process per measu
   and DCT-scaled to 128x128, Pillow): no loader can beat them on these cores, so a loader's share of its
   decoder's ceiling is the figure of merit. simplejpeg's are measured twice: into one reused array (it
   stays in the core's L2 cache; the issue's ceiling) and into the rows of 32-image batch buffers, what
-  any loader must write to hand out distinct images (like for like: ~5-8% slower on this machine);
+  any loader must write to hand out distinct images (like for like; in one process alone it ran 0-8%
+  slower than the reused array, in the bench's runs within 2% of it);
 - raw: batches of undecoded bytes; decode: a uint8 image batch (+ captions as str) — prep's default
   call (`decode="uint8"`, native size, Bx3xHxW channels_last), peers' PIL decode + stack; decode128:
   prep with `image_size=128` (DCT scaling alone reaches it); pil: prep with raw bytes and the peers' PIL
