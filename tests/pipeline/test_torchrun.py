@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,27 +160,11 @@ def test_gan_step_on_two_ranks_keeps_every_rank_equal_and_matches_one_rank(tmp_p
     called beside its DDP wrapper, each rank trained on its own half of the batch), and those equal a
     1-rank run with the same global batch to float tolerance (the VAE's posterior draws no noise
     here: each rank draws its own, which would be other numbers than one rank's)."""
-    import torch
-
-    from prep.pipeline import parse_pipeline_config
-    from prep.pipeline.models import build_models
-
     make_shards(tmp_path / "data", [8, 8], image_size=16, distinct_images=16)
     config = tmp_path / "gan.yaml"
     text = GAN.replace("DATA", str(tmp_path / "data")).replace("ACC", str(accumulation))
     config.write_text(text.replace("STEPS", str(4 * accumulation)))
-    entry = "prep.testing.pipeline_data:reference_build"
-    _run(1, config, tmp_path / "one", tmp_path / "one", 4, entry=entry)
-    _run(2, config, tmp_path / "two", tmp_path / "two", 2, entry=entry)
-    one = torch.load(tmp_path / "one.rank0.pt")
-    ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in range(2)]
-    start = {n: m.state_dict() for n, m in build_models(parse_pipeline_config(config)).items()}
-    for module in ("vae", "discriminator"):
-        for key, value in one[module].items():
-            assert torch.equal(ranks[0][module][key], ranks[1][module][key]), (module, key)
-            assert torch.allclose(ranks[0][module][key], value, atol=1e-5, rtol=0), (module, key)
-        moved = max((one[module][k] - start[module][k]).abs().max().item() for k in start[module])
-        assert moved > 1e-3, module  # it trained
+    _two_ranks_match_one(tmp_path, config, ("vae", "discriminator"))
 
 
 FULL = """\
@@ -231,25 +216,11 @@ def test_text_encoder_trained_on_two_ranks_stays_equal_and_matches_one_rank(
     (text_projection: no gradient) trains too, with gradient accumulation."""
     import torch
 
-    from prep.pipeline import parse_pipeline_config
-    from prep.pipeline.models import build_models
-
     shards, models = zero_latents
     config = tmp_path / "full.yaml"
     text = FULL.replace("DATA", str(shards)).replace("MODELS", str(models)).replace("TEXT", text_class)
     config.write_text(text.replace("ACC", str(accumulation)).replace("STEPS", str(4 * accumulation)))
-    entry = "prep.testing.pipeline_data:reference_build"
-    _run(1, config, tmp_path / "one", tmp_path / "one", 4, entry=entry)
-    _run(2, config, tmp_path / "two", tmp_path / "two", 2, entry=entry)
-    one = torch.load(tmp_path / "one.rank0.pt")
-    ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in range(2)]
-    start = {n: m.state_dict() for n, m in build_models(parse_pipeline_config(config)).items()}
-    for module in ("text_encoder", "flow_processor"):
-        for key, value in one[module].items():
-            assert torch.equal(ranks[0][module][key], ranks[1][module][key]), (module, key)
-            assert torch.allclose(ranks[0][module][key], value, atol=1e-5, rtol=0), (module, key)
-        moved = max((one[module][k] - start[module][k]).abs().max().item() for k in start[module])
-        assert moved > 1e-3, module  # it trained
+    ranks, start = _two_ranks_match_one(tmp_path, config, ("text_encoder", "flow_processor"))
     for key in start["text_encoder"]:
         if key.startswith("text_projection"):  # nothing reaches it: left as built
             assert torch.equal(ranks[0]["text_encoder"][key], start["text_encoder"][key]), key
@@ -301,3 +272,29 @@ def test_a_rerun_is_refused_while_the_workers_of_a_killed_torchrun_still_run(tmp
         time.sleep(0.1)
     _run(2, config, folder, tmp_path / "after.log", 2)
     assert _stream(log, 2) == want  # the orphans trained the whole run, alone
+
+
+def _two_ranks_match_one(
+    tmp_path: Path, config: Path, modules: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train `config` on 1 rank (batch 4) and on 2 (batch 2 each: the same global batch); each of
+    `modules` ends the same on both ranks, equal to the 1-rank run's to float tolerance, and moved from
+    its start. Returns the ranks' saved modules and the start state dicts."""
+    import torch
+
+    from prep.pipeline import parse_pipeline_config
+    from prep.pipeline.models import build_models
+
+    entry = "prep.testing.pipeline_data:reference_build"
+    _run(1, config, tmp_path / "one", tmp_path / "one", 4, entry=entry)
+    _run(2, config, tmp_path / "two", tmp_path / "two", 2, entry=entry)
+    one = torch.load(tmp_path / "one.rank0.pt")
+    ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in range(2)]
+    start = {n: m.state_dict() for n, m in build_models(parse_pipeline_config(config)).items()}
+    for module in modules:
+        for key, value in one[module].items():
+            assert torch.equal(ranks[0][module][key], ranks[1][module][key]), (module, key)
+            assert torch.allclose(ranks[0][module][key], value, atol=1e-5, rtol=0), (module, key)
+        moved = max((one[module][k] - start[module][k]).abs().max().item() for k in start[module])
+        assert moved > 1e-3, module  # it trained
+    return ranks, start
