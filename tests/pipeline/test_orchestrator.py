@@ -543,6 +543,50 @@ def test_a_kept_ema_averages_with_the_new_steps_decay(data, tmp_path):
         assert torch.allclose(ema["module.weight"], modules["dec"].weight, atol=1e-6), folder
 
 
+def test_a_module_no_optimizer_trains_is_frozen_in_that_step_unless_unfrozen_there(data, tmp_path):
+    """Steps whose optimizers train `dec` alone, `enc` in no `freeze`: frozen (requires_grad False, no
+    gradient; eval() unless frozen_eval: false); `unfreeze: [enc]` keeps it trainable in its own step
+    only; the plan says the same per step, and a resume inside a step sets the same flags."""
+    steps = [
+        {"name": "a", "max_steps": 3, "train": ["reg"], "optimization": OPT_DEC, "frozen_eval": False},
+        {"name": "b", "max_steps": 3, "train": ["reg"], "optimization": OPT_DEC, "unfreeze": ["enc"]},
+        {"name": "c", "max_steps": 2, "train": ["reg"], "optimization": OPT_DEC, "checkpoint_every": "1ba"},
+    ]
+    cfg = _config(data, steps, modules=["enc", "dec"])
+    plans = make_plan(cfg, build=False)
+    want = [(["dec"], ["enc"]), (["dec", "enc"], []), (["dec"], ["enc"])]
+    assert [(p.trains, p.frozen) for p in plans] == want
+
+    def run(folder: Path, stops: tuple[int | None, ...]) -> tuple[list[tuple], dict]:
+        seen: list[tuple] = []
+        for stop in stops:
+            modules = tiny_modules(0)
+            trainers = {"reg": RegressionTrainer()}
+            orch = TrainingPipelineOrchestrator(cfg, modules, trainers, folder, progress=False)
+            enc = modules["enc"]
+            enc.register_forward_hook(lambda m, a, o, orch=orch: seen.append(
+                (orch.state.step_index, m.training, m.weight.requires_grad, m.weight.grad is not None)))
+            orch.run(**({"max_batches": stop} if stop else {}))
+        return seen, modules
+
+    seen, modules = run(tmp_path / "whole", (None,))
+    unfrozen = [(1, True, True, False), (1, True, True, True), (1, True, True, True)]
+    assert seen == [(0, True, False, False)] * 3 + unfrozen + [(2, False, False, False)] * 2
+    assert torch.equal(modules["enc"].weight, tiny_modules(0)["enc"].weight)  # nothing stepped it
+    resumed, _ = run(tmp_path / "split", (2, 5, None))  # inside a, inside c
+    assert resumed == seen
+
+
+def test_a_step_that_trains_nothing_says_so_at_the_first_backward(data, tmp_path):
+    cfg = _config(data, [{"name": "idle", "max_steps": 2, "train": ["reg"], "freeze": ["enc"]}])
+    with pytest.raises(PrepError) as err:
+        _run(cfg, tmp_path / "ck")
+    assert err.value.what == (
+        "step 'idle': the loss needs no gradient: the step trains no module and every other module is frozen"
+    )
+    assert err.value.where == "steps.0" and "optimizer" in err.value.fix
+
+
 def test_an_optimizer_without_trainable_parameters_is_named_at_its_line(data, tmp_path):
     """Modules come at run time, so validate cannot see it: the run names the optimizer's key and line."""
     path = tmp_path / "p.yaml"

@@ -592,3 +592,94 @@ def test_samples_and_validation_use_the_ema_weights_and_leave_training_as_it_was
     assert np.array_equal(_png(live / "samples" / last), picture(end["live"], "live"))
     assert not np.array_equal(_png(slow / "samples" / last), _png(fast / "samples" / last))
     assert not np.array_equal(_png(slow / "samples" / last), _png(live / "samples" / last))
+
+
+def _untrained_cfg(shards: Path):
+    """A denoiser step (only the UNet has an optimizer; the VAE and the text encoder are in `models:`
+    and in no `freeze`), then a step that trains the text encoder alone."""
+    folder = str(shards.parent / "models")
+    fields = ["vae.npy", "clip.npy", "clip_mask.npy", "txt"]
+    return parse_pipeline_config({
+        "models": {
+            "vae": {"class": "diffusers:AutoencoderKL", "pretrained": folder, "subfolder": "vae"},
+            "unet": {"class": "diffusers:UNet2DConditionModel",
+                     "config": {**TINY_UNET, "cross_attention_dim": 32}},
+            "te": {"class": "transformers:CLIPTextModel", "pretrained": folder, "subfolder": "text_encoder"},
+        },
+        "trainer_options": {"flow": {"denoiser": "unet", "text_encoder": "te", "sample_images": 2}},
+        "datasets": {"d": {"type": "prep", "path": str(shards), "fields": fields}},
+        "default_dataset": "d",
+        "defaults": {"workers": 0, "seed": 0, "batch_size": 4},
+        "steps": [
+            {"name": "denoiser", "train_diff": True, "max_steps": 4, "checkpoint_every": "1ba",
+             "optimization": {"optimizers": {"unet": {"type": "SGD", "lr": 0.1}}}},
+            {"name": "text", "train_diff_full": True, "max_steps": 2,
+             "optimization": {"optimizers": {"te": {"type": "SGD", "lr": 0.5}}}},
+        ],
+    })
+
+
+Event = tuple[int, str, bool, dict[str, tuple[bool, bool]]]
+
+
+def _watched_run(cfg, folder: Path, events: list[Event], max_batches: int | None = None) -> dict:
+    """A run of `cfg` by the reference trainers whose UNet and text encoder log every forward: (step
+    index, module, gradients on, each module's (training, any parameter requires_grad))."""
+    from prep.pipeline.orchestrator import TrainingPipelineOrchestrator
+    from prep.pipeline.trainers import build_reference
+
+    modules, trainers = build_reference(cfg)
+    orch = TrainingPipelineOrchestrator(cfg, modules, trainers, folder, progress=False)
+
+    def watch(name: str):
+        def hook(module, args, out) -> None:
+            flags = {n: (m.training, any(p.requires_grad for p in m.parameters()))
+                     for n, m in modules.items()}
+            events.append((orch.state.step_index, name, torch.is_grad_enabled(), flags))
+        return hook
+
+    for name in ("unet", "te"):
+        modules[name].register_forward_hook(watch(name))
+    orch.run(max_batches=max_batches)
+    return modules
+
+
+def test_modules_no_optimizer_trains_are_frozen_and_the_flow_reads_the_precached_text(shards, tmp_path):
+    """In a step whose optimizers train the denoiser alone, the VAE and the text encoder (not in
+    `freeze`) are frozen: requires_grad False, eval(), no gradient, weights bitwise as loaded, and the
+    flow trainer reads the precached clip.npy (the text encoder's forward never runs). The next step,
+    whose optimizer trains the text encoder, encodes captions through it in train() and moves it;
+    stopped and resumed twice inside the first step, the run sets the same flags and ends bitwise the
+    same."""
+    from prep.pipeline import checkpoint as ckpt
+
+    cfg = _untrained_cfg(shards)
+    initial = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in build_models(cfg).items()}
+    frozen = {"unet": (True, True), "te": (False, False), "vae": (False, False)}
+    text = {"unet": (False, False), "te": (True, True), "vae": (False, False)}
+    events: list[Event] = []
+    _watched_run(cfg, tmp_path / "whole", events)
+    assert [e[1:] for e in events if e[0] == 0 and e[2]] == [("unet", True, frozen)] * 4
+    assert not [e for e in events if e[0] == 0 and e[1] == "te"]  # not even for the step's samples
+    assert [e[1:] for e in events if e[0] == 1 and e[1] == "te" and e[2]] == [("te", True, text)] * 2
+    ends = [ckpt.load(next((tmp_path / "whole").glob(f"step-00{i}-*.pt")))["modules"] for i in (0, 1)]
+
+    def same(state: dict, name: str) -> bool:
+        return all(torch.equal(v, initial[name][k]) for k, v in state[name].items())
+
+    assert same(ends[0], "te") and same(ends[0], "vae") and not same(ends[0], "unet")
+    assert not same(ends[1], "te") and same(ends[1], "vae")
+    assert all(torch.equal(v, ends[0]["unet"][k]) for k, v in ends[1]["unet"].items())
+
+    split: list[Event] = []
+    for stop in (2, 1):  # inside the first step, from a fresh process's view each time
+        modules = _watched_run(cfg, tmp_path / "split", split, max_batches=stop)
+        for name in ("te", "vae"):  # a module no optimizer steps gathers no gradient
+            assert all(p.grad is None and not p.requires_grad for p in modules[name].parameters()), name
+            assert not modules[name].training
+    _watched_run(cfg, tmp_path / "split", split)
+    assert [e[1:] for e in split if e[0] == 0 and e[2]] == [("unet", True, frozen)] * 4
+    assert not [e for e in split if e[0] == 0 and e[1] == "te"]
+    resumed = ckpt.load(next((tmp_path / "split").glob("step-001-*.pt")))["modules"]
+    for name, state in ends[1].items():
+        assert all(torch.equal(v, resumed[name][k]) for k, v in state.items()), name

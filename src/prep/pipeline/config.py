@@ -271,6 +271,15 @@ class StepConfig(_Model):
         names += [t for k, t in TRAINER_ALIASES.items() if getattr(self, k)]
         return list(dict.fromkeys(names))
 
+    @property
+    def trained_modules(self) -> list[str]:
+        """The modules this step trains: those its optimizers name (`params`, else the optimizer's
+        name), then those its `unfreeze` lists (trained by the trainers' own means). Every other module
+        is frozen in this step: nothing would update it, so its gradients would be computed for nothing
+        (and the flow trainer would encode captions through an untrained text encoder)."""
+        named = [m for n, o in self.optimization.optimizers.items() for m in (o.params or [n])]
+        return list(dict.fromkeys([*named, *self.unfreeze]))
+
 
 class Defaults(_Model):
     batch_size: PosInt = Field(None)  # type: ignore[assignment]

@@ -109,6 +109,13 @@ class StepContext:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of `loss / grad_accumulation`, through the fp16 grad scaler when there is one."""
+        if not loss.requires_grad:  # torch would say "element 0 of tensors does not require grad"
+            raise PrepError(
+                f"step {self.step.name!r}: the loss needs no gradient: the step trains "
+                f"{', '.join(self.step.trained_modules) or 'no module'} and every other module is frozen",
+                f"steps.{self.index}",
+                "give the step an optimizer for each module its trainers train (or list it in unfreeze)",
+            )
         if self.step.grad_accumulation > 1:
             loss = loss / self.step.grad_accumulation
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -335,13 +342,10 @@ class TrainingPipelineOrchestrator:
             )
 
     def _frozen_at(self, index: int) -> set[str]:
-        """Modules frozen during step `index`: `freeze` adds, `unfreeze` and training remove; the set
-        carries over from step to step (a pure function of the config, so a resume gets it directly)."""
-        frozen: set[str] = set()
-        for step in self.cfg.steps[: index + 1]:
-            trained = {m for n, o in step.optimization.optimizers.items() for m in (o.params or [n])}
-            frozen = (frozen | set(step.freeze)) - set(step.unfreeze) - trained
-        return frozen
+        """Modules frozen during step `index`: every module the step does not train
+        (`StepConfig.trained_modules`: its optimizers' modules and its `unfreeze`). A function of the
+        step's config alone, so a resume gets it directly."""
+        return set(self.modules) - set(self.cfg.steps[index].trained_modules)
 
     def _configure_modules(self, step: StepConfig, frozen: set[str]) -> None:
         for name, module in self.modules.items():

@@ -92,6 +92,8 @@ class StepPlan:
     trainers: list[str]
     freeze: list[str]
     unfreeze: list[str]
+    trains: list[str]  # `StepConfig.trained_modules`: what the run trains in this step
+    frozen: list[str] | None  # every other declared module (None: the modules are not declared)
     optimizers: list[str]
     schedulers: list[str]
     transition: str
@@ -333,6 +335,7 @@ def make_plan(
     from prep.pipeline.data import build_dataset, resolve_batch_sizes, resolve_workers
 
     plans: list[StepPlan] = []
+    modules = cfg.module_names
     for i, step in enumerate(cfg.steps):
         name = cfg.step_dataset(i)
         problems: list[PrepError] = []
@@ -424,6 +427,10 @@ def make_plan(
                 trainers=step.trainers,
                 freeze=list(step.freeze),
                 unfreeze=list(step.unfreeze),
+                trains=step.trained_modules,
+                frozen=(
+                    [m for m in modules if m not in step.trained_modules] if modules is not None else None
+                ),
                 optimizers=[
                     f"{n}: {o.type}({_kwargs(o.kwargs)}) on {', '.join(o.params or [n])}"
                     for n, o in opt.optimizers.items()
@@ -480,11 +487,8 @@ def render_plan(plans: list[StepPlan], console: Any, title: str = "pipeline plan
                 else "?",
             ),
             ("train", ", ".join(p.trainers) or "-"),
-            ("freeze", ", ".join(p.freeze) or "-"),
-        ]
-        if p.unfreeze:
-            rows.append(("unfreeze", ", ".join(p.unfreeze)))
-        rows += [
+            ("trained modules", ", ".join(p.trains) or "none"),
+            ("frozen modules", "every other one" if p.frozen is None else ", ".join(p.frozen) or "none"),
             ("optimizers", "\n".join(p.optimizers) or "-"),
             ("schedulers", "\n".join(p.schedulers) or "-"),
             ("transition", p.transition),

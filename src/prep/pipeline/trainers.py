@@ -419,8 +419,11 @@ class FlowTrainer:
         return (DiagonalGaussianDistribution(z).sample() - shift) * scale
 
     def _text_trainable(self, ctx: Any) -> bool:
-        te = ctx.raw_modules.get(self.o.text_encoder) if self.o.text_encoder else None
-        return te is not None and any(p.requires_grad for p in te.parameters())
+        """Whether this step trains the text encoder, by the orchestrator's rule
+        (`StepConfig.trained_modules`); when it does not, it is frozen and the precached embeddings are
+        read (captions are encoded only where none are)."""
+        te = self.o.text_encoder
+        return te is not None and te in ctx.raw_modules and te in ctx.step.trained_modules
 
     def text(self, batch: Mapping[str, Any], ctx: Any,
              val: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -576,7 +579,7 @@ def build_trainers(cfg: PipelineConfig, modules: Mapping[str, torch.nn.Module]) 
             cfg.source,
             "pass --entry module:build with your own trainers",
         )
-    trained = {m for s in cfg.steps for n, o in s.optimization.optimizers.items() for m in (o.params or [n])}
+    trained = {m for s in cfg.steps for m in s.trained_modules}
     out: dict[str, Any] = {}
     for name in needed_trainers(cfg):
         opts = options(cfg, name)
