@@ -577,6 +577,20 @@ def test_a_module_no_optimizer_trains_is_frozen_in_that_step_unless_unfrozen_the
     assert resumed == seen
 
 
+def test_the_default_ema_averages_every_module_the_step_trains_unfrozen_ones_included(data, tmp_path):
+    """With no `ema.modules`, the average covers `StepConfig.trained_modules`: the optimizers' modules
+    and those `unfreeze` keeps trainable (a trainer's own updates), not the frozen rest."""
+    steps = [
+        {"name": "a", "max_steps": 2, "train": ["reg"], "optimization": OPT_DEC, "ema": {"decay": 0.9}},
+        {"name": "b", "max_steps": 2, "train": ["reg"], "optimization": OPT_DEC, "unfreeze": ["enc"],
+         "ema": {"decay": 0.9}},
+    ]
+    cfg = _config(data, steps, modules=["enc", "dec"])
+    _run(cfg, tmp_path / "ck")
+    assert set(_step_end(tmp_path / "ck", 0)["ema"]) == {"dec"}
+    assert set(_step_end(tmp_path / "ck", 1)["ema"]) == {"dec", "enc"}
+
+
 def test_a_step_that_trains_nothing_says_so_at_the_first_backward(data, tmp_path):
     cfg = _config(data, [{"name": "idle", "max_steps": 2, "train": ["reg"], "freeze": ["enc"]}])
     with pytest.raises(PrepError) as err:

@@ -594,7 +594,7 @@ class TrainingPipelineOrchestrator:
         optimizers = self._optimizers(step)
         schedulers = self._schedulers(step, optimizers, opt_steps)
         scaler = torch.amp.GradScaler(self.device.type) if step.precision == "fp16" else None
-        self._setup_ema(step, frozen)
+        self._setup_ema(step)
         transition = Transition(step.transition_on)
         metrics = Metrics(step.metrics_window)
         if payload is not None and meta is not None and meta["in_step"]:
@@ -710,15 +710,13 @@ class TrainingPipelineOrchestrator:
             return None
         return plan.train_chunk_size, plan.val_chunk_size
 
-    def _setup_ema(self, step: StepConfig, frozen: set[str]) -> None:
+    def _setup_ema(self, step: StepConfig) -> None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         if step.ema is None:
             self.ema = {}
             return
-        names = step.ema.modules or sorted(
-            {m for n, o in step.optimization.optimizers.items() for m in (o.params or [n])} - frozen
-        )
+        names = step.ema.modules or sorted(step.trained_modules)  # by default, what the step trains
         keep = step.ema.policy == "keep"
         avg = get_ema_multi_avg_fn(step.ema.decay)
         self.ema = {
