@@ -536,7 +536,7 @@ class TrainingPipelineOrchestrator:
                 return self.summaries
         if self.dist.main and self.progress:
             if finished_in is not None:  # a re-run of a finished run: say so, as the stages do
-                (self.console or _stderr_console()).print(
+                self._console().print(
                     f"prep pipeline run: nothing to train — all {n} step(s) were done already "
                     f"(checkpoint {finished_in}); the run's summary:")
             self.print_summary()
@@ -694,6 +694,14 @@ class TrainingPipelineOrchestrator:
             torch.cuda.empty_cache()
         return True, trained
 
+    def _console(self) -> Any:
+        """Where the run's messages go: the console it was given, else stderr."""
+        if self.console is not None:
+            return self.console
+        from rich.console import Console
+
+        return Console(stderr=True)
+
     def _warn(self, line: str) -> None:
         """Keep a warning in `warnings`; rank 0 prints it, progress bar or not."""
         self.warnings.append(line)
@@ -701,7 +709,7 @@ class TrainingPipelineOrchestrator:
             from rich.text import Text
 
             shown = Text("warning: ", style="bold yellow") + Text(line)
-            (self.console or _stderr_console()).print(shown, highlight=False, soft_wrap=True)
+            self._console().print(shown, highlight=False, soft_wrap=True)
 
     def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
         val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None
@@ -750,16 +758,10 @@ class TrainingPipelineOrchestrator:
             for i, (k, v) in enumerate(shown.items()):
                 metrics.add_row(n if i == 0 else "", s["name"] if i == 0 else "", k, f"{v:.4g}",
                                 end_section=i == len(shown) - 1)
-        console = self.console or _stderr_console()
+        console = self._console()
         console.print(steps)
         if metrics.row_count:
             console.print(metrics)
-
-
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 class _StepRun:

@@ -427,10 +427,8 @@ def make_plan(
                 trainers=step.trainers,
                 freeze=list(step.freeze),
                 unfreeze=list(step.unfreeze),
-                trains=step.trained_modules,
-                frozen=(
-                    [m for m in modules if m not in step.trained_modules] if modules is not None else None
-                ),
+                trains=(trains := step.trained_modules),
+                frozen=[m for m in modules if m not in trains] if modules is not None else None,
                 optimizers=[
                     f"{n}: {o.type}({_kwargs(o.kwargs)}) on {', '.join(o.params or [n])}"
                     for n, o in opt.optimizers.items()

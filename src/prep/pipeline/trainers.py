@@ -306,15 +306,11 @@ class FlowTrainer:
         self._bf16: dict[str | None, set[str]] = {}
 
     # ------------------------------------------------------------------------ inputs
-    @staticmethod
-    def _dataset(ctx: Any, val: bool) -> str | None:
+    def _source(self, ctx: Any, val: bool) -> str | None:
         """The dataset a batch comes from: the step's validation dataset, or its training dataset."""
         if val and ctx.step.validation is not None:
             return str(ctx.step.validation.dataset)
-        return None
-
-    def _source(self, ctx: Any, val: bool) -> str | None:
-        return self._dataset(ctx, val) or self.cfg.step_dataset(ctx.index)
+        return self.cfg.step_dataset(ctx.index)
 
     def stored(self, batch: Mapping[str, Any], member: str, ctx: Any, val: bool = False) -> torch.Tensor:
         """A precached member as float values: bfloat16 kept as uint16 bits is viewed as bfloat16 again
@@ -367,7 +363,7 @@ class FlowTrainer:
         """Refuse validation latents of another VAE than the training data's: no factor maps them."""
         train, val = self.recorded(ctx)[3], self.recorded(ctx, val=True)[3]
         if train is not None and val is not None and train != val:
-            name = self._dataset(ctx, True)
+            name = self._source(ctx, True)
             raise PrepError(
                 f"{self.cfg.dotted(('steps', str(ctx.index), 'validation', 'dataset'))}: flow trainer: "
                 f"step {ctx.step.name!r}'s validation dataset {name!r} holds "

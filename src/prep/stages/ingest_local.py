@@ -463,7 +463,7 @@ def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) 
         path = "" if raw is None else str(raw).strip()
         src = resolve_path(path, base) if path else ""
         address = shown_source(src)
-        shown = (address if needs_redacting(src) else path) or f"<row {len(found)} of {shown_source(table)}>"
+        shown = (address if address != src else path) or f"<row {len(found)} of {shown_source(table)}>"
         item = Found(f"{part}/{shown.removeprefix('./')}", shown, src,
                      caption=None if caption is None else str(caption), extra=extra)
         if not path:
