@@ -2,11 +2,14 @@
 epochs, exact resume at many points (in-process), config changes on resume, unsafe checkpoints."""
 
 import copy
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from prep.errors import PrepError, PrepErrorGroup
 from prep.pipeline import checkpoint as ckpt
@@ -744,3 +747,99 @@ def test_a_step_without_a_checkpoint_before_its_end_is_warned_about(data, tmp_pa
         assert bool(blind.warnings) <= exposed, keys
         if "n_epochs" in keys:
             assert bool(blind.warnings) == exposed, keys
+
+
+class _OptimizerStateAtStart(RegressionTrainer):
+    """Remembers, at its first batch, each parameter's AdamW moment as the resumed optimizer holds it."""
+
+    def __init__(self, modules) -> None:
+        super().__init__()
+        self.names = {id(p): f"{m}.{n}" for m, mod in modules.items() for n, p in mod.named_parameters()}
+        self.moments: dict[str, torch.Tensor] | None = None
+
+    def train_step(self, batch, ctx):
+        if self.moments is None:
+            opt = ctx.optimizers["all"]
+            self.moments = {self.names[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()}
+        return super().train_step(batch, ctx)
+
+
+def test_a_resumed_optimizer_that_trains_other_parameters_is_refused_or_matched_by_name(data, tmp_path):
+    """torch gives a loaded optimizer its saved state by position, so one parameter trained or frozen
+    otherwise (modules built otherwise, a projection head frozen) would hand every later parameter
+    another's moments. The resume is refused, naming the parameters; with --allow-config-change each
+    parameter both runs train gets its own saved state, by name, and the others start fresh. A
+    checkpoint that records no names is refused when the counts differ."""
+    steps = [{"name": "both", "max_steps": 6, "train": ["reg"], "optimization": OPT_BOTH,
+              "checkpoint_every": "3ba"}]
+    cfg = _config(data, steps)
+    folder = tmp_path / "ck"
+    _run(cfg, folder, max_batches=3)
+    path = ckpt.newest(folder)
+    saved = ckpt.load(path)
+    names = json.loads(saved["meta"])["optimizer_params"]["all"]
+    assert names == [["enc.weight", "enc.bias", "dec.weight", "dec.bias"]]
+    state = saved["optimizers"]["all"]
+    params = state["param_groups"][0]["params"]
+    by_name = {n: state["state"][i]["exp_avg"] for n, i in zip(names[0], params, strict=True)}
+
+    def resume(modules, **kw):
+        trainer = _OptimizerStateAtStart(modules)
+        TrainingPipelineOrchestrator(cfg, modules, {"reg": trainer}, folder, progress=False, **kw).run()
+        return trainer
+
+    modules = tiny_modules(0)
+    modules["enc"].bias.requires_grad_(False)
+    with pytest.raises(PrepError) as err:
+        resume(modules)
+    assert "optimizer 'all'" in err.value.what and "no longer trains enc.bias" in err.value.what
+    assert err.value.where == str(path) and "--allow-config-change" in err.value.fix
+    trainer = resume(modules, allow_config_change=True)
+    assert set(trainer.moments) == {"enc.weight", "dec.weight", "dec.bias"}
+    for name, moment in trainer.moments.items():
+        assert torch.equal(moment, by_name[name]), name
+    for f in folder.glob("*.pt"):  # back to the saved checkpoint alone
+        if f != path:
+            f.unlink()
+    meta = json.loads(saved["meta"])
+    del meta["optimizer_params"]  # as a checkpoint written before names were recorded
+    torch.save({**saved, "meta": json.dumps(meta)}, path)
+    modules = tiny_modules(0)
+    modules["enc"].bias.requires_grad_(False)
+    with pytest.raises(PrepError, match=r"saved 4 parameters in 1 group\(s\), this run gives it 3"):
+        resume(modules)
+    assert torch.equal(resume(tiny_modules(0)).moments["dec.bias"], by_name["dec.bias"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_optimizer_state_by_name_gives_each_parameter_its_own_saved_state(data):
+    """Any reordering, removal and addition of named parameters across groups: each parameter the
+    saved optimizer had gets exactly its own state and its group's settings, new ones none, and torch
+    loads the result."""
+    pool = [f"m.p{i}" for i in range(8)]
+    groups = data.draw(st.integers(1, 3))
+    saved = [data.draw(st.lists(st.sampled_from(pool), unique=True, max_size=4)) for _ in range(groups)]
+    now = [data.draw(st.lists(st.sampled_from(pool), unique=True, min_size=1, max_size=4))
+           for _ in range(groups)]
+    flat, now_flat = [n for g in saved for n in g], [n for g in now for n in g]
+    assume(len(set(flat)) == len(flat) and len(set(now_flat)) == len(now_flat))
+    tensors = {n: torch.full((2,), float(i)) for i, n in enumerate(pool)}
+    index = iter(range(len(flat)))
+    state = {
+        "state": {i: {"step": torch.tensor(1.0), "exp_avg": tensors[n] * 10} for i, n in enumerate(flat)},
+        "param_groups": [{"lr": 0.1 * (g + 1), "params": [next(index) for _ in names]}
+                         for g, names in enumerate(saved)],
+    }
+    out = ckpt.optimizer_state_by_name(state, saved, now)
+    params = {n: torch.nn.Parameter(tensors[n].clone()) for n in now_flat}
+    opt = torch.optim.AdamW([{"params": [params[n] for n in g], "lr": 1.0} for g in now])
+    opt.load_state_dict(out)
+    for g, (group, names) in enumerate(zip(opt.param_groups, now, strict=True)):
+        assert group["lr"] == pytest.approx(0.1 * (g + 1))
+        for n in names:
+            got = opt.state.get(params[n])
+            if n in flat:
+                assert torch.equal(got["exp_avg"], tensors[n] * 10), n
+            else:
+                assert not got, n

@@ -156,3 +156,30 @@ def load(path: Path) -> dict[str, Any]:
             "not a prep pipeline checkpoint", str(path), "pass a file written by prep pipeline run"
         )
     return payload
+
+
+def optimizer_state_by_name(
+    state: dict[str, Any], saved: list[list[str]], now: list[list[str]]
+) -> dict[str, Any]:
+    """An optimizer's saved `state_dict` re-indexed for the parameters it has now (`now`, by
+    module.parameter name and group; `saved`: the names it was saved with). torch matches saved state
+    to parameters by position, so a parameter added or no longer trained would shift every later one's
+    moments onto the wrong tensor. Parameters both have keep their state; new ones start fresh."""
+    if len(saved) != len(now) or len(state["param_groups"]) != len(now):
+        raise ValueError(f"{len(saved)} parameter groups saved, {len(now)} now")
+    by_name = {
+        name: state["state"][index]
+        for group, names in zip(state["param_groups"], saved, strict=True)
+        for index, name in zip(group["params"], names, strict=True)
+        if index in state["state"]
+    }
+    groups, states, index = [], {}, 0
+    for group, names in zip(state["param_groups"], now, strict=True):
+        params = []
+        for name in names:
+            if name in by_name:
+                states[index] = by_name[name]
+            params.append(index)
+            index += 1
+        groups.append({**group, "params": params})
+    return {"state": states, "param_groups": groups}

@@ -320,6 +320,7 @@ class TrainingPipelineOrchestrator:
         self.warnings: list[str] = []  # what the run warned about (rank 0 prints them too)
         self.ema: dict[str, Any] = {}
         self._carry: dict[str, dict[str, Any]] = {}
+        self._resumed_from: Path | None = None  # the checkpoint this run resumed from
         self._requires_grad = {
             name: {n: p.requires_grad for n, p in m.named_parameters()} for name, m in self.modules.items()
         }
@@ -396,6 +397,64 @@ class TrainingPipelineOrchestrator:
                             for k, v in saved["state"].items()
                         }
         self._carry = {}
+
+    def _optimizer_params(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, list[list[str]]]:
+        """Each optimizer's parameters by module.parameter name, per group, in its order."""
+        names = self._param_names()
+        return {
+            n: [[names[id(p)] for p in g["params"]] for g in o.param_groups] for n, o in optimizers.items()
+        }
+
+    def _load_optimizers(self, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                         payload: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Restore the optimizers and schedulers a mid-step checkpoint saved, parameter by parameter
+        name. Where an optimizer now trains other parameters than it saved (modules built otherwise, a
+        parameter frozen or unfrozen), the resume is refused, naming them; with
+        `allow_config_change` the parameters both have keep their state, the others start fresh."""
+        where = str(self._resumed_from)
+        saved_names = meta.get("optimizer_params")  # not in checkpoints written before it was recorded
+        params = self._optimizer_params(optimizers)
+        for name, opt in optimizers.items():
+            now = params[name]
+            state = payload["optimizers"].get(name)
+            if state is None:
+                self._warn(f"optimizer {name!r} is not in checkpoint {Path(where).name}: it starts fresh")
+                continue
+            saved = saved_names.get(name) if saved_names is not None else None
+            if saved is None:  # no names: the counts must agree for torch's positional match
+                counts = [len(g["params"]) for g in state["param_groups"]]
+                if counts != [len(g) for g in now]:
+                    raise PrepError(
+                        f"optimizer {name!r} saved {sum(counts)} parameters in {len(counts)} group(s), "
+                        f"this run gives it {sum(map(len, now))} in {len(now)}; the checkpoint records "
+                        "no parameter names to match them by",
+                        where,
+                        "resume with the modules and freeze settings the checkpoint was written with, "
+                        "or start the step again from its last step-end checkpoint",
+                    )
+            elif saved != now:
+                was, has = {n for g in saved for n in g}, {n for g in now for n in g}
+                diff = "; ".join(part for part in (
+                    "no longer trains " + ", ".join(sorted(was - has)) if was - has else "",
+                    "now also trains " + ", ".join(sorted(has - was)) if has - was else "",
+                    "same parameters in another order or grouping" if was == has else "",
+                ) if part)
+                if not self.allow_config_change or len(saved) != len(now):
+                    raise PrepError(
+                        f"optimizer {name!r} trains other parameters than this checkpoint saved: {diff}",
+                        where,
+                        "resume with the modules and freeze settings the checkpoint was written with, or "
+                        "pass --allow-config-change (parameters both have keep their state)",
+                    )
+                self._warn(f"optimizer {name!r}: {diff}; the parameters both runs train keep their "
+                           "saved state, the others start fresh")
+                state = ckpt.optimizer_state_by_name(state, saved, now)
+            opt.load_state_dict(state)
+        for name, sched in schedulers.items():
+            if name in payload["schedulers"]:
+                sched.load_state_dict(payload["schedulers"][name])
+            else:
+                self._warn(f"scheduler {name!r} is not in checkpoint {Path(where).name}: it starts fresh")
 
     def _collect_carry(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, dict[str, Any]]:
         """Per parameter (by module.parameter name): its optimizer's class and state."""
@@ -507,7 +566,7 @@ class TrainingPipelineOrchestrator:
             m.to(self.device)
         if self.dist.main:
             ckpt.remove_temps(self.dir)
-        path = self._find_checkpoint()
+        path = self._resumed_from = self._find_checkpoint()
         payload = ckpt.load(path) if path is not None else None
         meta = json.loads(payload["meta"]) if payload is not None else None
         self._check_folder(meta["state"]["global_batches"] if meta is not None else 0)
@@ -598,10 +657,7 @@ class TrainingPipelineOrchestrator:
         transition = Transition(step.transition_on)
         metrics = Metrics(step.metrics_window)
         if payload is not None and meta is not None and meta["in_step"]:
-            for n_, o in optimizers.items():
-                o.load_state_dict(payload["optimizers"][n_])
-            for n_, s in schedulers.items():
-                s.load_state_dict(payload["schedulers"][n_])
+            self._load_optimizers(optimizers, schedulers, payload, meta)
             if scaler is not None and payload.get("scaler"):
                 scaler.load_state_dict(payload["scaler"])
             transition.load_state_dict(meta["transition"])
@@ -1066,6 +1122,8 @@ class _StepRun:
             "world_size": o.dist.world,
             "prep_version": _version(),
         }
+        if in_step:  # matched by name on resume (torch matches by position)
+            meta["optimizer_params"] = o._optimizer_params(self.ctx.optimizers)
         payload: dict[str, Any] = {
             "format": ckpt.FORMAT,
             "meta": json.dumps(meta),
