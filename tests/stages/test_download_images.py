@@ -407,3 +407,46 @@ def test_a_stats_file_a_kill_cut_is_fetched_again(tmp_path):
     want = tmp_path / "clean" / "tarfiles_raw" / "p.part0"
     assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in want.iterdir())
     assert (final / "00000.tar").read_bytes() == (want / "00000.tar").read_bytes()
+
+
+@pytest.mark.slow
+def test_presigned_image_urls_leave_no_credential_in_any_file_the_stages_write(tmp_path):
+    """A table of presigned image URLs (S3's X-Amz-*, a SAS sig, a token): download_images, its
+    --retry-failed, then reorganize_tar write no file that holds a credential (shards' json, parquet,
+    stats, img2dataset's staging and log, markers), while each recorded `url` is the URL as written
+    with only the credentials' values replaced, innocent parameters kept byte for byte."""
+    from prep.formats.urls import scrub_url
+
+    secret = "SIGSECRET0123"
+    presign = f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID{secret}&X-Amz-Signature={secret}&w=1"
+    inp = tmp_path / "parquet"
+    inp.mkdir()
+    with serve_images(slow_seconds=0) as srv:
+        rows = [(srv.good(16, 16, i) + presign, f"signed {i}") for i in range(3)]
+        rows += [(srv.good(16, 16, 9) + f"?sv=2020&sig={secret}", "sas"),
+                 (srv.good(16, 16, 8) + "?v=2", "plain")]
+        rows += [(srv.missing(0) + f"?token={secret}", "gone"), (srv.flaky(0) + presign, "flaky")]
+        pq.write_table(url_table(rows), inp / "p.part0.parquet")
+        settings = _settings(tmp_path, inp)
+        first = run_stage("download_images", load_config(None, settings), RunOptions(quiet=True)).to_json()
+        assert first["ok"] and first["counts"]["samples_out"] == 5, first
+        srv.heal()
+        retried = run_stage("download_images", load_config(None, settings),
+                            RunOptions(quiet=True, retry_failed=True)).to_json()
+        assert retried["ok"] and retried["counts"]["recovered"] == 1, retried
+    out = tmp_path / "shards"
+    reorganize = [f"reorganize_tar.input_dir={tmp_path / 'tarfiles_raw'}", f"reorganize_tar.output_dir={out}",
+                  "reorganize_tar.tar_chunk_size=3"]
+    reorganized = run_stage("reorganize_tar", load_config(None, [*settings, *reorganize]),
+                            RunOptions(quiet=True)).to_json()
+    assert reorganized["ok"], reorganized
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and inp not in p.parents]
+    assert len(written) > 10
+    assert not [str(p) for p in written if secret.encode() in p.read_bytes()]
+    recorded = {json.loads(s["json"])["caption"]: json.loads(s["json"])["url"]
+                for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False)}
+    assert recorded == {c: scrub_url(u) for u, c in rows if c != "gone"}
+    assert recorded["plain"] == srv.good(16, 16, 8) + "?v=2" and recorded["signed 0"].endswith("&w=1")
+    urls = [u for p in (tmp_path / "tarfiles_raw" / "p.part0").glob("*.parquet")
+            for u in pq.read_table(p)["url"].to_pylist()]
+    assert sorted(urls) == sorted(scrub_url(u) for u, _ in rows)

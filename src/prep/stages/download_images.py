@@ -37,6 +37,7 @@ from prep.formats.checksum import file_checksum
 from prep.formats.names import split_key
 from prep.formats.tar import iter_members, scan_tar
 from prep.formats.tar_write import FileSlice, write_shard
+from prep.formats.urls import redact_urls_in, scrub_url
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 from prep.stages.parquet_parts import (
     NOT_A_PART,
@@ -386,11 +387,46 @@ def call_img2dataset(url_list: Path, output_folder: Path, args: dict[str, Any], 
     except SystemExit:  # img2dataset's SIGINT handler exits 0; that is no success
         raise PrepError("img2dataset was interrupted", where, "re-run; finished shards are kept") from None
     except Exception as err:
-        raise PrepError(f"img2dataset failed: {type(err).__name__}: {err}", where,
+        raise PrepError(f"img2dataset failed: {type(err).__name__}: {redact_urls_in(str(err))}", where,
                         f"see {log}; fix the cause and re-run (finished shards are kept)") from None
     finally:
+        _redact_file(log)
         if main and old is not None:
             signal.signal(signal.SIGINT, old)
+
+
+def _redact_file(path: Path) -> None:
+    """Rewrite a text file img2dataset wrote (its log) with every URL that holds a secret redacted;
+    untouched when there is none."""
+    if not path.is_file():
+        return
+    text = path.read_text("utf-8", errors="replace")
+    if (clean := redact_urls_in(text)) != text:
+        write_text_atomic(path, clean)
+
+
+def _scrubbed_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """img2dataset's shard stats with the URLs its error messages quote redacted (status_dict's keys
+    are the messages)."""
+    counts: Counter[str] = Counter()
+    for message, n in (stats.get("status_dict") or {}).items():
+        counts[redact_urls_in(message)] += n
+    return {**stats, "status_dict": dict(counts)} if "status_dict" in stats else stats
+
+
+def _scrubbed_table(table: Any) -> Any:
+    """img2dataset's shard parquet as prep records it: `url` without credentials (`scrub_url`), error
+    messages with quoted URLs redacted."""
+    import pyarrow as pa
+
+    for name, clean in (("url", scrub_url), ("error_message", redact_urls_in)):
+        if name in table.column_names:
+            values = table[name].to_pylist()
+            fixed = [clean(v) if isinstance(v, str) else v for v in values]
+            if fixed != values:
+                field = table.schema.field(i := table.schema.get_field_index(name))
+                table = table.set_column(i, field, pa.array(fixed, field.type))
+    return table
 
 
 class StatsUnreadable(PrepError):
@@ -426,13 +462,17 @@ def _prefixed(table: Any, prefix: str) -> Any:
 
 
 def _json_member(data: bytes, old_key: str, key: str, drop: tuple[str, ...] = ()) -> bytes:
-    """The sample's json with its new key. img2dataset writes `"key": "<digits>"` once (a caption
-    cannot hold an unescaped quote), so a byte replace does it; anything else is parsed."""
-    needle = b'"key": "%s"' % old_key.encode()
-    if not drop and data.count(needle) == 1:
-        return data.replace(needle, b'"key": "%s"' % key.encode())
+    """The sample's json with its new key and its `url` without credentials (`scrub_url`).
+    img2dataset writes `"key": "<digits>"` once (a caption cannot hold an unescaped quote), so a byte
+    replace does it when the URL has nothing to hide; anything else is re-written."""
     meta = json.loads(data)
+    url = meta.get("url")
+    needle = b'"key": "%s"' % old_key.encode()
+    if not drop and data.count(needle) == 1 and (not isinstance(url, str) or scrub_url(url) == url):
+        return data.replace(needle, b'"key": "%s"' % key.encode())
     meta["key"] = key
+    if isinstance(url, str):
+        meta["url"] = scrub_url(url)
     for k in drop:
         meta.pop(k, None)
     return json.dumps(meta, indent=4).encode()
@@ -477,8 +517,10 @@ def publish_shard(staging: Path, final: Path, name: str, prefix: str) -> dict[st
                         f"{stats['successes']} succeeded", str(tar), "delete the staging shard and re-run")
     final.mkdir(parents=True, exist_ok=True)
     info = write_shard(final / f"{name}.tar", samples)
-    write_parquet(_prefixed(pq.read_table(table_path), prefix), final / f"{name}.parquet")
+    write_parquet(_prefixed(_scrubbed_table(pq.read_table(table_path)), prefix), final / f"{name}.parquet")
+    stats = _scrubbed_stats(stats)
     write_text_atomic(final / f"{name}_stats.json", json.dumps(stats, indent=4))
+    write_text_atomic(stats_path, json.dumps(stats, indent=4))  # kept for img2dataset: no secret either
     tar.unlink()
     table_path.unlink()
     return {"bytes": info.bytes, "checksum": info.checksum}
@@ -639,7 +681,7 @@ def _retry_failed(p: dict[str, Any], where: str) -> tuple[int, int, dict[str, di
     out = work / "out"
     for stats in sorted(out.glob("*_stats.json")):
         n = stats.name.split("_")[0]
-        t = pq.read_table(out / f"{n}.parquet")
+        t = _scrubbed_table(pq.read_table(out / f"{n}.parquet"))
         key_of = dict(zip(t["key"].to_pylist(), t["prep_key"].to_pylist(), strict=True))
         for row in t.to_pylist():
             got_rows[row["prep_key"]] = row
