@@ -107,3 +107,49 @@ def test_ray_local_mode_matches_process_pool_byte_for_byte(tmp_path):
         ray.shutdown()
     assert with_ray == pool
     assert any(name.endswith(".tar.idx") for name in pool[0]) and "manifest.json" in pool[1]
+
+
+@pytest.mark.slow
+def test_a_gpu_stage_gives_each_task_a_gpu_on_ray_and_numbers_the_pools_workers(monkeypatch):
+    """Ray assigns a GPU only to a task that asks for one (the others of a node all took cuda:0): a
+    stage that wants GPUs gets one per task where the cluster has any (Ray's GPU resources, declared
+    here on a CPU machine: CUDA_VISIBLE_DEVICES is the task's one GPU), and still runs where it has none.
+    The local pool numbers its workers, and worker i takes GPU i modulo the GPUs."""
+    import os
+
+    from prep.stages.base import POOL_WORKER_ENV, local_gpu_index
+    from prep.stages.precache_encodings import gpus_per_task
+
+    def visible(task):
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), [str(i) for i in ray.get_gpu_ids()]
+
+    from prep.stages.base import Task
+
+    opts = RunOptions(runner="ray", quiet=True)
+    for gpus_on_cluster, wanted in ((2, 1.0), (2, 0.0), (0, 1.0)):
+        ray.init(num_cpus=2, num_gpus=gpus_on_cluster, include_dashboard=False)
+        try:
+            ex = RayExecutor(opts, wanted)
+            seen = [f.result() for f in [ex.submit(visible, Task(f"t{i}", {})) for i in range(4)]]
+        finally:
+            ray.shutdown()
+        if gpus_on_cluster and wanted:
+            assert all(len(ids) == 1 and env == ids[0] and ids[0] in ("0", "1") for env, ids in seen), seen
+        else:  # none asked for, or none there: the task runs, and sees no GPU of Ray's
+            assert all(ids == [] for _, ids in seen), seen
+    cfg = load_config(None, ["precache_encodings.device=cpu"])
+    assert gpus_per_task(cfg) == 0 and gpus_per_task(load_config(None, [])) == 1  # auto wants one
+
+    ex = make_executor(RunOptions(workers=2), 8)
+    try:
+        numbers = [f.result() for f in [ex.submit(os.getenv, POOL_WORKER_ENV) for _ in range(8)]]
+    finally:
+        ex.shutdown()
+    assert numbers and all(n in ("0", "1") for n in numbers), numbers
+    for env, count, want in (({"LOCAL_RANK": "3", POOL_WORKER_ENV: "5"}, 8, 3),
+                             ({POOL_WORKER_ENV: "5"}, 4, 1), ({POOL_WORKER_ENV: "5"}, 0, 0), ({}, 8, 0)):
+        for k in ("LOCAL_RANK", POOL_WORKER_ENV):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert local_gpu_index(count) == want, env

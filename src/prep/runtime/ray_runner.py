@@ -31,7 +31,7 @@ def _task_id(args: tuple[Any, ...]) -> str | None:
 class RayExecutor:
     """`submit(fn, *args) -> Future` and `shutdown()`, like concurrent.futures executors."""
 
-    def __init__(self, opts: RunOptions) -> None:
+    def __init__(self, opts: RunOptions, gpus_per_task: float = 0.0) -> None:
         try:
             import ray
         except ImportError:
@@ -50,7 +50,11 @@ class RayExecutor:
                                 "start the cluster (`ray start --head`) and pass its address, e.g. "
                                 "--ray-address auto or ray://HOST:10001") from None
             self._owned = True
-        self._remote = ray.remote(num_cpus=1, max_retries=SYSTEM_RETRIES)(_call)
+        # Ray gives a GPU of its own only to a task that asks for one (the others see every GPU of the
+        # node, so all took cuda:0; with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO they see none); a task that
+        # asks on a cluster without GPUs would wait forever, so GPUs are asked for only where there are
+        gpus = gpus_per_task if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self._remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=SYSTEM_RETRIES)(_call)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
         out: cf.Future = cf.Future()

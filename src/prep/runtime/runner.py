@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 import traceback
@@ -34,7 +35,15 @@ from prep.runtime.markers import (
 )
 from prep.runtime.progress import task_progress
 from prep.stages import get_stage
-from prep.stages.base import RunOptions, Task, TaskResult, marker_dir, slice_tasks, torchrun_slice
+from prep.stages.base import (
+    POOL_WORKER_ENV,
+    RunOptions,
+    Task,
+    TaskResult,
+    marker_dir,
+    slice_tasks,
+    torchrun_slice,
+)
 
 
 @dataclass
@@ -188,17 +197,28 @@ def check_output_folder(folder: Path, stage: str) -> None:
 POOL_START_METHOD = "spawn"
 
 
-def make_executor(opts: RunOptions, n_tasks: int):
+def _number_worker(counter: Any) -> None:
+    """Pool initializer: give this worker the next number (0, 1, ...) in POOL_WORKER_ENV, which
+    `local_gpu_index` reads to spread the workers over the GPUs."""
+    with counter.get_lock():
+        os.environ[POOL_WORKER_ENV] = str(counter.value)
+        counter.value += 1
+
+
+def make_executor(opts: RunOptions, n_tasks: int, gpus_per_task: float = 0.0):
+    """The executor for `opts.runner`: Ray (asking `gpus_per_task` GPUs a task where the cluster has
+    any), the local pool of numbered workers, or this process when one worker or one task."""
     if opts.runner == "ray":
         from prep.runtime.ray_runner import RayExecutor
 
-        return RayExecutor(opts)
+        return RayExecutor(opts, gpus_per_task)
     if opts.runner != "local":
         raise PrepError(f"unknown runner {opts.runner!r}", "--runner", "use local or ray")
     if opts.workers <= 1 or n_tasks <= 1:
         return _InlineExecutor()
-    return cf.ProcessPoolExecutor(max_workers=min(opts.workers, n_tasks),
-                                  mp_context=mp.get_context(POOL_START_METHOD))
+    ctx = mp.get_context(POOL_START_METHOD)
+    return cf.ProcessPoolExecutor(max_workers=min(opts.workers, n_tasks), mp_context=ctx,
+                                  initializer=_number_worker, initargs=(ctx.Value("i", 0),))
 
 
 def check_not_importing_main() -> None:
@@ -252,7 +272,8 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
     check_output_folder(outputs[0], name)
     if todo:
         cfg_json = cfg.model_dump(mode="json")
-        executor = make_executor(opts, len(todo))
+        gpus = getattr(stage, "gpus_per_task", None)
+        executor = make_executor(opts, len(todo), gpus(cfg) if gpus is not None else 0.0)
         try:
             total = sum(t.weight for t in todo)
             with task_progress(console, name, total, disable=opts.quiet) as advance:

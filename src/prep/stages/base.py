@@ -9,9 +9,10 @@ opts)`, which runs once every task of the whole plan is done and returns lines f
 being the folder that holds its done-markers (`marker_dir`). A stage may also define
 `prepare(root, opts)`: checks that cost time (precache imports its model classes), which the runner
 calls only when some task has work to do (and on --dry-run), so a re-run with every task done stays
-instant. The runner checks that folder can be written before any task and sweeps dead writers' temp
-files from every place when the stage completes. `root` is the whole validated config
-(`prep.config.PrepConfig`). Stage modules import no torch at import time.
+instant; and `gpus_per_task(root)`: the GPUs a task wants (the Ray runner asks Ray for them, so a task
+sees its own GPU rather than none). The runner checks that folder can be written before any task and
+sweeps dead writers' temp files from every place when the stage completes. `root` is the whole
+validated config (`prep.config.PrepConfig`). Stage modules import no torch at import time.
 """
 
 from __future__ import annotations
@@ -230,6 +231,21 @@ def _bounded(safe: str, name: str) -> str:
         digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         safe = raw[: MAX_MARKER_NAME - 17].decode("utf-8", "ignore") + "-" + digest
     return f"{safe}.json"
+
+
+POOL_WORKER_ENV = "PREP_POOL_WORKER"  # the local pool's worker number (0, 1, ...), set in each worker
+
+
+def local_gpu_index(device_count: int) -> int:
+    """Which of this machine's `device_count` visible GPUs this process uses: LOCAL_RANK under torchrun;
+    in the local pool, its worker number modulo the GPUs (eight workers on eight GPUs get one each,
+    not all cuda:0); else 0 (one process, or a Ray task, which sees only the GPU Ray gave it)."""
+    env = os.environ
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"])
+    if env.get(POOL_WORKER_ENV, "").isdigit() and device_count > 0:
+        return int(env[POOL_WORKER_ENV]) % device_count
+    return 0
 
 
 def launcher_env() -> tuple[int, int, int]:

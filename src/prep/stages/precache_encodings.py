@@ -32,7 +32,7 @@ from prep.stages.base import (
     StageConfig,
     Task,
     TaskResult,
-    launcher_env,
+    local_gpu_index,
     marker_dir,
     marker_file,
     recorded_marker_file,
@@ -77,8 +77,9 @@ class Config(StageConfig):
     )
     device: str = Field(
         "auto",
-        description="auto (cuda:LOCAL_RANK, or SLURM_LOCALID, when CUDA is available, else cpu), cpu, "
-        "cuda (the same local index) or cuda:N",
+        description="auto (a GPU when CUDA is available, else cpu), cpu, cuda or cuda:N. Which GPU: "
+        "cuda:LOCAL_RANK under torchrun; in the local pool (--workers N) worker i takes GPU i modulo the "
+        "GPUs; under --runner ray the GPU Ray gives the task",
     )
     seed: int = Field(0, description="seed of latent_mode: sample draws (combined with each sample key)")
     cudnn_benchmark: bool = Field(
@@ -135,6 +136,13 @@ def output_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
+def gpus_per_task(root: PrepConfig) -> float:
+    """A GPU for each task unless the device is the CPU: the Ray runner asks Ray for it, so each task
+    encodes on a GPU of its own (a Ray task that asks for none sees the node's GPUs unassigned, and
+    every task of the node took cuda:0)."""
+    return 0.0 if root.precache_encodings.device == "cpu" else 1.0
+
+
 def prepare(root: PrepConfig, opts: RunOptions) -> None:
     """Check the whole encoder list before any shard is read. It imports the model classes (seconds for
     diffusers and transformers), so the runner calls it only when some task has work to do."""
@@ -183,7 +191,7 @@ def pick_device(spec: str, cudnn_benchmark: bool = False) -> Any:
     `cudnn_benchmark` (the timed pick may change between runs, and with it the output's last bits)."""
     import torch
 
-    local = launcher_env()[2]
+    local = local_gpu_index(torch.cuda.device_count()) if spec in ("auto", "cuda") else 0
     if spec == "auto":
         spec = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     elif spec == "cuda":
