@@ -594,14 +594,21 @@ def test_the_default_ema_averages_every_module_the_step_trains_unfrozen_ones_inc
     assert set(_step_end(tmp_path / "ck", 1)["ema"]) == {"dec", "enc"}
 
 
-def test_a_step_that_trains_nothing_says_so_at_the_first_backward(data, tmp_path):
-    cfg = _config(data, [{"name": "idle", "max_steps": 2, "train": ["reg"], "freeze": ["enc"]}])
+def test_a_step_that_trains_nothing_says_so_at_the_first_backward_naming_its_line(data, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"datasets:\n  d: {{type: prep, path: {data / 'd'}, decode: raw, batch_size: 4}}\n"
+        "defaults: {workers: 0}\nsteps:\n"
+        "  - name: first\n    dataset: d\n    max_steps: 1\n    train: [reg]\n"
+        "    optimization: {optimizers: {dec: {type: SGD, lr: 0.1}}}\n"
+        "  - name: idle\n    dataset: d\n    max_steps: 2\n    train: [reg]\n    freeze: [enc]\n"
+    )
     with pytest.raises(PrepError) as err:
-        _run(cfg, tmp_path / "ck")
+        _run(parse_pipeline_config(path), tmp_path / "ck")
     assert err.value.what == (
         "step 'idle': the loss needs no gradient: the step trains no module and every other module is frozen"
     )
-    assert err.value.where == "steps.0" and "optimizer" in err.value.fix
+    assert err.value.where == f"{path}:10" and "optimizer" in err.value.fix
 
 
 def test_an_optimizer_without_trainable_parameters_is_named_at_its_line(data, tmp_path):

@@ -98,6 +98,7 @@ class StepContext:
     batch_in_epoch: int = 0
     scaler: Any = None
     boundary: bool = True  # this batch ends an accumulation window: optimizers step after it
+    where: str = ""  # the step in the config (file:line), for errors
     _stepped: set[str] = field(default_factory=set)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -113,7 +114,7 @@ class StepContext:
             raise PrepError(
                 f"step {self.step.name!r}: the loss needs no gradient: the step trains "
                 f"{', '.join(self.step.trained_modules) or 'no module'} and every other module is frozen",
-                f"steps.{self.index}",
+                self.where or f"steps.{self.index}",
                 "give the step an optimizer for each module its trainers train (or list it in unfreeze)",
             )
         if self.step.grad_accumulation > 1:
@@ -700,6 +701,7 @@ class TrainingPipelineOrchestrator:
             self.dist.rank,
             self.dist.world,
             scaler=scaler,
+            where=self.cfg.place(("steps", str(index))),
         )
         run = _StepRun(
             self,
