@@ -541,6 +541,46 @@ def test_presigned_urls_leave_no_secret_in_outputs_reports_notes_or_errors(tmp_p
     assert tree(out) == tree(tmp_path / "r2" / "tarfiles_ingested")  # signed again: the same bytes
 
 
+def test_a_table_signed_again_reads_nothing_again_and_a_dry_run_shows_no_secret(tmp_path: Path) -> None:
+    """Presigned URLs expire, so a table is signed again for the next run: the tasks it finished stay
+    done (their fingerprints hold each URL as shown, without its signature), no image is fetched again,
+    and a dry run, which hands back every task's payload, shows each URL without its signature."""
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+    from prep.testing.servers import serve_files
+
+    served = tmp_path / "served"
+    (served / "imgs").mkdir(parents=True)
+    for i in range(5):
+        (served / "imgs" / f"{i}.jpg").write_bytes(make_image(6 + i, 5, "jpeg", i))
+    table = tmp_path / "list.jsonl"
+    runner = CliRunner()
+    args = ["run", "ingest_local", "-q", "--json", "--set", "ingest_local.number_sample_per_shard=2",
+            "--set", f"dataset_output_root={tmp_path / 'out'}", "--set", f"ingest_local.table={table}"]
+    with serve_files(served) as srv:
+        def sign(sig: str) -> None:
+            table.write_text("".join(json.dumps({"path": presigned(f"{srv.url}/imgs/{i}.jpg", sig),
+                                                 "caption": f"c{i}"}) + "\n" for i in range(5)))
+
+        sign("SECRETSIG123")
+        first = runner.invoke(app, args)
+        assert first.exit_code == 0, first.output
+        out = tmp_path / "out" / "tarfiles_ingested"
+        before, fetched = tree(out), len(srv.gets(".jpg"))
+        assert fetched == 5
+        sign("SECRETSIG999")
+        settings = [a for a in args[4:] if a != "--set"]
+        dry = run_stage("ingest_local", load_config(None, settings), RunOptions(dry_run=True, quiet=True))
+        shown = json.dumps([r.data["payload"] for r in dry.results])
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0, again.output
+        assert len(srv.gets(".jpg")) == fetched  # nothing fetched again
+    assert tree(out) == before and json.loads(again.stdout)["counts"]["samples_out"] == 5
+    assert f'"{srv.url}/imgs/0.jpg"' in shown and len(dry.results) == 3  # what is read, shown redacted
+    assert not leaked(shown + again.stdout + again.stderr)
+
+
 # -------------------------------------------------------------------------------------- resize and EXIF
 
 

@@ -253,7 +253,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
     if opts.dry_run:
         if prepare is not None:  # a dry run is how a config is checked: check all of it
             prepare(cfg, opts)
-        run.results = [TaskResult(t.id, "planned", data={"payload": t.payload}) for t in mine]
+        run.results = [TaskResult(t.id, "planned", data={"payload": t.shown_payload()}) for t in mine]
         return run
     outputs = stage.output_dirs(cfg)
     markers = marker_dir(outputs[0], name)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prep.formats.urls import redact_urls_in
 from prep.models import ConfigModel
 
 if TYPE_CHECKING:  # the root model is built from every stage's Config (prep.config, a layer above)
@@ -82,9 +83,16 @@ class Task:
     weight: int = 1
 
     def fingerprint(self, stage: str, version: int) -> str:
+        """The hash of what decides the outputs, with each URL that holds a secret (a presigned URL's
+        signature, user info) as `redact_url` shows it: the same table signed again keeps its tasks
+        done, as ingest_local keeps its keys, instead of reading every image again."""
         doc = json.dumps({"stage": stage, "version": version, "payload": self.payload}, sort_keys=True,
                          default=str)
-        return hashlib.sha256(doc.encode()).hexdigest()
+        return hashlib.sha256(redact_urls_in(doc).encode()).hexdigest()
+
+    def shown_payload(self) -> Any:
+        """The payload as `--dry-run` shows it: URLs that hold a secret redacted."""
+        return json.loads(redact_urls_in(json.dumps(self.payload, default=str)))
 
 
 @dataclass
