@@ -205,6 +205,56 @@ def test_flow_freezes_the_text_encoder_parameters_its_embeddings_do_not_reach(
     assert unreached == (set() if trains else head)
 
 
+def test_captions_encoded_on_the_fly_equal_the_precached_embeddings_whatever_they_were_precached_with(
+    tmp_path,
+):
+    """A step that trains the text encoder encodes its captions itself; a step that does not reads
+    clip.npy. Both must give the denoiser the same kind of embedding: on the fly follows what the
+    manifest records (here max_length 20 and the penultimate layer, not the trainer's old fixed 32 and
+    last layer), so with the weights precache used the two are the same numbers. A max_length option
+    that says otherwise is refused at its line."""
+    from prep.loaders import DataLoader, ShardDataset
+    from prep.pipeline.trainers import build_reference
+
+    shards = precached_shards(tmp_path, (4, 4), text_settings={"max_length": 20, "hidden_layer": -2})
+    folder = str(tmp_path / "models")
+    models = {
+        "vae": {"class": "diffusers:AutoencoderKL", "pretrained": folder, "subfolder": "vae"},
+        "unet": {"class": "diffusers:UNet2DConditionModel", "config": TINY_UNET},
+        "te": {"class": "transformers:CLIPTextModel", "pretrained": folder, "subfolder": "text_encoder"},
+    }
+    step = {"name": "s", "n_epochs": 1, "train_diff_full": True,
+            "optimization": {"optimizers": {"te": {"type": "SGD", "lr": 0.1}}}}
+    doc = {"models": models, "trainer_options": {"flow": {"denoiser": "unet", "text_encoder": "te"}},
+           "steps": [step], "datasets": {"d": {"type": "prep", "path": str(shards)}}, "default_dataset": "d"}
+    cfg = parse_pipeline_config(doc)
+    modules, trainers = build_reference(cfg)
+    flow = trainers["flow"]
+    assert flow.text_settings() == {"max_length": 20, "hidden_layer": -2, "use_attention_mask": False}
+    ctx = _ctx(cfg.steps[0], modules)
+    fields = ["clip.npy", "clip_mask.npy", "txt"]
+    loader = DataLoader(ShardDataset(shards, batch_size=4, shuffle=False, fields=fields), num_workers=0)
+    n = 0
+    for batch in loader:
+        precached = torch.as_tensor(batch["clip.npy"]).float()
+        with torch.no_grad():
+            on_the_fly, mask = flow.text({"txt": batch["txt"]}, ctx)
+        assert on_the_fly.shape == precached.shape == (4, 20, 32)
+        assert torch.equal(mask, torch.as_tensor(batch["clip_mask.npy"]).bool())
+        assert torch.allclose(on_the_fly, precached, atol=1e-5), (on_the_fly - precached).abs().max()
+        n += 1
+    assert n == 2
+    # the penultimate layer's embeddings never reach the last layer: frozen for DDP
+    frozen = {k for k, p in modules["te"].named_parameters() if not p.requires_grad}
+    assert "final_layer_norm.weight" in frozen and "encoder.layers.1.mlp.fc2.weight" in frozen
+    assert "encoder.layers.0.mlp.fc2.weight" not in frozen
+    doc["trainer_options"]["flow"]["max_length"] = 32
+    with pytest.raises(PrepError, match=r"max_length: 32, but dataset 'd' holds 'clip' embeddings "
+                                        r"precached with max_length 20") as err:
+        build_reference(parse_pipeline_config(doc))[1]["flow"].text_settings()
+    assert "set it to 20 or remove it" in err.value.fix
+
+
 def test_latents_read_from_shards_equal_precache_and_on_the_fly(shards):
     """vae.npy read by the loader == the precache stage's VaeEncoder on the shard's own jpg, and the flow
     trainer's on-the-fly road (raw jpg bytes through the frozen VAE) gives the same moments."""

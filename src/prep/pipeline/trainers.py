@@ -59,7 +59,9 @@ class FlowOptions(_Options):
     image_key: str = "jpg"
     caption_key: str = "txt"
     resolution: int = Field(64, ge=8, description="raw images encoded on the fly: cover + center crop")
-    max_length: int = Field(32, gt=0, description="tokens per caption encoded on the fly")
+    max_length: int | None = Field(
+        None, gt=0, description="tokens per caption encoded on the fly (default: what the precached "
+        "text embeddings used, so both give the denoiser the same kind of embedding; else 32)")
     scaling_factor: float | None = Field(None, description="default: the manifest's, else the VAE's")
     shift_factor: float | None = None
     cfg_dropout: float = Field(0.1, ge=0, le=1, description="share of captions dropped (CFG)")
@@ -235,9 +237,12 @@ class VAETrainer:
 
 
 # -------------------------------------------------------------------------------------------- flow
-def _prep_manifests(cfg: PipelineConfig, dataset: str) -> Iterator[tuple[str, Any]]:
-    """(dataset name, manifest) of every prep folder under `dataset`."""
-    from prep.formats.manifest import read_manifest
+def _prep_manifests(
+    cfg: PipelineConfig, dataset: str, missing_ok: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """(dataset name, manifest) of every prep folder under `dataset` (`missing_ok`: folders without a
+    manifest, or not there yet, are passed over)."""
+    from prep.formats.manifest import MANIFEST_NAME, read_manifest
     from prep.pipeline.config import dataset_refs
 
     todo = [dataset]
@@ -247,7 +252,9 @@ def _prep_manifests(cfg: PipelineConfig, dataset: str) -> Iterator[tuple[str, An
         todo += [ref for _, ref in dataset_refs(ds)]
         if isinstance(ds, PrepDatasetConfig):
             path = Path(ds.path)  # a folder, its manifest.json, or shards in it (a tar path or pattern)
-            yield name, read_manifest(path if path.is_dir() else path.parent)
+            folder = path if path.is_dir() else path.parent
+            if not missing_ok or (folder / MANIFEST_NAME).is_file():
+                yield name, read_manifest(folder)
 
 
 def _bf16_members(cfg: PipelineConfig, datasets: list[str]) -> set[str]:
@@ -290,6 +297,39 @@ def _manifest_factors(cfg: PipelineConfig, dataset: str, key: str) -> Recorded |
     return next(iter(found), None)
 
 
+_TEXT_DEFAULTS = {"max_length": 32, "hidden_layer": None, "use_attention_mask": None}
+
+
+def _manifest_text(cfg: PipelineConfig, key: str) -> tuple[dict[str, Any], str] | None:
+    """(max_length, hidden_layer, use_attention_mask) that precache_encodings used for text encoder
+    `key`, with the dataset that records them, from the prep folders of the datasets that read
+    `<key>.npy` (None when none does); datasets that disagree are an error (the steps would train on
+    two kinds of embedding)."""
+    found: dict[tuple[Any, ...], str] = {}
+    member = f"{key}.npy"
+    for top, ds in cfg.datasets.items():
+        if isinstance(ds, PrepDatasetConfig) and ds.fields is not None and member not in ds.fields:
+            continue
+        for name, manifest in _prep_manifests(cfg, top, missing_ok=True):
+            enc = manifest.encoders.get(key)
+            if enc:
+                settings = enc.get("settings") or {}
+                got = (enc.get("max_length", settings.get("max_length")), settings.get("hidden_layer"),
+                       enc.get("use_attention_mask", settings.get("use_attention_mask")))
+                found.setdefault(got, name)
+    if len(found) > 1:
+        raise PrepError(
+            f"flow trainer: the datasets hold {key!r} text embeddings precached otherwise: "
+            + "; ".join(f"{n}: max_length {m}, hidden_layer {h}" for (m, h, _), n in found.items()),
+            cfg.source,
+            f"precache {key!r} with the same max_length and hidden_layer everywhere",
+        )
+    if not found:
+        return None
+    (got, name), = found.items()
+    return dict(zip(_TEXT_DEFAULTS, got, strict=True)), name
+
+
 class FlowTrainer:
     """Rectified flow: x_t = (1 - t) x_0 + t e, the denoiser predicts e - x_0 (MSE), t ~ U(0, 1),
     conditioned on text embeddings (dropped to zeros with probability `cfg_dropout`)."""
@@ -304,6 +344,7 @@ class FlowTrainer:
         self._fixed_step = -1
         self._accepts_mask: bool | None = None
         self._bf16: dict[str | None, set[str]] = {}
+        self._text_settings: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------ inputs
     def _source(self, ctx: Any, val: bool) -> str | None:
@@ -443,8 +484,30 @@ class FlowTrainer:
         out = ctx.forward_with(self.o.text_encoder, lambda _, tokens: encoder.forward(tokens, []), ids)
         return out[member][0].float(), out[f"{self.o.text_key}_mask.npy"][0].to(ctx.device)
 
+    def text_settings(self) -> dict[str, Any]:
+        """How captions are encoded on the fly: as the precached `<text_key>.npy` embeddings were
+        (max_length, hidden_layer, whether the model saw the mask), so a step that trains the text
+        encoder feeds the denoiser the same kind of embedding as the steps that read them; a
+        `max_length` option that says otherwise is refused."""
+        if self._text_settings is None:
+            recorded = _manifest_text(self.cfg, self.o.text_key)
+            settings = dict(recorded[0] if recorded else _TEXT_DEFAULTS)
+            if self.o.max_length is not None:
+                if recorded and self.o.max_length != settings["max_length"]:
+                    path = ("trainer_options", "flow", "max_length")
+                    raise PrepError(
+                        f"{self.cfg.dotted(path)}: {self.o.max_length}, but dataset {recorded[1]!r} holds "
+                        f"{self.o.text_key!r} embeddings precached with max_length {settings['max_length']}: "
+                        "captions encoded on the fly would give the denoiser another kind of embedding",
+                        self.cfg.place(path),
+                        f"set it to {settings['max_length']} or remove it (it follows the precached ones)",
+                    )
+                settings["max_length"] = self.o.max_length
+            self._text_settings = settings
+        return self._text_settings
+
     def _text_encoder(self, module: torch.nn.Module, device: torch.device) -> Any:
-        """precache's HFTextEncoder around the text-encoder module (`max_length` tokens, with a mask)."""
+        """precache's HFTextEncoder around the text-encoder module, with `text_settings` and a mask."""
         from prep.encoders.models import HFTextEncoder
         from prep.encoders.spec import EncoderConfig
 
@@ -452,7 +515,7 @@ class FlowTrainer:
         spec = models[te].class_ if (te := self.o.text_encoder) in models else "transformers:CLIPTextModel"
         enc_cfg = EncoderConfig(
             key=self.o.text_key, modality="text", model=spec, pretrained=self.o.text_encoder,
-            max_length=self.o.max_length, padding="max_length", attention_mask=True,
+            padding="max_length", attention_mask=True, **self.text_settings(),
         )
         return HFTextEncoder(enc_cfg, module, self.tokenizer, device)
 

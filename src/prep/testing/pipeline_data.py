@@ -139,13 +139,14 @@ def build(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 def precached_shards(
     root: str | Path, per_shard: tuple[int, ...] = (4, 4, 4, 4, 4), *, size: int = 32,
     latent_mode: str = "moments", store_dtype: str = "auto", scaling_factor: float | None = None,
-    shift_factor: float | None = None,
+    shift_factor: float | None = None, text_settings: dict[str, Any] | None = None,
 ) -> Path:
     """A small `make shards` result without the HTTP and download stages: tiny models in `root/models`,
     and in `root/tarfiles_merged` shards 000000.tar... of `size` px JPEGs + captions with the
     precached `vae.npy` (`latent_mode`) and `clip.npy` (+ mask) members (both stored as
     `store_dtype`; the VAE's latents with `scaling_factor` / `shift_factor` when given, else the
-    VAE's), `.idx` files and a manifest: what `configs/pipelines/demo.yaml` reads with
+    VAE's; the text encoder's with `text_settings` over max_length 32), `.idx` files and a manifest:
+    what `configs/pipelines/demo.yaml` reads with
     PREP_DEMO_OUT=root. A VAE already in `root/models/vae` is kept (precache with another VAE)."""
     from prep.config import PrepConfig
     from prep.formats.tar_write import write_shard
@@ -173,7 +174,7 @@ def precached_shards(
          "shift_factor": shift_factor},
         {"key": "clip", "modality": "text", "source": "txt", "model": "transformers:CLIPTextModel",
          "pretrained": str(models), "subfolder": "text_encoder", "max_length": 32, "padding": "max_length",
-         "attention_mask": True, "store_dtype": store_dtype},
+         "attention_mask": True, "store_dtype": store_dtype, **(text_settings or {})},
     ]
     section = {"input_dir": str(raw), "output_dir": str(out / "tarfiles_merged"), "keep_source": True,
                "batch_size": 8, "num_workers": 0, "device": "cpu", "encoders": encoders}
