@@ -19,7 +19,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from prep.errors import PrepError, unexpected_line
+from prep.errors import PrepError, labelled_line, terminal_text, unexpected_line
 
 app = typer.Typer(
     name="prep",
@@ -246,7 +246,8 @@ def inspect_cmd(
             caption = ""
             if "txt" in s.members and s.members["txt"].size < 4096:
                 caption = read_member(f, s.members["txt"]).decode("utf-8", "replace")[:60]
-            table.add_row(str(i), _shown(s.key), f"{s.offset:,}", _shown(members), _shown(caption))
+            table.add_row(str(i), terminal_text(s.key), f"{s.offset:,}", terminal_text(members),
+                          terminal_text(caption))
     out_console.print(table)
     for name, why in scan.skipped[:10]:
         out_console.print(f"skipped member {name!r}: {why}", highlight=False, markup=False)
@@ -284,8 +285,8 @@ def _inspect_folder(folder: Path, limit: int) -> None:
             damaged.append(f"{rel}: {scan.error.line()}")
         members = ", ".join(ext if n == len(scan.samples) else f"{ext} ({n})"
                             for ext, n in sorted(exts.items()))
-        table.add_row(_shown(rel), f"{len(scan.samples):,}", f"{tar.stat().st_size:,}", _shown(members),
-                      "yes" if index_path(tar).exists() else "missing")
+        table.add_row(terminal_text(rel), f"{len(scan.samples):,}", f"{tar.stat().st_size:,}",
+                      terminal_text(members), "yes" if index_path(tar).exists() else "missing")
     out_console.print(table)
     more = f"; {len(tars) - len(shown):,} more shards (--limit 0 shows all)" if len(shown) < len(tars) else ""
     out_console.print(f"{total:,} samples in the {len(shown):,} shards shown{more}. "
@@ -510,18 +511,11 @@ def pipeline_run_cmd(
 
 
 def _print_error(line: str) -> None:
-    err_console.print(Text("error: ", style="bold red") + _shown(line), highlight=False, soft_wrap=True)
+    err_console.print(labelled_line("error", line), highlight=False, soft_wrap=True)
 
 
 def _print_warning(line: str) -> None:
-    err_console.print(Text("warning: ", style="bold yellow") + _shown(line), highlight=False, soft_wrap=True)
-
-
-def _shown(s: str) -> Text:
-    """Text from data (tar member names, captions, errors quoting them) as it may reach a terminal:
-    control and format characters escaped (`\\x1b`), so a shard cannot move the cursor, retitle the
-    window or reorder the line (bidi overrides); rich markup is not read either (a `Text`)."""
-    return Text("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s))
+    err_console.print(labelled_line("warning", line), highlight=False, soft_wrap=True)
 
 
 _EXTRA_REQ = re.compile(r"""([A-Za-z0-9_.-]+)[^;]*;\s*extra\s*==\s*['"]([^'"]+)['"]""")

@@ -1,8 +1,13 @@
-"""The one way errors reach a user: what is wrong, where, and how to fix it."""
+"""The one way errors reach a user: what is wrong, where, and how to fix it; and how an error or a
+warning line is shown on a terminal."""
 
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 
 class PrepError(Exception):
@@ -55,3 +60,19 @@ def unexpected_line(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}"
     fix = _OS_FIXES.get(err.errno) if isinstance(err, OSError) and err.errno is not None else None
     return f"{text} — fix: {fix}" if fix else text
+
+
+def terminal_text(s: str) -> Text:
+    """Text from data (tar member names, captions, errors quoting them) as it may reach a terminal:
+    control and format characters escaped (`\\x1b`), so a shard cannot move the cursor, retitle the
+    window or reorder the line (bidi overrides); rich markup is not read either (a `Text`)."""
+    from rich.text import Text
+
+    return Text("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s))
+
+
+def labelled_line(label: str, line: str) -> Text:
+    """`error: ...` in bold red or `warning: ...` in bold yellow, the line as `terminal_text`."""
+    from rich.text import Text
+
+    return Text(f"{label}: ", style="bold red" if label == "error" else "bold yellow") + terminal_text(line)

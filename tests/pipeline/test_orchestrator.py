@@ -850,3 +850,4 @@ def test_optimizer_state_by_name_gives_each_parameter_its_own_saved_state(data):
                 assert torch.equal(got["exp_avg"], tensors[n] * 10), n
             else:
                 assert not got, n
+

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from prep.errors import PrepError
+from prep.errors import PrepError, labelled_line
 from prep.loaders.base import stream_key
 from prep.loaders.chunked import limit_to_batches
 from prep.pipeline import checkpoint as ckpt
@@ -764,10 +764,7 @@ class TrainingPipelineOrchestrator:
         """Keep a warning in `warnings`; rank 0 prints it, progress bar or not."""
         self.warnings.append(line)
         if self.dist.main:
-            from rich.text import Text
-
-            shown = Text("warning: ", style="bold yellow") + Text(line)
-            self._console().print(shown, highlight=False, soft_wrap=True)
+            self._console().print(labelled_line("warning", line), highlight=False, soft_wrap=True)
 
     def _chunking(self, step: StepConfig, bpe: int | None, val_loader: Any) -> tuple[int, int] | None:
         val_bpe = val_loader.dataset.batches_per_epoch() if val_loader is not None else None
