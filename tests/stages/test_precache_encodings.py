@@ -661,3 +661,25 @@ def test_rank_slice_only_under_torchrun(monkeypatch) -> None:
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert torchrun_slice() == (3, 4) and launcher_env() == (3, 4, 1)
+
+
+def test_a_notebook_callable_the_pool_workers_cannot_see_is_named_with_the_way_out(
+    tmp_path: Path, models: Path, monkeypatch
+) -> None:
+    """An encoder defined in a notebook (`__main__:fn`) is found by the planning process but not by
+    the pool's workers, which start fresh: each task fails in one line saying to move it into a module
+    or run in one process, and in one process it runs."""
+    import __main__
+
+    def notebook_encoder(**_):
+        return lambda captions: np.array([[len(c), 1.0] for c in captions], np.float32)
+
+    monkeypatch.setattr(__main__, "prep_notebook_encoder", notebook_encoder, raising=False)
+    make_shards(tmp_path / "in", n_shards=2, per_shard=2)
+    enc = [{"key": "mine", "modality": "text", "model": "__main__:prep_notebook_encoder"}]
+    run = run_stage(STAGE, config(tmp_path, models, enc), RunOptions(quiet=True, workers=2))
+    errors = run.to_json()["errors"]
+    assert not run.ok and len(errors) == 2, errors
+    assert all("could not load __main__:prep_notebook_encoder" in e and "--workers 1" in e for e in errors)
+    one = run_stage(STAGE, config(tmp_path, models, enc), RunOptions(quiet=True, workers=1))
+    assert one.ok and one.counts()["samples_out"] == 4, one.to_json()

@@ -448,11 +448,17 @@ def load_encoder(cfg: EncoderConfig, device: torch.device, seed: int = 0) -> Enc
     except PrepError:
         raise
     except (OSError, ValueError, ImportError, AttributeError, TypeError) as err:
+        fix = "check model, pretrained, subfolder and revision (run with --debug for the trace)"
+        if cfg.model.startswith("__main__:") and isinstance(err, AttributeError):
+            # a worker process starts fresh: a notebook's (or an interactive session's) functions are
+            # not in its __main__
+            fix = ("define the callable in a module (module:callable), or run in one process "
+                   "(--workers 1; RunOptions(workers=1))")
         raise PrepError(
             f"could not load {cfg.model} from {cfg.pretrained!r} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''})",
             where,
-            "check model, pretrained, subfolder and revision (run with --debug for the trace)",
+            fix,
         ) from err
 
 
