@@ -395,7 +395,15 @@ def test_read_failures_are_named_by_what_they_mean(tmp_path: Path) -> None:
         assert failure(urllib.request.urlopen, srv.failing(429, 0))[0] == "server_error"
         assert failure(urllib.request.urlopen, srv.failing(410, 0))[0] == "missing_file"
         assert failure(lambda u: urllib.request.urlopen(u, timeout=0.2), srv.slow(0))[0] == "timeout"
-    assert failure(fs.cat_file, f"http://127.0.0.1:{free_port()}/x.jpg")[0] == "connection_error"
+    refused = f"http://127.0.0.1:{free_port()}/x.jpg"
+    assert failure(fs.cat_file, refused)[0] == "connection_error"
+    # requests (an fsspec backend's or a user's client): its ConnectionError is no builtin one, and its
+    # HTTPError carries the status on its response; both are read as the loaders' retries read them
+    import requests
+
+    assert failure(requests.get, refused)[0] == "connection_error"
+    with serve_images() as srv:
+        assert failure(lambda u: requests.get(u).raise_for_status(), srv.failing(503, 1))[0] == "server_error"
     assert failure(open, str(tmp_path / "nope.jpg"))[0] == "missing_file"
     assert failure(open, str(tmp_path))[0] == "read_error"  # a folder
 

@@ -1,5 +1,6 @@
-"""Facts about URLs that every layer shares, kept light (no torch): how a URL is shown, and which HTTP
-answers may pass if asked again. The stages use them without importing the loaders (and torch)."""
+"""Facts about URLs that every layer shares, kept light (no torch): how a URL is shown, which HTTP
+answers may pass if asked again, and what a failed request's exception says (its status, or how the
+network failed). The stages use them without importing the loaders (and torch)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,37 @@ def redact_urls_in(text: str) -> str:
     """`text` (an exception's message) with each URL in it that needs redacting redacted, the rest as it
     was: a library's error may quote the URL it was given."""
     return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]) if needs_redacting(m[0]) else m[0], text)
+
+
+# exception classes of the HTTP clients under fsspec and the hub (aiohttp, requests, httpx) that mean the
+# network failed, not the server's answer: matched by name, so no client is imported to classify
+_CUT_ERRORS = frozenset({"ClientPayloadError", "ChunkedEncodingError", "RemoteProtocolError",
+                         "IncompleteRead"})
+_NETWORK_ERRORS = frozenset({"ClientConnectionError", "ServerTimeoutError", "ConnectionError", "Timeout",
+                             "TimeoutException", "NetworkError"})
+
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status a failed request's exception carries (aiohttp's `status`, urllib's `code`,
+    requests' and httpx's `response.status_code`), or None."""
+    for status in (getattr(err, "status", None), getattr(err, "code", None),
+                   getattr(getattr(err, "response", None), "status_code", None)):
+        if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
+            return status
+    return None
+
+
+def network_failure(err: BaseException) -> str | None:
+    """How the network failed, when `err` says it did and no answer came: "timeout", "cut" (a body
+    that stopped short) or "connection" (refused, reset, unreachable); None for anything else."""
+    names = {c.__name__ for c in type(err).__mro__}
+    if isinstance(err, TimeoutError) or "Timeout" in names or "TimeoutException" in names:
+        return "timeout"
+    if names & _CUT_ERRORS:
+        return "cut"
+    if isinstance(err, ConnectionError) or names & _NETWORK_ERRORS:
+        return "connection"
+    return None
 
 
 def is_transient_status(status: int) -> bool:

@@ -18,14 +18,12 @@ expires would make keys change at every re-signing.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import hashlib
 import io
 import json
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +36,14 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.pixels import WIDE_GRAY, eight_bit
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.formats.urls import is_transient_status, needs_redacting, redact_url, redact_urls_in
+from prep.formats.urls import (
+    http_status,
+    is_transient_status,
+    needs_redacting,
+    network_failure,
+    redact_url,
+    redact_urls_in,
+)
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
@@ -193,22 +198,19 @@ def read_failure(err: BaseException, src: str) -> tuple[str, str]:
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__
-    aiohttp = sys.modules.get("aiohttp")  # fsspec's HTTP client: loaded when a URL was read
-    cut: tuple[type[BaseException], ...] = (ConnectionError,)
-    if aiohttp is not None:
-        cut += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
     for e in chain:
-        status = getattr(e, "status", None)
-        if isinstance(status, int) and 100 <= status <= 599:
+        status = http_status(e)
+        if status is not None:
             why = getattr(e, "message", None) or getattr(e, "reason", None) or ""
             why = redact_urls_in(why) if isinstance(why, str) else ""
             message = f"{shown}: HTTP {status}{f' {why}' if why else ''}"
             if status in GONE:
                 return "missing_file", message
             return ("server_error" if is_transient_status(status) else "read_error"), message
-        if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        how = network_failure(e)
+        if how == "timeout":
             return "timeout", f"{shown}: timed out ({type(e).__name__})"
-        if isinstance(e, cut):
+        if how is not None:
             return "connection_error", f"{shown}: {type(e).__name__}: {error_text(e, src)}"
     if isinstance(err, FileNotFoundError):
         return "missing_file", f"{shown} does not exist"

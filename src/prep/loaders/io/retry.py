@@ -27,16 +27,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prep.errors import PrepError
-from prep.formats.urls import is_transient_status
+from prep.formats.urls import http_status, is_transient_status, network_failure
 
 T = TypeVar("T")
 WARN_EVERY_S = 60.0  # at most one warning a minute (the first retry warns at once)
-# exception classes of the HTTP clients under fsspec and the hub (aiohttp, requests, httpx) that mean the
-# network failed, not the server's answer: matched by name, so no client is imported to classify
-_CUT_ERRORS = frozenset({"ClientPayloadError", "ChunkedEncodingError", "RemoteProtocolError",
-                         "IncompleteRead"})
-_NETWORK_ERRORS = frozenset({"ClientConnectionError", "ServerTimeoutError", "ConnectionError", "Timeout",
-                             "TimeoutException", "NetworkError"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,20 +106,12 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _status_of(err: BaseException) -> int | None:
-    for status in (getattr(err, "status", None), getattr(err, "code", None),
-                   getattr(getattr(err, "response", None), "status_code", None)):
-        if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
-            return status
-    return None
-
-
 def classify(err: BaseException) -> Failure | None:
     """The failure a remote request's exception stands for; None when it is not one (a PrepError, a local
     write that failed): that is raised as it is, never retried."""
     if isinstance(err, PrepError):
         return None
-    status = _status_of(err)
+    status = http_status(err)
     if status is not None:
         headers = getattr(err, "headers", None) or getattr(getattr(err, "response", None), "headers", None)
         after = getattr(err, "retry_after", None)
@@ -140,16 +126,13 @@ def classify(err: BaseException) -> Failure | None:
         return Failure(404, "HTTP 404 (not found)", False)
     if isinstance(err, PermissionError):
         return Failure(403, "HTTP 403 (forbidden)", False)
-    names = {c.__name__ for c in type(err).__mro__}
     if type(err).__name__ == "FetchError":  # prep's own, without a status: the network failed
         return Failure(None, str(err), True)
-    if isinstance(err, TimeoutError) or "Timeout" in names or "TimeoutException" in names:
-        return Failure(None, f"timeout: {type(err).__name__}", True)
-    if names & _CUT_ERRORS:
-        return Failure(None, f"connection cut: {type(err).__name__}", True)
-    if isinstance(err, ConnectionError) or names & _NETWORK_ERRORS:
-        return Failure(None, f"connection failed: {type(err).__name__}", True)
-    return None
+    how = network_failure(err)
+    if how is None:
+        return None
+    said = {"timeout": "timeout", "cut": "connection cut", "connection": "connection failed"}[how]
+    return Failure(None, f"{said}: {type(err).__name__}", True)
 
 
 # ------------------------------------------------------------------------------- counting (any process)
