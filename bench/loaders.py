@@ -464,7 +464,7 @@ def _ceiling_worker(decoder: str, count: int, offset: int) -> tuple[float, float
     side = RESIZED if decoder.startswith("simplejpeg128") else 256
     rows = decoder.endswith("_rows")
     bufs = [torch.zeros((BATCH if rows else 1, side, side, 3), dtype=torch.uint8).share_memory_().numpy()
-            for _ in range(_ROW_SLOTS if rows else 1)]
+            for _ in range(0 if decoder == "pil" else _ROW_SLOTS if rows else 1)]  # PIL makes its own
     scale = {"min_height": RESIZED, "min_width": RESIZED} if side == RESIZED else {}
 
     def decode(b: bytes, i: int) -> Any:
