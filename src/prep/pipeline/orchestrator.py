@@ -441,11 +441,14 @@ class TrainingPipelineOrchestrator:
                     "same parameters in another order or grouping" if was == has else "",
                 ) if part)
                 if not self.allow_config_change or len(saved) != len(now):
+                    fix = "resume with the modules and freeze settings the checkpoint was written with"
                     raise PrepError(
-                        f"optimizer {name!r} trains other parameters than this checkpoint saved: {diff}",
+                        f"optimizer {name!r} trains other parameters than this checkpoint saved: {diff}"
+                        + (f" ({len(saved)} parameter groups saved, {len(now)} now)" if len(saved) != len(now)
+                           else ""),
                         where,
-                        "resume with the modules and freeze settings the checkpoint was written with, or "
-                        "pass --allow-config-change (parameters both have keep their state)",
+                        fix + (", or pass --allow-config-change (parameters both have keep their state)"
+                               if len(saved) == len(now) else ""),
                     )
                 self._warn(f"optimizer {name!r}: {diff}; the parameters both runs train keep their "
                            "saved state, the others start fresh")

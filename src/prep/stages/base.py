@@ -9,8 +9,8 @@ opts)`, which runs once every task of the whole plan is done and returns lines f
 being the folder that holds its done-markers (`marker_dir`). A stage may also define
 `prepare(root, opts)`: checks that cost time (precache imports its model classes), which the runner
 calls only when some task has work to do (and on --dry-run), so a re-run with every task done stays
-instant; and `gpus_per_task(root)`: the GPUs a task wants (the Ray runner asks Ray for them, so a task
-sees its own GPU rather than none). The runner checks that folder can be written before any task and
+instant; and `gpus_per_task(root)`: the GPUs a task wants (the Ray runner asks Ray for them, so each
+task has a GPU of its own). The runner checks that folder can be written before any task and
 sweeps dead writers' temp files from every place when the stage completes. `root` is the whole
 validated config (`prep.config.PrepConfig`). Stage modules import no torch at import time.
 """
