@@ -307,8 +307,8 @@ def _manifest_text(cfg: PipelineConfig, key: str) -> tuple[dict[str, Any], str] 
     two kinds of embedding)."""
     found: dict[tuple[Any, ...], str] = {}
     member = f"{key}.npy"
-    for top, ds in cfg.datasets.items():
-        if isinstance(ds, PrepDatasetConfig) and ds.fields is not None and member not in ds.fields:
+    for top, ds in cfg.datasets.items():  # every prep folder is a named dataset of its own
+        if not isinstance(ds, PrepDatasetConfig) or (ds.fields is not None and member not in ds.fields):
             continue
         for name, manifest in _prep_manifests(cfg, top, missing_ok=True):
             enc = manifest.encoders.get(key)
