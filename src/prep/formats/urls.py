@@ -78,10 +78,17 @@ def needs_redacting(url: str) -> bool:
     return "@" in authority or "?" in url or "#" in url
 
 
+def shown_url(src: str) -> str:
+    """A path or URL as a record, key, report or message shows it: `redact_url` where it holds user
+    info, a query or a fragment (a presigned URL's signature), anything else as written, so plain paths
+    and URLs keep their records and keys."""
+    return redact_url(src) if needs_redacting(src) else src
+
+
 def redact_urls_in(text: str) -> str:
-    """`text` (an exception's message) with each URL in it that needs redacting redacted, the rest as it
-    was: a library's error may quote the URL it was given."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]) if needs_redacting(m[0]) else m[0], text)
+    """`text` (an exception's message) with each URL in it shown as `shown_url` shows it: a library's
+    error may quote the URL it was given."""
+    return _URL_IN_TEXT.sub(lambda m: shown_url(m[0]), text)
 
 
 # exception classes of the HTTP clients under fsspec and the hub (aiohttp, requests, httpx) that mean the

@@ -84,7 +84,7 @@ class Task:
 
     def fingerprint(self, stage: str, version: int) -> str:
         """The hash of what decides the outputs, with each URL that holds a secret (a presigned URL's
-        signature, user info) as `redact_url` shows it: the same table signed again keeps its tasks
+        signature, user info) as `shown_url` shows it: the same table signed again keeps its tasks
         done, as ingest_local keeps its keys, instead of reading every image again."""
         doc = json.dumps({"stage": stage, "version": version, "payload": self.payload}, sort_keys=True,
                          default=str)

@@ -12,7 +12,7 @@ re-encode is asked for (img2dataset's Resizer, after EXIF orientation is applied
 reorganize_tar and the later stages read it as they read download_images' output. Keys are stable and
 unique: a slug of the relative path plus a hash of it; the path itself is kept in each sample's json. A
 URL that carries user info or a query (a presigned URL's signature) is recorded, keyed, reported and
-named in errors without them (`prep.formats.urls.redact_url`): a signature is a secret, and one that
+named in errors without them (`prep.formats.urls.shown_url`): a signature is a secret, and one that
 expires would make keys change at every re-signing.
 """
 
@@ -36,14 +36,7 @@ from prep.errors import PrepError
 from prep.formats.atomic import write_text_atomic
 from prep.formats.pixels import WIDE_GRAY, eight_bit
 from prep.formats.tar_write import FileSlice, MemberData, write_shard
-from prep.formats.urls import (
-    http_status,
-    is_transient_status,
-    needs_redacting,
-    network_failure,
-    redact_url,
-    redact_urls_in,
-)
+from prep.formats.urls import http_status, is_transient_status, network_failure, redact_urls_in, shown_url
 from prep.stages.base import RunOptions, StageConfig, Task, TaskResult
 
 if TYPE_CHECKING:
@@ -173,17 +166,10 @@ def status_of(reason: str) -> str:
     return "failed_to_download" if reason in UNREADABLE else "failed_to_resize"
 
 
-def shown_source(src: str) -> str:
-    """A path or URL as records, keys, reports, notes and errors show it: a URL that holds user info or a
-    query (a presigned URL's signature) without them; anything else as written, so plain paths and URLs
-    keep their records and keys."""
-    return redact_url(src) if needs_redacting(src) else src
-
-
 def error_text(err: BaseException, src: str) -> str:
-    """What `err` says, with `src` and any URL in it shown as `shown_source` shows them (a library's
+    """What `err` says, with `src` and any URL in it shown as `shown_url` shows them (a library's
     message may quote the URL it was given, signature and all)."""
-    return redact_urls_in(str(err).replace(src, shown_source(src)) if src else str(err))
+    return redact_urls_in(str(err).replace(src, shown_url(src)) if src else str(err))
 
 
 def read_failure(err: BaseException, src: str) -> tuple[str, str]:
@@ -191,8 +177,8 @@ def read_failure(err: BaseException, src: str) -> tuple[str, str]:
     `missing_file`; a server error (5xx, 408, 425, 429) is `server_error` and a timeout or a failed
     connection is `timeout` / `connection_error`: those may pass, so they are never taken for a missing
     file. The exception's causes are looked at too: fsspec's `open` reports any failed request as a
-    FileNotFoundError raised from the real one. The message shows `src` by `shown_source`."""
-    shown = shown_source(src)
+    FileNotFoundError raised from the real one. The message shows `src` by `shown_url`."""
+    shown = shown_url(src)
     chain: list[BaseException] = []
     e: BaseException | None = err
     while e is not None and e not in chain:
@@ -285,7 +271,7 @@ def read_records(path: str, where: str) -> list[dict[str, Any]]:
     """Rows of a parquet/CSV/JSONL/JSON file (local or fsspec) as dicts."""
     import fsspec
 
-    lower = shown_source(path).lower()  # a presigned URL ends in its query, not its extension
+    lower = shown_url(path).lower()  # a presigned URL ends in its query, not its extension
     try:
         with fsspec.open(path, "rb") as f:
             if lower.endswith((".parquet", ".pq")):
@@ -351,7 +337,7 @@ def captions_map(cfg: Config) -> tuple[dict[str, tuple[str | None, dict[str, Any
     """name -> (caption, extra columns) from `captions_file`, and how many lines repeat a name."""
     if cfg.captions_file is None:
         return {}, 0
-    where = f"ingest_local.captions_file {shown_source(cfg.captions_file)}"
+    where = f"ingest_local.captions_file {shown_url(cfg.captions_file)}"
     rows = read_records(cfg.captions_file, where)
     _columns(cfg, rows, where)
     out: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
@@ -414,10 +400,10 @@ def find_folder_images(cfg: Config, folder: Path, out: Path) -> tuple[list[Found
                      f"neither a file nor a folder, e.g. a broken link (first: {sorted(unread)[0]!r})")
     orphans = sorted(set(mapped) - used)
     if orphans:
-        notes.append(f"{len(orphans)} caption(s) in {shown_source(str(cfg.captions_file))} name no image "
+        notes.append(f"{len(orphans)} caption(s) in {shown_url(str(cfg.captions_file))} name no image "
                      f"(first: {orphans[0]!r})")
     if repeated:
-        notes.append(f"{repeated} line(s) of {shown_source(str(cfg.captions_file))} repeat a name; the first "
+        notes.append(f"{repeated} line(s) of {shown_url(str(cfg.captions_file))} repeat a name; the first "
                      "one is used")
     lonely = sorted(s for s in sidecars if s not in stems_with_image)
     if lonely:
@@ -436,7 +422,7 @@ def table_files(pattern: str) -> list[str]:
     fs, _, paths = fsspec.get_fs_token_paths(pattern)
     files = sorted(p for p in paths if not fs.isdir(p))
     if not files:
-        raise PrepError("no table file matches", f"ingest_local.table {shown_source(pattern)}",
+        raise PrepError("no table file matches", f"ingest_local.table {shown_url(pattern)}",
                         "point ingest_local.table at a parquet/CSV/JSONL file or a glob of them")
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
     # an http path is the whole URL already: unstrip_protocol adds the scheme only where it is missing
@@ -453,9 +439,9 @@ def resolve_path(path: str, base: str) -> str:
 def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) -> list[Found]:
     """The rows of one table as images, in row order; a path already seen (here or in an earlier table)
     is dropped as duplicate_path. Keys come from `<part>/<path as written>`, so two tables in two folders
-    may both name `a.png`; a URL with user info or a query is recorded and keyed as `shown_source` shows
+    may both name `a.png`; a URL with user info or a query is recorded and keyed as `shown_url` shows
     it, so the same object at two signatures is one image."""
-    where = f"ingest_local.table {shown_source(table)}"
+    where = f"ingest_local.table {shown_url(table)}"
     rows = read_records(table, where)
     _columns(cfg, rows, where)
     base = cfg.base_dir or (table.rsplit("/", 1)[0] if "://" in table else str(Path(table).parent))
@@ -464,8 +450,8 @@ def find_table_images(cfg: Config, table: str, part: str, seen: dict[str, str]) 
         raw, caption, extra = _row_fields(cfg, row)
         path = "" if raw is None else str(raw).strip()
         src = resolve_path(path, base) if path else ""
-        address = shown_source(src)
-        shown = (address if address != src else path) or f"<row {len(found)} of {shown_source(table)}>"
+        address = shown_url(src)
+        shown = (address if address != src else path) or f"<row {len(found)} of {shown_url(table)}>"
         item = Found(f"{part}/{shown.removeprefix('./')}", shown, src,
                      caption=None if caption is None else str(caption), extra=extra)
         if not path:
@@ -557,7 +543,7 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
                             "caption_col", "config ingest_local.captions_file", "remove captions_file")
         seen: dict[str, str] = {}
         for table in table_files(str(cfg.table)):
-            stem = shown_source(table).rsplit("/", 1)[-1].split(".", 1)[0]
+            stem = shown_url(table).rsplit("/", 1)[-1].split(".", 1)[0]
             parts.append((stem, find_table_images(cfg, table, key_prefix(stem), seen)))
     tasks: list[Task] = []
     names: dict[str, str] = {}
@@ -586,7 +572,7 @@ def plan(root: PrepConfig, opts: RunOptions) -> list[Task]:
             tasks.append(Task(f"{folder_name}/{name}", payload, outputs, weight=len(payload["items"])))
     if not tasks:
         where = str(cfg.input_dir) if cfg.input_dir is not None else \
-            f"ingest_local.table {shown_source(str(cfg.table))}"
+            f"ingest_local.table {shown_url(str(cfg.table))}"
         raise PrepError("no image found", where,
                         f"check the path; images are files ending in {', '.join(cfg.image_extensions)}"
                         if cfg.input_dir is not None else "check the table holds rows")
@@ -661,7 +647,7 @@ def process(item: dict[str, Any], args: dict[str, Any], resizer: Any) -> Outcome
         return Outcome(key, None, row, reason, message)
 
     if "drop" in item:
-        return dropped(item["drop"], shown_source(item["src"]) or "the row has no path")
+        return dropped(item["drop"], shown_url(item["src"]) or "the row has no path")
     caption = item.get("caption")
     if caption is None and "caption_file" in item:
         try:
