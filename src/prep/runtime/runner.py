@@ -257,11 +257,13 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         return run
     outputs = stage.output_dirs(cfg)
     markers = marker_dir(outputs[0], name)
-    version = stage.VERSION
+    # each task's fingerprint, once: it hashes the whole payload (a thousand images' paths), and the
+    # marker check, the marker write, the finalize digest and the finalize check all need it
+    prints = {t.id: t.fingerprint(name, stage.VERSION) for t in tasks}
     results: dict[str, TaskResult] = {}
     todo: list[Task] = []
     for t in mine:
-        prior = None if opts.force else read_valid_marker(markers, t, t.fingerprint(name, version),
+        prior = None if opts.force else read_valid_marker(markers, t, prints[t.id],
                                                            verify=opts.verify_markers)
         if prior is not None and not prior.transient:  # a task with transient failures is tried again
             results[t.id] = prior
@@ -282,7 +284,7 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
                         try:
                             r.outputs = describe_outputs(t.outputs, r.outputs)
                             record_rewrites(r.rewrote, r.outputs)
-                            write_marker(markers, t, t.fingerprint(name, version), r)
+                            write_marker(markers, t, prints[t.id], r)
                         except OSError as err:
                             r.status, r.error = "failed", f"output missing after the task ran ({err})"
                     results[t.id] = r
@@ -290,12 +292,12 @@ def run_stage(name: str, cfg: Any, opts: RunOptions, console: Console | None = N
         finally:
             executor.shutdown()
     run.results = [results[t.id] for t in mine]
-    digest = finalize_digest([(t.id, t.fingerprint(name, version)) for t in tasks],
+    digest = finalize_digest(list(prints.items()),
                              {"config": getattr(cfg, name).model_dump(mode="json"), "strict": opts.strict})
     if run.ok:
         everything: list[TaskResult] = []
         for t in tasks:
-            found = results.get(t.id) or read_valid_marker(markers, t, t.fingerprint(name, version))
+            found = results.get(t.id) or read_valid_marker(markers, t, prints[t.id])
             if found is None:
                 break
             everything.append(found)
